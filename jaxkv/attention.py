@@ -1,0 +1,81 @@
+"""Attention masks from positions and segment ids, and the reference attention.
+
+Shapes (see ``jaxkv.typing``): queries ``[B, T, K, G, H]``; keys and values head-major
+``[B, K, S, H]``; query positions ``[B, T]``; key positions ``[B, K, S]`` (per head, so a
+cache may evict different tokens in different heads) or ``[B, S]``.
+
+Masking is by absolute position, never by slot index: a key is visible to a query iff
+
+  1. the key slot is filled (``k_pos >= 0``) and the query is real (``q_pos >= 0``);
+  2. causal: ``k_pos <= q_pos``;
+  3. window (Mistral): ``q_pos - k_pos < window``;
+  4. packed rows: the segment ids are equal.
+
+A query that sees no key (padding) gets a uniform average instead of NaN; its output is
+garbage by design and callers ignore it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxkv.typing import Array
+
+__all__ = ["visibility_mask", "attend_reference"]
+
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def visibility_mask(
+    q_positions: Array,
+    k_positions: Array,
+    *,
+    window: int | None = None,
+    q_segments: Array | None = None,
+    k_segments: Array | None = None,
+) -> Array:
+    """Boolean mask ``[B, K or 1, T, S]``: which key each query may attend to (rules above)."""
+    if k_positions.ndim == 2:
+        k_positions = k_positions[:, None, :]
+    qp = q_positions[:, None, :, None]
+    kp = k_positions[:, :, None, :]
+    mask = (kp >= 0) & (qp >= 0) & (kp <= qp)
+    if window is not None:
+        mask &= qp - kp < window
+    if (q_segments is None) != (k_segments is None):
+        raise ValueError("q_segments and k_segments must be given together")
+    if q_segments is not None:
+        mask &= q_segments[:, None, :, None] == k_segments[:, None, None, :]
+    return mask
+
+
+def attend_reference(
+    q: Array,
+    k: Array,
+    v: Array,
+    q_positions: Array,
+    k_positions: Array,
+    *,
+    window: int | None = None,
+    q_segments: Array | None = None,
+    k_segments: Array | None = None,
+    scale: float | None = None,
+) -> Array:
+    """Softmax attention of ``q [B,T,K,G,H]`` over ``k, v [B,K,S,H]``; returns ``[B,T,K,G,H]``.
+
+    Scores and softmax in fp32 (as transformers' eager attention); the weighted sum runs in
+    the value dtype.
+    """
+    if q.ndim != 5 or k.ndim != 4 or v.shape != k.shape:
+        raise ValueError(f"expected q [B,T,K,G,H] and k, v [B,K,S,H]; got {q.shape}, {k.shape}, {v.shape}")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    # 1. scores
+    s = jnp.einsum("BTKGH,BKSH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
+    # 2. mask by position (and segment)
+    mask = visibility_mask(q_positions, k_positions, window=window,
+                           q_segments=q_segments, k_segments=k_segments)
+    s = jnp.where(mask[:, :, None], s, _MASKED)
+    # 3. softmax in fp32, weighted sum of values
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    return jnp.einsum("BKGTS,BKSH->BTKGH", p, v)

@@ -1,0 +1,87 @@
+"""The KV cache pytrees.
+
+``KVCache`` is one layer's slots: keys and values head-major ``[B, K, S, H]`` (keys after RoPE)
+and the absolute position of each slot per head, ``[B, K, S]`` int32, -1 for an empty slot.
+Per-head positions let a policy keep different tokens in different heads while masks and RoPE
+stay exact. ``ModelCache`` holds one state per layer (a tuple, so layers may differ), the policy
+that owns them, and whether the prompt has been prefilled (static: prefill and decode trace
+different code).
+
+Shapes never change after ``init``: writes scatter into fixed slots, so jit never recompiles.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxkv.typing import Array
+
+__all__ = ["KVCache", "ModelCache", "tree_nbytes"]
+
+
+def tree_nbytes(tree: Any) -> int:
+    """Bytes held by the array leaves of a pytree (shape x itemsize; works on abstract arrays)."""
+    return sum(int(x.size) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+@struct.dataclass
+class KVCache:
+    """One layer's KV slots. ``k, v: [B, K, S, H]``; ``positions: [B, K, S]`` (-1 = empty)."""
+
+    k: Array
+    v: Array
+    positions: Array
+
+    @classmethod
+    def empty(cls, *, batch: int, num_kv_heads: int, slots: int, head_dim: int, dtype) -> "KVCache":
+        shape = (batch, num_kv_heads, slots, head_dim)
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            positions=jnp.full(shape[:3], -1, jnp.int32),
+        )
+
+    @property
+    def num_slots(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return tree_nbytes(self)
+
+    def write(self, k: Array, v: Array, positions: Array, slots: Array) -> "KVCache":
+        """Scatter new tokens ``k, v: [B, T, K, H]`` with ``positions [B, T]`` into ``slots [B, T]``.
+
+        A slot index ``>= num_slots`` drops the token (used for padding and evicted tokens).
+        Slots must be distinct within a row: XLA leaves the winner of a duplicate undefined.
+        """
+        b = jnp.arange(k.shape[0])[:, None]
+        pos = jnp.broadcast_to(positions[:, :, None], positions.shape + (k.shape[2],))
+        return KVCache(
+            k=self.k.at[b, :, slots].set(k.astype(self.k.dtype), mode="drop"),
+            v=self.v.at[b, :, slots].set(v.astype(self.v.dtype), mode="drop"),
+            positions=self.positions.at[b, :, slots].set(pos.astype(jnp.int32), mode="drop"),
+        )
+
+
+@struct.dataclass
+class ModelCache:
+    """The whole model's cache: ``layers`` (one state per layer), the policy that made them.
+
+    ``prefilled`` is static: False until the first forward, which runs dense attention over the
+    prompt and hands each layer's K/V (and queries) to ``policy.prefill``; afterwards each forward
+    appends its tokens and attends over the cache through ``policy.decode``.
+    """
+
+    layers: tuple
+    policy: Any = struct.field(pytree_node=False)
+    prefilled: bool = struct.field(pytree_node=False, default=False)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by every array of every layer (what the device actually keeps)."""
+        return sum(self.policy.nbytes(layer) for layer in self.layers)

@@ -1,0 +1,60 @@
+"""``streaming``: attention sinks + a recent window (StreamingLLM).
+
+Keeps the first ``sinks`` tokens and the most recent ``window`` tokens in
+``sinks + window`` slots: sinks at slots ``0..sinks-1``, the window as a ring buffer after them.
+
+Deviation from StreamingLLM: keys keep the RoPE of their absolute positions (the cache contract)
+instead of being re-rotated to their position inside the cache, which only matters beyond the
+model's trained context.
+A decode step of T > 1 tokens writes the whole chunk before attending, so a query early in the
+chunk may see fewer than ``window`` recent tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from jaxkv.cache.kv import KVCache
+from jaxkv.cache.policy import CachePolicy, register_policy
+
+__all__ = ["StreamingCache"]
+
+
+@register_policy
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StreamingCache(CachePolicy):
+    name = "streaming"
+    sinks: int = 4
+    window: int = 1024
+
+    def __post_init__(self):
+        if not isinstance(self.sinks, int) or isinstance(self.sinks, bool) or self.sinks < 0:
+            raise ValueError(f"streaming: sinks must be an integer >= 0, got {self.sinks!r}")
+        if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 1:
+            raise ValueError(f"streaming: window must be an integer >= 1, got {self.window!r}")
+
+    def capacity(self, max_len: int) -> int:
+        return min(self.sinks + self.window, max_len)
+
+    def _slots(self, state: KVCache, positions, keep):
+        s = state.num_slots
+        ring = self.sinks + (positions - self.sinks) % max(s - self.sinks, 1)
+        slot = jnp.where(positions < self.sinks, positions, ring)
+        slot = jnp.where(s >= self.sinks + self.window, slot, positions)  # capacity == max_len
+        return jnp.where(keep & (positions >= 0) & (slot < s), slot, s)
+
+    def prefill(self, state, *, q, k, v, positions):
+        # keep the sinks and the last `window` tokens of each row
+        last = jnp.max(positions, axis=1, keepdims=True)
+        keep = (positions < self.sinks) | (positions > last - self.window)
+        return state.write(k, v, positions, self._slots(state, positions, keep))
+
+    def decode(self, state, *, q, k, v, positions, window=None):
+        if k.shape[1] > self.window:
+            raise ValueError(
+                f"streaming: a decode step of {k.shape[1]} tokens exceeds window={self.window}"
+            )
+        state = state.write(k, v, positions, self._slots(state, positions, True))
+        return self.attend(state, q, positions, window), state

@@ -1,0 +1,185 @@
+"""jit-compiled generation: one prefill call, then the whole decode loop in one ``while_loop``.
+
+Prompts of different lengths are right-padded to a bucket (the next power of two, at least 16)
+with position -1 on the padding, so every prompt of a bucket reuses the same compiled prefill
+and decode loop. The decode loop runs on device until ``max_new_tokens`` or until every row has
+produced a stop token; rows that stopped feed position -1, which writes nothing to the cache.
+
+Sampling: ``temperature == 0`` is greedy (argmax); otherwise softmax sampling at that
+temperature, restricted to the smallest set of tokens whose probability reaches ``top_p``.
+Temperature and top-p are traced values, so changing them does not recompile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxkv.cache import ModelCache, init_cache, make_policy
+from jaxkv.cache.policy import CachePolicy
+from jaxkv.config import LlamaConfig
+from jaxkv.models.llama import forward
+
+__all__ = ["GenerationResult", "generate", "sample_logits", "bucket_length", "prefill", "decode"]
+
+MIN_BUCKET = 16
+
+
+def bucket_length(n: int) -> int:
+    """The padded prompt length for a prompt of ``n`` tokens (next power of two, >= 16)."""
+    return max(MIN_BUCKET, 1 << max(0, n - 1).bit_length())
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Next tokens ``[B]`` from ``logits [B, V]`` (greedy when ``temperature == 0``)."""
+
+    def greedy(_):
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def nucleus(_):
+        scaled = logits / jnp.maximum(temperature, 1e-6)
+        order = jnp.argsort(-scaled, axis=-1)
+        sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # keep a token if the mass before it is below top_p (the first token is always kept)
+        keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+        choice = jax.random.categorical(key, jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
+        return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+    return jax.lax.cond(temperature > 0, nucleus, greedy, None)
+
+
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
+def prefill(params, tokens, positions, lengths, cache: ModelCache, *, config: LlamaConfig):
+    """Run the prompt through the model; returns the logits of each row's last real token and
+    the prefilled cache."""
+    logits, cache = forward(params, tokens, positions, cache, config=config)
+    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    return last, cache
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens"), donate_argnames=("cache",))
+def decode(params, cache: ModelCache, first_logits, lengths, key, temperature, top_p, stop_tokens,
+           *, config: LlamaConfig, max_new_tokens: int):
+    """Sample up to ``max_new_tokens`` tokens per row; returns ``(tokens [B, N], cache)`` with -1
+    after a row's stop token (the stop token itself is kept)."""
+    b = first_logits.shape[0]
+
+    def pick(logits, step):
+        return sample_logits(logits, jax.random.fold_in(key, step), temperature, top_p)
+
+    def stopped(tok):
+        return jnp.any(tok[:, None] == stop_tokens[None, :], axis=-1)
+
+    first = pick(first_logits, 0)
+    out = jnp.full((b, max_new_tokens), -1, jnp.int32).at[:, 0].set(first)
+    done = stopped(first)
+
+    def cond(carry):
+        step, _, _, done = carry
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        step, cache, out, done = carry
+        prev = out[:, step - 1]
+        pos = jnp.where(done, -1, lengths + step - 1)
+        logits, cache = forward(params, jnp.maximum(prev, 0)[:, None], pos[:, None], cache, config=config)
+        tok = jnp.where(done, -1, pick(logits[:, 0], step))
+        out = out.at[:, step].set(tok)
+        return step + 1, cache, out, done | stopped(tok)
+
+    _, cache, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, out, done))
+    return out, cache
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+    """``tokens``: list of new-token lists (stop token included, nothing after it);
+    ``cache_nbytes``: bytes the cache held."""
+
+    tokens: list[list[int]]
+    cache_nbytes: int
+
+
+def _validate_prompts(prompts, vocab_size: int) -> list[list[int]]:
+    if isinstance(prompts, np.ndarray) and prompts.ndim == 1:
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple, np.ndarray)) or len(prompts) == 0:
+        raise ValueError("prompts must be a non-empty list of token-id sequences")
+    out = []
+    for i, p in enumerate(prompts):
+        ids = np.asarray(p)
+        if ids.ndim != 1 or ids.size == 0:
+            raise ValueError(f"prompts[{i}] must be a non-empty 1-D sequence of token ids")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"prompts[{i}] must hold integer token ids, got dtype {ids.dtype}")
+        if ids.min() < 0 or ids.max() >= vocab_size:
+            raise ValueError(f"prompts[{i}] has token ids outside [0, {vocab_size})")
+        out.append(ids.astype(np.int32).tolist())
+    return out
+
+
+def generate(
+    params: dict,
+    config: LlamaConfig,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 32,
+    policy: CachePolicy | str = "full",
+    policy_params: dict | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    key: jax.Array | None = None,
+    stop_tokens: Sequence[int] | None = None,
+) -> GenerationResult:
+    """Generate continuations of ``prompts`` (lists of token ids, any lengths).
+
+    ``policy`` is a policy object or a registered name (``jaxkv.cache.available_policies()``)
+    constructed with ``policy_params``. ``stop_tokens`` default to the config's EOS ids.
+    ``key`` is required when ``temperature > 0``.
+    """
+    prompts = _validate_prompts(prompts, config.vocab_size)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if temperature > 0 and key is None:
+        raise ValueError("sampling with temperature > 0 needs an explicit PRNG key (key=jax.random.key(seed))")
+    policy = make_policy(policy, **(policy_params or {}))
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > config.max_position_embeddings:
+        raise ValueError(
+            f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
+            f"context of {config.max_position_embeddings} tokens"
+        )
+    stop = tuple(config.eos_token_ids if stop_tokens is None else stop_tokens)
+    for t in stop:
+        if not 0 <= int(t) < config.vocab_size:
+            raise ValueError(f"stop token {t} is outside [0, {config.vocab_size})")
+
+    b, t = len(prompts), bucket_length(longest)
+    tokens = np.zeros((b, t), np.int32)
+    positions = np.full((b, t), -1, np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+        positions[i, : len(p)] = np.arange(len(p))
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    dtype = params["embed"]["embedding"].dtype
+    cache = init_cache(config, policy, batch=b, max_len=t + max_new_tokens, dtype=dtype)
+    nbytes = cache.nbytes
+
+    last, cache = prefill(params, tokens, positions, lengths, cache, config=config)
+    key = jax.random.key(0) if key is None else key
+    stop_arr = np.array(stop if stop else (-2,), np.int32)  # -2 never matches a sampled id
+    out, _ = decode(params, cache, last, lengths, key, np.float32(temperature), np.float32(top_p),
+                    stop_arr, config=config, max_new_tokens=max_new_tokens)
+    out = np.asarray(out)
+    result = [[int(x) for x in row if x >= 0] for row in out]
+    return GenerationResult(tokens=result, cache_nbytes=nbytes)

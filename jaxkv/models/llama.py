@@ -1,0 +1,174 @@
+"""The Llama-family decoder (Llama-2/3, Mistral, Qwen2) in Flax NNX, used as pure functions.
+
+The modules are NNX; what users hold is a plain nested dict of arrays (``params``), and
+``forward(params, tokens, positions, cache, config=...)`` rebuilds the module inside the traced
+function (``nnx.merge``), so nothing is mutable and everything jit-compiles.
+
+Inputs:
+  tokens     ``[B, T]`` int token ids (any value where the position is -1).
+  positions  ``[B, T]`` int absolute positions; -1 marks padding. RoPE and every mask come
+             from positions, so right-padding, ragged batches and caches that evict or reorder
+             slots all stay exact.
+  segment_ids ``[B, T]`` optional, for packed rows (cache-free forward only): tokens attend
+             within their segment.
+  cache      ``None`` for a cache-free forward, or a ``ModelCache`` (see ``jaxkv.cache``).
+
+Parameter tree (``params``)::
+
+  embed/embedding [V, D]
+  layers/<i>/attn_norm/weight [D]
+  layers/<i>/attn/{q,k,v,o}/kernel [D, N*H] | [D, K*H] | [N*H, D]  (+ bias)
+  layers/<i>/mlp_norm/weight [D]
+  layers/<i>/mlp/{gate,up,down}/kernel
+  norm/weight [D]
+  lm_head/kernel [D, V]            (absent when embeddings are tied)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxkv.attention import attend_reference
+from jaxkv.cache.kv import ModelCache
+from jaxkv.config import LlamaConfig
+from jaxkv.models.layers import MLP, Linear, RMSNorm, apply_rope, rope_angles, rope_inv_freq
+from jaxkv.typing import Array
+
+__all__ = ["LlamaForCausalLM", "init_params", "abstract_params", "forward"]
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab: int, dim: int, *, param_dtype, rngs: nnx.Rngs):
+        self.embedding = nnx.Param(0.02 * jax.random.normal(rngs.params(), (vocab, dim), param_dtype))
+
+    def __call__(self, tokens: Array, dtype) -> Array:
+        return jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)
+
+    def attend(self, x: Array) -> Array:
+        return x @ self.embedding[...].astype(x.dtype).T
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, param_dtype, rngs: nnx.Rngs):
+        d, h = config.hidden_size, config.head_dim
+        n, k = config.num_heads, config.num_kv_heads
+        self.q = Linear(d, n * h, bias=config.qkv_bias, param_dtype=param_dtype, rngs=rngs)
+        self.k = Linear(d, k * h, bias=config.qkv_bias, param_dtype=param_dtype, rngs=rngs)
+        self.v = Linear(d, k * h, bias=config.qkv_bias, param_dtype=param_dtype, rngs=rngs)
+        self.o = Linear(n * h, d, bias=config.o_bias, param_dtype=param_dtype, rngs=rngs)
+        self.num_kv_heads, self.group, self.head_dim = k, config.group_size, h
+        self.window = config.sliding_window
+
+    def __call__(self, x, positions, cos, sin, *, layer_cache, policy, prefilled, segment_ids):
+        b, t, _ = x.shape
+        kh, g, h = self.num_kv_heads, self.group, self.head_dim
+        q = apply_rope(self.q(x).reshape(b, t, kh * g, h), cos, sin).reshape(b, t, kh, g, h)
+        k = apply_rope(self.k(x).reshape(b, t, kh, h), cos, sin)
+        v = self.v(x).reshape(b, t, kh, h)
+        if layer_cache is None or not prefilled:
+            # Dense attention over this chunk (cache-free forward, or prefill).
+            out = attend_reference(
+                q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions, positions,
+                window=self.window, q_segments=segment_ids, k_segments=segment_ids,
+            )
+            if layer_cache is not None:
+                layer_cache = policy.prefill(layer_cache, q=q, k=k, v=v, positions=positions)
+        else:
+            out, layer_cache = policy.decode(layer_cache, q=q, k=k, v=v, positions=positions,
+                                             window=self.window)
+        return self.o(out.reshape(b, t, kh * g * h)), layer_cache
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, param_dtype, rngs: nnx.Rngs):
+        eps = config.rms_norm_eps
+        self.attn_norm = RMSNorm(config.hidden_size, eps=eps, param_dtype=param_dtype)
+        self.attn = Attention(config, param_dtype=param_dtype, rngs=rngs)
+        self.mlp_norm = RMSNorm(config.hidden_size, eps=eps, param_dtype=param_dtype)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, positions, cos, sin, **kw):
+        a, layer_cache = self.attn(self.attn_norm(x), positions, cos, sin, **kw)
+        x = x + a
+        return x + self.mlp(self.mlp_norm(x)), layer_cache
+
+
+class LlamaForCausalLM(nnx.Module):
+    """Embedding, ``num_layers`` decoder layers, final norm and LM head."""
+
+    def __init__(self, config: LlamaConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        self.embed = Embed(config.vocab_size, config.hidden_size, param_dtype=param_dtype, rngs=rngs)
+        self.layers = nnx.List(
+            [DecoderLayer(config, param_dtype=param_dtype, rngs=rngs) for _ in range(config.num_layers)]
+        )
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
+        self.lm_head = (
+            None if config.tie_word_embeddings
+            else Linear(config.hidden_size, config.vocab_size, param_dtype=param_dtype, rngs=rngs)
+        )
+
+    def __call__(self, tokens, positions, cache: ModelCache | None = None, *,
+                 segment_ids=None, compute_dtype=jnp.float32):
+        cfg = self.config
+        if cache is not None and segment_ids is not None:
+            raise ValueError("segment_ids are for the cache-free forward of packed rows; "
+                             "pass cache=None or drop segment_ids")
+        cos, sin = rope_angles(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+        x = self.embed(tokens, compute_dtype)
+        new_layers = []
+        for i, layer in enumerate(self.layers):
+            x, layer_cache = layer(
+                x, positions, cos, sin,
+                layer_cache=None if cache is None else cache.layers[i],
+                policy=None if cache is None else cache.policy,
+                prefilled=False if cache is None else cache.prefilled,
+                segment_ids=segment_ids,
+            )
+            new_layers.append(layer_cache)
+        x = self.norm(x)
+        logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
+        if cache is not None:
+            cache = cache.replace(layers=tuple(new_layers), prefilled=True)
+        return logits.astype(jnp.float32), cache
+
+
+@functools.lru_cache(maxsize=32)
+def _graphdef(config: LlamaConfig):
+    model = nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
+    graphdef, _ = nnx.split(model)
+    return graphdef
+
+
+def init_params(config: LlamaConfig, key: jax.Array, *, dtype=jnp.float32,
+                init_std: float = 0.02) -> dict:
+    """Random parameters (normal ``init_std`` for matrices, ones for norms, zeros for biases)."""
+    del init_std  # layers use 0.02, the Llama initializer range
+    model = LlamaForCausalLM(config, param_dtype=dtype, rngs=nnx.Rngs(params=key))
+    return nnx.to_pure_dict(nnx.state(model))
+
+
+def abstract_params(config: LlamaConfig, dtype=jnp.float32) -> dict:
+    """The parameter tree as ``jax.ShapeDtypeStruct`` leaves (no memory used)."""
+    model = nnx.eval_shape(lambda: LlamaForCausalLM(config, param_dtype=dtype, rngs=nnx.Rngs(0)))
+    return nnx.to_pure_dict(nnx.state(model))
+
+
+def forward(params: dict, tokens: Array, positions: Array, cache: ModelCache | None = None, *,
+            config: LlamaConfig, segment_ids: Array | None = None, compute_dtype=None):
+    """``(logits [B, T, V] float32, cache)``; pure and jit-able (``config`` is static).
+
+    ``compute_dtype`` defaults to the dtype of the embedding parameters.
+    """
+    if tokens.ndim != 2 or positions.shape != tokens.shape:
+        raise ValueError(f"tokens and positions must both be [B, T]; got {tokens.shape} and {positions.shape}")
+    if segment_ids is not None and segment_ids.shape != tokens.shape:
+        raise ValueError(f"segment_ids must be [B, T] like tokens; got {segment_ids.shape}")
+    if compute_dtype is None:
+        compute_dtype = params["embed"]["embedding"].dtype
+    model = nnx.merge(_graphdef(config), params)
+    return model(tokens, positions, cache, segment_ids=segment_ids, compute_dtype=compute_dtype)
