@@ -1,0 +1,143 @@
+"""``jaxkv bench``: speed measured against the hardware ceiling in the same run.
+
+``jaxkv bench decode`` times the jit decode loop of a preset model with random weights and
+reports tokens/s beside the memory roofline: each decode step must read every parameter once
+(the LM head included) and the K/V of every cached token, so
+
+    roofline tokens/s = batch * HBM bandwidth / (parameter bytes + batch * context * KV bytes/token)
+
+with the bandwidth measured in the same process (a large reduction, read-only) and the context
+averaged over the decoded tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+__all__ = ["add_arguments", "main", "measure_read_bandwidth", "bench_decode"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench", required=True)
+    d = sub.add_parser("decode", help="decode tokens/s of a preset model vs the memory roofline")
+    d.add_argument("--preset", default="llama-1b")
+    d.add_argument("--batch", default="1,32", help="comma-separated batch sizes")
+    d.add_argument("--prompt-len", type=int, default=1024)
+    d.add_argument("--new-tokens", type=int, default=256)
+    d.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    d.add_argument("--repeats", type=int, default=3)
+    d.add_argument("--json", default=None, help="write the rows to this JSON file")
+
+
+def _block(x):
+    import jax
+
+    return jax.block_until_ready(x)
+
+
+def measure_read_bandwidth(gib: float = 4.0, repeats: int = 10) -> float:
+    """Bytes/s of a read-only reduction over ``gib`` GiB of fp32 (median of ``repeats``)."""
+    import jax
+    import jax.numpy as jnp
+
+    n = int(gib * 2**30) // 4
+    x = _block(jnp.ones((n,), jnp.float32))
+    f = jax.jit(jnp.sum)
+    _block(f(x))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _block(f(x))
+        times.append(time.perf_counter() - t0)
+    del x
+    return n * 4 / statistics.median(times)
+
+
+def bench_decode(*, preset: str, batch: int, prompt_len: int, new_tokens: int, dtype: str,
+                 repeats: int, params=None, bandwidth: float) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxkv.cache import init_cache
+    from jaxkv.config import preset as get_preset
+    from jaxkv.generate import decode, prefill
+    from jaxkv.models.llama import init_params
+
+    config = get_preset(preset)
+    jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+    if params is None:
+        params = jax.jit(lambda k: init_params(config, k, dtype=jdtype))(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, config.vocab_size, (batch, prompt_len), dtype=np.int32)
+    positions = np.broadcast_to(np.arange(prompt_len, dtype=np.int32), (batch, prompt_len)).copy()
+    lengths = np.full((batch,), prompt_len, np.int32)
+    max_len = prompt_len + new_tokens
+    no_stop = np.array([-2], np.int32)
+
+    def run():
+        cache = init_cache(config, "full", batch=batch, max_len=max_len, dtype=jdtype)
+        last, cache = prefill(params, tokens, positions, lengths, cache, config=config)
+        _block(last)
+        t0 = time.perf_counter()
+        out, cache = decode(params, cache, last, lengths, jax.random.key(0), np.float32(0),
+                            np.float32(1), no_stop, config=config, max_new_tokens=new_tokens)
+        _block(out)
+        return time.perf_counter() - t0
+
+    run()  # compile
+    seconds = statistics.median(run() for _ in range(repeats))
+    steps = new_tokens - 1  # the first token comes from the prefill logits
+    tokens_per_s = batch * steps / seconds
+
+    param_bytes = config.num_params * jnp.dtype(jdtype).itemsize
+    kv_token = config.kv_bytes_per_token(jnp.dtype(jdtype).itemsize)
+    mean_context = prompt_len + new_tokens / 2
+    step_bytes = param_bytes + batch * mean_context * kv_token
+    roofline = batch * bandwidth / step_bytes
+    return {
+        "bench": "decode", "preset": preset, "params": config.num_params, "dtype": dtype,
+        "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+        "decode_s": seconds, "ms_per_step": 1e3 * seconds / steps,
+        "tokens_per_s": tokens_per_s, "roofline_tokens_per_s": roofline,
+        "fraction_of_roofline": tokens_per_s / roofline,
+        "bytes_per_step": step_bytes, "bandwidth_bytes_per_s": bandwidth,
+        "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+    }
+
+
+def main(args) -> int:
+    import jax
+    import jax.numpy as jnp
+
+    from jaxkv.config import preset as get_preset
+    from jaxkv.models.llama import init_params
+
+    try:
+        batches = [int(b) for b in args.batch.split(",")]
+    except ValueError:
+        raise ValueError(f"--batch must be comma-separated integers, got {args.batch!r}") from None
+    if any(b <= 0 for b in batches) or args.prompt_len <= 0 or args.new_tokens < 2 or args.repeats < 1:
+        raise ValueError("--batch, --prompt-len and --repeats must be positive, --new-tokens >= 2")
+    bandwidth = measure_read_bandwidth()
+    config = get_preset(args.preset)
+    jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    params = jax.jit(lambda k: init_params(config, k, dtype=jdtype))(jax.random.key(0))
+    rows = []
+    print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}, "
+          f"measured read bandwidth {bandwidth / 1e12:.2f} TB/s")
+    print(f"{'batch':>5} {'ms/step':>8} {'tok/s':>9} {'roofline':>9} {'share':>6}")
+    for b in batches:
+        row = bench_decode(preset=args.preset, batch=b, prompt_len=args.prompt_len,
+                           new_tokens=args.new_tokens, dtype=args.dtype, repeats=args.repeats,
+                           params=params, bandwidth=bandwidth)
+        rows.append(row)
+        print(f"{b:>5} {row['ms_per_step']:>8.3f} {row['tokens_per_s']:>9.1f} "
+              f"{row['roofline_tokens_per_s']:>9.1f} {row['fraction_of_roofline']:>6.1%}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
