@@ -7,13 +7,14 @@
   jaxkv bench decode [--preset llama-1b] [--batch 1,32] ...
 
 User errors (bad path, corrupt file, prompt too long, bad policy parameters) print one line,
-``jaxkv: error: ...``, and exit with status 2; no traceback.
+``jaxkv: error: ...``, and exit with status 2; no traceback (set ``JAXKV_TRACEBACK=1`` to see one).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 __all__ = ["main"]
@@ -142,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (UserError, CheckpointError, ConfigError, ValueError, OSError) as e:
+        if os.environ.get("JAXKV_TRACEBACK"):
+            raise
         print(f"jaxkv: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,73 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from jaxkv.cli import main
+from jaxkv.tiny import create_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return create_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+def _json_run(capsys, *argv):
+    assert main(list(argv)) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_generate_json_full_and_streaming(tiny_dir, capsys):
+    from jaxkv.checkpoints import load_tokenizer
+
+    out = _json_run(capsys, "generate", "--model", str(tiny_dir), "--prompt", "The passkey is",
+                    "--max-new-tokens", "6", "--json")
+    tok = load_tokenizer(tiny_dir)
+    assert out["prompt_ids"] == tok.encode("The passkey is").ids and out["prompt_ids"][0] == 1
+    assert 1 <= len(out["output_ids"]) <= 6
+    assert out["text"] == tok.decode(out["output_ids"], skip_special_tokens=True)
+    # a window covering the whole sequence gives the same tokens with fewer bytes held
+    s = _json_run(capsys, "generate", "--model", str(tiny_dir), "--prompt", "The passkey is",
+                  "--max-new-tokens", "6", "--json", "--cache", "streaming",
+                  "--cache-arg", "sinks=2", "--cache-arg", "window=10")
+    assert s["output_ids"] == out["output_ids"]
+    assert s["cache_bytes"] < out["cache_bytes"]
+    b = _json_run(capsys, "generate", "--model", str(tiny_dir), "--prompt", "The passkey is",
+                  "--max-new-tokens", "6", "--json", "--dtype", "bfloat16", "--temperature", "0.8",
+                  "--seed", "3")
+    assert len(b["output_ids"]) >= 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "{tmp}/absent"], "does not exist"),
+    (["--model", "{tmp}/corrupt"], "not a readable safetensors"),
+    (["--model", "{ckpt}", "--max-new-tokens", "4000"], "exceeds the model's context"),
+    (["--model", "{ckpt}", "--cache", "streaming", "--cache-arg", "window=-1"], "window"),
+    (["--model", "{ckpt}", "--cache", "streaming", "--cache-arg", "size=3"], "no parameter 'size'"),
+    (["--model", "{ckpt}", "--cache-arg", "oops"], "NAME=VALUE"),
+])
+def test_user_errors_are_one_line(tiny_dir, tmp_path, capsys, argv, message):
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text((tiny_dir / "config.json").read_text())
+    (corrupt / "model.safetensors").write_bytes(b"garbage")
+    argv = [a.format(tmp=tmp_path, ckpt=tiny_dir) for a in argv]
+    assert main(["generate", "--prompt", "hi", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("jaxkv: error:") and message in err and "\n" not in err
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "jaxkv.cli", "generate", "--model", str(tmp_path / "x"),
+                           "--prompt", "hi"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.startswith("jaxkv: error:")
+    proc = subprocess.run([sys.executable, "-m", "jaxkv.cli", "generate", "--model", "x", "--prompt", "hi",
+                           "--max-new-tokens", "0"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "positive integer" in proc.stderr
+
+
+def test_create_tiny_refuses_to_overwrite(tiny_dir, capsys):
+    assert main(["create-tiny", str(tiny_dir)]) == 2
+    assert "not empty" in capsys.readouterr().err

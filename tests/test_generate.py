@@ -1,0 +1,121 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import monitoring
+
+from jaxkv.cache import init_cache
+from jaxkv.generate import bucket_length, decode, generate, prefill, sample_logits
+
+_COMPILES = [0]
+
+
+def _count(event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+        _COMPILES[0] += 1
+
+
+monitoring.register_event_duration_secs_listener(_count)
+
+
+class CountCompiles:
+    def __enter__(self):
+        self.start = _COMPILES[0]
+        return self
+
+    def __exit__(self, *exc):
+        self.n = _COMPILES[0] - self.start
+
+
+def _inputs(config, prompt, max_new):
+    t = bucket_length(len(prompt))
+    tokens = np.zeros((1, t), np.int32)
+    tokens[0, : len(prompt)] = prompt
+    positions = np.where(np.arange(t) < len(prompt), np.arange(t), -1)[None].astype(np.int32)
+    cache = init_cache(config, "full", batch=1, max_len=t + max_new, dtype=jnp.float32)
+    return tokens, positions, np.array([len(prompt)], np.int32), cache
+
+
+def test_a_64_step_decode_compiles_once_and_a_same_bucket_prompt_not_again(tiny_model):
+    config, params = tiny_model
+    rng = np.random.default_rng(0)
+    no_stop = np.array([-2], np.int32)
+    key = jax.random.key(0)
+    for i, n in enumerate((20, 27)):  # both in the 32-token bucket
+        tokens, positions, lengths, cache = _inputs(config, rng.integers(3, 500, n), 64)
+        last, cache = prefill(params, tokens, positions, lengths, cache, config=config)
+        with CountCompiles() as c:
+            out, _ = decode(params, cache, last, lengths, key, np.float32(0), np.float32(1), no_stop,
+                            config=config, max_new_tokens=64)
+            out = np.asarray(out)
+        assert (out >= 0).all() and out.shape == (1, 64)
+        assert c.n == (1 if i == 0 else 0)
+    # the whole generate() path: a new prompt of the same bucket compiles nothing
+    with CountCompiles() as c:
+        generate(params, config, [rng.integers(3, 500, 30)], max_new_tokens=64, stop_tokens=())
+    assert c.n == 0
+
+
+def test_ragged_batch_equals_one_prompt_at_a_time(parity_models):
+    config, params, e = parity_models["qwen2"]
+    prompts = [e["prompt_a"], e["prompt_b"][:5], e["prompt_b"]]
+    batched = generate(params, config, prompts, max_new_tokens=6, stop_tokens=()).tokens
+    alone = [generate(params, config, [p], max_new_tokens=6, stop_tokens=()).tokens[0] for p in prompts]
+    assert batched == alone
+
+
+def test_stop_tokens_end_a_row_and_keep_the_stop_token(parity_models):
+    config, params, e = parity_models["llama3"]
+    greedy = e["greedy_a"].tolist()
+    stop = greedy[3]
+    first = greedy.index(stop)
+    out = generate(params, config, [e["prompt_a"], e["prompt_b"]], max_new_tokens=8, stop_tokens=[stop]).tokens
+    assert out[0] == greedy[: first + 1]
+    want_b = e["greedy_b"].tolist()
+    if stop in want_b:
+        want_b = want_b[: want_b.index(stop) + 1]
+    assert out[1] == want_b
+
+
+def test_sampling_is_reproducible_by_key_and_top_p_near_zero_is_greedy(parity_models):
+    config, params, e = parity_models["mistral"]
+    kw = dict(max_new_tokens=8, stop_tokens=(), temperature=1.5)
+    a = generate(params, config, [e["prompt_a"]], key=jax.random.key(1), **kw).tokens
+    b = generate(params, config, [e["prompt_a"]], key=jax.random.key(1), **kw).tokens
+    c = generate(params, config, [e["prompt_a"]], key=jax.random.key(2), **kw).tokens
+    assert a == b and a != c
+    near_greedy = generate(params, config, [e["prompt_a"]], key=jax.random.key(3), top_p=1e-6, **kw).tokens
+    assert near_greedy[0] == e["greedy_a"].tolist()
+
+
+def test_sample_logits_distribution():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+    keys = jax.random.split(jax.random.key(0), 4000)
+    draw = jax.vmap(lambda k: sample_logits(logits, k, jnp.float32(1.0), jnp.float32(0.7))[0])(keys)
+    freq = np.bincount(np.asarray(draw), minlength=4) / 4000
+    # top-p 0.7 keeps {0.5, 0.3} (mass before the third token is 0.8 >= 0.7), renormalised
+    np.testing.assert_allclose(freq, [0.625, 0.375, 0, 0], atol=0.03)
+    assert int(sample_logits(logits, keys[0], jnp.float32(0.0), jnp.float32(1.0))[0]) == 0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompts=[]), "non-empty list"),
+    (dict(prompts=[[]]), r"prompts\[0\] must be a non-empty"),
+    (dict(prompts=[[1, 2], [3, 999]]), r"prompts\[1\] has token ids outside"),
+    (dict(prompts=[[1.5, 2.0]]), "integer token ids"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(temperature=0.5), "PRNG key"),
+    (dict(max_new_tokens=60), "exceeds the model's context of 64"),
+    (dict(policy="nope"), "unknown cache policy"),
+    (dict(policy="streaming", policy_params={"window": -3}), "window"),
+    (dict(stop_tokens=[500]), "stop token 500"),
+])
+def test_bad_generation_arguments(parity_models, kwargs, message):
+    config, params, e = parity_models["llama3"]
+    args = dict(prompts=[e["prompt_a"]])
+    args.update(kwargs)
+    prompts = args.pop("prompts")
+    with pytest.raises(ValueError, match=message):
+        generate(params, config, prompts, **args)
