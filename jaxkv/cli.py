@@ -3,6 +3,8 @@
   jaxkv generate --model DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-p P]
                  [--seed S] [--cache full|streaming] [--cache-arg NAME=VALUE ...]
                  [--dtype float32|bfloat16] [--json]
+  jaxkv train lm (--model-preset NAME | --model DIR) --data SRC... --out DIR [--seq-len N]
+                 [--batch-size N] [--steps N] [--lr LR] [--seed S] [--save-every N] [--mesh d,f,t]
   jaxkv create-tiny DIR [--seed S] [--overwrite]
   jaxkv bench decode [--preset llama-1b] [--batch 1,32] ...
 
@@ -74,6 +76,57 @@ def _cmd_create_tiny(args) -> int:
     return 0
 
 
+def train_setup(args) -> dict:
+    """The keyword arguments of ``jaxkv.training.loop.train_lm`` that ``jaxkv train lm`` uses."""
+    from jaxkv.checkpoints import load_checkpoint, load_tokenizer
+    from jaxkv.config import preset
+    from jaxkv.tiny import make_tokenizer
+    from jaxkv.training.config import DataConfig, OptimConfig, TrainConfig
+    from jaxkv.training.data import load_documents
+
+    if (args.model is None) == (args.model_preset is None):
+        raise UserError("give exactly one of --model DIR and --model-preset NAME")
+    params, tokenizer = None, None
+    if args.model is not None:
+        config, params = load_checkpoint(args.model)
+        try:
+            tokenizer = load_tokenizer(args.model)
+        except ValueError:
+            tokenizer = None
+    else:
+        config = preset(args.model_preset)
+        tokenizer = make_tokenizer(min(config.vocab_size, 512)) if args.model_preset == "tiny" else None
+    try:
+        mesh = tuple(int(x) for x in args.mesh.split(","))
+    except ValueError:
+        raise UserError(f"--mesh must be three integers data,fsdp,tensor; got {args.mesh!r}") from None
+    docs = load_documents(args.data, tokenizer=tokenizer, vocab_size=config.vocab_size, seed=args.seed)
+    return dict(
+        model_config=config, documents=docs, params=params, out=args.out,
+        optim=OptimConfig(lr=args.lr, schedule=args.schedule, warmup_steps=args.warmup,
+                          total_steps=args.steps, weight_decay=args.weight_decay),
+        data=DataConfig(seq_len=args.seq_len, position_mode=args.position_mode),
+        train=TrainConfig(batch_size=args.batch_size, grad_accum=args.grad_accum, steps=args.steps,
+                          seed=args.seed, save_every=args.save_every, keep=args.keep,
+                          compute_dtype=args.dtype, mesh=mesh),
+        extra_meta={"data_source": list(args.data), "init": args.model or f"preset:{args.model_preset}"},
+    )
+
+
+def _cmd_train_lm(args) -> int:
+    from jaxkv.training.loop import train_lm
+    from jaxkv.training.sharding import initialize_distributed
+
+    initialize_distributed()
+    result = train_lm(**train_setup(args))
+    last = result.history[-1] if result.history else None
+    if last is not None:
+        print(f"step {last['step']}: loss {last['loss']:.4f}; run folder {result.out}")
+    else:
+        print(f"nothing to do: {result.out} is already at step {args.steps}")
+    return 0
+
+
 def _cmd_bench(args) -> int:
     from jaxkv import bench
 
@@ -126,6 +179,30 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(func=_cmd_create_tiny)
 
+    t = sub.add_parser("train", help="training recipes")
+    tsub = t.add_subparsers(dest="recipe", required=True)
+    lm = tsub.add_parser("lm", help="next-token training of a Llama-family model (resumes from --out)")
+    lm.add_argument("--model-preset", default=None, help="random init from a preset (e.g. tiny)")
+    lm.add_argument("--model", default=None, help="start from an HF checkpoint folder")
+    lm.add_argument("--data", nargs="+", required=True,
+                    help="text files / globs (blank lines split documents) or synthetic:count / synthetic:copy")
+    lm.add_argument("--seq-len", type=_positive_int, default=512)
+    lm.add_argument("--position-mode", default="document", choices=["document", "continuous"])
+    lm.add_argument("--batch-size", type=_positive_int, default=8)
+    lm.add_argument("--grad-accum", type=_positive_int, default=1)
+    lm.add_argument("--steps", type=_positive_int, default=1000)
+    lm.add_argument("--lr", type=float, default=3e-4)
+    lm.add_argument("--schedule", default="cosine", choices=["cosine", "wsd", "constant"])
+    lm.add_argument("--warmup", type=int, default=100)
+    lm.add_argument("--weight-decay", type=float, default=0.1)
+    lm.add_argument("--seed", type=int, default=0)
+    lm.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="compute dtype")
+    lm.add_argument("--mesh", default="1,1,1", help="data,fsdp,tensor device counts")
+    lm.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, metrics.png")
+    lm.add_argument("--save-every", type=_positive_int, default=100)
+    lm.add_argument("--keep", type=_positive_int, default=3)
+    lm.set_defaults(func=_cmd_train_lm)
+
     b = sub.add_parser("bench", help="GPU benchmarks (see BENCHMARKS.md)")
     from jaxkv import bench
 
@@ -137,12 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from jaxkv.checkpoints import CheckpointError
     from jaxkv.config import ConfigError
+    from jaxkv.training.loop import TrainingDiverged
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (UserError, CheckpointError, ConfigError, ValueError, OSError) as e:
+    except (UserError, CheckpointError, ConfigError, ValueError, OSError, TrainingDiverged) as e:
         if os.environ.get("JAXKV_TRACEBACK"):
             raise
         print(f"jaxkv: error: {e}", file=sys.stderr)

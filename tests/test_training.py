@@ -1,0 +1,212 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxkv.config import preset
+from jaxkv.training.checkpoint import RunDirError
+from jaxkv.training.config import DataConfig, OptimConfig, TrainConfig, TrainConfigError
+from jaxkv.training.data import Batches, pack_documents, synthetic_documents
+from jaxkv.training.loop import TrainingDiverged, train_lm
+from jaxkv.training.optim import make_schedule
+from jaxkv.training.step import lm_loss
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = preset("tiny")
+COUNT = synthetic_documents("count", vocab_size=TINY.vocab_size, seed=0, num_docs=400)
+
+
+def _cfgs(steps=12, **train):
+    return dict(
+        optim=OptimConfig(lr=3e-3, warmup_steps=5, total_steps=steps, weight_decay=0.0),
+        data=DataConfig(seq_len=64),
+        train=TrainConfig(batch_size=8, steps=steps, save_every=4, compute_dtype="float32", **train),
+    )
+
+
+def test_pack_documents_hand_worked():
+    rows = pack_documents([[5, 6, 7], [8, 9, 10, 11, 12], [13]], DataConfig(seq_len=4))
+    assert rows.tokens.tolist() == [[5, 6, 7, 8], [9, 10, 11, 12], [13, 0, 0, 0]]
+    assert rows.segment_ids.tolist() == [[0, 0, 0, 1], [0, 0, 0, 0], [0, -1, -1, -1]]
+    assert rows.positions.tolist() == [[0, 1, 2, 0], [1, 2, 3, 4], [0, -1, -1, -1]]
+    cont = pack_documents([[5, 6, 7], [8, 9, 10, 11, 12], [13]], DataConfig(seq_len=4, position_mode="continuous"))
+    assert cont.positions.tolist() == [[0, 1, 2, 3], [0, 1, 2, 3], [0, -1, -1, -1]]
+
+
+def test_batches_are_a_function_of_the_step_and_cover_each_epoch():
+    rows = pack_documents(COUNT, DataConfig(seq_len=64))
+    b1 = Batches(rows, batch_size=8, grad_accum=2, seed=3)
+    b2 = Batches(rows, batch_size=8, grad_accum=2, seed=3)
+    assert b1.get(5)["tokens"].shape == (2, 4, 64)
+    for step in (7, 0, 7, 123):
+        np.testing.assert_array_equal(b1.get(step)["tokens"], b2.get(step)["tokens"])
+    n = len(rows)
+    seen = np.concatenate([Batches(rows, batch_size=1, grad_accum=1, seed=3).get(i)["tokens"][0] for i in range(n)])
+    assert sorted(map(tuple, seen)) == sorted(map(tuple, rows.tokens))
+
+
+def test_loss_masks_padding_and_document_boundaries(tiny_model):
+    config, params = tiny_model
+    rows = pack_documents([[5, 6, 7], [8, 9]], DataConfig(seq_len=8))
+    batch = {k: jnp.asarray(getattr(rows, k)) for k in ("tokens", "positions", "segment_ids")}
+    total, count = lm_loss(params, batch, config=config, compute_dtype=jnp.float32)
+    assert float(count) == 3  # 5->6, 6->7, 8->9; never 7->8 or into padding
+    logits, _ = jax.jit(lambda p: __import__("jaxkv").forward(
+        p, jnp.array([[5, 6, 7]]), jnp.arange(3)[None], config=config))(params)
+    logp = jax.nn.log_softmax(logits[0])
+    want = -(logp[0, 6] + logp[1, 7])
+    logits2, _ = __import__("jaxkv").forward(params, jnp.array([[8, 9]]), jnp.arange(2)[None], config=config)
+    want = want - jax.nn.log_softmax(logits2[0])[0, 9]
+    np.testing.assert_allclose(float(total), float(want), rtol=1e-5)
+
+
+def test_schedules():
+    cos = make_schedule(OptimConfig(lr=1.0, warmup_steps=10, total_steps=110, min_lr_ratio=0.1))
+    np.testing.assert_allclose([cos(0), cos(5), cos(10), cos(60), cos(110)], [0, 0.5, 1, 0.55, 0.1], atol=1e-6)
+    wsd = make_schedule(OptimConfig(lr=1.0, schedule="wsd", warmup_steps=10, total_steps=100,
+                                    decay_fraction=0.2, min_lr_ratio=0.0))
+    np.testing.assert_allclose([wsd(5), wsd(50), wsd(80), wsd(90), wsd(100)], [0.5, 1, 1, 0.5, 0], atol=1e-6)
+
+
+def test_loss_falls_on_a_learnable_task():
+    result = train_lm(TINY, COUNT, **{**_cfgs(steps=80), "optim": OptimConfig(
+        lr=3e-3, warmup_steps=10, total_steps=80, weight_decay=0.0)})
+    losses = [h["loss"] for h in result.history]
+    assert losses[0] > 5.5            # about ln(512) at init
+    assert np.mean(losses[-5:]) < 1.0  # well below the unigram loss ln(64) = 4.16
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    a = train_lm(TINY, COUNT, **_cfgs(steps=3))
+    b = train_lm(TINY, COUNT, **_cfgs(steps=3, grad_accum=4))
+    np.testing.assert_allclose([h["loss"] for h in a.history], [h["loss"] for h in b.history], rtol=2e-5)
+    for x, y in zip(jax.tree.leaves(a.state.params), jax.tree.leaves(b.state.params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=2e-5)
+
+
+def test_nan_guard_names_the_step():
+    params = __import__("jaxkv").init_params(TINY, jax.random.key(0))
+    params["norm"]["weight"] = params["norm"]["weight"].at[0].set(jnp.nan)
+    with pytest.raises(TrainingDiverged, match="step 1: loss is nan"):
+        train_lm(TINY, COUNT, params=params, **_cfgs(steps=2))
+
+
+def _train_cmd(out, steps):
+    return ["train", "lm", "--model-preset", "tiny", "--data", "synthetic:count", "--seq-len", "64",
+            "--batch-size", "8", "--steps", str(steps), "--lr", "3e-3", "--warmup", "5",
+            "--dtype", "float32", "--save-every", "4", "--out", str(out)]
+
+
+def _losses(out):
+    return [(r["step"], r["loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+
+
+def test_sigkill_after_a_checkpoint_then_resume_logs_the_same_losses(tmp_path):
+    from jaxkv.cli import main
+
+    assert main(_train_cmd(tmp_path / "straight", 12)) == 0
+    killed = tmp_path / "killed"
+    script = textwrap.dedent(f"""
+        import os, signal
+        from jaxkv.cli import build_parser, train_setup
+        from jaxkv.training.loop import train_lm
+        args = build_parser().parse_args({_train_cmd(killed, 12)!r})
+        def kill(step, row):
+            if step == 9:  # one step past the checkpoint at 8: its log line must be dropped
+                os.kill(os.getpid(), signal.SIGKILL)
+        train_lm(**train_setup(args), callbacks=[kill])
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir() if p.name.isdigit()) == ["4", "8"]
+    assert [s for s, _ in _losses(killed)] == list(range(1, 10))
+    assert main(_train_cmd(killed, 12)) == 0
+    assert _losses(killed) == _losses(tmp_path / "straight")  # bitwise: floats compared exactly
+    # and a longer --steps on the same folder resumes again
+    assert main(_train_cmd(killed, 14)) == 0
+    assert [s for s, _ in _losses(killed)] == list(range(1, 15))
+
+
+def test_bad_configs_name_the_field():
+    with pytest.raises(TrainConfigError, match="grad_accum"):
+        TrainConfig(batch_size=6, grad_accum=4)
+    with pytest.raises(TrainConfigError, match="lr"):
+        OptimConfig(lr=0.0)
+    with pytest.raises(TrainConfigError, match="schedule"):
+        OptimConfig(schedule="linear")
+    with pytest.raises(TrainConfigError, match="position_mode"):
+        DataConfig(position_mode="absolute")
+    with pytest.raises(TrainConfigError, match="mesh"):
+        TrainConfig(mesh=(1, 0, 1))
+    with pytest.raises(TrainConfigError, match="needs 4 devices"):
+        train_lm(TINY, COUNT, **{**_cfgs(), "train": TrainConfig(batch_size=8, steps=2, mesh=(2, 2, 1))})
+    with pytest.raises(TrainConfigError, match="batch_size"):
+        train_lm(TINY, COUNT[:3], **_cfgs())
+    with pytest.raises(TrainConfigError, match="unknown synthetic"):
+        synthetic_documents("nope", vocab_size=100, seed=0)
+
+
+def test_bad_run_folders(tmp_path, capsys):
+    from jaxkv.cli import main
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    assert main(_train_cmd(foreign, 4)) == 2
+    assert "not a jaxkv run" in capsys.readouterr().err
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+
+    run = tmp_path / "run"
+    assert main(_train_cmd(run, 4)) == 0
+    other = _train_cmd(run, 8)
+    other[other.index("--lr") + 1] = "1e-3"
+    assert main(other) == 2
+    assert "different 'optim.lr'" in capsys.readouterr().err
+
+    # damage the checkpoint: resuming must fail with a message naming it
+    for f in (run / "checkpoints" / "4").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
+            f.write_bytes(b"\0" * 7)
+    assert main(_train_cmd(run, 8)) == 2
+    err = capsys.readouterr().err
+    assert "cannot be restored" in err and "checkpoints/4" in err
+
+
+_SHARDED = textwrap.dedent("""
+    import os, json
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import jax
+    from jaxkv.config import preset
+    from jaxkv.training.config import DataConfig, OptimConfig, TrainConfig
+    from jaxkv.training.data import synthetic_documents
+    from jaxkv.training.loop import train_lm
+    assert len(jax.devices()) == 8
+    cfg = preset("tiny")
+    docs = synthetic_documents("count", vocab_size=cfg.vocab_size, seed=0, num_docs=400)
+    out = {}
+    for mesh in [(1, 1, 1), (2, 2, 2), (1, 8, 1)]:
+        r = train_lm(cfg, docs, optim=OptimConfig(lr=3e-3, warmup_steps=2, total_steps=4),
+                     data=DataConfig(seq_len=64),
+                     train=TrainConfig(batch_size=8, steps=4, compute_dtype="float32", mesh=mesh))
+        q = r.state.params["layers"][0]["attn"]["q"]["kernel"]
+        out[str(mesh)] = {"loss": [h["loss"] for h in r.history], "q_spec": str(q.sharding.spec)}
+    print(json.dumps(out))
+""")
+
+
+def test_data_fsdp_tensor_mesh_on_8_cpu_devices_matches_one_device():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", _SHARDED], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    one = out["(1, 1, 1)"]["loss"]
+    assert out["(2, 2, 2)"]["q_spec"] in ("P('fsdp', 'tensor')", "PartitionSpec('fsdp', 'tensor')")
+    for mesh in ("(2, 2, 2)", "(1, 8, 1)"):
+        np.testing.assert_allclose(out[mesh]["loss"], one, rtol=1e-5)

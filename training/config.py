@@ -1,0 +1,99 @@
+"""Frozen training configurations; invariants are checked where they are built."""
+
+from __future__ import annotations
+
+import dataclasses
+
+__all__ = ["OptimConfig", "DataConfig", "TrainConfig", "TrainConfigError"]
+
+
+class TrainConfigError(ValueError):
+    """A bad training setting; the message names the field."""
+
+
+def _positive(obj, *names):
+    for name in names:
+        v = getattr(obj, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise TrainConfigError(f"{name} must be a positive integer, got {v!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """AdamW with global-norm clipping and a warmup + cosine or warmup-stable-decay schedule.
+
+    ``schedule='cosine'``: linear warmup to ``lr`` over ``warmup_steps``, cosine decay to
+    ``lr * min_lr_ratio`` at ``total_steps``. ``schedule='wsd'``: warmup, constant ``lr``, then a
+    linear decay to ``lr * min_lr_ratio`` over the last ``decay_fraction`` of the steps.
+    """
+
+    lr: float = 3e-4
+    schedule: str = "cosine"
+    warmup_steps: int = 100
+    total_steps: int = 1000
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float | None = 1.0
+
+    def __post_init__(self):
+        if not self.lr > 0:
+            raise TrainConfigError(f"lr must be > 0, got {self.lr}")
+        if self.schedule not in ("cosine", "wsd", "constant"):
+            raise TrainConfigError(f"schedule must be 'cosine', 'wsd' or 'constant', got {self.schedule!r}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise TrainConfigError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        _positive(self, "total_steps")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise TrainConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0 < self.decay_fraction <= 1:
+            raise TrainConfigError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        if self.weight_decay < 0:
+            raise TrainConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
+            raise TrainConfigError(f"b1 and b2 must be in [0, 1), got {self.b1}, {self.b2}")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise TrainConfigError(f"clip_norm must be > 0 or None, got {self.clip_norm}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Packing: ``seq_len`` tokens a row; ``position_mode`` 'document' restarts positions at each
+    document, 'continuous' counts across the row (segment ids mask attention in both)."""
+
+    seq_len: int = 512
+    position_mode: str = "document"
+
+    def __post_init__(self):
+        _positive(self, "seq_len")
+        if self.position_mode not in ("document", "continuous"):
+            raise TrainConfigError(f"position_mode must be 'document' or 'continuous', got {self.position_mode!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """One run: ``batch_size`` rows a step (split into ``grad_accum`` micro-batches), ``steps``
+    steps, a checkpoint every ``save_every`` steps keeping the last ``keep``."""
+
+    batch_size: int = 8
+    grad_accum: int = 1
+    steps: int = 1000
+    seed: int = 0
+    save_every: int = 100
+    keep: int = 3
+    log_every: int = 1
+    compute_dtype: str = "bfloat16"
+    mesh: tuple[int, int, int] = (1, 1, 1)  # data, fsdp, tensor
+
+    def __post_init__(self):
+        _positive(self, "batch_size", "grad_accum", "steps", "save_every", "keep", "log_every")
+        if self.batch_size % self.grad_accum:
+            raise TrainConfigError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise TrainConfigError(f"compute_dtype must be 'float32' or 'bfloat16', got {self.compute_dtype!r}")
+        if len(self.mesh) != 3 or any(not isinstance(m, int) or m <= 0 for m in self.mesh):
+            raise TrainConfigError(f"mesh must be three positive integers (data, fsdp, tensor), got {self.mesh!r}")
+        object.__setattr__(self, "mesh", tuple(self.mesh))

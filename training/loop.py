@@ -1,0 +1,146 @@
+"""The language-model training loop: shard, (resume), step, log, checkpoint, plot.
+
+``train_lm`` is what ``jaxkv train lm`` runs. The train step is jitted once with the state's
+shardings and donated buffers; each step's batch is a pure function of the step number, so a
+run resumed from a checkpoint logs the same losses as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jaxkv.config import LlamaConfig
+from jaxkv.models.llama import init_params
+from jaxkv.training.checkpoint import RunDir
+from jaxkv.training.config import DataConfig, OptimConfig, TrainConfig
+from jaxkv.training.data import Batches, pack_documents
+from jaxkv.training.metrics import MetricsLog, Progress, plot_metrics
+from jaxkv.training.optim import make_optimizer, make_schedule
+from jaxkv.training.sharding import batch_sharding, make_mesh, state_shardings
+from jaxkv.training.state import TrainState, init_state
+from jaxkv.training.step import make_train_step
+
+__all__ = ["TrainingDiverged", "TrainResult", "train_lm"]
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss or gradient norm became NaN or infinite."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: TrainState
+    history: list[dict]
+    out: Path | None
+
+
+def _global_batch(batch: dict, sharding) -> dict:
+    """Host arrays -> global jax.Arrays (each process passes the same full batch)."""
+    return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
+            for k, v in batch.items()}
+
+
+def train_lm(
+    model_config: LlamaConfig,
+    documents: Sequence[Sequence[int]],
+    *,
+    optim: OptimConfig,
+    data: DataConfig,
+    train: TrainConfig,
+    out: str | Path | None = None,
+    params: dict | None = None,
+    callbacks: Sequence[Callable[[int, dict], None]] = (),
+    extra_meta: dict | None = None,
+) -> TrainResult:
+    """Train ``model_config`` on ``documents`` (lists of token ids).
+
+    ``params`` starts from given weights (e.g. a loaded checkpoint) instead of a random init.
+    With ``out``, checkpoints every ``train.save_every`` steps and resumes from the latest one;
+    writes ``metrics.jsonl`` and ``metrics.png``. ``callbacks(step, metrics)`` run after each
+    step's logging and checkpointing.
+    """
+    mesh = make_mesh(*train.mesh)
+    tx = make_optimizer(optim)
+    schedule = make_schedule(optim)
+    compute_dtype = jnp.bfloat16 if train.compute_dtype == "bfloat16" else jnp.float32
+    batches = Batches(pack_documents(documents, data), batch_size=train.batch_size,
+                      grad_accum=train.grad_accum, seed=train.seed)
+
+    def make_state():
+        p = params if params is not None else init_params(model_config, jax.random.key(train.seed))
+        return init_state(p, tx, train.seed)
+
+    abstract = jax.eval_shape(make_state)
+    shardings = state_shardings(abstract, tx, mesh)
+    bsharding = batch_sharding(mesh)
+
+    run = None
+    start = 0
+    if out is not None:
+        meta = {"model": model_config.to_hf(), "optim": dataclasses.asdict(optim),
+                "data": dataclasses.asdict(data), "train": dataclasses.asdict(train), **(extra_meta or {})}
+        meta["train"]["mesh"] = list(train.mesh)
+        meta["steps"] = meta["train"].pop("steps")
+        meta["optim"].pop("total_steps")
+        run = RunDir(out, meta, keep=train.keep, may_change=("steps",))
+        latest = run.latest_step()
+        if latest is not None:
+            abstract_sharded = jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+            state = run.restore(latest, abstract_sharded)
+            start = latest
+    if start == 0:
+        state = jax.jit(make_state, out_shardings=shardings)()
+
+    step_fn = jax.jit(make_train_step(model_config, tx, schedule, compute_dtype=compute_dtype),
+                      in_shardings=(shardings, bsharding), out_shardings=(shardings, None),
+                      donate_argnums=0)
+    log = MetricsLog(Path(out) / "metrics.jsonl", resume_step=start) if out is not None else None
+    progress = Progress(train.steps, start, enabled=jax.process_index() == 0)
+    history: list[dict] = []
+    tokens_per_row = data.seq_len
+    try:
+        t_last = time.perf_counter()
+        for step in range(start, train.steps):
+            batch = _global_batch(batches.get(step), bsharding)
+            state, metrics = step_fn(state, batch)
+            done = step + 1
+            if done % train.log_every == 0 or done == train.steps:
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.perf_counter()
+                elapsed, t_last = now - t_last, now
+                steps_since = train.log_every if done % train.log_every == 0 else done % train.log_every
+                row = {"step": done, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
+                       "tokens": m["tokens"],
+                       "tokens_per_s": steps_since * train.batch_size * tokens_per_row / max(elapsed, 1e-9)}
+                if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+                    raise TrainingDiverged(
+                        f"step {done}: loss is {m['loss']} and gradient norm {m['grad_norm']}; "
+                        "stopping (lower --lr, check the data, or use float32)")
+                history.append(row)
+                if log is not None and jax.process_index() == 0:
+                    log.write(row)
+                progress.update(done, row["loss"], row["tokens_per_s"])
+            else:
+                row = {"step": done}
+            if run is not None and (done % train.save_every == 0 or done == train.steps):
+                run.save(done, state)
+            for cb in callbacks:
+                cb(done, row)
+    finally:
+        progress.close()
+        if log is not None:
+            log.close()
+        if run is not None:
+            run.close()
+    if out is not None and jax.process_index() == 0:
+        plot_metrics(Path(out) / "metrics.jsonl", Path(out) / "metrics.png")
+    return TrainResult(state=state, history=history, out=Path(out) if out is not None else None)
+

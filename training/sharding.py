@@ -1,0 +1,94 @@
+"""Meshes with named axes (data, fsdp, tensor) and partition rules for the Llama parameters.
+
+XLA SPMD is the distributed engine: parameters and batches carry ``NamedSharding``s and jit
+inserts the collectives. The same code runs on one device (a 1x1x1 mesh) or many, on one host
+or several (``jax.distributed.initialize`` first; see ``initialize_distributed``).
+
+Rules (``fsdp`` shards the model dimension D of every matrix, ``tensor`` the heads / FFN /
+vocabulary dimension): q/k/v, gate/up, lm_head ``[D, *] -> (fsdp, tensor)``; o, down
+``[*, D] -> (tensor, fsdp)``; embedding ``[V, D] -> (tensor, fsdp)``; norms and biases
+replicated. An axis that does not divide its dimension is dropped (replicated) for that array.
+Batches shard their rows over ``(data, fsdp)``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxkv.training.config import TrainConfigError
+
+__all__ = ["make_mesh", "param_specs", "state_shardings", "batch_sharding", "initialize_distributed"]
+
+AXES = ("data", "fsdp", "tensor")
+
+
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    """A mesh over the first ``data * fsdp * tensor`` devices (all of them by default)."""
+    devices = jax.devices() if devices is None else devices
+    n = data * fsdp * tensor
+    if n > len(devices):
+        raise TrainConfigError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} needs {n} devices, "
+                               f"but {len(devices)} are available")
+    return Mesh(np.asarray(devices[:n]).reshape(data, fsdp, tensor), AXES)
+
+
+def _rule(path: tuple, ndim: int) -> P:
+    names = [getattr(k, "key", getattr(k, "idx", k)) for k in path]
+    leaf, parent = names[-1], names[-2] if len(names) > 1 else None
+    if ndim < 2:
+        return P()
+    if leaf == "embedding":
+        return P("tensor", "fsdp")
+    if parent in ("o", "down"):
+        return P("tensor", "fsdp")
+    return P("fsdp", "tensor")
+
+
+def _fit(spec: P, shape, mesh: Mesh) -> P:
+    """Drop mesh axes that do not divide the dimension they shard."""
+    out = []
+    for axis, dim in zip(tuple(spec) + (None,) * (len(shape) - len(spec)), shape):
+        out.append(axis if axis is None or dim % mesh.shape[axis] == 0 else None)
+    return P(*out)
+
+
+def param_specs(params, mesh: Mesh):
+    return jax.tree_util.tree_map_with_path(lambda p, x: _fit(_rule(p, x.ndim), x.shape, mesh), params)
+
+
+def state_shardings(abstract_state, tx: optax.GradientTransformation, mesh: Mesh):
+    """NamedShardings for a TrainState: optimizer moments follow their parameters."""
+    pspecs = param_specs(abstract_state.params, mesh)
+    opt_specs = optax.tree_map_params(tx, lambda _, s: s, abstract_state.opt_state, pspecs,
+                                      transform_non_params=lambda _: P(),
+                                      is_leaf=lambda x: isinstance(x, P))
+    specs = abstract_state.replace(step=P(), params=pspecs, opt_state=opt_specs, rng=P())
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batches are ``[accum, rows, T]``: rows split over data and fsdp."""
+    return NamedSharding(mesh, P(None, ("data", "fsdp"), None))
+
+
+def initialize_distributed() -> None:
+    """Join a multi-process run when the standard environment says so.
+
+    ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (or a TPU slice /
+    SLURM environment that jax detects by itself) make every process call
+    ``jax.distributed.initialize``; on CPU the collectives use gloo.
+    """
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        # must not touch a backend before initialize(): decide from the environment alone
+        if os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
