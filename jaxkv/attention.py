@@ -79,3 +79,44 @@ def attend_reference(
     # 3. softmax in fp32, weighted sum of values
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
     return jnp.einsum("BKGTS,BKSH->BTKGH", p, v)
+
+
+DENSE_IMPLEMENTATIONS = ("reference", "cudnn")
+
+
+def _default_dense_implementation(dtype) -> str:
+    if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        return "cudnn"
+    return "reference"
+
+
+def attend_dense(
+    q: Array,
+    k: Array,
+    v: Array,
+    positions: Array,
+    *,
+    window: int | None = None,
+    segment_ids: Array | None = None,
+    implementation: str | None = None,
+) -> Array:
+    """Self-attention of a chunk over itself: ``q [B,T,K,G,H]``, ``k, v [B,T,K,H]`` (token-major,
+    as projected). The mask follows the module rules (positions, window, segments).
+
+    ``implementation``: ``'reference'`` (plain jnp, any backend) or ``'cudnn'`` (fused flash
+    attention through ``jax.nn.dot_product_attention``; GPU, bf16/fp16). ``None`` picks cudnn on
+    a GPU for 16-bit inputs and the reference otherwise; an explicit request that cannot run
+    fails loudly.
+    """
+    impl = implementation or _default_dense_implementation(q.dtype)
+    if impl not in DENSE_IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {DENSE_IMPLEMENTATIONS}, got {implementation!r}")
+    if impl == "reference":
+        return attend_reference(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions, positions,
+                                window=window, q_segments=segment_ids, k_segments=segment_ids)
+    if jax.default_backend() != "gpu":
+        raise ValueError("implementation='cudnn' needs a GPU backend")
+    b, t, kh, g, h = q.shape
+    mask = visibility_mask(positions, positions, window=window, q_segments=segment_ids, k_segments=segment_ids)
+    out = jax.nn.dot_product_attention(q.reshape(b, t, kh * g, h), k, v, mask=mask, implementation="cudnn")
+    return out.reshape(b, t, kh, g, h)

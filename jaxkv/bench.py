@@ -30,6 +30,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     d.add_argument("--repeats", type=int, default=3)
     d.add_argument("--json", default=None, help="write the rows to this JSON file")
+    t = sub.add_parser("train", help="training tokens/s and MFU of a preset model (packed rows)")
+    t.add_argument("--preset", default="llama-1b")
+    t.add_argument("--seq-len", type=int, default=4096)
+    t.add_argument("--batch-size", type=int, default=4)
+    t.add_argument("--grad-accum", type=int, default=1)
+    t.add_argument("--steps", type=int, default=10)
+    t.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="dense bf16 peak of the card (H100/H200 SXM: 989)")
+    t.add_argument("--json", default=None)
 
 
 def _block(x):
@@ -109,7 +118,74 @@ def bench_decode(*, preset: str, batch: int, prompt_len: int, new_tokens: int, d
     }
 
 
+def train_flops_per_token(config, seq_len: int) -> float:
+    """Model FLOPs per trained token: 6 x (parameters in matmuls) + causal attention
+    (6 x L x T x N*H: QK^T and PV, forward and backward, half the square). The embedding
+    lookup is no matmul; a tied LM head is."""
+    matmul_params = config.num_params - config.vocab_size * config.hidden_size
+    if config.tie_word_embeddings:
+        matmul_params += config.vocab_size * config.hidden_size
+    attn = 6 * config.num_layers * seq_len * config.num_heads * config.head_dim
+    return 6 * matmul_params + attn
+
+
+def bench_train(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxkv.config import preset as get_preset
+    from jaxkv.models.llama import init_params
+    from jaxkv.training.config import DataConfig, OptimConfig
+    from jaxkv.training.data import Batches, pack_documents
+    from jaxkv.training.optim import make_optimizer, make_schedule
+    from jaxkv.training.state import init_state
+    from jaxkv.training.step import make_train_step
+
+    config = get_preset(args.preset)
+    optim = OptimConfig(lr=1e-4, warmup_steps=10, total_steps=1000)
+    tx, schedule = make_optimizer(optim), make_schedule(optim)
+    rng = np.random.default_rng(0)
+    docs, total = [], 0
+    while total < args.seq_len * args.batch_size * 2:
+        n = int(rng.integers(args.seq_len // 16, args.seq_len))
+        docs.append(rng.integers(3, config.vocab_size, n).astype(np.int32))
+        total += n
+    batches = Batches(pack_documents(docs, DataConfig(seq_len=args.seq_len)), batch_size=args.batch_size,
+                      grad_accum=args.grad_accum, seed=0)
+    state = jax.jit(lambda k: init_state(init_params(config, k), tx, 0))(jax.random.key(0))
+    step = jax.jit(make_train_step(config, tx, schedule, compute_dtype=jnp.bfloat16), donate_argnums=0)
+    batch = {k: jnp.asarray(v) for k, v in batches.get(0).items()}
+    for _ in range(2):  # compile + warm-up
+        state, m = step(state, batch)
+    _block(m)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        state, m = step(state, batch)
+    _block(m)
+    seconds = (time.perf_counter() - t0) / args.steps
+    tokens = args.batch_size * args.seq_len
+    flops = train_flops_per_token(config, args.seq_len) * tokens / seconds
+    return {"bench": "train", "preset": args.preset, "params": config.num_params, "seq_len": args.seq_len,
+            "batch_size": args.batch_size, "grad_accum": args.grad_accum, "step_s": seconds,
+            "tokens_per_s": tokens / seconds, "model_tflops": flops / 1e12,
+            "mfu": flops / (args.peak_tflops * 1e12), "loss": float(m["loss"]),
+            "device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
+
+
 def main(args) -> int:
+    if args.bench == "train":
+        row = bench_train(args)
+        print(f"{row['device']}: {row['tokens_per_s']:,.0f} tokens/s, step {row['step_s'] * 1e3:.1f} ms, "
+              f"{row['model_tflops']:.0f} model TFLOP/s, MFU {row['mfu']:.1%} (loss {row['loss']:.3f})")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump([row], f, indent=2)
+        return 0
+    return _main_decode(args)
+
+
+def _main_decode(args) -> int:
     import jax
     import jax.numpy as jnp
 

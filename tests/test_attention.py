@@ -1,3 +1,4 @@
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -45,3 +46,42 @@ def test_attend_matches_naive_loop_with_slots_out_of_order():
                     p = np.exp(sc - sc.max())
                     p /= p.sum()
                     np.testing.assert_allclose(out[bi, ti, ki, gi], p @ vv[bi, ki, ok], rtol=1e-5, atol=1e-6)
+
+
+def _random_chunk(dtype, b=2, t=37, k=2, g=3, h=16, seed=0):
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.normal(size=(b, t, k, g, h)), dtype)
+    kk = jnp.asarray(rng.normal(size=(b, t, k, h)), dtype)
+    vv = jnp.asarray(rng.normal(size=(b, t, k, h)), dtype)
+    positions = jnp.asarray(np.stack([np.r_[np.arange(20), np.arange(t - 20)],
+                                      np.r_[np.arange(t - 5), -np.ones(5, int)]]), jnp.int32)
+    segments = jnp.asarray(np.stack([np.repeat([0, 1], [20, t - 20]), np.zeros(t, int)]), jnp.int32)
+    return q, kk, vv, positions, segments
+
+
+def test_attend_dense_reference_is_attend_reference():
+    from jaxkv.attention import attend_dense
+
+    q, k, v, pos, seg = _random_chunk(jnp.float32)
+    want = attend_reference(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), pos, pos,
+                            window=7, q_segments=seg, k_segments=seg)
+    got = attend_dense(q, k, v, pos, window=7, segment_ids=seg, implementation="reference")
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        attend_dense(q, k, v, pos, implementation="flash")
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="needs a GPU"):
+            attend_dense(q, k, v, pos, implementation="cudnn")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+def test_attend_dense_cudnn_matches_reference_on_gpu():
+    from jaxkv.attention import attend_dense
+
+    q, k, v, pos, seg = _random_chunk(jnp.bfloat16, t=128, h=64)
+    want = attend_dense(q, k, v, pos, window=50, segment_ids=seg, implementation="reference")
+    got = attend_dense(q, k, v, pos, window=50, segment_ids=seg, implementation="cudnn")
+    real = np.asarray(pos)[:, :, None, None, None] >= 0
+    np.testing.assert_allclose(np.where(real, np.asarray(got, np.float32), 0),
+                               np.where(real, np.asarray(want, np.float32), 0), atol=2e-2)

@@ -69,32 +69,33 @@ def test_streaming_keeps_sinks_and_recent_window_exactly(parity_models):
     """Each decode step must equal dense attention restricted by hand to the sink and
     recent-window positions, and the cache must hold exactly those positions."""
     config, params, e = parity_models["llama3"]
-    sinks, window, prefill_len = 2, 5, 12
+    sinks, window_s, prefill_len = 2, 5, 12
     seq = jnp.asarray(np.concatenate([e["prompt_a"], e["greedy_a"]]))[None]
     n = seq.shape[1]
-    logits, cache = _run(config, params, seq, make_policy("streaming", sinks=sinks, window=window), prefill_len)
+    logits, cache = _run(config, params, seq, make_policy("streaming", sinks=sinks, window=window_s), prefill_len)
     kept = sorted(cache.layers[0].positions[0, 0].tolist())
-    assert kept == [0, 1] + list(range(n - window, n))
+    assert kept == [0, 1] + list(range(n - window_s, n))
 
     # Reference: decode step at position t sees positions {0..sinks-1} U {t-window+1..t},
     # while the prompt (prefill) sees everything causally. Build it with a custom attention.
     from jaxkv.models import llama as llama_mod
 
-    def restricted(q, k, v, qpos, kpos, **kw):
-        kp = kpos if kpos.ndim == 3 else kpos[:, None, :]
-        decode_mask = (kp[:, :, None, :] < sinks) | (kp[:, :, None, :] > qpos[:, None, :, None] - window)
-        allowed = jnp.where(qpos[:, None, :, None] >= prefill_len, decode_mask, True)
-        kpos_masked = jnp.where(allowed, kp[:, :, None, :], -1)  # [B,K,T,S]
-        outs = [attend_reference(q[:, i:i + 1], k, v, qpos[:, i:i + 1], kpos_masked[:, :, i], **kw)
+    def restricted(q, k, v, positions, *, window=None, segment_ids=None):
+        kp = positions[:, None, :]
+        decode_mask = (kp[:, :, None, :] < sinks) | (kp[:, :, None, :] > positions[:, None, :, None] - window_s)
+        allowed = jnp.where(positions[:, None, :, None] >= prefill_len, decode_mask, True)
+        kpos_masked = jnp.where(allowed, kp[:, :, None, :], -1)  # [B,1,T,S]
+        kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        outs = [attend_reference(q[:, i:i + 1], kt, vt, positions[:, i:i + 1], kpos_masked[:, :, i], window=window)
                 for i in range(q.shape[1])]
         return jnp.concatenate(outs, axis=1)
 
-    orig = llama_mod.attend_reference
-    llama_mod.attend_reference = restricted
+    orig = llama_mod.attend_dense
+    llama_mod.attend_dense = restricted
     try:
         ref, _ = forward(params, seq, jnp.arange(n)[None], config=config)
     finally:
-        llama_mod.attend_reference = orig
+        llama_mod.attend_dense = orig
     np.testing.assert_allclose(np.asarray(logits[0, prefill_len:]), np.asarray(ref[0, prefill_len:]),
                                atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.asarray(logits[0, :prefill_len]), e["full_logits_a"][:prefill_len],

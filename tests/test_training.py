@@ -210,3 +210,46 @@ def test_data_fsdp_tensor_mesh_on_8_cpu_devices_matches_one_device():
     assert out["(2, 2, 2)"]["q_spec"] in ("P('fsdp', 'tensor')", "PartitionSpec('fsdp', 'tensor')")
     for mesh in ("(2, 2, 2)", "(1, 8, 1)"):
         np.testing.assert_allclose(out[mesh]["loss"], one, rtol=1e-5)
+
+
+_PROCESS = textwrap.dedent("""
+    import json, sys
+    from jaxkv.training.sharding import initialize_distributed
+    initialize_distributed()  # from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
+    import jax
+    from jaxkv.config import preset
+    from jaxkv.training.config import DataConfig, OptimConfig, TrainConfig
+    from jaxkv.training.data import synthetic_documents
+    from jaxkv.training.loop import train_lm
+    cfg = preset("tiny")
+    docs = synthetic_documents("count", vocab_size=cfg.vocab_size, seed=0, num_docs=400)
+    mesh = tuple(json.loads(sys.argv[1]))
+    r = train_lm(cfg, docs, optim=OptimConfig(lr=3e-3, warmup_steps=2, total_steps=3),
+                 data=DataConfig(seq_len=64),
+                 train=TrainConfig(batch_size=8, steps=3, compute_dtype="float32", mesh=mesh))
+    print(json.dumps({"devices": len(jax.devices()), "loss": [h["loss"] for h in r.history]}))
+""")
+
+
+def test_two_processes_with_gloo_match_one_process():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    single = subprocess.run([sys.executable, "-c", _PROCESS, "[1, 1, 1]"], capture_output=True, text=True, env=base)
+    assert single.returncode == 0, single.stderr[-2000:]
+    procs = [subprocess.Popen([sys.executable, "-c", _PROCESS, "[2, 1, 1]"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**base, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                                   "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)})
+             for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+    want = json.loads(single.stdout.strip().splitlines()[-1])["loss"]
+    for out, _ in outs:
+        got = json.loads(out.strip().splitlines()[-1])
+        assert got["devices"] == 2
+        np.testing.assert_allclose(got["loss"], want, rtol=1e-5)

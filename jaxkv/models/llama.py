@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxkv.attention import attend_reference
+from jaxkv.attention import attend_dense
 from jaxkv.cache.kv import ModelCache
 from jaxkv.config import LlamaConfig
 from jaxkv.models.layers import MLP, Linear, RMSNorm, apply_rope, rope_angles, rope_inv_freq
@@ -71,10 +71,7 @@ class Attention(nnx.Module):
         v = self.v(x).reshape(b, t, kh, h)
         if layer_cache is None or not prefilled:
             # Dense attention over this chunk (cache-free forward, or prefill).
-            out = attend_reference(
-                q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions, positions,
-                window=self.window, q_segments=segment_ids, k_segments=segment_ids,
-            )
+            out = attend_dense(q, k, v, positions, window=self.window, segment_ids=segment_ids)
             if layer_cache is not None:
                 layer_cache = policy.prefill(layer_cache, q=q, k=k, v=v, positions=positions)
         else:
