@@ -47,25 +47,28 @@ class CheckpointError(ValueError):
 
 
 def hf_name_map(config: LlamaConfig) -> dict[str, tuple[tuple, bool]]:
-    """HF tensor name -> (path in the params tree, transpose?) for every parameter."""
+    """HF tensor name -> (path in the params tree, transpose?) for every parameter.
+
+    jaxkv keeps transformers' ``[out, in]`` layout, so nothing is transposed today; the flag
+    stays for formats that need it."""
     names: dict[str, tuple[tuple, bool]] = {
         "model.embed_tokens.weight": (("embed", "embedding"), False),
         "model.norm.weight": (("norm", "weight"), False),
     }
     if not config.tie_word_embeddings:
-        names["lm_head.weight"] = (("lm_head", "kernel"), True)
+        names["lm_head.weight"] = (("lm_head", "kernel"), False)
     for i in range(config.num_layers):
         pre = f"model.layers.{i}."
         names[pre + "input_layernorm.weight"] = (("layers", i, "attn_norm", "weight"), False)
         names[pre + "post_attention_layernorm.weight"] = (("layers", i, "mlp_norm", "weight"), False)
         for p in "qkvo":
-            names[pre + f"self_attn.{p}_proj.weight"] = (("layers", i, "attn", p, "kernel"), True)
+            names[pre + f"self_attn.{p}_proj.weight"] = (("layers", i, "attn", p, "kernel"), False)
         for p in "qkv" if config.qkv_bias else "":
             names[pre + f"self_attn.{p}_proj.bias"] = (("layers", i, "attn", p, "bias"), False)
         if config.o_bias:
             names[pre + "self_attn.o_proj.bias"] = (("layers", i, "attn", "o", "bias"), False)
         for p in ("gate", "up", "down"):
-            names[pre + f"mlp.{p}_proj.weight"] = (("layers", i, "mlp", p, "kernel"), True)
+            names[pre + f"mlp.{p}_proj.weight"] = (("layers", i, "mlp", p, "kernel"), False)
     return names
 
 

@@ -23,7 +23,7 @@ def _assert_same(a, b):
 def test_loads_the_sharded_transformers_checkpoint():
     assert (PARITY / "llama3" / "model.safetensors.index.json").exists()
     config, params = load_checkpoint(PARITY / "llama3")
-    assert params["layers"][1]["attn"]["k"]["kernel"].shape == (64, 32)
+    assert params["layers"][1]["attn"]["k"]["kernel"].shape == (32, 64)
     assert "lm_head" in params
 
 

@@ -4,9 +4,9 @@ XLA SPMD is the distributed engine: parameters and batches carry ``NamedSharding
 inserts the collectives. The same code runs on one device (a 1x1x1 mesh) or many, on one host
 or several (``jax.distributed.initialize`` first; see ``initialize_distributed``).
 
-Rules (``fsdp`` shards the model dimension D of every matrix, ``tensor`` the heads / FFN /
-vocabulary dimension): q/k/v, gate/up, lm_head ``[D, *] -> (fsdp, tensor)``; o, down
-``[*, D] -> (tensor, fsdp)``; embedding ``[V, D] -> (tensor, fsdp)``; norms and biases
+Rules (matrices are ``[out, in]``; ``fsdp`` shards the model dimension D of every matrix,
+``tensor`` the heads / FFN / vocabulary dimension): q/k/v, gate/up, lm_head and the embedding
+``[*, D] -> (tensor, fsdp)``; o, down ``[D, *] -> (fsdp, tensor)``; norms and biases
 replicated. An axis that does not divide its dimension is dropped (replicated) for that array.
 Batches shard their rows over ``(data, fsdp)``.
 """
@@ -42,11 +42,9 @@ def _rule(path: tuple, ndim: int) -> P:
     leaf, parent = names[-1], names[-2] if len(names) > 1 else None
     if ndim < 2:
         return P()
-    if leaf == "embedding":
-        return P("tensor", "fsdp")
     if parent in ("o", "down"):
-        return P("tensor", "fsdp")
-    return P("fsdp", "tensor")
+        return P("fsdp", "tensor")
+    return P("tensor", "fsdp")
 
 
 def _fit(spec: P, shape, mesh: Mesh) -> P:

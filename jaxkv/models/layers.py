@@ -1,8 +1,9 @@
 """Building blocks of Llama-family models, as Flax NNX modules.
 
 Parameters are stored in ``param_dtype`` and cast to the dtype of the activations they meet
-(the compute dtype). Linear kernels are ``[in, out]``; transformers stores ``[out, in]``
-(``jaxkv.checkpoints`` transposes). RMSNorm and RoPE run in fp32 whatever the compute dtype:
+(the compute dtype). Linear kernels are ``[out, in]`` as in transformers, applied as
+``x @ kernel.T``: at decode (one row of x) XLA reads an ``[out, in]`` weight once in a fused
+kernel, while ``[in, out]`` cost 2.5x more time per layer on an H200 (BENCHMARKS.md). RMSNorm and RoPE run in fp32 whatever the compute dtype:
 RoPE angles of large positions lose whole radians in bf16.
 """
 
@@ -22,15 +23,15 @@ __all__ = ["Linear", "RMSNorm", "MLP", "rope_inv_freq", "rope_angles", "apply_ro
 
 
 class Linear(nnx.Module):
-    """``y = x @ kernel (+ bias)``, kernel ``[d_in, d_out]``."""
+    """``y = x @ kernel.T (+ bias)``, kernel ``[d_out, d_in]``."""
 
     def __init__(self, d_in: int, d_out: int, *, bias: bool = False, param_dtype=jnp.float32,
                  init_std: float = 0.02, rngs: nnx.Rngs):
-        self.kernel = nnx.Param(init_std * jax.random.normal(rngs.params(), (d_in, d_out), param_dtype))
+        self.kernel = nnx.Param(init_std * jax.random.normal(rngs.params(), (d_out, d_in), param_dtype))
         self.bias = nnx.Param(jnp.zeros((d_out,), param_dtype)) if bias else None
 
     def __call__(self, x: Array) -> Array:
-        y = x @ self.kernel[...].astype(x.dtype)
+        y = x @ self.kernel[...].astype(x.dtype).T
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
         return y

@@ -17,11 +17,13 @@ Parameter tree (``params``)::
 
   embed/embedding [V, D]
   layers/<i>/attn_norm/weight [D]
-  layers/<i>/attn/{q,k,v,o}/kernel [D, N*H] | [D, K*H] | [N*H, D]  (+ bias)
+  layers/<i>/attn/{q,k,v,o}/kernel [N*H, D] | [K*H, D] | [D, N*H]  (+ bias)
   layers/<i>/mlp_norm/weight [D]
   layers/<i>/mlp/{gate,up,down}/kernel
   norm/weight [D]
-  lm_head/kernel [D, V]            (absent when embeddings are tied)
+  lm_head/kernel [V, D]            (absent when embeddings are tied)
+
+Matrices are ``[out, in]``, the layout of transformers' checkpoints.
 """
 
 from __future__ import annotations
