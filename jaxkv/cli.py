@@ -110,6 +110,7 @@ def train_setup(args) -> dict:
                           seed=args.seed, save_every=args.save_every, keep=args.keep,
                           compute_dtype=args.dtype, mesh=mesh),
         extra_meta={"data_source": list(args.data), "init": args.model or f"preset:{args.model_preset}"},
+        tokenizer=tokenizer,
     )
 
 

@@ -132,6 +132,14 @@ def test_sigkill_after_a_checkpoint_then_resume_logs_the_same_losses(tmp_path):
     # and a longer --steps on the same folder resumes again
     assert main(_train_cmd(killed, 14)) == 0
     assert [s for s, _ in _losses(killed)] == list(range(1, 15))
+    rows = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert {"step", "loss", "lr", "tokens_per_s"} <= set(rows[-1])
+    assert (killed / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the final weights are an HF checkpoint that generates
+    from jaxkv.checkpoints import load_checkpoint
+    config, params = load_checkpoint(killed / "hf")
+    assert config == TINY and (killed / "hf" / "tokenizer.json").exists()
+    assert main(["generate", "--model", str(killed / "hf"), "--prompt", "1 2 3", "--max-new-tokens", "2"]) == 0
 
 
 def test_bad_configs_name_the_field():
@@ -174,9 +182,11 @@ def test_bad_run_folders(tmp_path, capsys):
     for f in (run / "checkpoints" / "4").rglob("*"):
         if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
             f.write_bytes(b"\0" * 7)
+    meta_before = (run / "run.json").read_text()
     assert main(_train_cmd(run, 8)) == 2
     err = capsys.readouterr().err
     assert "cannot be restored" in err and "checkpoints/4" in err
+    assert (run / "run.json").read_text() == meta_before
 
 
 _SHARDED = textwrap.dedent("""

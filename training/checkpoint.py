@@ -1,4 +1,5 @@
-"""A run folder: ``run.json`` (what was trained), ``checkpoints/<step>`` (orbax), metrics.
+"""A run folder: ``run.json`` (what was trained), ``checkpoints/<step>`` (orbax), metrics,
+``hf/`` (the final weights as an HF checkpoint).
 
 Saves are synchronous and atomic (orbax writes a temporary folder and renames it), keep the
 last ``keep``, and restore the whole ``TrainState`` (model, optimizer, step, rng). The data
@@ -20,7 +21,6 @@ __all__ = ["RunDirError", "RunDir"]
 
 RUN_FILE = "run.json"
 CKPT_DIR = "checkpoints"
-_OURS = {RUN_FILE, CKPT_DIR, "metrics.jsonl", "metrics.png"}
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -66,16 +66,20 @@ class RunDir:
                     raise RunDirError(f"{self.path} holds a run with a different {key!r} "
                                       f"({old.get(key)!r} there, {new.get(key)!r} now); "
                                       "resume with the same settings or choose another --out")
-        if jax.process_index() == 0:
-            self.path.mkdir(parents=True, exist_ok=True)
-            tmp = run_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-            os.replace(tmp, run_file)
+        self.meta = meta
         self.manager = ocp.CheckpointManager(
             (self.path / CKPT_DIR).absolute(),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                  enable_async_checkpointing=False),
         )
+
+    def write_meta(self) -> None:
+        """Record the run's settings (atomically). Called once the run is known to start, so a
+        failed restore leaves the folder as it was."""
+        if jax.process_index() == 0:
+            tmp = self.path / (RUN_FILE + ".tmp")
+            tmp.write_text(json.dumps(self.meta, indent=2, sort_keys=True) + "\n")
+            os.replace(tmp, self.path / RUN_FILE)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from jaxkv.checkpoints import save_checkpoint
 from jaxkv.config import LlamaConfig
 from jaxkv.models.llama import init_params
 from jaxkv.training.checkpoint import RunDir
@@ -58,13 +59,15 @@ def train_lm(
     params: dict | None = None,
     callbacks: Sequence[Callable[[int, dict], None]] = (),
     extra_meta: dict | None = None,
+    tokenizer=None,
 ) -> TrainResult:
     """Train ``model_config`` on ``documents`` (lists of token ids).
 
     ``params`` starts from given weights (e.g. a loaded checkpoint) instead of a random init.
     With ``out``, checkpoints every ``train.save_every`` steps and resumes from the latest one;
-    writes ``metrics.jsonl`` and ``metrics.png``. ``callbacks(step, metrics)`` run after each
-    step's logging and checkpointing.
+    writes ``metrics.jsonl``, ``metrics.png`` and, at the end, the final weights as an HF
+    checkpoint in ``out/hf`` (with ``tokenizer`` when given), ready for ``jaxkv generate``.
+    ``callbacks(step, metrics)`` run after each step's logging and checkpointing.
     """
     mesh = make_mesh(*train.mesh)
     tx = make_optimizer(optim)
@@ -98,6 +101,8 @@ def train_lm(
             start = latest
     if start == 0:
         state = jax.jit(make_state, out_shardings=shardings)()
+    if run is not None:
+        run.write_meta()
 
     step_fn = jax.jit(make_train_step(model_config, tx, schedule, compute_dtype=compute_dtype),
                       in_shardings=(shardings, bsharding), out_shardings=(shardings, None),
@@ -142,5 +147,7 @@ def train_lm(
             run.close()
     if out is not None and jax.process_index() == 0:
         plot_metrics(Path(out) / "metrics.jsonl", Path(out) / "metrics.png")
+        save_checkpoint(Path(out) / "hf", model_config, jax.device_get(state.params),
+                        tokenizer=tokenizer, overwrite=True)
     return TrainResult(state=state, history=history, out=Path(out) if out is not None else None)
 
