@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from jaxkv.config import preset
-from jaxkv.training.checkpoint import RunDirError
 from jaxkv.training.config import DataConfig, OptimConfig, TrainConfig, TrainConfigError
 from jaxkv.training.data import Batches, pack_documents, synthetic_documents
 from jaxkv.training.loop import TrainingDiverged, train_lm

@@ -39,7 +39,7 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None) -> Me
 
 def _rule(path: tuple, ndim: int) -> P:
     names = [getattr(k, "key", getattr(k, "idx", k)) for k in path]
-    leaf, parent = names[-1], names[-2] if len(names) > 1 else None
+    parent = names[-2] if len(names) > 1 else None
     if ndim < 2:
         return P()
     if parent in ("o", "down"):

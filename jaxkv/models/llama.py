@@ -143,10 +143,9 @@ def _graphdef(config: LlamaConfig):
     return graphdef
 
 
-def init_params(config: LlamaConfig, key: jax.Array, *, dtype=jnp.float32,
-                init_std: float = 0.02) -> dict:
-    """Random parameters (normal ``init_std`` for matrices, ones for norms, zeros for biases)."""
-    del init_std  # layers use 0.02, the Llama initializer range
+def init_params(config: LlamaConfig, key: jax.Array, *, dtype=jnp.float32) -> dict:
+    """Random parameters: normal(0, 0.02) matrices (Llama's initializer range), ones for norms,
+    zeros for biases."""
     model = LlamaForCausalLM(config, param_dtype=dtype, rngs=nnx.Rngs(params=key))
     return nnx.to_pure_dict(nnx.state(model))
 
