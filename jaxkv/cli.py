@@ -5,6 +5,8 @@
                  [--dtype float32|bfloat16] [--json]
   jaxkv train lm (--model-preset NAME | --model DIR) --data SRC... --out DIR [--seq-len N]
                  [--batch-size N] [--steps N] [--lr LR] [--seed S] [--save-every N] [--mesh d,f,t]
+  jaxkv eval [--model DIR|default] [--methods a,b] [--budgets x,y] [--tasks t,u] [--lengths n,m]
+             [--samples N] [--seed S] [--json F] [--plot F.png]
   jaxkv create-tiny DIR [--seed S] [--overwrite]
   jaxkv bench decode [--preset llama-1b] [--batch 1,32] ...
 
@@ -128,6 +130,53 @@ def _cmd_train_lm(args) -> int:
     return 0
 
 
+def _split(text: str, kind, name: str) -> tuple:
+    try:
+        return tuple(kind(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"--{name} must be a comma-separated list, got {text!r}") from None
+
+
+DEFAULT_MODEL_DIR = "assets/default_model"
+
+
+def resolve_model(name: str):
+    """``default`` -> the model shipped inside the package; anything else is a folder."""
+    from pathlib import Path
+
+    if name != "default":
+        return Path(name)
+    path = Path(__file__).parent / DEFAULT_MODEL_DIR
+    if not (path / "config.json").exists():
+        raise UserError("this jaxkv build ships no default model; pass --model DIR "
+                        "(e.g. one made by `jaxkv create-tiny` or `jaxkv train lm`)")
+    return path
+
+
+def _cmd_eval(args) -> int:
+    from jaxkv.checkpoints import load_checkpoint, load_tokenizer
+    from jaxkv.eval.harness import EvalConfig, evaluate, progress_bar
+    from jaxkv.eval.report import format_table, plot_accuracy_vs_bytes, write_json
+
+    cfg = EvalConfig(methods=_split(args.methods, str, "methods"), budgets=_split(args.budgets, float, "budgets"),
+                     tasks=_split(args.tasks, str, "tasks"), lengths=_split(args.lengths, int, "lengths"),
+                     samples=args.samples, seed=args.seed)
+    model = resolve_model(args.model)
+    config, params = load_checkpoint(model)
+    tokenizer = load_tokenizer(model)
+    longest = max(cfg.lengths) + 64
+    if longest > config.max_position_embeddings:
+        raise UserError(f"--lengths up to {max(cfg.lengths)} exceed the model's context of "
+                        f"{config.max_position_embeddings} tokens")
+    rows = evaluate(params, config, tokenizer, cfg, progress=progress_bar)
+    print(format_table(rows))
+    if args.json:
+        write_json(rows, args.json)
+    if args.plot:
+        plot_accuracy_vs_bytes(rows, args.plot)
+    return 0
+
+
 def _cmd_bench(args) -> int:
     from jaxkv import bench
 
@@ -179,6 +228,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(func=_cmd_create_tiny)
+
+    e = sub.add_parser("eval", help="accuracy, fidelity, bytes and speed of cache policies on synthetic tasks")
+    e.add_argument("--model", default="default", help="checkpoint folder, or 'default'")
+    e.add_argument("--methods", default="full,streaming", help=f"policies: {', '.join(available_policies())}")
+    e.add_argument("--budgets", default="0.25", help="fractions of the context a policy may keep")
+    e.add_argument("--tasks", default="niah_single",
+                   help="niah_single, niah_single_words, niah_multikey, niah_multivalue, "
+                        "niah_multiquery, vt, cwe, fwe, passkey")
+    e.add_argument("--lengths", default="2048", help="context lengths in tokens")
+    e.add_argument("--samples", type=_positive_int, default=5)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--json", default=None, help="write the rows to this JSON file")
+    e.add_argument("--plot", default=None, help="write accuracy vs KV bytes to this PNG")
+    e.set_defaults(func=_cmd_eval)
 
     t = sub.add_parser("train", help="training recipes")
     tsub = t.add_subparsers(dest="recipe", required=True)

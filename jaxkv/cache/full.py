@@ -23,6 +23,10 @@ class FullCache(CachePolicy):
     def capacity(self, max_len: int) -> int:
         return max_len
 
+    @classmethod
+    def from_budget(cls, budget: float, context_len: int) -> "FullCache":
+        return cls()  # keeps everything whatever the budget
+
     @staticmethod
     def _slots(state: KVCache, positions):
         # position == slot; padding and out-of-range positions go to an index that is dropped.

@@ -36,6 +36,12 @@ class CachePolicy:
     def capacity(self, max_len: int) -> int:
         raise NotImplementedError
 
+    @classmethod
+    def from_budget(cls, budget: float, context_len: int) -> "CachePolicy":
+        """The policy with its default hyper-parameters sized to keep about ``budget`` (a
+        fraction in (0, 1]) of a ``context_len``-token prompt: how ``jaxkv eval`` sweeps budgets."""
+        raise NotImplementedError(f"cache policy {cls.name!r} does not define from_budget")
+
     def init(self, *, batch: int, num_kv_heads: int, head_dim: int, max_len: int, dtype) -> Any:
         return KVCache.empty(batch=batch, num_kv_heads=num_kv_heads, slots=self.capacity(max_len),
                              head_dim=head_dim, dtype=dtype)

@@ -38,6 +38,11 @@ class StreamingCache(CachePolicy):
     def capacity(self, max_len: int) -> int:
         return min(self.sinks + self.window, max_len)
 
+    @classmethod
+    def from_budget(cls, budget: float, context_len: int) -> "StreamingCache":
+        sinks = cls.sinks
+        return cls(sinks=sinks, window=max(1, int(round(budget * context_len)) - sinks))
+
     def _slots(self, state: KVCache, positions, keep):
         s = state.num_slots
         ring = self.sinks + (positions - self.sinks) % max(s - self.sinks, 1)

@@ -1,0 +1,225 @@
+"""The evaluation harness: every (method, budget, task, length) measured on the same samples.
+
+Per sample and method:
+  accuracy      RULER string match of the greedy continuation (``tasks.score``);
+  kl, top1      fidelity to the full cache: the next-token distributions over the reference
+                answer, teacher forced, compared with the full cache's (mean KL(full || method)
+                in nats, and the share of positions whose argmax agrees);
+  kv_bytes      bytes the policy's cache holds (``ModelCache.nbytes``), beside the full cache's;
+  prefill_ms    wall time of the jitted prefill (after a warm-up of the same shapes);
+  decode tok/s  generated tokens / wall time of the jitted decode loop.
+
+The full cache runs once per sample; its answer-span logits are reused for every method. All
+samples of a (task, length) share one prompt bucket, so nothing recompiles between samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import statistics
+import sys
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxkv.cache import available_policies, init_cache, make_policy
+from jaxkv.config import LlamaConfig
+from jaxkv.eval.tasks import TASKS, Sample, make_sample, score
+from jaxkv.generate import bucket_length, decode, prefill
+from jaxkv.models.llama import forward
+
+__all__ = ["EvalConfig", "Row", "evaluate", "policy_for", "kl_and_agreement", "answer_ids"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    methods: tuple[str, ...] = ("full", "streaming")
+    budgets: tuple[float, ...] = (0.25,)
+    tasks: tuple[str, ...] = ("niah_single",)
+    lengths: tuple[int, ...] = (2048,)
+    samples: int = 5
+    seed: int = 0
+
+    def __post_init__(self):
+        known = available_policies()
+        for m in self.methods:
+            if m not in known:
+                raise ValueError(f"unknown method {m!r}; known methods: {', '.join(known)}")
+        for t in self.tasks:
+            if t not in TASKS:
+                raise ValueError(f"unknown task {t!r}; known tasks: {', '.join(sorted(TASKS))}")
+        for b in self.budgets:
+            if not 0 < b <= 1:
+                raise ValueError(f"budgets must be in (0, 1], got {b}")
+        for n in self.lengths:
+            if not isinstance(n, int) or n < 64:
+                raise ValueError(f"lengths must be integers >= 64, got {n!r}")
+        if self.samples < 1:
+            raise ValueError(f"samples must be >= 1, got {self.samples}")
+        if not self.methods or not self.tasks or not self.lengths or not self.budgets:
+            raise ValueError("methods, budgets, tasks and lengths must each name at least one value")
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    method: str
+    budget: float
+    task: str
+    length: int
+    accuracy: float
+    kl: float
+    top1_agreement: float
+    kv_bytes: int
+    full_kv_bytes: int
+    prefill_ms: float
+    decode_tokens_per_s: float
+    samples: int
+
+    def asdict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def policy_for(method: str, budget: float, context_len: int):
+    """The policy ``method`` sized for ``budget`` of a ``context_len``-token prompt."""
+    return make_policy(method).from_budget(budget, context_len)
+
+
+def kl_and_agreement(ref_logits: jax.Array, logits: jax.Array) -> tuple[float, float]:
+    """Mean KL(softmax(ref) || softmax(logits)) in nats and top-1 agreement over rows ``[A, V]``."""
+    ref = jax.nn.log_softmax(jnp.asarray(ref_logits, jnp.float32), axis=-1)
+    got = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
+    kl = jnp.sum(jnp.exp(ref) * (ref - got), axis=-1)
+    agree = jnp.argmax(ref, axis=-1) == jnp.argmax(got, axis=-1)
+    return float(jnp.mean(jnp.maximum(kl, 0.0))), float(jnp.mean(agree))
+
+
+def answer_ids(tokenizer, sample: Sample) -> list[int]:
+    """The reference continuation (`` a, b, c.``) as token ids, without special tokens."""
+    return tokenizer.encode(" " + ", ".join(sample.answers) + ".", add_special_tokens=False).ids
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _teacher_forced(params, cache, ids, start, *, config: LlamaConfig):
+    """Feed ``ids [A]`` one token at a time from position ``start``; logits ``[A, V]`` of each
+    step (the prediction of the next answer token)."""
+
+    def step(cache, x):
+        i, tok = x
+        logits, cache = forward(params, tok[None, None], (start + i)[None, None], cache, config=config)
+        return cache, logits[0, 0]
+
+    _, logits = jax.lax.scan(step, cache, (jnp.arange(ids.shape[0]), ids))
+    return logits
+
+
+def _block(x):
+    return jax.block_until_ready(x)
+
+
+class _Runner:
+    """Runs one sample under one policy: prefill, greedy decode, teacher-forced answer span."""
+
+    def __init__(self, params, config: LlamaConfig, tokenizer):
+        self.params, self.config, self.tokenizer = params, config, tokenizer
+        self.dtype = params["embed"]["embedding"].dtype
+        self._warm: set = set()
+
+    def _inputs(self, ids):
+        t = bucket_length(len(ids))
+        tokens = np.zeros((1, t), np.int32)
+        tokens[0, : len(ids)] = ids
+        positions = np.where(np.arange(t) < len(ids), np.arange(t), -1)[None].astype(np.int32)
+        return tokens, positions, np.array([len(ids)], np.int32), t
+
+    def run(self, sample: Sample, policy, ans: list[int]) -> dict:
+        ids = list(sample.prompt_ids)
+        tokens, positions, lengths, t = self._inputs(ids)
+        max_new = max(sample.max_new_tokens, len(ans))
+        max_len = t + max_new
+        key = (policy, t, max_new, len(ans))
+        if key not in self._warm:  # compile outside the timed region
+            self._once(policy, tokens, positions, lengths, max_len, sample.max_new_tokens, ans)
+            self._warm.add(key)
+        return self._once(policy, tokens, positions, lengths, max_len, sample.max_new_tokens, ans)
+
+    def _once(self, policy, tokens, positions, lengths, max_len, max_new, ans):
+        cfg = self.config
+        cache = init_cache(cfg, policy, batch=1, max_len=max_len, dtype=self.dtype)
+        nbytes = cache.nbytes
+        t0 = time.perf_counter()
+        last, cache = prefill(self.params, tokens, positions, lengths, cache, config=cfg)
+        _block(last)
+        prefill_s = time.perf_counter() - t0
+        # teacher-forced answer span: the first answer token is predicted by the prefill logits
+        tf_cache = jax.tree.map(jnp.copy, cache)
+        stop = np.array(cfg.eos_token_ids or (-2,), np.int32)
+        t0 = time.perf_counter()
+        out, _ = decode(self.params, cache, last, lengths, jax.random.key(0), np.float32(0), np.float32(1),
+                        stop, config=cfg, max_new_tokens=max_new)
+        out = np.asarray(_block(out))[0]
+        decode_s = time.perf_counter() - t0
+        new = [int(x) for x in out if x >= 0]
+        span = _teacher_forced(self.params, tf_cache, jnp.asarray(ans[:-1], jnp.int32),
+                               jnp.int32(int(lengths[0])), config=cfg) if len(ans) > 1 else None
+        logits = last[0][None] if span is None else jnp.concatenate([last[0][None], span], axis=0)
+        return {"tokens": new, "text": self.tokenizer.decode(new, skip_special_tokens=True),
+                "logits": np.asarray(logits), "kv_bytes": nbytes, "prefill_s": prefill_s,
+                "decode_tokens_per_s": max(len(new) - 1, 1) / decode_s}
+
+
+def evaluate(params, config: LlamaConfig, tokenizer, cfg: EvalConfig,
+             progress: Callable[[int, int], None] | None = None) -> list[Row]:
+    """Run the grid; one ``Row`` per (method, budget, task, length), averaged over samples.
+
+    ``full`` is always run (it is the fidelity reference) and reported once, at budget 1.0.
+    """
+    runner = _Runner(params, config, tokenizer)
+    grid = [(m, b) for m in cfg.methods if m != "full" for b in cfg.budgets]
+    total = len(cfg.tasks) * len(cfg.lengths) * cfg.samples
+    acc: dict[tuple, list[dict]] = {}
+    done = 0
+    for task in cfg.tasks:
+        for length in cfg.lengths:
+            for i in range(cfg.samples):
+                depth = (i + 0.5) / cfg.samples  # needles spread evenly over the context
+                sample = make_sample(task, tokenizer, length=length, depth=depth, seed=cfg.seed * 100_003 + i)
+                ans = answer_ids(tokenizer, sample)
+                full = runner.run(sample, make_policy("full"), ans)
+                runs = [("full", 1.0, full)] if "full" in cfg.methods else []
+                for m, b in grid:
+                    runs.append((m, b, runner.run(sample, policy_for(m, b, sample.length), ans)))
+                for m, b, r in runs:
+                    kl, top1 = kl_and_agreement(full["logits"], r["logits"])
+                    acc.setdefault((m, b, task, length), []).append({
+                        "accuracy": score(r["text"], sample.answers), "kl": kl, "top1": top1,
+                        "kv_bytes": r["kv_bytes"], "full_kv_bytes": full["kv_bytes"],
+                        "prefill_ms": 1e3 * r["prefill_s"], "tps": r["decode_tokens_per_s"]})
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+    rows = []
+    for (m, b, task, length), rs in acc.items():
+        rows.append(Row(
+            method=m, budget=b, task=task, length=length,
+            accuracy=statistics.fmean(r["accuracy"] for r in rs),
+            kl=statistics.fmean(r["kl"] for r in rs),
+            top1_agreement=statistics.fmean(r["top1"] for r in rs),
+            kv_bytes=int(statistics.median(r["kv_bytes"] for r in rs)),
+            full_kv_bytes=int(statistics.median(r["full_kv_bytes"] for r in rs)),
+            prefill_ms=statistics.median(r["prefill_ms"] for r in rs),
+            decode_tokens_per_s=statistics.median(r["tps"] for r in rs),
+            samples=len(rs)))
+    return rows
+
+
+def progress_bar(done: int, total: int, stream=sys.stderr) -> None:
+    width = 30
+    filled = int(width * done / total)
+    stream.write(f"\r[{'#' * filled}{'-' * (width - filled)}] {done}/{total} samples")
+    if done == total:
+        stream.write("\n")
+    stream.flush()
