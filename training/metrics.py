@@ -45,7 +45,7 @@ class Progress:
 
     def __init__(self, total: int, start: int, *, enabled: bool = True):
         self.total, self.start, self.t0 = total, start, time.perf_counter()
-        self.enabled = enabled and sys.stderr.isatty() or bool(os.environ.get("JAXKV_PROGRESS"))
+        self.enabled = enabled and (sys.stderr.isatty() or bool(os.environ.get("JAXKV_PROGRESS")))
 
     def update(self, step: int, loss: float, tokens_per_s: float):
         if not self.enabled:

@@ -14,7 +14,7 @@ Tasks:
   niah_multiquery    four needles with different keys; two are asked for
   vt                 variable tracking: a chain ``VAR A = 12345``, ``VAR B = VAR A``, ... (4 hops)
                      in noise; the answer is every variable that holds the value
-  cwe                common words: a numbered word list where 10 words occur 10 times each and
+  cwe                common words: a numbered word list where 10 words occur 6 times each and
                      the rest 2 times; the answer is the 10 common words
   fwe                frequent words: coded words drawn from a Zipf law; the answer is the 3 most
                      frequent
@@ -173,7 +173,7 @@ def _vt(rng, n_units, depth, hops: int = 4):
     return body, body.index(needles[0]), question, prefix, tuple(names)
 
 
-def _cwe(rng, n_units, depth, n_common: int = 10, common_reps: int = 10, rare_reps: int = 2):
+def _cwe(rng, n_units, depth, n_common: int = 10, common_reps: int = 6, rare_reps: int = 2):
     nouns = word_lists()["noun"]
     chosen = [nouns[int(i)] for i in rng.permutation(len(nouns))[: n_common + n_units]]
     common, rare = chosen[:n_common], chosen[n_common:]
