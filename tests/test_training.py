@@ -35,6 +35,11 @@ def test_pack_documents_hand_worked():
     assert rows.tokens.tolist() == [[5, 6, 7, 8], [9, 10, 11, 12], [13, 0, 0, 0]]
     assert rows.segment_ids.tolist() == [[0, 0, 0, 1], [0, 0, 0, 0], [0, -1, -1, -1]]
     assert rows.positions.tolist() == [[0, 1, 2, 0], [1, 2, 3, 4], [0, -1, -1, -1]]
+    assert rows.loss_mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 1], [1, 0, 0, 0]]
+    masked = pack_documents([([5, 6, 7], [0, 1, 1]), [8, 9]], DataConfig(seq_len=4))
+    assert masked.loss_mask.tolist() == [[0, 1, 1, 1], [1, 0, 0, 0]]
+    with pytest.raises(TrainConfigError, match="loss mask shape"):
+        pack_documents([([5, 6, 7], [0, 1])], DataConfig(seq_len=4))
     cont = pack_documents([[5, 6, 7], [8, 9, 10, 11, 12], [13]], DataConfig(seq_len=4, position_mode="continuous"))
     assert cont.positions.tolist() == [[0, 1, 2, 3], [0, 1, 2, 3], [0, -1, -1, -1]]
 
@@ -57,6 +62,10 @@ def test_loss_masks_padding_and_document_boundaries(tiny_model):
     batch = {k: jnp.asarray(getattr(rows, k)) for k in ("tokens", "positions", "segment_ids")}
     total, count = lm_loss(params, batch, config=config, compute_dtype=jnp.float32)
     assert float(count) == 3  # 5->6, 6->7, 8->9; never 7->8 or into padding
+    answers_only = pack_documents([([5, 6, 7], [0, 0, 1]), [8, 9]], DataConfig(seq_len=8))
+    batch_a = {k: jnp.asarray(getattr(answers_only, k)) for k in ("tokens", "positions", "segment_ids", "loss_mask")}
+    total_a, count_a = lm_loss(params, batch_a, config=config, compute_dtype=jnp.float32)
+    assert float(count_a) == 2  # 6->7 and 8->9
     logits, _ = jax.jit(lambda p: __import__("jaxkv").forward(
         p, jnp.array([[5, 6, 7]]), jnp.arange(3)[None], config=config))(params)
     logp = jax.nn.log_softmax(logits[0])
@@ -64,6 +73,8 @@ def test_loss_masks_padding_and_document_boundaries(tiny_model):
     logits2, _ = __import__("jaxkv").forward(params, jnp.array([[8, 9]]), jnp.arange(2)[None], config=config)
     want = want - jax.nn.log_softmax(logits2[0])[0, 9]
     np.testing.assert_allclose(float(total), float(want), rtol=1e-5)
+    want_a = -logp[1, 7] - jax.nn.log_softmax(logits2[0])[0, 9]
+    np.testing.assert_allclose(float(total_a), float(want_a), rtol=1e-5)
 
 
 def test_schedules():

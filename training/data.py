@@ -6,7 +6,10 @@ where it stopped. Per token:
 
   ``segment_ids``  document index within the row (0, 1, ...), -1 on padding;
   ``positions``    'document' mode: offset within the document; 'continuous' mode: offset
-                   within the row; -1 on padding.
+                   within the row; -1 on padding;
+  ``loss_mask``    1 where the token is a target the loss counts, 0 elsewhere. A document given
+                   as ``(tokens, mask)`` keeps its mask (e.g. train on answers only); a plain
+                   token list counts every token.
 
 Batches: global row index ``i = step * batch_size + j``; epoch ``e = i // rows`` visits the rows
 in a permutation seeded by ``(seed, e)``. A batch is therefore a function of the step alone,
@@ -33,33 +36,44 @@ class PackedRows:
     tokens: np.ndarray       # [R, T] int32
     positions: np.ndarray    # [R, T] int32
     segment_ids: np.ndarray  # [R, T] int32
+    loss_mask: np.ndarray    # [R, T] bool
 
     def __len__(self):
         return self.tokens.shape[0]
 
 
-def pack_documents(docs: Sequence[Sequence[int]], cfg: DataConfig, *, pad_id: int = 0) -> PackedRows:
+def pack_documents(docs: Sequence, cfg: DataConfig, *, pad_id: int = 0) -> PackedRows:
+    """Pack ``docs`` (token-id sequences, or ``(tokens, loss_mask)`` pairs) into rows."""
     t = cfg.seq_len
-    rows_tok, rows_pos, rows_seg = [], [], []
+    rows_tok, rows_pos, rows_seg, rows_mask = [], [], [], []
     tok = np.full(t, pad_id, np.int32)
     pos = np.full(t, -1, np.int32)
     seg = np.full(t, -1, np.int32)
+    msk = np.zeros(t, bool)
     fill, nseg = 0, 0
 
     def flush():
-        nonlocal tok, pos, seg, fill, nseg
-        rows_tok.append(tok); rows_pos.append(pos); rows_seg.append(seg)
+        nonlocal tok, pos, seg, msk, fill, nseg
+        rows_tok.append(tok); rows_pos.append(pos); rows_seg.append(seg); rows_mask.append(msk)
         tok = np.full(t, pad_id, np.int32); pos = np.full(t, -1, np.int32); seg = np.full(t, -1, np.int32)
+        msk = np.zeros(t, bool)
         fill, nseg = 0, 0
 
     for d, doc in enumerate(docs):
-        doc = np.asarray(doc, np.int32)
+        if isinstance(doc, tuple):
+            doc, mask = np.asarray(doc[0], np.int32), np.asarray(doc[1], bool)
+            if mask.shape != doc.shape:
+                raise TrainConfigError(f"document {d}: loss mask shape {mask.shape} != tokens {doc.shape}")
+        else:
+            doc = np.asarray(doc, np.int32)
+            mask = np.ones(doc.shape, bool)
         if doc.ndim != 1:
             raise TrainConfigError(f"document {d} must be a 1-D sequence of token ids")
         start = 0
         while start < len(doc):
             n = min(len(doc) - start, t - fill)
             tok[fill:fill + n] = doc[start:start + n]
+            msk[fill:fill + n] = mask[start:start + n]
             if cfg.position_mode == "document":
                 pos[fill:fill + n] = np.arange(start, start + n)
             else:
@@ -74,7 +88,7 @@ def pack_documents(docs: Sequence[Sequence[int]], cfg: DataConfig, *, pad_id: in
         flush()
     if not rows_tok:
         raise TrainConfigError("no tokens to train on: every document is empty")
-    return PackedRows(np.stack(rows_tok), np.stack(rows_pos), np.stack(rows_seg))
+    return PackedRows(np.stack(rows_tok), np.stack(rows_pos), np.stack(rows_seg), np.stack(rows_mask))
 
 
 class Batches:
@@ -104,6 +118,7 @@ class Batches:
             "tokens": self.rows.tokens[idx].reshape(shape),
             "positions": self.rows.positions[idx].reshape(shape),
             "segment_ids": self.rows.segment_ids[idx].reshape(shape),
+            "loss_mask": self.rows.loss_mask[idx].reshape(shape),
         }
 
 

@@ -2,7 +2,8 @@
 
 Loss: next-token cross-entropy in fp32 over valid targets only. A target at ``t+1`` is valid
 when both ``t`` and ``t+1`` are real tokens (position >= 0) of the same document (equal segment
-ids), so padding and document boundaries never contribute. Gradient accumulation scans over
+ids) and the batch's ``loss_mask`` (if any) marks ``t+1``, so padding, document boundaries and
+masked-out spans (e.g. prompts when training on answers) never contribute. Gradient accumulation scans over
 micro-batches summing token losses and counts, then divides once: the update equals the one
 of a single large batch.
 """
@@ -26,6 +27,8 @@ def lm_loss(params, batch: dict, *, config: LlamaConfig, compute_dtype) -> tuple
     logits, _ = forward(params, tokens, positions, config=config, segment_ids=segments,
                         compute_dtype=compute_dtype)
     valid = (positions[:, 1:] >= 0) & (positions[:, :-1] >= 0) & (segments[:, 1:] == segments[:, :-1])
+    if "loss_mask" in batch:
+        valid &= batch["loss_mask"][:, 1:]
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
     return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid).astype(jnp.float32)
