@@ -17,6 +17,8 @@ garbage by design and callers ignore it.
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 
@@ -108,15 +110,28 @@ def attend_dense(
     a GPU for 16-bit inputs and the reference otherwise; an explicit request that cannot run
     fails loudly.
     """
-    impl = implementation or _default_dense_implementation(q.dtype)
-    if impl not in DENSE_IMPLEMENTATIONS:
+    if implementation is not None and implementation not in DENSE_IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {DENSE_IMPLEMENTATIONS}, got {implementation!r}")
-    if impl == "reference":
-        return attend_reference(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions, positions,
-                                window=window, q_segments=segment_ids, k_segments=segment_ids)
-    if jax.default_backend() != "gpu":
-        raise ValueError("implementation='cudnn' needs a GPU backend")
+    impl = implementation or _default_dense_implementation(q.dtype)
+    if impl == "cudnn":
+        if jax.default_backend() != "gpu":
+            raise ValueError("implementation='cudnn' needs a GPU backend")
+        try:
+            return _attend_dense_cudnn(q, k, v, positions, window, segment_ids)
+        except Exception as e:  # shapes or dtypes cuDNN does not take: fall back, loudly
+            if implementation == "cudnn":
+                raise
+            warnings.warn(f"cuDNN attention unavailable for q {q.shape} {q.dtype} ({e}); using the reference")
+    return attend_reference(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions, positions,
+                            window=window, q_segments=segment_ids, k_segments=segment_ids)
+
+
+def _attend_dense_cudnn(q, k, v, positions, window, segment_ids):
     b, t, kh, g, h = q.shape
     mask = visibility_mask(positions, positions, window=window, q_segments=segment_ids, k_segments=segment_ids)
+    # A query that sees nothing (padding) attends to itself: a fully masked row may come back
+    # as NaN from a fused kernel, and NaN in a padding row's values would reach real rows
+    # (0 * NaN) in the next layer.
+    mask = mask | (~jnp.any(mask, axis=-1, keepdims=True) & jnp.eye(t, dtype=bool))
     out = jax.nn.dot_product_attention(q.reshape(b, t, kh * g, h), k, v, mask=mask, implementation="cudnn")
     return out.reshape(b, t, kh, g, h)
