@@ -77,7 +77,7 @@ def bench_decode(*, preset: str, batch: int, prompt_len: int, new_tokens: int, d
     from jaxkv.models.llama import init_params
 
     config = get_preset(preset)
-    jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+    jdtype = jnp.dtype(dtype)
     if params is None:
         params = jax.jit(lambda k: init_params(config, k, dtype=jdtype))(jax.random.key(0))
     rng = np.random.default_rng(0)
@@ -200,7 +200,7 @@ def _main_decode(args) -> int:
         raise ValueError("--batch, --prompt-len and --repeats must be positive, --new-tokens >= 2")
     bandwidth = measure_read_bandwidth()
     config = get_preset(args.preset)
-    jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    jdtype = jnp.dtype(args.dtype)
     params = jax.jit(lambda k: init_params(config, k, dtype=jdtype))(jax.random.key(0))
     rows = []
     print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}, "

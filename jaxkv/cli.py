@@ -48,7 +48,7 @@ def _cmd_generate(args) -> int:
     from jaxkv.checkpoints import load_checkpoint, load_tokenizer
     from jaxkv.generate import generate
 
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    dtype = jnp.dtype(args.dtype)  # argparse limits it to float32 / bfloat16
     config, params = load_checkpoint(args.model, dtype=dtype)
     tokenizer = load_tokenizer(args.model)
     prompt_ids = tokenizer.encode(args.prompt).ids

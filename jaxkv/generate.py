@@ -25,7 +25,7 @@ from jaxkv.cache.policy import CachePolicy
 from jaxkv.config import LlamaConfig
 from jaxkv.models.llama import forward
 
-__all__ = ["GenerationResult", "generate", "sample_logits", "bucket_length", "prefill", "decode"]
+__all__ = ["GenerationResult", "generate", "sample_logits", "bucket_length", "pad_prompts", "prefill", "decode"]
 
 MIN_BUCKET = 16
 
@@ -33,6 +33,19 @@ MIN_BUCKET = 16
 def bucket_length(n: int) -> int:
     """The padded prompt length for a prompt of ``n`` tokens (next power of two, >= 16)."""
     return max(MIN_BUCKET, 1 << max(0, n - 1).bit_length())
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Right-pad token lists into one bucket: ``tokens, positions [B, T]`` (position -1 on the
+    padding) and ``lengths [B]``, as host arrays ready for ``prefill``."""
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    t = bucket_length(int(lengths.max()))
+    tokens = np.zeros((len(prompts), t), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    steps = np.arange(t, dtype=np.int32)
+    positions = np.where(steps[None, :] < lengths[:, None], steps[None, :], -1).astype(np.int32)
+    return tokens, positions, lengths
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -164,13 +177,8 @@ def generate(
         if not 0 <= int(t) < config.vocab_size:
             raise ValueError(f"stop token {t} is outside [0, {config.vocab_size})")
 
-    b, t = len(prompts), bucket_length(longest)
-    tokens = np.zeros((b, t), np.int32)
-    positions = np.full((b, t), -1, np.int32)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = p
-        positions[i, : len(p)] = np.arange(len(p))
-    lengths = np.array([len(p) for p in prompts], np.int32)
+    tokens, positions, lengths = pad_prompts(prompts)
+    b, t = tokens.shape
     dtype = params["embed"]["embedding"].dtype
     cache = init_cache(config, policy, batch=b, max_len=t + max_new_tokens, dtype=dtype)
     nbytes = cache.nbytes

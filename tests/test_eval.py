@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxkv.eval.harness import EvalConfig, Row, answer_ids, evaluate, kl_and_agreement, policy_for
+from jaxkv.eval.harness import EvalConfig, answer_ids, evaluate, kl_and_agreement, policy_for
 from jaxkv.eval.report import JSON_KEYS, format_table, plot_accuracy_vs_bytes, write_json
 from jaxkv.eval.tasks import TASKS, make_sample, score
 from jaxkv.tiny import make_tokenizer

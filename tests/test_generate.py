@@ -5,7 +5,7 @@ import pytest
 from jax import monitoring
 
 from jaxkv.cache import init_cache
-from jaxkv.generate import bucket_length, decode, generate, prefill, sample_logits
+from jaxkv.generate import bucket_length, decode, generate, pad_prompts, prefill, sample_logits
 
 _COMPILES = [0]
 
@@ -28,12 +28,9 @@ class CountCompiles:
 
 
 def _inputs(config, prompt, max_new):
-    t = bucket_length(len(prompt))
-    tokens = np.zeros((1, t), np.int32)
-    tokens[0, : len(prompt)] = prompt
-    positions = np.where(np.arange(t) < len(prompt), np.arange(t), -1)[None].astype(np.int32)
-    cache = init_cache(config, "full", batch=1, max_len=t + max_new, dtype=jnp.float32)
-    return tokens, positions, np.array([len(prompt)], np.int32), cache
+    tokens, positions, lengths = pad_prompts([prompt])
+    cache = init_cache(config, "full", batch=1, max_len=tokens.shape[1] + max_new, dtype=jnp.float32)
+    return tokens, positions, lengths, cache
 
 
 def test_a_64_step_decode_compiles_once_and_a_same_bucket_prompt_not_again(tiny_model):
@@ -54,6 +51,14 @@ def test_a_64_step_decode_compiles_once_and_a_same_bucket_prompt_not_again(tiny_
     with CountCompiles() as c:
         generate(params, config, [rng.integers(3, 500, 30)], max_new_tokens=64, stop_tokens=())
     assert c.n == 0
+
+
+def test_pad_prompts_hand_worked():
+    tokens, positions, lengths = pad_prompts([[5, 6, 7], [8]])
+    assert tokens.shape == (2, 16) and lengths.tolist() == [3, 1]
+    assert tokens[0, :4].tolist() == [5, 6, 7, 0] and tokens[1, :2].tolist() == [8, 0]
+    assert positions[0, :4].tolist() == [0, 1, 2, -1] and positions[1, :2].tolist() == [0, -1]
+    assert bucket_length(16) == 16 and bucket_length(17) == 32 and bucket_length(1) == 16
 
 
 def test_ragged_batch_equals_one_prompt_at_a_time(parity_models):

@@ -29,7 +29,7 @@ import numpy as np
 from jaxkv.cache import available_policies, init_cache, make_policy
 from jaxkv.config import LlamaConfig
 from jaxkv.eval.tasks import TASKS, Sample, make_sample, score
-from jaxkv.generate import bucket_length, decode, prefill
+from jaxkv.generate import decode, pad_prompts, prefill
 from jaxkv.models.llama import forward
 
 __all__ = ["EvalConfig", "Row", "evaluate", "policy_for", "kl_and_agreement", "answer_ids"]
@@ -128,16 +128,9 @@ class _Runner:
         self.dtype = params["embed"]["embedding"].dtype
         self._warm: set = set()
 
-    def _inputs(self, ids):
-        t = bucket_length(len(ids))
-        tokens = np.zeros((1, t), np.int32)
-        tokens[0, : len(ids)] = ids
-        positions = np.where(np.arange(t) < len(ids), np.arange(t), -1)[None].astype(np.int32)
-        return tokens, positions, np.array([len(ids)], np.int32), t
-
     def run(self, sample: Sample, policy, ans: list[int]) -> dict:
-        ids = list(sample.prompt_ids)
-        tokens, positions, lengths, t = self._inputs(ids)
+        tokens, positions, lengths = pad_prompts([sample.prompt_ids])
+        t = tokens.shape[1]
         max_new = max(sample.max_new_tokens, len(ans))
         max_len = t + max_new
         key = (policy, t, max_new, len(ans))
