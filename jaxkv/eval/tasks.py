@@ -33,7 +33,7 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["Sample", "TASKS", "make_sample", "score", "word_lists"]
+__all__ = ["Sample", "TASKS", "answer_text", "make_sample", "render", "score", "word_lists"]
 
 NOISE = ("The river runs to the sea.", "The hills stay green in spring.", "A bird sings on the roof.",
          "The road goes on and on.")
@@ -221,9 +221,27 @@ TASKS: dict[str, tuple[Builder, int]] = {
 }
 
 
-def _render(body: list[str], question: str, prefix: str) -> str:
-    return ("Read the text below and answer the question at the end.\n\n" + " ".join(body)
-            + f"\n\nQuestion: {question}\nAnswer: {prefix}")
+HEADER = "Read the text below and answer the question at the end.\n\n"
+
+
+def render(task: str, rng: np.random.Generator, n_units: int,
+           depth: float) -> tuple[str, tuple[str, ...], tuple[int, int] | None]:
+    """The prompt of ``task`` with ``n_units`` haystack units, the first needle at ``depth``:
+    ``(text, answers, character span of the first needle or None)``. Draws from ``rng``."""
+    builder, _ = TASKS[task]
+    body, idx, question, prefix, answers = builder(rng, n_units, depth)
+    text = HEADER + " ".join(body) + f"\n\nQuestion: {question}\nAnswer: {prefix}"
+    span = None
+    if idx is not None:
+        start = len(HEADER) + sum(len(u) + 1 for u in body[:idx])
+        span = (start, start + len(body[idx]))
+    return text, tuple(answers), span
+
+
+def answer_text(answers: tuple[str, ...]) -> str:
+    """The reference continuation of a prompt: `` a, b, c.`` (what the default model is trained
+    to write, and the span the harness teacher-forces)."""
+    return " " + ", ".join(answers) + "."
 
 
 def make_sample(task: str, tokenizer, *, length: int, depth: float = 0.5, seed: int = 0) -> Sample:
@@ -235,16 +253,13 @@ def make_sample(task: str, tokenizer, *, length: int, depth: float = 0.5, seed: 
         raise ValueError(f"depth must be in [0, 1], got {depth}")
     if length < 64:
         raise ValueError(f"length must be >= 64 tokens, got {length}")
-    builder, max_new = TASKS[task]
+    max_new = TASKS[task][1]
 
     def build(n_units):
         # One stream per sample, drawn in a fixed order (needles first, then haystack units), so
         # n + 1 units extend n units and the token count grows with n: binary search applies.
-        rng = np.random.default_rng(seed)
-        body, idx, question, prefix, answers = builder(rng, n_units, depth)
-        text = _render(body, question, prefix)
-        ids = tokenizer.encode(text).ids
-        return text, ids, answers, body, idx
+        text, answers, span = render(task, np.random.default_rng(seed), n_units, depth)
+        return text, tokenizer.encode(text).ids, answers, span
 
     lo, hi = 0, 1
     while len(build(hi)[1]) <= length:  # find an upper bound
@@ -263,12 +278,7 @@ def make_sample(task: str, tokenizer, *, length: int, depth: float = 0.5, seed: 
         if len(build(n)[1]) <= length:
             lo = n
             break
-    text, ids, answers, body, idx = build(lo)
-    needle_chars = None
-    if idx is not None:
-        head = "Read the text below and answer the question at the end.\n\n"
-        start = len(head) + sum(len(u) + 1 for u in body[:idx])
-        needle_chars = (start, start + len(body[idx]))
+    text, ids, answers, needle_chars = build(lo)
     return Sample(task=task, prompt=text, prompt_ids=tuple(ids), answers=tuple(answers), target_length=length,
                   depth=depth, seed=seed, max_new_tokens=max_new, needle_chars=needle_chars)
 
