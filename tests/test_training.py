@@ -42,6 +42,12 @@ def test_pack_documents_hand_worked():
         pack_documents([([5, 6, 7], [0, 1])], DataConfig(seq_len=4))
     cont = pack_documents([[5, 6, 7], [8, 9, 10, 11, 12], [13]], DataConfig(seq_len=4, position_mode="continuous"))
     assert cont.positions.tolist() == [[0, 1, 2, 3], [0, 1, 2, 3], [0, -1, -1, -1]]
+    whole = pack_documents([[5, 6, 7], [8, 9, 10], [11], [12, 13, 14, 15]], DataConfig(seq_len=4, split_documents=False))
+    assert whole.tokens.tolist() == [[5, 6, 7, 0], [8, 9, 10, 11], [12, 13, 14, 15]]
+    assert whole.segment_ids.tolist() == [[0, 0, 0, -1], [0, 0, 0, 1], [0, 0, 0, 0]]
+    assert whole.positions.tolist() == [[0, 1, 2, -1], [0, 1, 2, 0], [0, 1, 2, 3]]
+    with pytest.raises(TrainConfigError, match="document 1 has 5 tokens"):
+        pack_documents([[5], [6, 7, 8, 9, 10]], DataConfig(seq_len=4, split_documents=False))
 
 
 def test_batches_are_a_function_of_the_step_and_cover_each_epoch():

@@ -62,15 +62,21 @@ class OptimConfig:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig:
     """Packing: ``seq_len`` tokens a row; ``position_mode`` 'document' restarts positions at each
-    document, 'continuous' counts across the row (segment ids mask attention in both)."""
+    document, 'continuous' counts across the row (segment ids mask attention in both).
+    ``split_documents``: a document that does not fit the rest of a row continues in the next
+    row (True), or starts a new row, the rest of the row padded (False: for tasks whose answer
+    needs the whole document in view; a document longer than ``seq_len`` is then an error)."""
 
     seq_len: int = 512
     position_mode: str = "document"
+    split_documents: bool = True
 
     def __post_init__(self):
         _positive(self, "seq_len")
         if self.position_mode not in ("document", "continuous"):
             raise TrainConfigError(f"position_mode must be 'document' or 'continuous', got {self.position_mode!r}")
+        if not isinstance(self.split_documents, bool):
+            raise TrainConfigError(f"split_documents must be a bool, got {self.split_documents!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

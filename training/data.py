@@ -2,7 +2,7 @@
 
 Packing fills rows of ``seq_len`` tokens with documents back to back; a document that does not
 fit the rest of a row continues in the next row as a new segment whose positions continue
-where it stopped. Per token:
+where it stopped (or, with ``split_documents=False``, starts the next row whole). Per token:
 
   ``segment_ids``  document index within the row (0, 1, ...), -1 on padding;
   ``positions``    'document' mode: offset within the document; 'continuous' mode: offset
@@ -69,6 +69,12 @@ def pack_documents(docs: Sequence, cfg: DataConfig, *, pad_id: int = 0) -> Packe
             mask = np.ones(doc.shape, bool)
         if doc.ndim != 1:
             raise TrainConfigError(f"document {d} must be a 1-D sequence of token ids")
+        if not cfg.split_documents:
+            if len(doc) > t:
+                raise TrainConfigError(f"document {d} has {len(doc)} tokens, more than seq_len ({t}); "
+                                       "with split_documents=False every document must fit one row")
+            if fill and len(doc) > t - fill:
+                flush()
         start = 0
         while start < len(doc):
             n = min(len(doc) - start, t - fill)
