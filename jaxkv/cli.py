@@ -5,8 +5,9 @@
                  [--dtype float32|bfloat16] [--json]
   jaxkv train lm (--model-preset NAME | --model DIR) --data SRC... --out DIR [--seq-len N]
                  [--batch-size N] [--steps N] [--lr LR] [--seed S] [--save-every N] [--mesh d,f,t]
+  jaxkv train default-model --out DIR [--seed S] [--scale F]
   jaxkv eval [--model DIR|default] [--methods a,b] [--budgets x,y] [--tasks t,u] [--lengths n,m]
-             [--samples N] [--seed S] [--json F] [--plot F.png]
+             [--samples N] [--seed S] [--dtype float32|bfloat16] [--json F] [--plot F.png]
   jaxkv create-tiny DIR [--seed S] [--overwrite]
   jaxkv bench decode [--preset llama-1b] [--batch 1,32] ...
 
@@ -130,6 +131,12 @@ def _cmd_train_lm(args) -> int:
     return 0
 
 
+def _cmd_train_default_model(args) -> int:
+    from jaxkv.training.default_model import main as recipe_main
+
+    return recipe_main(args, argv=sys.argv[1:])
+
+
 def _split(text: str, kind, name: str) -> tuple:
     try:
         return tuple(kind(x) for x in text.split(",") if x.strip())
@@ -157,12 +164,13 @@ def _cmd_eval(args) -> int:
     from jaxkv.checkpoints import load_checkpoint, load_tokenizer
     from jaxkv.eval.harness import EvalConfig, evaluate, progress_bar
     from jaxkv.eval.report import format_table, plot_accuracy_vs_bytes, write_json
+    import jax.numpy as jnp
 
     cfg = EvalConfig(methods=_split(args.methods, str, "methods"), budgets=_split(args.budgets, float, "budgets"),
                      tasks=_split(args.tasks, str, "tasks"), lengths=_split(args.lengths, int, "lengths"),
                      samples=args.samples, seed=args.seed)
     model = resolve_model(args.model)
-    config, params = load_checkpoint(model)
+    config, params = load_checkpoint(model, dtype=jnp.dtype(args.dtype))
     tokenizer = load_tokenizer(model)
     longest = max(cfg.lengths) + 64
     if longest > config.max_position_embeddings:
@@ -190,6 +198,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
     return value
 
 
@@ -237,8 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="niah_single, niah_single_words, niah_multikey, niah_multivalue, "
                         "niah_multiquery, vt, cwe, fwe, passkey")
     e.add_argument("--lengths", default="2048", help="context lengths in tokens")
-    e.add_argument("--samples", type=_positive_int, default=5)
+    e.add_argument("--samples", type=_positive_int, default=10)
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="weights, activations and cache (the default model is stored in bfloat16)")
     e.add_argument("--json", default=None, help="write the rows to this JSON file")
     e.add_argument("--plot", default=None, help="write accuracy vs KV bytes to this PNG")
     e.set_defaults(func=_cmd_eval)
@@ -266,6 +286,18 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--save-every", type=_positive_int, default=100)
     lm.add_argument("--keep", type=_positive_int, default=3)
     lm.set_defaults(func=_cmd_train_lm)
+    dmp = tsub.add_parser("default-model", help="the recipe of the embedded default model (tokenizer, data, "
+                                                "curriculum, export, scores, model card)")
+    dmp.add_argument("--out", required=True, help="run folder; the model lands in OUT/model")
+    dmp.add_argument("--seed", type=int, default=0)
+    dmp.add_argument("--scale", type=_positive_float, default=1.0, help="multiply every phase's steps (e.g. 0.01 to try it)")
+    dmp.add_argument("--copy-share", type=float, default=None, help="share of tokens in copy documents "
+                     "(default: the recipe's)")
+    dmp.add_argument("--task-loss", default=None, choices=["answer", "full"],
+                     help="loss on task answers only or on every token (default: the recipe's)")
+    dmp.add_argument("--eval-tasks", default=None, help="tasks of the model card's scores (default: all)")
+    dmp.add_argument("--eval-samples", type=_positive_int, default=20, help="samples per score row of the model card")
+    dmp.set_defaults(func=_cmd_train_default_model)
 
     b = sub.add_parser("bench", help="GPU benchmarks (see BENCHMARKS.md)")
     from jaxkv import bench
