@@ -71,3 +71,23 @@ def test_console_script_prints_no_traceback(tmp_path):
 def test_create_tiny_refuses_to_overwrite(tiny_dir, capsys):
     assert main(["create-tiny", str(tiny_dir)]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_eval_runs_on_the_default_model(tmp_path, capsys):
+    rows_path, png = tmp_path / "rows.json", tmp_path / "acc.png"
+    assert main(["eval", "--samples", "1", "--lengths", "1024", "--json", str(rows_path), "--plot", str(png)]) == 0
+    table = capsys.readouterr().out
+    assert "niah_single" in table and "streaming" in table and "full" in table
+    rows = json.loads(rows_path.read_text())
+    assert {r["method"] for r in rows} == {"full", "streaming"}
+    assert {"method", "budget", "task", "length", "accuracy", "kl", "top1_agreement", "kv_bytes", "full_kv_bytes",
+            "prefill_ms", "decode_tokens_per_s"} <= set(rows[0])
+    full = next(r for r in rows if r["method"] == "full")
+    assert full["accuracy"] == 1.0 and full["kv_bytes"] == full["full_kv_bytes"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_unknown_method_lists_the_known_ones(capsys):
+    assert main(["eval", "--methods", "full,nope", "--samples", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown method 'nope'" in err and "full" in err and "streaming" in err
