@@ -36,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--batch-size", type=int, default=4)
     t.add_argument("--grad-accum", type=int, default=1)
     t.add_argument("--steps", type=int, default=10)
+    t.add_argument("--mesh", default="1,1,1", help="data,fsdp,tensor device counts (batch-size is global)")
     t.add_argument("--peak-tflops", type=float, default=989.0,
                    help="dense bf16 peak of the card (H100/H200 SXM: 989)")
     t.add_argument("--json", default=None)
@@ -139,6 +140,7 @@ def bench_train(args) -> dict:
     from jaxkv.training.config import DataConfig, OptimConfig
     from jaxkv.training.data import Batches, pack_documents
     from jaxkv.training.optim import make_optimizer, make_schedule
+    from jaxkv.training.sharding import batch_sharding, make_mesh, state_shardings
     from jaxkv.training.state import init_state
     from jaxkv.training.step import make_train_step
 
@@ -153,9 +155,20 @@ def bench_train(args) -> dict:
         total += n
     batches = Batches(pack_documents(docs, DataConfig(seq_len=args.seq_len)), batch_size=args.batch_size,
                       grad_accum=args.grad_accum, seed=0)
-    state = jax.jit(lambda k: init_state(init_params(config, k), tx, 0))(jax.random.key(0))
-    step = jax.jit(make_train_step(config, tx, schedule, compute_dtype=jnp.bfloat16), donate_argnums=0)
-    batch = {k: jnp.asarray(v) for k, v in batches.get(0).items()}
+    try:
+        mesh_shape = tuple(int(x) for x in args.mesh.split(","))
+    except ValueError:
+        raise ValueError(f"--mesh must be three integers data,fsdp,tensor; got {args.mesh!r}") from None
+    if len(mesh_shape) != 3 or min(mesh_shape) < 1:
+        raise ValueError(f"--mesh must be three positive integers data,fsdp,tensor; got {args.mesh!r}")
+    mesh = make_mesh(*mesh_shape)
+    make = lambda k: init_state(init_params(config, k), tx, 0)  # noqa: E731
+    shardings = state_shardings(jax.eval_shape(make, jax.random.key(0)), tx, mesh)
+    state = jax.jit(make, out_shardings=shardings)(jax.random.key(0))
+    step = jax.jit(make_train_step(config, tx, schedule, compute_dtype=jnp.bfloat16),
+                   in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, None),
+                   donate_argnums=0)
+    batch = {k: jax.device_put(v, batch_sharding(mesh)) for k, v in batches.get(0).items()}
     for _ in range(2):  # compile + warm-up
         state, m = step(state, batch)
     _block(m)
@@ -166,18 +179,22 @@ def bench_train(args) -> dict:
     seconds = (time.perf_counter() - t0) / args.steps
     tokens = args.batch_size * args.seq_len
     flops = train_flops_per_token(config, args.seq_len) * tokens / seconds
+    n_dev = mesh.devices.size
     return {"bench": "train", "preset": args.preset, "params": config.num_params, "seq_len": args.seq_len,
+            "mesh": list(mesh_shape), "devices": n_dev, "tokens_per_s_per_device": tokens / seconds / n_dev,
             "batch_size": args.batch_size, "grad_accum": args.grad_accum, "step_s": seconds,
             "tokens_per_s": tokens / seconds, "model_tflops": flops / 1e12,
-            "mfu": flops / (args.peak_tflops * 1e12), "loss": float(m["loss"]),
+            "mfu": flops / (n_dev * args.peak_tflops * 1e12), "loss": float(m["loss"]),
             "device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
 
 
 def main(args) -> int:
     if args.bench == "train":
         row = bench_train(args)
-        print(f"{row['device']}: {row['tokens_per_s']:,.0f} tokens/s, step {row['step_s'] * 1e3:.1f} ms, "
-              f"{row['model_tflops']:.0f} model TFLOP/s, MFU {row['mfu']:.1%} (loss {row['loss']:.3f})")
+        print(f"{row['devices']} x {row['device']} (mesh {args.mesh}): {row['tokens_per_s']:,.0f} tokens/s "
+              f"({row['tokens_per_s_per_device']:,.0f} per device), step {row['step_s'] * 1e3:.1f} ms, "
+              f"{row['model_tflops']:.0f} model TFLOP/s, MFU {row['mfu']:.1%} "
+              f"(loss {row['loss']:.3f})")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump([row], f, indent=2)
