@@ -126,6 +126,31 @@ def attend_dense(
                             window=window, q_segments=segment_ids, k_segments=segment_ids)
 
 
+def same_sharding(q: Array, k: Array, v: Array, mask: Array) -> tuple[Array, Array, Array, Array]:
+    """Under a mesh (``jax.set_mesh``), give ``q [B,T,N,H]``, ``k, v [B,T,K,H]`` and ``mask
+    [B,1,T,S]`` one layout: batch over the mesh's ``data``/``fsdp`` axes, heads over ``tensor``
+    when both head counts divide. cuDNN's partitioner refuses inputs sharded differently, which
+    sharding propagation produces under FSDP (q and k/v come from differently shaped weights).
+    Without a mesh in context the arrays pass through unchanged."""
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return q, k, v, mask
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    batch = tuple(a for a in ("data", "fsdp") if sizes.get(a, 1) > 1)
+    n_batch = 1
+    for a in batch:
+        n_batch *= sizes[a]
+    batch_spec = batch if batch and q.shape[0] % n_batch == 0 else None
+    tp = sizes.get("tensor", 1)
+    heads = "tensor" if tp > 1 and q.shape[2] % tp == 0 and k.shape[2] % tp == 0 else None
+    qkv = P(batch_spec, None, heads, None)
+    q, k, v = (jax.lax.with_sharding_constraint(x, qkv) for x in (q, k, v))
+    mask = jax.lax.with_sharding_constraint(mask, P(batch_spec, None, None, None))
+    return q, k, v, mask
+
+
 def _attend_dense_cudnn(q, k, v, positions, window, segment_ids):
     b, t, kh, g, h = q.shape
     mask = visibility_mask(positions, positions, window=window, q_segments=segment_ids, k_segments=segment_ids)
@@ -133,5 +158,6 @@ def _attend_dense_cudnn(q, k, v, positions, window, segment_ids):
     # as NaN from a fused kernel, and NaN in a padding row's values would reach real rows
     # (0 * NaN) in the next layer.
     mask = mask | (~jnp.any(mask, axis=-1, keepdims=True) & jnp.eye(t, dtype=bool))
-    out = jax.nn.dot_product_attention(q.reshape(b, t, kh * g, h), k, v, mask=mask, implementation="cudnn")
+    q2, k, v, mask = same_sharding(q.reshape(b, t, kh * g, h), k, v, mask)
+    out = jax.nn.dot_product_attention(q2, k, v, mask=mask, implementation="cudnn")
     return out.reshape(b, t, kh, g, h)

@@ -169,13 +169,14 @@ def bench_train(args) -> dict:
                    in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, None),
                    donate_argnums=0)
     batch = {k: jax.device_put(v, batch_sharding(mesh)) for k, v in batches.get(0).items()}
-    for _ in range(2):  # compile + warm-up
-        state, m = step(state, batch)
-    _block(m)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        state, m = step(state, batch)
-    _block(m)
+    with jax.set_mesh(mesh):
+        for _ in range(2):  # compile + warm-up
+            state, m = step(state, batch)
+        _block(m)
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            state, m = step(state, batch)
+        _block(m)
     seconds = (time.perf_counter() - t0) / args.steps
     tokens = args.batch_size * args.seq_len
     flops = train_flops_per_token(config, args.seq_len) * tokens / seconds

@@ -223,6 +223,20 @@ _SHARDED = textwrap.dedent("""
                      train=TrainConfig(batch_size=8, steps=4, compute_dtype="float32", mesh=mesh))
         q = r.state.params["layers"][0]["attn"]["q"]["kernel"]
         out[str(mesh)] = {"loss": [h["loss"] for h in r.history], "q_spec": str(q.sharding.spec)}
+    # cuDNN attention needs q, k, v of one sharding: same_sharding imposes it under a mesh
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jaxkv.attention import same_sharding
+    from jaxkv.training.sharding import make_mesh
+    m = make_mesh(2, 2, 2)
+    q, k, v = jnp.ones((4, 16, 8, 32)), jnp.ones((4, 16, 2, 32)), jnp.ones((4, 16, 2, 32))
+    mask = jnp.ones((4, 1, 16, 16), bool)
+    shard = lambda x, spec: jax.device_put(x, NamedSharding(m, spec))
+    args = (shard(q, P(None, None, None, "fsdp")), shard(k, P()), shard(v, P("tensor")), shard(mask, P()))
+    with jax.set_mesh(m):
+        res = jax.jit(same_sharding)(*args)
+    out["same_sharding"] = [str(x.sharding.spec) for x in res]
+    out["no_mesh"] = [str(x.sharding.spec) for x in jax.jit(same_sharding)(*args)]
     print(json.dumps(out))
 """)
 
@@ -236,6 +250,10 @@ def test_data_fsdp_tensor_mesh_on_8_cpu_devices_matches_one_device():
     assert out["(2, 2, 2)"]["q_spec"] in ("P('tensor', 'fsdp')", "PartitionSpec('tensor', 'fsdp')")
     for mesh in ("(2, 2, 2)", "(1, 8, 1)"):
         np.testing.assert_allclose(out[mesh]["loss"], one, rtol=1e-5)
+    qkv, mask = out["same_sharding"][:3], out["same_sharding"][3]
+    assert len(set(qkv)) == 1 and "('data', 'fsdp')" in qkv[0] and "'tensor'" in qkv[0], qkv
+    assert "('data', 'fsdp')" in mask and "tensor" not in mask
+    assert len(set(out["no_mesh"][:3])) > 1  # without a mesh in context nothing is imposed
 
 
 _PROCESS = textwrap.dedent("""

@@ -115,7 +115,8 @@ def train_lm(
         t_last = time.perf_counter()
         for step in range(start, train.steps):
             batch = _global_batch(batches.get(step), bsharding)
-            state, metrics = step_fn(state, batch)
+            with jax.set_mesh(mesh):  # layers that name mesh axes (cuDNN attention) see them
+                state, metrics = step_fn(state, batch)
             done = step + 1
             if done % train.log_every == 0 or done == train.steps:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
