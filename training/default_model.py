@@ -190,12 +190,12 @@ def copy_documents(tokenizer, n_docs: int, *, seed: int, eos: int) -> list[tuple
     """Copy documents: a line of 3-24 random task keys and numbers, `` |``, the same line again;
     the loss counts the copy (every token of it is predictable by looking back). They train the
     look-up-and-copy circuit with a dense signal, where task answers give a few tokens a prompt."""
-    from jaxkv.eval.tasks import _key, _number
+    from jaxkv.eval.tasks import random_key, random_number
 
     rng = np.random.default_rng([seed, 1009])
     lines = []
     for _ in range(n_docs):
-        parts = [_key(rng) if rng.random() < 0.5 else _number(rng, int(rng.integers(2, 8)))
+        parts = [random_key(rng) if rng.random() < 0.5 else random_number(rng, int(rng.integers(2, 8)))
                  for _ in range(int(rng.integers(3, 25)))]
         lines.append(" ".join(parts))
     firsts = tokenizer.encode_batch(lines)

@@ -116,6 +116,13 @@ def _teacher_forced(params, cache, ids, start, *, config: LlamaConfig):
     return logits
 
 
+def _span_slots(n_answer: int) -> int:
+    """Teacher-forced steps for an answer of ``n_answer`` tokens (its first ``n_answer - 1``
+    tokens are fed), rounded up to a multiple of 16 so that answers of other lengths reuse one
+    compiled scan; the logits past the answer are dropped."""
+    return -(-max(n_answer - 1, 1) // 16) * 16
+
+
 def _block(x):
     return jax.block_until_ready(x)
 
@@ -131,9 +138,7 @@ class _Runner:
     def run(self, sample: Sample, policy, ans: list[int]) -> dict:
         tokens, positions, lengths = pad_prompts([sample.prompt_ids])
         t = tokens.shape[1]
-        # the teacher-forced span is padded to a multiple of 16 tokens so that answers of other
-        # lengths reuse one compiled scan; the logits past the answer are dropped
-        span = -(-max(len(ans) - 1, 1) // 16) * 16
+        span = _span_slots(len(ans))
         max_new = max(sample.max_new_tokens, span + 1)
         max_len = t + max_new
         key = (policy, t, max_new, span)
@@ -160,7 +165,7 @@ class _Runner:
         decode_s = time.perf_counter() - t0
         new = [int(x) for x in out if x >= 0]
         n = len(ans) - 1
-        ids = np.zeros(max(-(-max(n, 1) // 16) * 16, 16), np.int32)
+        ids = np.zeros(_span_slots(len(ans)), np.int32)
         ids[:n] = ans[:-1]
         span = _teacher_forced(self.params, tf_cache, jnp.asarray(ids), jnp.int32(int(lengths[0])), config=cfg)
         logits = jnp.concatenate([last[0][None], span[:n]], axis=0)

@@ -79,12 +79,14 @@ def _pick(rng, seq, n=None, replace=True):
     return seq[int(idx)] if n is None else [seq[int(i)] for i in idx]
 
 
-def _key(rng) -> str:
+def random_key(rng) -> str:
+    """A needle key: ``adjective-noun`` from wonderwords' lists."""
     w = word_lists()
     return f"{_pick(rng, w['adjective'])}-{_pick(rng, w['noun'])}"
 
 
-def _number(rng, digits: int) -> str:
+def random_number(rng, digits: int) -> str:
+    """A ``digits``-digit decimal number without a leading zero."""
     return str(int(rng.integers(10 ** (digits - 1), 10 ** digits)))
 
 
@@ -116,10 +118,10 @@ def _niah(n_keys: int, n_values: int, n_queries: int, haystack: str):
     def build(rng, n_units, depth):
         keys = []
         while len(keys) < n_keys:
-            k = _key(rng)
+            k = random_key(rng)
             if k not in keys:
                 keys.append(k)
-        values = {k: [_number(rng, 7) for _ in range(n_values if i == 0 else 1)] for i, k in enumerate(keys)}
+        values = {k: [random_number(rng, 7) for _ in range(n_values if i == 0 else 1)] for i, k in enumerate(keys)}
         needles = [f"The special magic number for {k} is {v}." for k in keys for v in values[k]]
         if haystack == "noise":
             units = _noise(n_units)
@@ -144,7 +146,7 @@ def _niah(n_keys: int, n_values: int, n_queries: int, haystack: str):
 
 
 def _passkey(rng, n_units, depth):
-    key = _number(rng, 5)
+    key = random_number(rng, 5)
     needle = f"The pass key is {key}. Remember it. {key} is the pass key."
     body, idx = _insert(_noise(n_units), [needle], depth, rng, spread=False)
     return body, idx, "What is the pass key?", "The pass key is", (key,)
@@ -157,7 +159,7 @@ def _vt(rng, n_units, depth, hops: int = 4):
         name = "".join(rng.choice(letters, 5))
         if name not in names:
             names.append(name)
-    value = _number(rng, 5)
+    value = random_number(rng, 5)
     needles = [f"VAR {names[0]} = {value}."] + [f"VAR {names[i]} = VAR {names[i - 1]}." for i in range(1, hops + 1)]
     units = _noise(n_units)
     n = len(units)
