@@ -15,7 +15,8 @@ Tasks:
   vt                 variable tracking: a chain ``VAR A = 12345``, ``VAR B = VAR A``, ... (4 hops)
                      in noise; the answer is every variable that holds the value
   cwe                common words: a numbered word list where 10 words occur 6 times each and
-                     the rest 2 times; the answer is the 10 common words
+                     the rest 2 times; the answer is the 10 common words (RULER repeats them
+                     30 and 3 times; 6 and 2 keep the task within reach of 2k-token prompts)
   fwe                frequent words: coded words drawn from a Zipf law; the answer is the 3 most
                      frequent
   passkey            a 5-digit pass key in noise
