@@ -140,7 +140,7 @@ def bench_train(args) -> dict:
     from jaxkv.training.config import DataConfig, OptimConfig
     from jaxkv.training.data import Batches, pack_documents
     from jaxkv.training.optim import make_optimizer, make_schedule
-    from jaxkv.training.sharding import batch_sharding, make_mesh, state_shardings
+    from jaxkv.training.sharding import batch_sharding, make_mesh, parse_mesh, state_shardings
     from jaxkv.training.state import init_state
     from jaxkv.training.step import make_train_step
 
@@ -155,12 +155,7 @@ def bench_train(args) -> dict:
         total += n
     batches = Batches(pack_documents(docs, DataConfig(seq_len=args.seq_len)), batch_size=args.batch_size,
                       grad_accum=args.grad_accum, seed=0)
-    try:
-        mesh_shape = tuple(int(x) for x in args.mesh.split(","))
-    except ValueError:
-        raise ValueError(f"--mesh must be three integers data,fsdp,tensor; got {args.mesh!r}") from None
-    if len(mesh_shape) != 3 or min(mesh_shape) < 1:
-        raise ValueError(f"--mesh must be three positive integers data,fsdp,tensor; got {args.mesh!r}")
+    mesh_shape = parse_mesh(args.mesh)
     mesh = make_mesh(*mesh_shape)
     make = lambda k: init_state(init_params(config, k), tx, 0)  # noqa: E731
     shardings = state_shardings(jax.eval_shape(make, jax.random.key(0)), tx, mesh)

@@ -86,6 +86,7 @@ def train_setup(args) -> dict:
     from jaxkv.tiny import make_tokenizer
     from jaxkv.training.config import DataConfig, OptimConfig, TrainConfig
     from jaxkv.training.data import load_documents
+    from jaxkv.training.sharding import parse_mesh
 
     if (args.model is None) == (args.model_preset is None):
         raise UserError("give exactly one of --model DIR and --model-preset NAME")
@@ -99,10 +100,7 @@ def train_setup(args) -> dict:
     else:
         config = preset(args.model_preset)
         tokenizer = make_tokenizer(min(config.vocab_size, 512)) if args.model_preset == "tiny" else None
-    try:
-        mesh = tuple(int(x) for x in args.mesh.split(","))
-    except ValueError:
-        raise UserError(f"--mesh must be three integers data,fsdp,tensor; got {args.mesh!r}") from None
+    mesh = parse_mesh(args.mesh)
     docs = load_documents(args.data, tokenizer=tokenizer, vocab_size=config.vocab_size, seed=args.seed)
     return dict(
         model_config=config, documents=docs, params=params, out=args.out,
@@ -201,24 +199,24 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
+def _float_arg(*, strict: bool):
+    """An argparse type: a number > 0 (``strict``) or >= 0."""
+    want = "a positive number" if strict else "a number >= 0"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (value > 0 if strict else value >= 0):
+            raise argparse.ArgumentTypeError(f"expected {want}, got {value}")
+        return value
+
+    return parse
 
 
-def _nonnegative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
-    return value
+_positive_float = _float_arg(strict=True)
+_nonnegative_float = _float_arg(strict=False)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["OptimConfig", "DataConfig", "TrainConfig", "TrainConfigError"]
+__all__ = ["OptimConfig", "DataConfig", "TrainConfig", "TrainConfigError", "positive_ints"]
 
 
 class TrainConfigError(ValueError):
     """A bad training setting; the message names the field."""
 
 
-def _positive(obj, *names):
+def positive_ints(obj, *names):
+    """Raise ``TrainConfigError`` naming the first of ``obj``'s fields ``names`` that is not a positive int."""
     for name in names:
         v = getattr(obj, name)
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
@@ -46,7 +47,7 @@ class OptimConfig:
             raise TrainConfigError(f"schedule must be 'cosine', 'wsd' or 'constant', got {self.schedule!r}")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise TrainConfigError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
-        _positive(self, "total_steps")
+        positive_ints(self, "total_steps")
         if not 0 <= self.min_lr_ratio <= 1:
             raise TrainConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0 < self.decay_fraction <= 1:
@@ -72,7 +73,7 @@ class DataConfig:
     split_documents: bool = True
 
     def __post_init__(self):
-        _positive(self, "seq_len")
+        positive_ints(self, "seq_len")
         if self.position_mode not in ("document", "continuous"):
             raise TrainConfigError(f"position_mode must be 'document' or 'continuous', got {self.position_mode!r}")
         if not isinstance(self.split_documents, bool):
@@ -95,7 +96,7 @@ class TrainConfig:
     mesh: tuple[int, int, int] = (1, 1, 1)  # data, fsdp, tensor
 
     def __post_init__(self):
-        _positive(self, "batch_size", "grad_accum", "steps", "save_every", "keep", "log_every")
+        positive_ints(self, "batch_size", "grad_accum", "steps", "save_every", "keep", "log_every")
         if self.batch_size % self.grad_accum:
             raise TrainConfigError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
         if self.compute_dtype not in ("float32", "bfloat16"):

@@ -38,7 +38,7 @@ from typing import Sequence
 import numpy as np
 
 from jaxkv.config import LlamaConfig
-from jaxkv.training.config import DataConfig, OptimConfig, TrainConfig, TrainConfigError
+from jaxkv.training.config import DataConfig, OptimConfig, TrainConfig, TrainConfigError, positive_ints
 
 __all__ = ["Phase", "Recipe", "DEFAULT_RECIPE", "train_tokenizer", "ordinary_text", "task_documents", "copy_documents",
            "text_documents", "train_default_model"]
@@ -63,10 +63,7 @@ class Phase:
     epochs: float = 1.0  # documents are generated for steps / epochs worth of rows
 
     def __post_init__(self):
-        for name in ("seq_len", "min_len", "max_len", "steps", "batch_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0:
-                raise TrainConfigError(f"phase {name} must be a positive integer, got {v!r}")
+        positive_ints(self, "seq_len", "min_len", "max_len", "steps", "batch_size")
         if not self.min_len <= self.max_len <= self.seq_len:
             raise TrainConfigError(f"phase lengths need min_len <= max_len <= seq_len, got "
                                    f"{self.min_len}, {self.max_len}, {self.seq_len}")

@@ -22,9 +22,20 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxkv.training.config import TrainConfigError
 
-__all__ = ["make_mesh", "param_specs", "state_shardings", "batch_sharding", "initialize_distributed"]
+__all__ = ["parse_mesh", "make_mesh", "param_specs", "state_shardings", "batch_sharding", "initialize_distributed"]
 
 AXES = ("data", "fsdp", "tensor")
+
+
+def parse_mesh(text: str) -> tuple[int, int, int]:
+    """``'DATA,FSDP,TENSOR'`` -> three positive device counts (``--mesh`` of the CLI)."""
+    try:
+        shape = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"--mesh must be three positive integers data,fsdp,tensor; got {text!r}")
+    return shape
 
 
 def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
