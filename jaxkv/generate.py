@@ -24,6 +24,7 @@ from jaxkv.cache import ModelCache, init_cache, make_policy
 from jaxkv.cache.policy import CachePolicy
 from jaxkv.config import LlamaConfig
 from jaxkv.models.llama import forward
+from jaxkv.errors import UserError
 
 __all__ = ["GenerationResult", "generate", "sample_logits", "bucket_length", "pad_prompts", "prefill", "decode"]
 
@@ -123,16 +124,16 @@ def _validate_prompts(prompts, vocab_size: int) -> list[list[int]]:
     if isinstance(prompts, np.ndarray) and prompts.ndim == 1:
         prompts = [prompts]
     if not isinstance(prompts, (list, tuple, np.ndarray)) or len(prompts) == 0:
-        raise ValueError("prompts must be a non-empty list of token-id sequences")
+        raise UserError("prompts must be a non-empty list of token-id sequences")
     out = []
     for i, p in enumerate(prompts):
         ids = np.asarray(p)
         if ids.ndim != 1 or ids.size == 0:
-            raise ValueError(f"prompts[{i}] must be a non-empty 1-D sequence of token ids")
+            raise UserError(f"prompts[{i}] must be a non-empty 1-D sequence of token ids")
         if not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"prompts[{i}] must hold integer token ids, got dtype {ids.dtype}")
+            raise UserError(f"prompts[{i}] must hold integer token ids, got dtype {ids.dtype}")
         if ids.min() < 0 or ids.max() >= vocab_size:
-            raise ValueError(f"prompts[{i}] has token ids outside [0, {vocab_size})")
+            raise UserError(f"prompts[{i}] has token ids outside [0, {vocab_size})")
         out.append(ids.astype(np.int32).tolist())
     return out
 
@@ -158,24 +159,24 @@ def generate(
     """
     prompts = _validate_prompts(prompts, config.vocab_size)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        raise UserError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+        raise UserError(f"temperature must be >= 0, got {temperature}")
     if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise UserError(f"top_p must be in (0, 1], got {top_p}")
     if temperature > 0 and key is None:
-        raise ValueError("sampling with temperature > 0 needs an explicit PRNG key (key=jax.random.key(seed))")
+        raise UserError("sampling with temperature > 0 needs an explicit PRNG key (key=jax.random.key(seed))")
     policy = make_policy(policy, **(policy_params or {}))
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > config.max_position_embeddings:
-        raise ValueError(
+        raise UserError(
             f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
             f"context of {config.max_position_embeddings} tokens"
         )
     stop = tuple(config.eos_token_ids if stop_tokens is None else stop_tokens)
     for t in stop:
         if not 0 <= int(t) < config.vocab_size:
-            raise ValueError(f"stop token {t} is outside [0, {config.vocab_size})")
+            raise UserError(f"stop token {t} is outside [0, {config.vocab_size})")
 
     tokens, positions, lengths = pad_prompts(prompts)
     b, t = tokens.shape

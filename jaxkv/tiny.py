@@ -16,7 +16,7 @@ from jaxkv.checkpoints import save_checkpoint
 from jaxkv.config import preset
 from jaxkv.models.llama import init_params
 
-__all__ = ["make_tokenizer", "create_tiny_checkpoint"]
+__all__ = ["SPECIAL_TOKENS", "train_bpe_tokenizer", "make_tokenizer", "create_tiny_checkpoint"]
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2 (the tiny preset's bos / eos)
 
@@ -30,22 +30,32 @@ In the beginning the model reads the prompt once, then writes one token at a tim
 """
 
 
-def make_tokenizer(vocab_size: int = 512):
-    """A byte-level BPE ``tokenizers.Tokenizer`` whose post-processor prepends ``<s>``."""
+def train_bpe_tokenizer(texts, vocab_size: int, *, individual_digits: bool = False):
+    """A byte-level BPE ``tokenizers.Tokenizer`` trained on ``texts``, with ``SPECIAL_TOKENS`` at
+    ids 0-2 and a post-processor that prepends ``<s>``. ``individual_digits`` makes every digit
+    its own token (what number-copying tasks need). The one builder of jaxkv's own tokenizers
+    (the tiny checkpoint's and the default model's)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([byte_level, pre_tokenizers.Digits(individual_digits=True)])
+                         if individual_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator(_CORPUS.splitlines() * 4, trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
     )
     return tok
+
+
+def make_tokenizer(vocab_size: int = 512):
+    """The tiny checkpoint's tokenizer: ``train_bpe_tokenizer`` on a short built-in text."""
+    return train_bpe_tokenizer(_CORPUS.splitlines() * 4, vocab_size)
 
 
 def create_tiny_checkpoint(path: str | os.PathLike, *, seed: int = 0, overwrite: bool = False):

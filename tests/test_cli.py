@@ -91,3 +91,24 @@ def test_eval_unknown_method_lists_the_known_ones(capsys):
     assert main(["eval", "--methods", "full,nope", "--samples", "1"]) == 2
     err = capsys.readouterr().err
     assert "unknown method 'nope'" in err and "full" in err and "streaming" in err
+
+
+def test_internal_bugs_keep_their_traceback(monkeypatch, tiny_dir):
+    """Only user errors become one line: a plain ValueError from inside jaxkv is a bug."""
+    generate_module = sys.modules["jaxkv.generate"]  # the package exports the function of that name
+
+    def broken(*a, **k):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(generate_module, "generate", broken)
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(["generate", "--model", str(tiny_dir), "--prompt", "hi"])
+
+
+def test_generate_does_not_import_the_training_stack(tiny_dir):
+    code = ("import sys; from jaxkv.cli import main; "
+            f"assert main(['generate', '--model', {str(tiny_dir)!r}, '--prompt', 'hi', '--max-new-tokens', '2']) == 0; "
+            "bad = sorted(m for m in sys.modules if m.startswith(('jaxkv.training', 'orbax', 'matplotlib', 'jaxkv.eval'))); "
+            "assert not bad, bad")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]

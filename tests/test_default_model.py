@@ -113,7 +113,7 @@ def test_default_model_retrieves_and_streaming_loses_needles_outside_its_window(
     import jax.numpy as jnp
 
     from jaxkv.checkpoints import load_checkpoint, load_tokenizer
-    from jaxkv.cli import resolve_model
+    from jaxkv.checkpoints import resolve_model
     from jaxkv.eval.harness import EvalConfig, evaluate
 
     path = resolve_model("default")

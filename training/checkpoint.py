@@ -17,6 +17,8 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from jaxkv.errors import UserError
+
 __all__ = ["RunDirError", "RunDir"]
 
 RUN_FILE = "run.json"
@@ -33,7 +35,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-class RunDirError(ValueError):
+class RunDirError(UserError):
     """A run folder that cannot be used; the message names the folder and the reason."""
 
 

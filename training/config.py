@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxkv.errors import UserError
+
 __all__ = ["OptimConfig", "DataConfig", "TrainConfig", "TrainConfigError", "positive_ints"]
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(UserError):
     """A bad training setting; the message names the field."""
 
 

@@ -156,17 +156,11 @@ def _sample_prompts(seed: int, per_task: int = 40) -> list[str]:
 
 
 def train_tokenizer(vocab_size: int, *, seed: int = 0):
-    """A byte-level BPE with single-digit tokens whose post-processor prepends ``<s>``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    """The default model's tokenizer: byte-level BPE with single-digit tokens, trained on the
+    ordinary text and sample prompts of every task."""
+    from jaxkv.tiny import train_bpe_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.ByteLevel(add_prefix_space=False), pre_tokenizers.Digits(individual_digits=True)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(ordinary_text() + _sample_prompts(seed), trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = train_bpe_tokenizer(ordinary_text() + _sample_prompts(seed), vocab_size, individual_digits=True)
     if tok.get_vocab_size() != vocab_size:
         raise TrainConfigError(f"the tokenizer trained to {tok.get_vocab_size()} ids, not {vocab_size}")
     return tok
@@ -480,15 +474,3 @@ def write_model_card(model_dir: Path, recipe: Recipe, report: dict) -> None:
     tmp = model_dir / "README.md.tmp"
     tmp.write_text("\n".join(lines))
     os.replace(tmp, model_dir / "README.md")
-
-
-def main(args, argv: Sequence[str] = ()) -> int:
-    """``jaxkv train default-model``; ``argv`` (the command line) is recorded in the model card."""
-    recipe = DEFAULT_RECIPE.scaled(args.scale) if args.scale != 1.0 else DEFAULT_RECIPE
-    changes = {k: v for k, v in (("copy_share", args.copy_share), ("task_loss", args.task_loss)) if v is not None}
-    recipe = dataclasses.replace(recipe, **changes)
-    command = "jaxkv " + " ".join(argv) if argv else None
-    tasks = EVAL_TASKS if args.eval_tasks is None else tuple(t for t in args.eval_tasks.split(",") if t)
-    train_default_model(args.out, recipe=recipe, seed=args.seed, command=command, eval_samples=args.eval_samples,
-                        eval_tasks=tasks)
-    return 0

@@ -21,6 +21,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxkv.training.config import TrainConfigError
+from jaxkv.errors import UserError
 
 __all__ = ["parse_mesh", "make_mesh", "param_specs", "state_shardings", "batch_sharding", "initialize_distributed"]
 
@@ -34,7 +35,7 @@ def parse_mesh(text: str) -> tuple[int, int, int]:
     except ValueError:
         shape = ()
     if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"--mesh must be three positive integers data,fsdp,tensor; got {text!r}")
+        raise UserError(f"--mesh must be three positive integers data,fsdp,tensor; got {text!r}")
     return shape
 
 

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 from jaxkv.attention import attend_reference
 from jaxkv.cache.kv import KVCache, ModelCache, tree_nbytes
 from jaxkv.typing import Array
+from jaxkv.errors import UserError
 
 __all__ = ["CachePolicy", "register_policy", "make_policy", "available_policies", "init_cache"]
 
@@ -79,20 +80,20 @@ def available_policies() -> list[str]:
 def make_policy(name: str, **params: Any) -> CachePolicy:
     """Construct the policy registered as ``name`` with hyper-parameters ``params``.
 
-    Raises ValueError for an unknown name (listing the known ones) or an unknown parameter
+    Raises UserError for an unknown name (listing the known ones) or an unknown parameter
     (listing the accepted ones); the policy itself validates the values.
     """
     if isinstance(name, CachePolicy):
         if params:
-            raise ValueError("pass either a policy object or a name with parameters, not both")
+            raise UserError("pass either a policy object or a name with parameters, not both")
         return name
     if name not in _REGISTRY:
-        raise ValueError(f"unknown cache policy {name!r}; known policies: {', '.join(available_policies())}")
+        raise UserError(f"unknown cache policy {name!r}; known policies: {', '.join(available_policies())}")
     cls = _REGISTRY[name]
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(params) - fields)
     if unknown:
-        raise ValueError(
+        raise UserError(
             f"cache policy {name!r} has no parameter {unknown[0]!r}; "
             f"its parameters: {', '.join(sorted(fields)) or '(none)'}"
         )
@@ -103,9 +104,9 @@ def init_cache(config, policy: CachePolicy | str, *, batch: int, max_len: int, d
     """An empty ``ModelCache`` for ``config`` holding sequences of up to ``max_len`` tokens."""
     policy = make_policy(policy)
     if batch <= 0:
-        raise ValueError(f"batch must be positive, got {batch}")
+        raise UserError(f"batch must be positive, got {batch}")
     if max_len <= 0:
-        raise ValueError(f"max_len must be positive, got {max_len}")
+        raise UserError(f"max_len must be positive, got {max_len}")
     layers = tuple(
         policy.init(batch=batch, num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
                     max_len=max_len, dtype=dtype)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from jaxkv.cache.kv import KVCache
 from jaxkv.cache.policy import CachePolicy, register_policy
+from jaxkv.errors import UserError
 
 __all__ = ["StreamingCache"]
 
@@ -31,9 +32,9 @@ class StreamingCache(CachePolicy):
 
     def __post_init__(self):
         if not isinstance(self.sinks, int) or isinstance(self.sinks, bool) or self.sinks < 0:
-            raise ValueError(f"streaming: sinks must be an integer >= 0, got {self.sinks!r}")
+            raise UserError(f"streaming: sinks must be an integer >= 0, got {self.sinks!r}")
         if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 1:
-            raise ValueError(f"streaming: window must be an integer >= 1, got {self.window!r}")
+            raise UserError(f"streaming: window must be an integer >= 1, got {self.window!r}")
 
     def capacity(self, max_len: int) -> int:
         return min(self.sinks + self.window, max_len)
@@ -58,7 +59,7 @@ class StreamingCache(CachePolicy):
 
     def decode(self, state, *, q, k, v, positions, window=None):
         if k.shape[1] > self.window:
-            raise ValueError(
+            raise UserError(
                 f"streaming: a decode step of {k.shape[1]} tokens exceeds window={self.window}"
             )
         state = state.write(k, v, positions, self._slots(state, positions, True))

@@ -31,6 +31,7 @@ from jaxkv.config import LlamaConfig
 from jaxkv.eval.tasks import TASKS, Sample, answer_text, make_sample, score
 from jaxkv.generate import decode, pad_prompts, prefill
 from jaxkv.models.llama import forward
+from jaxkv.errors import UserError
 
 __all__ = ["EvalConfig", "Row", "evaluate", "policy_for", "kl_and_agreement", "answer_ids"]
 
@@ -48,20 +49,20 @@ class EvalConfig:
         known = available_policies()
         for m in self.methods:
             if m not in known:
-                raise ValueError(f"unknown method {m!r}; known methods: {', '.join(known)}")
+                raise UserError(f"unknown method {m!r}; known methods: {', '.join(known)}")
         for t in self.tasks:
             if t not in TASKS:
-                raise ValueError(f"unknown task {t!r}; known tasks: {', '.join(sorted(TASKS))}")
+                raise UserError(f"unknown task {t!r}; known tasks: {', '.join(sorted(TASKS))}")
         for b in self.budgets:
             if not 0 < b <= 1:
-                raise ValueError(f"budgets must be in (0, 1], got {b}")
+                raise UserError(f"budgets must be in (0, 1], got {b}")
         for n in self.lengths:
             if not isinstance(n, int) or n < 64:
-                raise ValueError(f"lengths must be integers >= 64, got {n!r}")
+                raise UserError(f"lengths must be integers >= 64, got {n!r}")
         if self.samples < 1:
-            raise ValueError(f"samples must be >= 1, got {self.samples}")
+            raise UserError(f"samples must be >= 1, got {self.samples}")
         if not self.methods or not self.tasks or not self.lengths or not self.budgets:
-            raise ValueError("methods, budgets, tasks and lengths must each name at least one value")
+            raise UserError("methods, budgets, tasks and lengths must each name at least one value")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,6 +33,7 @@ from importlib import resources
 from typing import Callable
 
 import numpy as np
+from jaxkv.errors import UserError
 
 __all__ = ["Sample", "TASKS", "answer_text", "make_sample", "render", "score", "word_lists"]
 
@@ -251,11 +252,11 @@ def make_sample(task: str, tokenizer, *, length: int, depth: float = 0.5, seed: 
     """A sample of ``task`` whose prompt is as close to ``length`` tokens as the haystack's
     granularity allows (never longer)."""
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(sorted(TASKS))}")
+        raise UserError(f"unknown task {task!r}; known tasks: {', '.join(sorted(TASKS))}")
     if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth must be in [0, 1], got {depth}")
+        raise UserError(f"depth must be in [0, 1], got {depth}")
     if length < 64:
-        raise ValueError(f"length must be >= 64 tokens, got {length}")
+        raise UserError(f"length must be >= 64 tokens, got {length}")
     max_new = TASKS[task][1]
 
     def build(n_units):
@@ -268,9 +269,9 @@ def make_sample(task: str, tokenizer, *, length: int, depth: float = 0.5, seed: 
     while len(build(hi)[1]) <= length:  # find an upper bound
         lo, hi = hi, hi * 2
         if hi > 1 << 20:
-            raise ValueError(f"cannot reach {length} tokens with task {task!r}")
+            raise UserError(f"cannot reach {length} tokens with task {task!r}")
     if lo == 0 and len(build(0)[1]) > length:
-        raise ValueError(f"task {task!r} needs more than {length} tokens even without a haystack")
+        raise UserError(f"task {task!r} needs more than {length} tokens even without a haystack")
     while hi - lo > 1:  # largest unit count that fits
         mid = (lo + hi) // 2
         if len(build(mid)[1]) <= length:
@@ -289,6 +290,6 @@ def make_sample(task: str, tokenizer, *, length: int, depth: float = 0.5, seed: 
 def score(output: str, answers: tuple[str, ...]) -> float:
     """Share of ``answers`` contained in ``output`` (case-insensitive), as RULER scores."""
     if not answers:
-        raise ValueError("a sample needs at least one reference answer")
+        raise UserError("a sample needs at least one reference answer")
     out = output.lower()
     return sum(a.lower() in out for a in answers) / len(answers)

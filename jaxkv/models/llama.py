@@ -39,6 +39,7 @@ from jaxkv.cache.kv import ModelCache
 from jaxkv.config import LlamaConfig
 from jaxkv.models.layers import MLP, Linear, RMSNorm, apply_rope, rope_angles, rope_inv_freq
 from jaxkv.typing import Array
+from jaxkv.errors import UserError
 
 __all__ = ["LlamaForCausalLM", "init_params", "abstract_params", "forward"]
 
@@ -115,7 +116,7 @@ class LlamaForCausalLM(nnx.Module):
                  segment_ids=None, compute_dtype=jnp.float32):
         cfg = self.config
         if cache is not None and segment_ids is not None:
-            raise ValueError("segment_ids are for the cache-free forward of packed rows; "
+            raise UserError("segment_ids are for the cache-free forward of packed rows; "
                              "pass cache=None or drop segment_ids")
         cos, sin = rope_angles(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
         x = self.embed(tokens, compute_dtype)
@@ -163,9 +164,9 @@ def forward(params: dict, tokens: Array, positions: Array, cache: ModelCache | N
     ``compute_dtype`` defaults to the dtype of the embedding parameters.
     """
     if tokens.ndim != 2 or positions.shape != tokens.shape:
-        raise ValueError(f"tokens and positions must both be [B, T]; got {tokens.shape} and {positions.shape}")
+        raise UserError(f"tokens and positions must both be [B, T]; got {tokens.shape} and {positions.shape}")
     if segment_ids is not None and segment_ids.shape != tokens.shape:
-        raise ValueError(f"segment_ids must be [B, T] like tokens; got {segment_ids.shape}")
+        raise UserError(f"segment_ids must be [B, T] like tokens; got {segment_ids.shape}")
     if compute_dtype is None:
         compute_dtype = params["embed"]["embedding"].dtype
     model = nnx.merge(_graphdef(config), params)
