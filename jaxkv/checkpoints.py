@@ -35,6 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxkv.errors import UserError
+from jaxkv.fileio import replace_folder
 
 from jaxkv.config import ConfigError, LlamaConfig
 from jaxkv.models.llama import abstract_params
@@ -104,8 +105,11 @@ def _weight_files(folder: Path) -> dict[str, Path]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({type(e).__name__}: {e})") from None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and Path(v).name == v for k, v in weight_map.items()):
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names in the folder")
         files = {name: folder / fname for name, fname in weight_map.items()}
         for f in sorted(set(files.values())):
             if not f.exists():
@@ -188,8 +192,9 @@ def load_checkpoint(path: str | os.PathLike, *, dtype=None) -> tuple[LlamaConfig
     expected = hf_name_map(config)
     abstract = abstract_params(config)
     present = set(files)
-    if config.tie_word_embeddings:
-        present.discard("lm_head.weight")  # some tied checkpoints store it anyway; it is not used
+    stored_head = config.tie_word_embeddings and "lm_head.weight" in present
+    if stored_head:
+        present.discard("lm_head.weight")  # some tied checkpoints store a copy; checked below
     missing = sorted(set(expected) - present)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -236,6 +241,15 @@ def load_checkpoint(path: str | os.PathLike, *, dtype=None) -> tuple[LlamaConfig
                     raise CheckpointError(f"{f.name}: tensor {name!r} holds NaN or infinite values")
                 out = jnp.asarray(array, dtype=dtype if dtype is not None else array.dtype)
                 _set(params, tree_path, out)
+    if stored_head:
+        with _open(files["lm_head.weight"]) as st:
+            head = st.get_tensor("lm_head.weight")
+        embed = params["embed"]["embedding"]
+        head = np.asarray(jnp.asarray(head, dtype=embed.dtype), np.float32)
+        if head.shape != embed.shape or not np.array_equal(head, np.asarray(embed, np.float32)):
+            raise CheckpointError(f"{folder}: config.json ties the LM head to the embeddings "
+                                  "(tie_word_embeddings: true), but the checkpoint stores a different "
+                                  "lm_head.weight; set tie_word_embeddings to false to use it")
     return config, params
 
 
@@ -251,6 +265,16 @@ def _header_names(f: Path) -> list[str]:
         return list(st.keys())
 
 
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+CHECKPOINT_FILES = (CONFIG_FILE, SINGLE_FILE, INDEX_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE,
+                    CHAT_TEMPLATE_FILE, "generation_config.json", "special_tokens_map.json")
+
+
+def is_checkpoint_file(name: str) -> bool:
+    """True for the files a checkpoint folder is made of (what ``overwrite=True`` may replace)."""
+    return name in CHECKPOINT_FILES or bool(_SHARD.fullmatch(name))
+
+
 def save_checkpoint(path: str | os.PathLike, config: LlamaConfig, params: dict, *,
                     max_shard_bytes: int | None = None, tokenizer=None,
                     extra_files: dict[str, str] | None = None, overwrite: bool = False) -> Path:
@@ -259,11 +283,20 @@ def save_checkpoint(path: str | os.PathLike, config: LlamaConfig, params: dict, 
     ``extra_files`` maps further file names (``tokenizer_config.json``, ...) to their text.
 
     Shards with an index when the weights exceed ``max_shard_bytes``. Refuses to replace an
-    existing non-empty folder unless ``overwrite``; the write is atomic (temp folder + rename).
+    existing non-empty folder unless ``overwrite``, and even then a folder holding anything but
+    checkpoint files (``is_checkpoint_file``): it is somebody else's. The write is atomic (temp
+    folder + rename).
     """
     target = Path(path)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise CheckpointError(f"{target} already exists and is not empty (pass overwrite=True)")
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"{target} exists and is not a folder")
+    if target.exists() and any(target.iterdir()):
+        if not overwrite:
+            raise CheckpointError(f"{target} already exists and is not empty (pass overwrite=True)")
+        foreign = sorted(p.name for p in target.iterdir() if not is_checkpoint_file(p.name) or p.is_dir())
+        if foreign:
+            raise CheckpointError(f"{target} holds {foreign[0]!r}, which is not a checkpoint file; "
+                                  "overwrite replaces only a checkpoint folder, so choose another folder")
     if max_shard_bytes is not None and max_shard_bytes <= 0:
         raise CheckpointError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     names = hf_name_map(config)
@@ -321,14 +354,7 @@ def save_checkpoint(path: str | os.PathLike, config: LlamaConfig, params: dict, 
         os.chmod(tmp, 0o777 & ~umask)
         for f in tmp.iterdir():
             os.chmod(f, 0o666 & ~umask)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
+        replace_folder(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -352,9 +378,16 @@ def load_tokenizer(path: str | os.PathLike):
     if not f.exists():
         raise CheckpointError(f"no tokenizer at {os.fspath(f)!r} (expected {TOKENIZER_FILE})")
     try:
-        return Tokenizer.from_file(os.fspath(f))
+        tok = Tokenizer.from_file(os.fspath(f))
     except Exception as e:  # the tokenizers library raises a bare Exception on parse errors
         raise CheckpointError(f"{f} is not a valid tokenizer.json ({e})") from None
+    if (f.parent / CONFIG_FILE).exists():  # the model beside it: every id must have an embedding
+        config = LlamaConfig.from_json(f.parent / CONFIG_FILE)
+        n = max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+        if n > config.vocab_size:
+            raise CheckpointError(f"{f} has token ids up to {n - 1} but the model beside it ({CONFIG_FILE}) has only "
+                                  f"{config.vocab_size} embeddings: they do not belong together")
+    return tok
 
 
 def load_chat_template(path: str | os.PathLike):

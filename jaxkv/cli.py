@@ -54,6 +54,7 @@ def _cmd_generate(args) -> int:
     from jaxkv.checkpoints import load_chat_template, load_checkpoint, load_tokenizer, resolve_model
     from jaxkv.generate import generate
 
+    _check_utf8(args.prompt, "--prompt")
     model = resolve_model(args.model)
     dtype = jnp.dtype(args.dtype)  # argparse limits it to float32 / bfloat16
     config, params = load_checkpoint(model, dtype=dtype)
@@ -85,6 +86,14 @@ def _cmd_generate(args) -> int:
     else:
         print(text)
     return 0
+
+
+def _check_utf8(text: str, what: str) -> None:
+    """argv holds undecodable bytes as surrogates; refuse them in one line."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"{what} is not valid UTF-8 (at character {e.start})") from None
 
 
 def _cmd_convert(args) -> int:
@@ -152,7 +161,7 @@ def _cmd_train_lm(args) -> int:
     if last is not None:
         print(f"step {last['step']}: loss {last['loss']:.4f}; run folder {result.out}")
     else:
-        print(f"nothing to do: {result.out} is already at step {args.steps}")
+        print(f"nothing to do: {result.out} is already at step {result.step} (--steps {args.steps})")
     return 0
 
 
@@ -181,7 +190,12 @@ def _cmd_eval(args) -> int:
     from jaxkv.checkpoints import load_checkpoint, load_tokenizer, resolve_model
     from jaxkv.eval.harness import EvalConfig, evaluate, progress_bar
     from jaxkv.eval.report import format_table, plot_accuracy_vs_bytes, write_json
+    from jaxkv.fileio import check_output_path
     import jax.numpy as jnp
+
+    for path, flag in ((args.json, "--json"), (args.plot, "--plot")):
+        if path is not None:  # checked now, not after the whole evaluation
+            check_output_path(path, flag)
 
     cfg = EvalConfig(methods=_split(args.methods, str, "methods"), budgets=_split(args.budgets, float, "budgets"),
                      tasks=_split(args.tasks, str, "tasks"), lengths=_split(args.lengths, int, "lengths"),
@@ -191,8 +205,10 @@ def _cmd_eval(args) -> int:
     tokenizer = load_tokenizer(model)
     longest = max(cfg.lengths) + 64
     if longest > config.max_position_embeddings:
-        raise UserError(f"--lengths up to {max(cfg.lengths)} exceed the model's context of "
-                        f"{config.max_position_embeddings} tokens")
+        raise UserError(f"--lengths {max(cfg.lengths)} is too long for this model: a prompt of that length "
+                        f"plus its answer needs {longest} positions, and the model's context is "
+                        f"{config.max_position_embeddings} (the longest --lengths it takes is "
+                        f"{config.max_position_embeddings - 64})")
     rows = evaluate(params, config, tokenizer, cfg, progress=progress_bar)
     print(format_table(rows))
     if args.json:
@@ -206,6 +222,19 @@ def _cmd_bench(args) -> int:
     from jaxkv import bench
 
     return bench.main(args)
+
+
+SEED_LIMIT = 2**32
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"a seed must be in [0, 2**32), got {value}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -255,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=_positive_int, default=32)
     g.add_argument("--temperature", type=_nonnegative_float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
+    g.add_argument("--seed", type=_seed, default=0, help="PRNG seed for sampling")
     g.add_argument("--cache", default="full", choices=available_policies(), help="cache policy")
     g.add_argument("--cache-arg", action="append", default=[], metavar="NAME=VALUE",
                    help="a cache-policy parameter, e.g. --cache-arg window=256 (repeatable)")
@@ -274,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("create-tiny", help="write a tiny random-weight checkpoint (tests, quick start)")
     c.add_argument("dir")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=_seed, default=0)
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(func=_cmd_create_tiny)
 
@@ -287,12 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "niah_multiquery, vt, cwe, fwe, passkey")
     e.add_argument("--lengths", default="2048", help="context lengths in tokens")
     e.add_argument("--samples", type=_positive_int, default=10)
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=_seed, default=0)
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="weights, activations and cache (the default model is stored in bfloat16)")
     e.add_argument("--json", default=None, help="write the rows to this JSON file")
     e.add_argument("--plot", default=None, help="write accuracy vs KV bytes to this PNG")
-    e.set_defaults(func=_cmd_eval)
+    e.set_defaults(func=_cmd_eval, interrupted=lambda a: "nothing was written")
 
     t = sub.add_parser("train", help="training recipes")
     tsub = t.add_subparsers(dest="recipe", required=True)
@@ -310,17 +339,18 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--schedule", default="cosine", choices=["cosine", "wsd", "constant"])
     lm.add_argument("--warmup", type=int, default=100)
     lm.add_argument("--weight-decay", type=float, default=0.1)
-    lm.add_argument("--seed", type=int, default=0)
+    lm.add_argument("--seed", type=_seed, default=0)
     lm.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="compute dtype")
     lm.add_argument("--mesh", default="1,1,1", help="data,fsdp,tensor device counts")
     lm.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, metrics.png")
     lm.add_argument("--save-every", type=_positive_int, default=100)
     lm.add_argument("--keep", type=_positive_int, default=3)
-    lm.set_defaults(func=_cmd_train_lm)
+    lm.set_defaults(func=_cmd_train_lm, interrupted=lambda a: (
+        f"rerun the same command to resume from the last checkpoint in {a.out}/checkpoints"))
     dmp = tsub.add_parser("default-model", help="the recipe of the embedded default model (tokenizer, data, "
                                                 "curriculum, export, scores, model card)")
     dmp.add_argument("--out", required=True, help="run folder; the model lands in OUT/model")
-    dmp.add_argument("--seed", type=int, default=0)
+    dmp.add_argument("--seed", type=_seed, default=0)
     dmp.add_argument("--scale", type=_positive_float, default=1.0, help="multiply every phase's steps (e.g. 0.01 to try it)")
     dmp.add_argument("--copy-share", type=float, default=None, help="share of tokens in copy documents "
                      "(default: the recipe's)")
@@ -328,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="loss on task answers only or on every token (default: the recipe's)")
     dmp.add_argument("--eval-tasks", default=None, help="tasks of the model card's scores (default: all)")
     dmp.add_argument("--eval-samples", type=_positive_int, default=20, help="samples per score row of the model card")
-    dmp.set_defaults(func=_cmd_train_default_model)
+    dmp.set_defaults(func=_cmd_train_default_model, interrupted=lambda a: (
+        f"rerun the same command to resume: finished phases are kept in {a.out}/phase-*"))
 
     b = sub.add_parser("bench", help="GPU benchmarks (see BENCHMARKS.md)")
     bsub = b.add_subparsers(dest="bench", required=True)
@@ -368,6 +399,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        note = getattr(args, "interrupted", None)
+        print(f"jaxkv: interrupted{'; ' + note(args) if note else ''}", file=sys.stderr)
+        return 130
     except Exception as e:
         if not _reported_in_one_line(e) or os.environ.get("JAXKV_TRACEBACK"):
             raise

@@ -188,10 +188,25 @@ class LlamaConfig:
                 raise ConfigError(f"config.json is missing the required field {key!r}")
             return hf[key]
 
+        def flag(key, default=False):
+            # JSON booleans only: the string "false" is truthy in Python and must not read as true
+            value = hf.get(key, default)
+            if value is None:
+                return default
+            if not isinstance(value, bool):
+                raise ConfigError(f"{key} must be true or false, got {value!r}")
+            return value
+
+        def number(key, default, value=None):
+            value = hf.get(key, default) if value is None else value
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{key} must be a number, got {value!r}")
+            return float(value)
+
         act = hf.get("hidden_act", "silu")
         if act != "silu":
             raise ConfigError(f"hidden_act={act!r} is not supported (only 'silu')")
-        if hf.get("mlp_bias", False):
+        if flag("mlp_bias"):
             raise ConfigError("mlp_bias=true is not supported")
         if hf.get("pretraining_tp", 1) not in (1, None):
             raise ConfigError(f"pretraining_tp={hf['pretraining_tp']!r} is not supported (only 1)")
@@ -210,15 +225,17 @@ class LlamaConfig:
                 raise ConfigError(f"rope_scaling must be an object or null, got {rope!r}")
             rope_type = rope.get("rope_type", rope.get("type", "default"))
             if rope_type == "llama3":
-                try:
-                    scaling = RopeScaling(
-                        factor=float(rope["factor"]),
-                        low_freq_factor=float(rope["low_freq_factor"]),
-                        high_freq_factor=float(rope["high_freq_factor"]),
-                        original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
-                    )
-                except KeyError as e:
-                    raise ConfigError(f"rope_scaling of type 'llama3' is missing {e.args[0]!r}") from None
+                for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+                    if key not in rope:
+                        raise ConfigError(f"rope_scaling of type 'llama3' is missing {key!r}")
+                    if isinstance(rope[key], bool) or not isinstance(rope[key], (int, float)):
+                        raise ConfigError(f"rope_scaling.{key} must be a number, got {rope[key]!r}")
+                scaling = RopeScaling(
+                    factor=float(rope["factor"]),
+                    low_freq_factor=float(rope["low_freq_factor"]),
+                    high_freq_factor=float(rope["high_freq_factor"]),
+                    original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+                )
             elif rope_type != "default":
                 raise ConfigError(
                     f"rope_scaling.rope_type={rope_type!r} is not supported (supported: 'default', 'llama3')"
@@ -228,7 +245,7 @@ class LlamaConfig:
         if family == "mistral":
             sliding_window = hf.get("sliding_window")
         elif family == "qwen2":
-            if hf.get("use_sliding_window", False):
+            if flag("use_sliding_window"):
                 raise ConfigError("use_sliding_window=true is not supported for qwen2")
         elif hf.get("sliding_window") is not None:
             raise ConfigError("sliding_window is only supported for the mistral family")
@@ -236,7 +253,7 @@ class LlamaConfig:
         if family == "qwen2":
             qkv_bias, o_bias = True, False
         else:
-            qkv_bias = o_bias = bool(hf.get("attention_bias", False))
+            qkv_bias = o_bias = flag("attention_bias")
 
         eos = hf.get("eos_token_id")
         eos_ids = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
@@ -249,13 +266,13 @@ class LlamaConfig:
             num_heads=need("num_attention_heads"),
             num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
             head_dim=hf.get("head_dim"),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope_theta),
+            rms_norm_eps=number("rms_norm_eps", 1e-6),
+            rope_theta=number("rope_theta", 10000.0, value=rope_theta),
             rope_scaling=scaling,
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
             qkv_bias=qkv_bias,
             o_bias=o_bias,
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            tie_word_embeddings=flag("tie_word_embeddings"),
             sliding_window=sliding_window,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,

@@ -201,7 +201,7 @@ def test_bad_run_folders(tmp_path, capsys):
     meta_before = (run / "run.json").read_text()
     assert main(_train_cmd(run, 8)) == 2
     err = capsys.readouterr().err
-    assert "cannot be restored" in err and "checkpoints/4" in err
+    assert "is damaged" in err and "checkpoints/4" in err and "checksum mismatch" in err
     assert (run / "run.json").read_text() == meta_before
 
 

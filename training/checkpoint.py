@@ -4,12 +4,20 @@
 Saves are synchronous and atomic (orbax writes a temporary folder and renames it), keep the
 last ``keep``, and restore the whole ``TrainState`` (model, optimizer, step, rng). The data
 position is the step itself (``jaxkv.training.data.Batches``), so a resumed run continues
-exactly. A folder that holds anything but a jaxkv run, or a run of a different configuration,
-raises ``RunDirError`` and is never written to.
+exactly. A folder that holds anything but a jaxkv run, or a run of a different configuration
+(the data's fingerprint included), raises ``RunDirError`` and is never written to.
+
+Every saved checkpoint's files are hashed (SHA-256) into ``checksums.json``; a restore verifies
+them first, so a damaged or truncated checkpoint is refused in one line, naming the file,
+before any of it is read. While a run holds the folder it holds an exclusive lock on
+``.lock`` (``fcntl.flock``, released when the process ends, even by ``kill -9``): a second run on
+the same folder is refused. A folder that holds only what a run leaves in its first seconds (the
+lock, an empty ``checkpoints/``) counts as empty.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -18,11 +26,38 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxkv.errors import UserError
+from jaxkv.fileio import write_text_atomic
 
 __all__ = ["RunDirError", "RunDir"]
 
 RUN_FILE = "run.json"
 CKPT_DIR = "checkpoints"
+CHECKSUM_FILE = "checksums.json"
+LOCK_FILE = ".lock"
+
+
+def _hash_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _checkpoint_hashes(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): _hash_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _only_startup_leftovers(path: Path) -> bool:
+    """True when ``path`` holds nothing but the lock and an empty checkpoints folder: what an
+    interrupted first start leaves."""
+    for p in path.iterdir():
+        if p.name == LOCK_FILE:
+            continue
+        if p.name == CKPT_DIR and p.is_dir() and not any(c.name.isdigit() for c in p.iterdir()):
+            continue
+        return False
+    return True
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -51,24 +86,34 @@ class RunDir:
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"{self.path} exists and is not a folder")
         run_file = self.path / RUN_FILE
-        if self.path.exists() and any(self.path.iterdir()):
+        self._lock = None
+        if self.path.exists() and any(self.path.iterdir()) and not (
+                not run_file.exists() and _only_startup_leftovers(self.path)):
             if not run_file.exists():
                 foreign = sorted(p.name for p in self.path.iterdir())[:3]
                 raise RunDirError(f"{self.path} is not empty and is not a jaxkv run (it holds "
                                   f"{', '.join(foreign)}); choose another --out")
             try:
                 old = json.loads(run_file.read_text())
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise RunDirError(f"{run_file} is corrupt ({e})") from None
+            if not isinstance(old, dict):
+                raise RunDirError(f"{run_file} is corrupt (it holds a JSON {type(old).__name__}, not an object)")
             old, new = _flatten(old), _flatten(json.loads(json.dumps(meta)))
             for key in sorted(set(old) | set(new)):
                 if key in may_change:
                     continue
+                if key == "data_fingerprint" and old.get(key) != new.get(key):
+                    raise RunDirError(f"{self.path} holds a run trained on other data: the documents given "
+                                      "now differ from those it started with (a data file was edited, "
+                                      "added or removed); restore the data or choose another --out")
                 if old.get(key) != new.get(key):
                     raise RunDirError(f"{self.path} holds a run with a different {key!r} "
                                       f"({old.get(key)!r} there, {new.get(key)!r} now); "
                                       "resume with the same settings or choose another --out")
         self.meta = meta
+        if jax.process_index() == 0:
+            self._take_lock()
         self.manager = ocp.CheckpointManager(
             (self.path / CKPT_DIR).absolute(),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
@@ -79,19 +124,69 @@ class RunDir:
         """Record the run's settings (atomically). Called once the run is known to start, so a
         failed restore leaves the folder as it was."""
         if jax.process_index() == 0:
-            tmp = self.path / (RUN_FILE + ".tmp")
-            tmp.write_text(json.dumps(self.meta, indent=2, sort_keys=True) + "\n")
-            os.replace(tmp, self.path / RUN_FILE)
+            write_text_atomic(self.path / RUN_FILE, json.dumps(self.meta, indent=2, sort_keys=True) + "\n")
+
+    def _take_lock(self) -> None:
+        import fcntl
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        f = open(self.path / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise RunDirError(f"{self.path} is in use by another jaxkv run ({holder}); wait for it to "
+                              "finish or choose another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        self._lock = f
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def _checksums(self) -> dict:
+        f = self.path / CHECKSUM_FILE
+        if not f.exists():
+            return {}
+        try:
+            data = json.loads(f.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RunDirError(f"{f} is corrupt ({e})") from None
+        if not isinstance(data, dict):
+            raise RunDirError(f"{f} is corrupt (not a JSON object)")
+        return data
+
     def save(self, step: int, state) -> None:
         self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
         self.manager.wait_until_finished()
+        if jax.process_index() == 0:
+            kept = {str(s) for s in self.manager.all_steps()}
+            sums = {k: v for k, v in self._checksums().items() if k in kept}
+            sums[str(step)] = _checkpoint_hashes(self.path / CKPT_DIR / str(step))
+            write_text_atomic(self.path / CHECKSUM_FILE, json.dumps(sums, indent=1, sort_keys=True) + "\n")
+
+    def verify(self, step: int) -> None:
+        """Check checkpoint ``step``'s files against the hashes taken when it was saved."""
+        folder = self.path / CKPT_DIR / str(step)
+        want = self._checksums().get(str(step))
+        if want is None:
+            raise RunDirError(f"checkpoint {folder} has no recorded checksums ({CHECKSUM_FILE}); it cannot "
+                              "be verified, so it is not restored; choose another --out")
+        have = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+        for name in sorted(set(want) | have):
+            if name not in have:
+                raise RunDirError(f"checkpoint {folder} is damaged: {name} is missing")
+            if name not in want or _hash_file(folder / name) != want[name]:
+                raise RunDirError(f"checkpoint {folder} is damaged: {name} differs from what was saved "
+                                  "(checksum mismatch)")
 
     def restore(self, step: int, abstract_state):
-        """Restore ``step`` into the structure, dtypes and shardings of ``abstract_state``."""
+        """Verify, then restore ``step`` into the structure, dtypes and shardings of ``abstract_state``."""
+        self.verify(step)
         try:
             return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
         except Exception as e:  # orbax raises many types for damaged or mismatched data
@@ -101,3 +196,6 @@ class RunDir:
 
     def close(self):
         self.manager.close()
+        if self._lock is not None:
+            self._lock.close()  # closing the file releases the flock
+            self._lock = None

@@ -169,8 +169,11 @@ def text_documents(paths: Sequence[str], tokenizer) -> list[np.ndarray]:
     for f in files:
         if not os.path.isfile(f):
             raise TrainConfigError(f"--data {f!r} is not a file")
-        with open(f, encoding="utf-8") as fh:
-            text = fh.read()
+        try:
+            with open(f, encoding="utf-8") as fh:
+                text = fh.read()
+        except UnicodeDecodeError as e:
+            raise TrainConfigError(f"--data {f!r} is not UTF-8 text (byte {e.start}: {e.reason})") from None
         for part in text.split("\n\n"):
             if part.strip():
                 docs.append(np.asarray(tokenizer.encode(part.strip()).ids, np.int32))
@@ -190,3 +193,19 @@ def load_documents(spec: Sequence[str], *, tokenizer, vocab_size: int, seed: int
     if top >= vocab_size:
         raise TrainConfigError(f"the tokenizer produced id {top}, outside the model's vocab of {vocab_size}")
     return docs
+
+
+def data_fingerprint(documents) -> str:
+    """SHA-256 over every document's token ids (and loss mask): what a resumed run checks, so an
+    edited data file is noticed instead of silently training on other data."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for doc in documents:
+        parts = doc if isinstance(doc, tuple) else (doc,)
+        for part in parts:
+            a = np.ascontiguousarray(np.asarray(part))
+            h.update(f"{a.dtype.str}{a.shape};".encode())
+            h.update(a.tobytes())
+        h.update(b"|")
+    return h.hexdigest()

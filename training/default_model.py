@@ -31,6 +31,8 @@ import math
 import multiprocessing
 import os
 import platform
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -38,6 +40,7 @@ from typing import Sequence
 import numpy as np
 
 from jaxkv.config import LlamaConfig
+from jaxkv.fileio import atomic_path, replace_folder, write_text_atomic
 from jaxkv.training.config import DataConfig, OptimConfig, TrainConfig, TrainConfigError, positive_ints
 
 __all__ = ["Phase", "Recipe", "DEFAULT_RECIPE", "train_tokenizer", "ordinary_text", "task_documents", "copy_documents",
@@ -324,19 +327,24 @@ def train_default_model(out: str | os.PathLike, *, recipe: Recipe = DEFAULT_RECI
     from jaxkv.checkpoints import save_checkpoint
     from jaxkv.training.loop import train_lm
 
+    from jaxkv.eval.tasks import TASKS
+
+    unknown = [t for t in eval_tasks if t not in TASKS]
+    if unknown or not eval_tasks:
+        raise TrainConfigError(f"eval_tasks: unknown task {unknown[0]!r}; known tasks: {', '.join(sorted(TASKS))}"
+                               if unknown else "eval_tasks must name at least one task")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    _claim_run_folder(out, {"recipe": dataclasses.asdict(recipe), "seed": seed})
     t_start = time.time()
     tok_path = out / "tokenizer.json"
-    if tok_path.exists():
+    if tok_path.exists():  # this recipe's own tokenizer, from an interrupted run of the same settings
         from tokenizers import Tokenizer
 
         tokenizer = Tokenizer.from_file(str(tok_path))
     else:
         tokenizer = train_tokenizer(recipe.vocab_size, seed=seed)
-        tmp = tok_path.with_suffix(".tmp")
-        tokenizer.save(str(tmp))
-        os.replace(tmp, tok_path)
+        with atomic_path(tok_path) as tmp:
+            tokenizer.save(str(tmp))
     params = None
     report: dict = {"phases": []}
     for k, phase in enumerate(recipe.phases):
@@ -366,9 +374,12 @@ def train_default_model(out: str | os.PathLike, *, recipe: Recipe = DEFAULT_RECI
                                  "seconds": round(time.time() - t0, 1), "final_loss": last.get("loss"),
                                  "tokens_per_s": last.get("tokens_per_s"), "check_length": check_len,
                                  "check_accuracy": check})
-    model_dir = out / "model"
+    # The model folder is built (weights, scores, card) in a staging folder of this run and only
+    # then swapped in for out/model, so an interrupted export leaves the previous model whole.
+    staging = Path(tempfile.mkdtemp(prefix=".model.", dir=out))
+    model_dir = staging / "model"
     bf16 = jax.tree.map(lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16)), params)
-    save_checkpoint(model_dir, recipe.model, bf16, tokenizer=tokenizer, overwrite=True)
+    save_checkpoint(model_dir, recipe.model, bf16, tokenizer=tokenizer)
     report["train_seconds"] = round(time.time() - t_start, 1)
     report["hardware"] = _hardware()
     report["seed"] = seed
@@ -380,8 +391,40 @@ def train_default_model(out: str | os.PathLike, *, recipe: Recipe = DEFAULT_RECI
     report["eval_length"] = eval_length
     _write_json(model_dir / "scores.json", report)
     write_model_card(model_dir, recipe, report)
+    replace_folder(model_dir, out / "model")
+    shutil.rmtree(staging, ignore_errors=True)
+    model_dir = out / "model"
     log(f"wrote {model_dir} ({_folder_bytes(model_dir) / 1e6:.1f} MB)")
     return model_dir
+
+
+RECIPE_FILE = "recipe.json"
+
+
+def _claim_run_folder(out: Path, meta: dict) -> None:
+    """Make ``out`` this recipe's run folder, or check that it already is one of the same settings.
+
+    A non-empty folder without ``recipe.json`` belongs to somebody else, and one with other
+    settings to another run: both are refused before anything is written."""
+    meta = json.loads(json.dumps(meta))
+    if out.exists() and not out.is_dir():
+        raise TrainConfigError(f"--out {out} exists and is not a folder")
+    if out.exists() and any(out.iterdir()):
+        marker = out / RECIPE_FILE
+        if not marker.exists():
+            held = sorted(p.name for p in out.iterdir())[:3]
+            raise TrainConfigError(f"--out {out} is not empty and is not a default-model run (it holds "
+                                   f"{', '.join(held)}); choose another folder")
+        try:
+            old = json.loads(marker.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TrainConfigError(f"{marker} is corrupt ({e}); choose another folder") from None
+        if old != meta:
+            raise TrainConfigError(f"--out {out} holds a default-model run with other settings (seed or "
+                                   "recipe); rerun with the same settings to resume, or choose another folder")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / RECIPE_FILE, json.dumps(meta, indent=1, sort_keys=True) + "\n")
 
 
 def evaluate_default_model(model_dir: Path, *, samples: int, seed: int, tasks: Sequence[str] = EVAL_TASKS,
@@ -417,9 +460,7 @@ def _folder_bytes(path: Path) -> int:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
 def write_model_card(model_dir: Path, recipe: Recipe, report: dict) -> None:
@@ -471,6 +512,4 @@ def write_model_card(model_dir: Path, recipe: Recipe, report: dict) -> None:
               "- Trained only on these task formats and a little technical English: outside them its text is poor.",
               f"- Retrieval is trained on documents of up to {max(p.max_len for p in recipe.phases):,} tokens; "
               "longer prompts are outside its training.", ""]
-    tmp = model_dir / "README.md.tmp"
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, model_dir / "README.md")
+    write_text_atomic(model_dir / "README.md", "\n".join(lines))

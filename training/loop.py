@@ -21,7 +21,7 @@ from jaxkv.config import LlamaConfig
 from jaxkv.models.llama import init_params
 from jaxkv.training.checkpoint import RunDir
 from jaxkv.training.config import DataConfig, OptimConfig, TrainConfig
-from jaxkv.training.data import Batches, pack_documents
+from jaxkv.training.data import Batches, data_fingerprint, pack_documents
 from jaxkv.training.metrics import MetricsLog, Progress, plot_metrics
 from jaxkv.training.optim import make_optimizer, make_schedule
 from jaxkv.training.sharding import batch_sharding, make_mesh, state_shardings
@@ -37,9 +37,13 @@ class TrainingDiverged(FloatingPointError):
 
 @dataclasses.dataclass
 class TrainResult:
+    """The final state, the logged rows and the step reached (a run folder already at or past
+    ``train.steps`` returns its latest checkpoint and trains nothing)."""
+
     state: TrainState
     history: list[dict]
     out: Path | None
+    step: int = 0
 
 
 def _global_batch(batch: dict, sharding) -> dict:
@@ -92,6 +96,7 @@ def train_lm(
         meta["train"]["mesh"] = list(train.mesh)
         meta["steps"] = meta["train"].pop("steps")
         meta["optim"].pop("total_steps")
+        meta["data_fingerprint"] = data_fingerprint(documents)
         run = RunDir(out, meta, keep=train.keep, may_change=("steps",))
         latest = run.latest_step()
         if latest is not None:
@@ -101,6 +106,10 @@ def train_lm(
             start = latest
     if start == 0:
         state = jax.jit(make_state, out_shardings=shardings)()
+    if start >= train.steps:
+        # already trained this far: nothing to train, and run.json keeps the steps it records
+        run.close()
+        return TrainResult(state=state, history=[], out=Path(out), step=start)
     if run is not None:
         run.write_meta()
 
@@ -150,5 +159,6 @@ def train_lm(
         plot_metrics(Path(out) / "metrics.jsonl", Path(out) / "metrics.png")
         save_checkpoint(Path(out) / "hf", model_config, jax.device_get(state.params),
                         tokenizer=tokenizer, overwrite=True)
-    return TrainResult(state=state, history=history, out=Path(out) if out is not None else None)
+    return TrainResult(state=state, history=history, out=Path(out) if out is not None else None,
+                       step=train.steps)
 

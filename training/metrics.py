@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from jaxkv.fileio import atomic_path, write_text_atomic
+
 __all__ = ["MetricsLog", "Progress", "plot_metrics"]
 
 
@@ -27,9 +29,7 @@ class MetricsLog:
                     break  # a line cut by a crash: drop it and everything after
                 if row.get("step", math.inf) <= resume_step:
                     kept.append(line)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(k + "\n" for k in kept))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(k + "\n" for k in kept))
         self._f = open(self.path, "a")
 
     def write(self, row: dict) -> None:
@@ -83,7 +83,8 @@ def plot_metrics(jsonl: str | os.PathLike, png: str | os.PathLike) -> None:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = Path(png).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, png)
+    try:
+        with atomic_path(png, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)

@@ -61,6 +61,11 @@ class EvalConfig:
                 raise UserError(f"lengths must be integers >= 64, got {n!r}")
         if self.samples < 1:
             raise UserError(f"samples must be >= 1, got {self.samples}")
+        for name in ("methods", "budgets", "tasks", "lengths"):
+            values = getattr(self, name)
+            twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+            if twice is not None:
+                raise UserError(f"{name} lists {twice!r} twice")
         if not self.methods or not self.tasks or not self.lengths or not self.budgets:
             raise UserError("methods, budgets, tasks and lengths must each name at least one value")
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from jaxkv.eval.harness import Row
+from jaxkv.fileio import atomic_path, write_text_atomic
 
 __all__ = ["format_table", "write_json", "plot_accuracy_vs_bytes"]
 
@@ -36,9 +37,7 @@ def format_table(rows: Sequence[Row]) -> str:
 
 def write_json(rows: Sequence[Row], path: str | os.PathLike) -> None:
     data = [{k: r.asdict()[k] for k in JSON_KEYS} | {"samples": r.samples} for r in rows]
-    tmp = Path(path).with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def plot_accuracy_vs_bytes(rows: Sequence[Row], path: str | os.PathLike) -> None:
@@ -67,7 +66,8 @@ def plot_accuracy_vs_bytes(rows: Sequence[Row], path: str | os.PathLike) -> None
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)

@@ -32,6 +32,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxkv.attention import attend_dense
@@ -119,7 +120,9 @@ class LlamaForCausalLM(nnx.Module):
             raise UserError("segment_ids are for the cache-free forward of packed rows; "
                              "pass cache=None or drop segment_ids")
         cos, sin = rope_angles(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
-        x = self.embed(tokens, compute_dtype)
+        # padding may hold any id (even out of range, which gathers NaN and would poison the row
+        # through attention's zero weights): read id 0 there instead
+        x = self.embed(jnp.where(positions >= 0, tokens, 0), compute_dtype)
         new_layers = []
         for i, layer in enumerate(self.layers):
             x, layer_cache = layer(
@@ -167,6 +170,12 @@ def forward(params: dict, tokens: Array, positions: Array, cache: ModelCache | N
         raise UserError(f"tokens and positions must both be [B, T]; got {tokens.shape} and {positions.shape}")
     if segment_ids is not None and segment_ids.shape != tokens.shape:
         raise UserError(f"segment_ids must be [B, T] like tokens; got {segment_ids.shape}")
+    if not isinstance(tokens, jax.core.Tracer):  # eager call: check ids (under jit, ids are the caller's contract)
+        ids = np.asarray(tokens)
+        bad = (ids < 0) | (ids >= config.vocab_size)
+        if np.issubdtype(ids.dtype, np.integer) and (bad & (np.asarray(positions) >= 0)).any():
+            raise UserError(f"tokens hold ids outside [0, {config.vocab_size}) (the model's vocabulary), "
+                            f"e.g. {int(ids[bad & (np.asarray(positions) >= 0)][0])}")
     if compute_dtype is None:
         compute_dtype = params["embed"]["embedding"].dtype
     model = nnx.merge(_graphdef(config), params)
