@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import jaxkv
+from jaxkv.cli import main
 from jaxkv.config import preset
 from jaxkv.errors import UserError
 from jaxkv.tiny import create_tiny_checkpoint
@@ -37,7 +38,7 @@ def test_non_utf8_prompt_is_one_line(tiny_dir):
 
 def test_huge_seed_is_refused_by_the_parser(tiny_dir, capsys):
     with pytest.raises(SystemExit) as e:
-        jaxkv.cli.main(["generate", "--model", str(tiny_dir), "--prompt", "hi", "--seed", str(10**30)])
+        main(["generate", "--model", str(tiny_dir), "--prompt", "hi", "--seed", str(10**30)])
     assert e.value.code == 2 and "seed" in capsys.readouterr().err
 
 

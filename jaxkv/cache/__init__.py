@@ -1,11 +1,12 @@
 """KV-cache state and policies. Importing this package registers the built-in policies."""
 
 from jaxkv.cache.kv import KVCache, ModelCache, tree_nbytes
-from jaxkv.cache.policy import CachePolicy, available_policies, init_cache, make_policy, register_policy
+from jaxkv.cache.policy import (CachePolicy, LayerSpec, Phase, available_policies, init_cache, make_policy,
+                                register_policy)
 from jaxkv.cache.full import FullCache
 from jaxkv.cache.streaming import StreamingCache
 
 __all__ = [
-    "KVCache", "ModelCache", "tree_nbytes", "CachePolicy", "available_policies", "init_cache",
+    "KVCache", "ModelCache", "tree_nbytes", "CachePolicy", "LayerSpec", "Phase", "available_policies", "init_cache",
     "make_policy", "register_policy", "FullCache", "StreamingCache",
 ]

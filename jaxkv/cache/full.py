@@ -31,11 +31,6 @@ class FullCache(CachePolicy):
     def from_budget(cls, budget: float, context_len: int) -> "FullCache":
         return cls()  # keeps everything whatever the budget
 
-    @staticmethod
-    def _slots(state: KVCache, positions):
-        # position == slot; padding and out-of-range positions go to an index that is dropped.
-        ok = (positions >= 0) & (positions < state.num_slots)
-        return jnp.where(ok, positions, state.num_slots)
 
     @staticmethod
     def _check_fits(state: KVCache, t: int) -> None:
@@ -49,16 +44,16 @@ class FullCache(CachePolicy):
         """[B] rows holding a position the cache has no slot for."""
         return jnp.any(positions >= state.num_slots, axis=1)
 
-    def prefill(self, state, *, q, k, v, positions):
+    def prefill(self, state, *, q, k, v, positions, layer, params=None):
         self._check_fits(state, k.shape[1])
-        state = state.write(k, v, positions, self._slots(state, positions))
+        state = state.write(k, v, positions, state.slot_or_drop(positions))  # slot = position
         # a row that lost a token holds NaN values, so every later step of it says so
         lost = self._overflow(state, positions)[:, None, None, None]
         return state.replace(v=jnp.where(lost, jnp.nan, state.v).astype(state.v.dtype))
 
-    def decode(self, state, *, q, k, v, positions, window=None):
+    def append(self, state, *, q, k, v, positions, phase, layer, params=None):
         self._check_fits(state, k.shape[1])
-        state = state.write(k, v, positions, self._slots(state, positions))
-        out = self.attend(state, q, positions, window)
+        state = state.write(k, v, positions, state.slot_or_drop(positions))
+        out = self.attend(state, q, positions, layer)
         lost = self._overflow(state, positions).reshape((-1,) + (1,) * (out.ndim - 1))
         return jnp.where(lost, jnp.nan, out).astype(out.dtype), state

@@ -3,9 +3,9 @@
 ``KVCache`` is one layer's slots: keys and values head-major ``[B, K, S, H]`` (keys after RoPE)
 and the absolute position of each slot per head, ``[B, K, S]`` int32, -1 for an empty slot.
 Per-head positions let a policy keep different tokens in different heads while masks and RoPE
-stay exact. ``ModelCache`` holds one state per layer (a tuple, so layers may differ), the policy
-that owns them, and whether the prompt has been prefilled (static: prefill and decode trace
-different code).
+stay exact. ``ModelCache`` holds one state per layer (a tuple, so layers may differ: another
+block type, such as a Mamba-2 block's conv and SSM state, is another state type in the tuple),
+the per-layer policies and their traced parameters, and whether the prompt is in.
 
 Shapes never change after ``init``: writes scatter into fixed slots, so jit never recompiles.
 """
@@ -53,6 +53,11 @@ class KVCache:
     def nbytes(self) -> int:
         return tree_nbytes(self)
 
+    def slot_or_drop(self, slots: Array, keep: Array | bool = True) -> Array:
+        """``slots`` where ``keep`` holds and the slot exists, else the index ``write`` drops."""
+        s = self.num_slots
+        return jnp.where(keep & (slots >= 0) & (slots < s), slots, s)
+
     def write(self, k: Array, v: Array, positions: Array, slots: Array) -> "KVCache":
         """Scatter new tokens ``k, v: [B, T, K, H]`` with ``positions [B, T]`` into ``slots [B, T]``.
 
@@ -70,18 +75,32 @@ class KVCache:
 
 @struct.dataclass
 class ModelCache:
-    """The whole model's cache: ``layers`` (one state per layer), the policy that made them.
+    """The whole model's cache: one state per layer (a tuple, so layers may differ).
 
-    ``prefilled`` is static: False until the first forward, which runs dense attention over the
-    prompt and hands each layer's K/V (and queries) to ``policy.prefill``; afterwards each forward
-    appends its tokens and attends over the cache through ``policy.decode``.
+    ``layers``    per-layer states (traced);
+    ``params``    per-layer traced parameters of the policy (``CachePolicy.layer_params``;
+                  None where a layer has none), not counted in ``nbytes``;
+    ``policies``  per-layer policies (static);
+    ``method``    the model-level policy that made them (its ``after_prefill`` hook runs after
+                  the prompt), or None when per-layer policies were given directly;
+    ``prefilled`` False until the first forward (static: the prompt's pass traces other code).
+                  The phase of a forward follows from it and the chunk length (``Phase``): a
+                  static record of the last phase would make the first decode step and the
+                  next differ and recompile, so only this bit is kept.
     """
 
     layers: tuple
-    policy: Any = struct.field(pytree_node=False)
+    params: tuple
+    policies: tuple = struct.field(pytree_node=False)
+    method: Any = struct.field(pytree_node=False, default=None)
     prefilled: bool = struct.field(pytree_node=False, default=False)
 
     @property
     def nbytes(self) -> int:
         """Bytes held by every array of every layer (what the device actually keeps)."""
-        return sum(self.policy.nbytes(layer) for layer in self.layers)
+        return sum(p.nbytes(layer) for p, layer in zip(self.policies, self.layers))
+
+    @property
+    def params_nbytes(self) -> int:
+        """Bytes of the policies' traced parameters (calibration artifacts), kept beside the cache."""
+        return tree_nbytes(self.params)

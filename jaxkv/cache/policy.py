@@ -1,41 +1,116 @@
-"""The cache-policy protocol and the registry of policies by name.
+"""The cache-policy contract, and the registry of policies by name.
 
-A policy is a frozen dataclass of hyper-parameters plus pure functions over one layer's state:
+A policy is a frozen dataclass of hyper-parameters plus pure functions. It works at two levels.
 
-  ``capacity(max_len)``   slots a layer needs for sequences of up to ``max_len`` tokens;
-  ``init(...)``           the empty state (fixed shapes from here on);
-  ``prefill(state, ...)`` compress the prompt's K/V after dense prefill attention (``q`` is given
-                          for methods that score tokens with observation-window queries);
-  ``decode(state, ...)``  append the new tokens and attend over the cache; returns (out, state);
-  ``nbytes(state)``       bytes of the arrays the state keeps.
+**Model level** (the object ``make_policy`` returns and ``init_cache`` takes):
 
-``full`` is the reference: every other policy at a budget that keeps everything must equal it.
+  ``for_layer(layer)``      the policy of one layer (default: itself). Layers may differ, e.g.
+                            per-head splits that change static shapes, or merged layer pairs;
+  ``layer_params(layer)``   that layer's *traced* parameter pytree (calibration artifacts,
+                            learned projections), kept apart from the model's params and from
+                            the bytes of the cache (default: None);
+  ``after_prefill(cache)``  a hook that sees the whole ``ModelCache`` once the prompt is in
+                            (cross-layer merging, building an index; default: unchanged).
+
+**Layer level** (each ``for_layer`` result), over one layer's state; ``layer`` is the
+``LayerSpec`` (index, model config), ``params`` that layer's traced parameters:
+
+  ``capacity(max_len)``                 slots a layer needs for sequences of ``max_len`` tokens;
+  ``init(*, batch, max_len, dtype, layer)``   the empty state (fixed shapes from here on);
+  ``prefill_attend(q, k, v, positions, *, layer)``   attention over the prompt itself (default:
+                                        dense causal, the model's sliding window applied);
+  ``prefill(state, *, q, k, v, positions, layer, params)``   store the prompt's K/V (post-RoPE;
+                                        ``q`` is given to methods that score tokens by queries);
+  ``append(state, *, q, k, v, positions, phase, layer, params) -> (out, state)``   add a chunk
+                                        to a prefilled cache and attend over it: ``phase`` is
+                                        ``EXTEND`` (``T > 1``: a question after a reused
+                                        context) or ``DECODE`` (``T == 1``);
+  ``nbytes(state)``                     bytes of the arrays the state keeps;
+  ``expected_nbytes(*, batch, max_len, dtype, layer)``   the same count worked out from the
+                                        policy's own parameters (the conformance test holds
+                                        ``nbytes`` to it, so no array is kept unaccounted);
+  ``from_budget(budget, context_len)``  (class method) the policy sized to keep about
+                                        ``budget`` of a prompt: how ``jaxkv eval`` sweeps.
+
+Phases (``Phase``): the first forward over an empty cache is ``PREFILL``; later forwards are
+``EXTEND`` or ``DECODE`` by their length (static, from ``ModelCache.prefilled`` and the shape).
+
+``full`` is the reference: every other policy at a budget that keeps everything must equal it,
+which ``tests/test_policy_conformance.py`` checks for every registered policy.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+import enum
+from typing import Any, ClassVar, Sequence
 
-from jaxkv.attention import attend_reference
+import jax.numpy as jnp
+
+from jaxkv.attention import attend_dense, attend_reference
 from jaxkv.cache.kv import KVCache, ModelCache, tree_nbytes
-from jaxkv.typing import Array
 from jaxkv.errors import UserError
+from jaxkv.typing import Array
 
-__all__ = ["CachePolicy", "register_policy", "make_policy", "available_policies", "init_cache"]
+__all__ = ["Phase", "LayerSpec", "CachePolicy", "register_policy", "make_policy", "available_policies",
+           "init_cache"]
 
 _REGISTRY: dict[str, type["CachePolicy"]] = {}
 
 
+class Phase(enum.Enum):
+    """What a forward over a cache does: the first pass over the prompt, a multi-token chunk
+    appended to a prefilled cache, or one new token."""
+
+    PREFILL = "prefill"
+    EXTEND = "extend"
+    DECODE = "decode"
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """Which layer a policy serves: its index and the model's config (static, hashable)."""
+
+    index: int
+    config: Any  # LlamaConfig; Any keeps the cache package free of a model import
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.config.num_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.config.head_dim
+
+    @property
+    def sliding_window(self) -> int | None:
+        """The model's attention window (Mistral), applied on top of what a policy keeps."""
+        return self.config.sliding_window
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CachePolicy:
-    """Base class. Subclasses set ``name`` and override ``capacity``/``slots_for``/``prefill_keep``
-    or the whole of ``prefill``/``decode`` when they keep something other than plain KV slots."""
+    """Base class of every policy; see the module docstring for the contract.
+
+    A subclass sets ``name`` and implements ``capacity``, ``prefill`` and ``append`` (plus
+    ``init``/``nbytes``/``expected_nbytes`` when it keeps something other than one ``KVCache``).
+    """
 
     name: ClassVar[str] = ""
 
-    def capacity(self, max_len: int) -> int:
-        raise NotImplementedError
+    # ------------------------------------------------------------------ model level
+    def for_layer(self, layer: LayerSpec) -> "CachePolicy":
+        return self
+
+    def layer_params(self, layer: LayerSpec) -> Any:
+        return None
+
+    def after_prefill(self, cache: ModelCache) -> ModelCache:
+        return cache
 
     @classmethod
     def from_budget(cls, budget: float, context_len: int) -> "CachePolicy":
@@ -43,24 +118,42 @@ class CachePolicy:
         fraction in (0, 1]) of a ``context_len``-token prompt: how ``jaxkv eval`` sweeps budgets."""
         raise NotImplementedError(f"cache policy {cls.name!r} does not define from_budget")
 
-    def init(self, *, batch: int, num_kv_heads: int, head_dim: int, max_len: int, dtype) -> Any:
-        return KVCache.empty(batch=batch, num_kv_heads=num_kv_heads, slots=self.capacity(max_len),
-                             head_dim=head_dim, dtype=dtype)
-
-    def prefill(self, state: Any, *, q: Array, k: Array, v: Array, positions: Array) -> Any:
+    # ------------------------------------------------------------------ layer level
+    def capacity(self, max_len: int) -> int:
         raise NotImplementedError
 
-    def decode(self, state: Any, *, q: Array, k: Array, v: Array, positions: Array,
-               window: int | None = None) -> tuple[Array, Any]:
+    def init(self, *, batch: int, max_len: int, dtype, layer: LayerSpec) -> Any:
+        return KVCache.empty(batch=batch, num_kv_heads=layer.num_kv_heads, slots=self.capacity(max_len),
+                             head_dim=layer.head_dim, dtype=dtype)
+
+    def prefill_attend(self, q: Array, k: Array, v: Array, positions: Array, *, layer: LayerSpec) -> Array:
+        """Attention of the prompt over itself: ``q [B,T,K,G,H]``, ``k, v [B,T,K,H]``."""
+        return attend_dense(q, k, v, positions, window=layer.sliding_window)
+
+    def prefill(self, state: Any, *, q: Array, k: Array, v: Array, positions: Array,
+                layer: LayerSpec, params: Any = None) -> Any:
+        raise NotImplementedError
+
+    def append(self, state: Any, *, q: Array, k: Array, v: Array, positions: Array, phase: Phase,
+               layer: LayerSpec, params: Any = None) -> tuple[Array, Any]:
         raise NotImplementedError
 
     def nbytes(self, state: Any) -> int:
         return tree_nbytes(state)
 
+    def expected_nbytes(self, *, batch: int, max_len: int, dtype, layer: LayerSpec) -> int:
+        """K and V ``[B, K, S, H]`` in ``dtype`` plus int32 positions ``[B, K, S]``, for one
+        ``KVCache`` of ``capacity(max_len)`` slots."""
+        slots = self.capacity(max_len)
+        per_head = batch * layer.num_kv_heads * slots
+        return 2 * per_head * layer.head_dim * jnp.dtype(dtype).itemsize + per_head * 4
+
+    # ------------------------------------------------------------------ helpers for subclasses
     @staticmethod
-    def attend(state: KVCache, q: Array, positions: Array, window: int | None) -> Array:
-        """Attention of ``q [B,T,K,G,H]`` over the slots of ``state`` (masked by position)."""
-        return attend_reference(q, state.k, state.v, positions, state.positions, window=window)
+    def attend(state: KVCache, q: Array, positions: Array, layer: LayerSpec) -> Array:
+        """Attention of ``q [B,T,K,G,H]`` over the slots of ``state`` (masked by position and
+        the model's sliding window)."""
+        return attend_reference(q, state.k, state.v, positions, state.positions, window=layer.sliding_window)
 
 
 def register_policy(cls: type[CachePolicy]) -> type[CachePolicy]:
@@ -77,7 +170,7 @@ def available_policies() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def make_policy(name: str, **params: Any) -> CachePolicy:
+def make_policy(name: str | CachePolicy, **params: Any) -> CachePolicy:
     """Construct the policy registered as ``name`` with hyper-parameters ``params``.
 
     Raises UserError for an unknown name (listing the known ones) or an unknown parameter
@@ -100,17 +193,25 @@ def make_policy(name: str, **params: Any) -> CachePolicy:
     return cls(**params)
 
 
-def init_cache(config, policy: CachePolicy | str, *, batch: int, max_len: int, dtype) -> ModelCache:
-    """An empty ``ModelCache`` for ``config`` holding sequences of up to ``max_len`` tokens."""
-    policy = make_policy(policy)
+def init_cache(config, policy: CachePolicy | str | Sequence[CachePolicy], *, batch: int, max_len: int,
+               dtype) -> ModelCache:
+    """An empty ``ModelCache`` for ``config`` holding sequences of up to ``max_len`` tokens.
+
+    ``policy`` is a policy (or its registered name), whose ``for_layer`` gives each layer's; or
+    a sequence of one policy per layer."""
     if batch <= 0:
         raise UserError(f"batch must be positive, got {batch}")
     if max_len <= 0:
         raise UserError(f"max_len must be positive, got {max_len}")
-    layers = tuple(
-        policy.init(batch=batch, num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
-                    max_len=max_len, dtype=dtype)
-        for _ in range(config.num_layers)
-    )
-    return ModelCache(layers=layers, policy=policy, prefilled=False)
-
+    specs = tuple(LayerSpec(i, config) for i in range(config.num_layers))
+    if isinstance(policy, (list, tuple)):
+        if len(policy) != config.num_layers:
+            raise UserError(f"init_cache got {len(policy)} policies for {config.num_layers} layers")
+        per_layer = tuple(make_policy(p) for p in policy)
+        method = None
+    else:
+        method = make_policy(policy)
+        per_layer = tuple(method.for_layer(s) for s in specs)
+    layers = tuple(p.init(batch=batch, max_len=max_len, dtype=dtype, layer=s) for p, s in zip(per_layer, specs))
+    params = tuple(None if method is None else method.layer_params(s) for s in specs)
+    return ModelCache(layers=layers, params=params, policies=per_layer, method=method, prefilled=False)

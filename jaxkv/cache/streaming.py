@@ -6,8 +6,8 @@ Keeps the first ``sinks`` tokens and the most recent ``window`` tokens in
 Deviation from StreamingLLM: keys keep the RoPE of their absolute positions (the cache contract)
 instead of being re-rotated to their position inside the cache, which only matters beyond the
 model's trained context.
-A decode step of T > 1 tokens writes the whole chunk before attending, so a query early in the
-chunk may see fewer than ``window`` recent tokens.
+An extend chunk of T > 1 tokens is written whole before attending, so a query early in the
+chunk may see fewer than ``window`` recent tokens; a chunk longer than ``window`` is refused.
 """
 
 from __future__ import annotations
@@ -49,18 +49,18 @@ class StreamingCache(CachePolicy):
         ring = self.sinks + (positions - self.sinks) % max(s - self.sinks, 1)
         slot = jnp.where(positions < self.sinks, positions, ring)
         slot = jnp.where(s >= self.sinks + self.window, slot, positions)  # capacity == max_len
-        return jnp.where(keep & (positions >= 0) & (slot < s), slot, s)
+        return state.slot_or_drop(slot, keep & (positions >= 0))
 
-    def prefill(self, state, *, q, k, v, positions):
+    def prefill(self, state, *, q, k, v, positions, layer, params=None):
         # keep the sinks and the last `window` tokens of each row
         last = jnp.max(positions, axis=1, keepdims=True)
         keep = (positions < self.sinks) | (positions > last - self.window)
         return state.write(k, v, positions, self._slots(state, positions, keep))
 
-    def decode(self, state, *, q, k, v, positions, window=None):
+    def append(self, state, *, q, k, v, positions, phase, layer, params=None):
         if k.shape[1] > self.window:
             raise UserError(
-                f"streaming: a decode step of {k.shape[1]} tokens exceeds window={self.window}"
+                f"streaming: a {phase.value} chunk of {k.shape[1]} tokens exceeds window={self.window}"
             )
         state = state.write(k, v, positions, self._slots(state, positions, True))
-        return self.attend(state, q, positions, window), state
+        return self.attend(state, q, positions, layer), state

@@ -37,6 +37,7 @@ from flax import nnx
 
 from jaxkv.attention import attend_dense
 from jaxkv.cache.kv import ModelCache
+from jaxkv.cache.policy import LayerSpec, Phase
 from jaxkv.config import LlamaConfig
 from jaxkv.models.layers import MLP, Linear, RMSNorm, apply_rope, rope_angles, rope_inv_freq
 from jaxkv.typing import Array
@@ -67,20 +68,21 @@ class Attention(nnx.Module):
         self.num_kv_heads, self.group, self.head_dim = k, config.group_size, h
         self.window = config.sliding_window
 
-    def __call__(self, x, positions, cos, sin, *, layer_cache, policy, prefilled, segment_ids):
+    def __call__(self, x, positions, cos, sin, *, layer_cache, policy, phase, layer, params, segment_ids):
         b, t, _ = x.shape
         kh, g, h = self.num_kv_heads, self.group, self.head_dim
         q = apply_rope(self.q(x).reshape(b, t, kh * g, h), cos, sin).reshape(b, t, kh, g, h)
         k = apply_rope(self.k(x).reshape(b, t, kh, h), cos, sin)
         v = self.v(x).reshape(b, t, kh, h)
-        if layer_cache is None or not prefilled:
-            # Dense attention over this chunk (cache-free forward, or prefill).
+        if layer_cache is None:  # cache-free forward (training, scoring): dense attention
             out = attend_dense(q, k, v, positions, window=self.window, segment_ids=segment_ids)
-            if layer_cache is not None:
-                layer_cache = policy.prefill(layer_cache, q=q, k=k, v=v, positions=positions)
+        elif phase is Phase.PREFILL:
+            out = policy.prefill_attend(q, k, v, positions, layer=layer)
+            layer_cache = policy.prefill(layer_cache, q=q, k=k, v=v, positions=positions, layer=layer,
+                                         params=params)
         else:
-            out, layer_cache = policy.decode(layer_cache, q=q, k=k, v=v, positions=positions,
-                                             window=self.window)
+            out, layer_cache = policy.append(layer_cache, q=q, k=k, v=v, positions=positions, phase=phase,
+                                             layer=layer, params=params)
         return self.o(out.reshape(b, t, kh * g * h)), layer_cache
 
 
@@ -123,20 +125,26 @@ class LlamaForCausalLM(nnx.Module):
         # padding may hold any id (even out of range, which gathers NaN and would poison the row
         # through attention's zero weights): read id 0 there instead
         x = self.embed(jnp.where(positions >= 0, tokens, 0), compute_dtype)
+        phase = None
+        if cache is not None:
+            phase = Phase.DECODE if tokens.shape[1] == 1 else Phase.EXTEND
+            phase = phase if cache.prefilled else Phase.PREFILL
         new_layers = []
         for i, layer in enumerate(self.layers):
             x, layer_cache = layer(
                 x, positions, cos, sin,
                 layer_cache=None if cache is None else cache.layers[i],
-                policy=None if cache is None else cache.policy,
-                prefilled=False if cache is None else cache.prefilled,
-                segment_ids=segment_ids,
+                policy=None if cache is None else cache.policies[i],
+                params=None if cache is None else cache.params[i],
+                layer=LayerSpec(i, cfg), phase=phase, segment_ids=segment_ids,
             )
             new_layers.append(layer_cache)
         x = self.norm(x)
         logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
         if cache is not None:
             cache = cache.replace(layers=tuple(new_layers), prefilled=True)
+            if phase is Phase.PREFILL and cache.method is not None:
+                cache = cache.method.after_prefill(cache)  # the model-level hook sees every layer
         return logits.astype(jnp.float32), cache
 
 
@@ -164,7 +172,9 @@ def forward(params: dict, tokens: Array, positions: Array, cache: ModelCache | N
             config: LlamaConfig, segment_ids: Array | None = None, compute_dtype=None):
     """``(logits [B, T, V] float32, cache)``; pure and jit-able (``config`` is static).
 
-    ``compute_dtype`` defaults to the dtype of the embedding parameters.
+    ``compute_dtype`` defaults to the dtype of the embedding parameters. Token ids outside the
+    vocabulary are refused with ``UserError`` when ``tokens`` is concrete; under a caller's jit
+    they cannot be checked and give NaN logits for their row (padding, position -1, may hold any id).
     """
     if tokens.ndim != 2 or positions.shape != tokens.shape:
         raise UserError(f"tokens and positions must both be [B, T]; got {tokens.shape} and {positions.shape}")

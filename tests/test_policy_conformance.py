@@ -1,0 +1,172 @@
+"""One conformance test for every registered cache policy (as kvpress tests all its presses),
+and the contract's model-level pieces: per-layer policies, traced layer parameters, the
+after-prefill hook, phases."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import monitoring
+
+from jaxkv.cache import (CachePolicy, FullCache, LayerSpec, Phase, StreamingCache, available_policies,
+                         init_cache, make_policy)
+from jaxkv.generate import decode, pad_prompts, prefill
+from jaxkv.models.llama import forward
+
+POLICIES = available_policies()
+_COMPILES = [0]
+monitoring.register_event_duration_secs_listener(
+    lambda event, d, **k: _COMPILES.__setitem__(0, _COMPILES[0] + (event == "/jax/core/compile/backend_compile_duration")))
+
+
+def _sequence(e):
+    return jnp.asarray(np.concatenate([e["prompt_a"], e["greedy_a"]]))[None]
+
+
+def _run(config, params, seq, policy, prefill_len=12, extend_len=5):
+    """Logits of a prefill, an extend chunk and then one decode step per remaining token."""
+    n = seq.shape[1]
+    cache = init_cache(config, policy, batch=seq.shape[0], max_len=n, dtype=jnp.float32)
+    pos = jnp.broadcast_to(jnp.arange(n), seq.shape)
+    cut = prefill_len + extend_len
+    out = []
+    lg, cache = forward(params, seq[:, :prefill_len], pos[:, :prefill_len], cache, config=config)
+    out.append(lg)
+    lg, cache = forward(params, seq[:, prefill_len:cut], pos[:, prefill_len:cut], cache, config=config)
+    out.append(lg)
+    step = jax.jit(lambda c, t, p: forward(params, t, p, c, config=config))
+    for t in range(cut, n):
+        lg, cache = step(cache, seq[:, t:t + 1], pos[:, t:t + 1])
+        out.append(lg)
+    return jnp.concatenate(out, axis=1), cache
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_a_budget_that_keeps_everything_equals_full(parity_models, name):
+    for fam in ("llama3", "mistral"):  # mistral: the model's sliding window on top of the policy
+        config, params, e = parity_models[fam]
+        seq = _sequence(e)
+        ref, _ = _run(config, params, seq, "full")
+        got, _ = _run(config, params, seq, make_policy(name).from_budget(1.0, seq.shape[1]))
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5, rtol=0, err_msg=fam)
+
+
+@pytest.mark.parametrize("name", POLICIES)
+@pytest.mark.parametrize("batch, max_len, dtype, budget", [(1, 40, jnp.float32, 0.3), (3, 100, jnp.bfloat16, 0.5)])
+def test_nbytes_is_the_analytic_count(tiny_model, name, batch, max_len, dtype, budget):
+    config, params = tiny_model
+    method = make_policy(name).from_budget(budget, max_len)
+    cache = init_cache(config, method, batch=batch, max_len=max_len, dtype=dtype)
+    expected = sum(p.expected_nbytes(batch=batch, max_len=max_len, dtype=dtype, layer=LayerSpec(i, config))
+                   for i, p in enumerate(cache.policies))
+    leaves = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache.layers))
+    assert cache.nbytes == expected == leaves
+    tokens = jnp.full((batch, 8), 5, jnp.int32)
+    _, after = forward(params, tokens, jnp.broadcast_to(jnp.arange(8), (batch, 8)), cache, config=config)
+    assert after.nbytes == expected  # fixed shapes: a prefilled cache holds the same arrays
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_a_decode_loop_compiles_once(tiny_model, name):
+    config, params = tiny_model
+    method = make_policy(name).from_budget(0.5, 32)
+    rng = np.random.default_rng(0)
+    for i, n in enumerate((20, 27)):  # one prompt bucket
+        tokens, positions, lengths = pad_prompts([rng.integers(3, 500, n)])
+        cache = init_cache(config, method, batch=1, max_len=tokens.shape[1] + 40, dtype=jnp.float32)
+        last, cache = prefill(params, tokens, positions, lengths, cache, config=config)
+        start = _COMPILES[0]
+        out, _ = decode(params, cache, last, lengths, jax.random.key(0), np.float32(0), np.float32(1),
+                        np.array([-2], np.int32), config=config, max_new_tokens=40)
+        np.asarray(out)
+        assert _COMPILES[0] - start == (1 if i == 0 else 0)
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_a_ragged_batch_matches_each_row_alone(parity_models, name):
+    config, params, e = parity_models["qwen2"]
+    prompts = [e["prompt_a"], e["prompt_b"][:7], e["prompt_b"]]
+    follow = np.array([[5, 9, 13, 2]] * 3, np.int32)
+    method = make_policy(name).from_budget(0.5, 24)
+
+    def teacher_forced(rows):
+        tokens, positions, lengths = pad_prompts([prompts[r] for r in rows])
+        cache = init_cache(config, method, batch=len(rows), max_len=tokens.shape[1] + 4, dtype=jnp.float32)
+        lg, cache = forward(params, jnp.asarray(tokens), jnp.asarray(positions), cache, config=config)
+        out = [[np.asarray(lg[i, :lengths[i]]) for i in range(len(rows))]]
+        for j in range(follow.shape[1]):
+            lg, cache = forward(params, jnp.asarray(follow[rows, j:j + 1]), jnp.asarray(lengths[:, None] + j),
+                                cache, config=config)
+            out.append([np.asarray(lg[i]) for i in range(len(rows))])
+        return [np.concatenate([step[i] for step in out]) for i in range(len(rows))]
+
+    batched = teacher_forced([0, 1, 2])
+    for r in range(3):
+        np.testing.assert_allclose(batched[r], teacher_forced([r])[0], atol=2e-5, rtol=0, err_msg=f"row {r}")
+
+
+# ------------------------------------------------------------------ the model-level contract
+def test_policies_may_differ_per_layer(parity_models):
+    """A list of per-layer policies: layer 0 full, layer 1 streaming; the logits equal a run
+    where each layer's attention is restricted by hand to what its policy keeps, i.e. they sit
+    strictly between all-full and all-streaming."""
+    config, params, e = parity_models["llama3"]
+    seq = _sequence(e)
+    stream = StreamingCache(sinks=2, window=6)
+    mixed, cache = _run(config, params, seq, [FullCache(), stream])
+    full, _ = _run(config, params, seq, "full")
+    all_stream, _ = _run(config, params, seq, stream)
+    assert cache.layers[0].k.shape[2] == seq.shape[1] and cache.layers[1].k.shape[2] == 8
+    d_full = np.abs(np.asarray(mixed - full))[0, 17:].max()
+    d_stream = np.abs(np.asarray(mixed - all_stream))[0, 17:].max()
+    assert d_full > 1e-4 and d_stream > 1e-4
+    np.testing.assert_allclose(np.asarray(mixed[:, :12]), np.asarray(full[:, :12]), atol=1e-5)  # prefill is dense
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _ScaledValues(CachePolicy):
+    """A test method: a full cache whose values are multiplied by a traced per-layer factor
+    (the kind of artifact calibration produces), with an after-prefill hook that counts."""
+
+    name = "_scaled_values_test"  # never registered: the registry stays the library's
+    calls: list = dataclasses.field(default_factory=list, compare=False, hash=False)
+
+    def capacity(self, max_len):
+        return max_len
+
+    def layer_params(self, layer):
+        return {"factor": jnp.float32(1.0 + layer.index)}
+
+    def after_prefill(self, cache):
+        self.calls.append("after_prefill")
+        return cache
+
+    def prefill(self, state, *, q, k, v, positions, layer, params=None):
+        return state.write(k, v * params["factor"], positions, state.slot_or_drop(positions))
+
+    def append(self, state, *, q, k, v, positions, phase, layer, params=None):
+        self.calls.append(phase)
+        state = state.write(k, v * params["factor"], positions, state.slot_or_drop(positions))
+        return self.attend(state, q, positions, layer) / params["factor"], state
+
+
+def test_traced_layer_params_hook_and_phases(parity_models):
+    config, params, e = parity_models["llama3"]
+    seq = _sequence(e)
+    method = _ScaledValues()
+    got, cache = _run(config, params, seq, method)
+    ref, _ = _run(config, params, seq, "full")
+    # scaling the values by f and the output by 1/f is exact: the artifact reached every layer
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5)
+    assert [float(p["factor"]) for p in cache.params] == [1.0, 2.0]
+    assert cache.params_nbytes == 8 and cache.nbytes == FullCache().expected_nbytes(
+        batch=1, max_len=seq.shape[1], dtype=jnp.float32, layer=LayerSpec(0, config)) * 2
+    # traced calls: the hook once after the prefill, then one EXTEND chunk per layer, then the
+    # decode step traced once per layer (jit)
+    assert method.calls.count("after_prefill") == 1
+    assert method.calls.count(Phase.EXTEND) == config.num_layers
+    assert method.calls.count(Phase.DECODE) == config.num_layers
