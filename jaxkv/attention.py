@@ -64,17 +64,21 @@ def attend_reference(
     q_segments: Array | None = None,
     k_segments: Array | None = None,
     scale: float | None = None,
+    k_bias: Array | None = None,
 ) -> Array:
     """Softmax attention of ``q [B,T,K,G,H]`` over ``k, v [B,K,S,H]``; returns ``[B,T,K,G,H]``.
 
     Scores and softmax in fp32 (as transformers' eager attention); the weighted sum runs in
-    the value dtype.
+    the value dtype. ``k_bias [B,K,S]`` is added to every query's score of a slot (a slot that
+    stands for ``n`` tokens, such as a compensation token, carries ``log n``).
     """
     if q.ndim != 5 or k.ndim != 4 or v.shape != k.shape:
         raise UserError(f"expected q [B,T,K,G,H] and k, v [B,K,S,H]; got {q.shape}, {k.shape}, {v.shape}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     # 1. scores
     s = jnp.einsum("BTKGH,BKSH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
+    if k_bias is not None:
+        s = s + k_bias[:, :, None, None, :].astype(jnp.float32)
     # 2. mask by position (and segment)
     mask = visibility_mask(q_positions, k_positions, window=window,
                            q_segments=q_segments, k_segments=k_segments)

@@ -4,6 +4,7 @@
                  [--top-p P] [--seed S] [--cache full|streaming] [--cache-arg NAME=VALUE ...]
                  [--dtype float32|bfloat16] [--json]
   jaxkv convert FILE.gguf --out DIR [--dtype float32|bfloat16|float16] [--overwrite]
+  jaxkv calibrate razor [--model M] --out FILE [--n-tokens N] [--seed S]
   jaxkv train lm (--model-preset NAME | --model M) --data SRC... --out DIR [--seq-len N]
                  [--batch-size N] [--steps N] [--lr LR] [--seed S] [--save-every N] [--mesh d,f,t]
   jaxkv train default-model --out DIR [--seed S] [--scale F]
@@ -94,6 +95,20 @@ def _check_utf8(text: str, what: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         raise UserError(f"{what} is not valid UTF-8 (at character {e.start})") from None
+
+
+def _cmd_calibrate(args) -> int:
+    import jax.numpy as jnp
+
+    from jaxkv.calibration import calibrate
+    from jaxkv.checkpoints import load_checkpoint, resolve_model
+    from jaxkv.fileio import check_output_path
+
+    check_output_path(args.out, "--out")
+    config, params = load_checkpoint(resolve_model(args.model), dtype=jnp.float32)
+    out = calibrate(args.method, params, config, args.out, n_tokens=args.n_tokens, seed=args.seed)
+    print(f"wrote {out}")
+    return 0
 
 
 def _cmd_convert(args) -> int:
@@ -300,6 +315,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="dtype of the written weights (GGUF weights are dequantized first)")
     cv.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint folder")
     cv.set_defaults(func=_cmd_convert)
+
+    cal = sub.add_parser("calibrate", help="measure a method's calibration on a model and save it "
+                                          "(use it with --cache-arg calibration=FILE)")
+    cal.add_argument("method", choices=["razor"])
+    cal.add_argument("--model", default="default", help=MODEL_HELP)
+    cal.add_argument("--out", required=True, help="the calibration file to write (.safetensors)")
+    cal.add_argument("--n-tokens", type=_positive_int, default=512,
+                     help="razor: random token ids repeated 4 times (the paper: 2500; capped by the context)")
+    cal.add_argument("--seed", type=_seed, default=0)
+    cal.set_defaults(func=_cmd_calibrate)
 
     c = sub.add_parser("create-tiny", help="write a tiny random-weight checkpoint (tests, quick start)")
     c.add_argument("dir")

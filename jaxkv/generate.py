@@ -166,7 +166,7 @@ def generate(
         raise UserError(f"top_p must be in (0, 1], got {top_p}")
     if temperature > 0 and key is None:
         raise UserError("sampling with temperature > 0 needs an explicit PRNG key (key=jax.random.key(seed))")
-    policy = make_policy(policy, **(policy_params or {}))
+    policy = make_policy(policy, **(policy_params or {})).prepare(params, config)
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > config.max_position_embeddings:
         raise UserError(

@@ -5,8 +5,9 @@ from jaxkv.cache.policy import (CachePolicy, LayerSpec, Phase, available_policie
                                 register_policy)
 from jaxkv.cache.full import FullCache
 from jaxkv.cache.streaming import StreamingCache
+from jaxkv.cache.razor import RazorCache
 
 __all__ = [
     "KVCache", "ModelCache", "tree_nbytes", "CachePolicy", "LayerSpec", "Phase", "available_policies", "init_cache",
-    "make_policy", "register_policy", "FullCache", "StreamingCache",
+    "make_policy", "register_policy", "FullCache", "StreamingCache", "RazorCache",
 ]

@@ -112,6 +112,12 @@ class CachePolicy:
     def after_prefill(self, cache: ModelCache) -> ModelCache:
         return cache
 
+    def prepare(self, params: dict, config) -> "CachePolicy":
+        """The policy ready for this model: a method that needs model-dependent artifacts
+        (calibration) loads them here, checking they belong to the model, or computes them when
+        it can (data-free calibration). ``generate`` and the harness call it once per model."""
+        return self
+
     @classmethod
     def from_budget(cls, budget: float, context_len: int) -> "CachePolicy":
         """The policy with its default hyper-parameters sized to keep about ``budget`` (a

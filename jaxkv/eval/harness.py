@@ -187,6 +187,13 @@ def evaluate(params, config: LlamaConfig, tokenizer, cfg: EvalConfig,
     ``full`` is always run (it is the fidelity reference) and reported once, at budget 1.0.
     """
     runner = _Runner(params, config, tokenizer)
+    prepared: dict = {}
+
+    def policy(m, b, length):  # prepared once per (method, budget, length): calibration runs once
+        if (m, b, length) not in prepared:
+            prepared[m, b, length] = policy_for(m, b, length).prepare(params, config)
+        return prepared[m, b, length]
+
     grid = [(m, b) for m in cfg.methods if m != "full" for b in cfg.budgets]
     total = len(cfg.tasks) * len(cfg.lengths) * cfg.samples
     acc: dict[tuple, list[dict]] = {}
@@ -200,7 +207,7 @@ def evaluate(params, config: LlamaConfig, tokenizer, cfg: EvalConfig,
                 full = runner.run(sample, make_policy("full"), ans)
                 runs = [("full", 1.0, full)] if "full" in cfg.methods else []
                 for m, b in grid:
-                    runs.append((m, b, runner.run(sample, policy_for(m, b, sample.length), ans)))
+                    runs.append((m, b, runner.run(sample, policy(m, b, sample.length), ans)))
                 for m, b, r in runs:
                     kl, top1 = kl_and_agreement(full["logits"], r["logits"])
                     acc.setdefault((m, b, task, length), []).append({

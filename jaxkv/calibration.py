@@ -1,0 +1,98 @@
+"""Calibration artifacts: what a method measures on a model once and reuses.
+
+A calibration file is safetensors: the method's tensors plus metadata ``jaxkv_calibration``
+(JSON: ``method``, ``settings``, ``model`` fingerprint, jaxkv version). ``jaxkv calibrate METHOD
+--model M --out FILE`` writes one; a policy loads it with ``--cache-arg calibration=FILE`` and
+refuses it for another model (the fingerprint covers the architecture and the embedding
+weights) or another method.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from jaxkv.errors import UserError
+from jaxkv.fileio import atomic_path
+
+__all__ = ["CalibrationError", "model_fingerprint", "save_calibration", "load_calibration", "calibrate",
+           "CALIBRATED_METHODS"]
+
+CALIBRATED_METHODS = ("razor",)
+
+META_KEY = "jaxkv_calibration"
+
+
+class CalibrationError(UserError):
+    """A calibration file that is unreadable or belongs to another model or method."""
+
+
+def model_fingerprint(config, params) -> str:
+    """A short hash of the architecture and the embedding weights: two checkpoints share it only
+    if they are the same model (fine-tunes change the embeddings too)."""
+    h = hashlib.sha256(json.dumps(config.to_hf(), sort_keys=True).encode())
+    h.update(np.ascontiguousarray(np.asarray(params["embed"]["embedding"], np.float32)).tobytes())
+    return h.hexdigest()[:32]
+
+
+def save_calibration(path: str | os.PathLike, *, method: str, tensors: dict[str, np.ndarray],
+                     settings: dict, fingerprint: str) -> Path:
+    """Write a calibration file atomically."""
+    from safetensors.numpy import save_file
+
+    from jaxkv import __version__
+
+    meta = {"method": method, "settings": settings, "model": fingerprint, "jaxkv": __version__}
+    with atomic_path(path, suffix=".safetensors") as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.fspath(tmp),
+                  metadata={META_KEY: json.dumps(meta, sort_keys=True)})
+    return Path(path)
+
+
+def load_calibration(path: str | os.PathLike, *, method: str, fingerprint: str | None = None
+                     ) -> tuple[dict[str, np.ndarray], dict]:
+    """``(tensors, metadata)`` of a calibration file for ``method``; with ``fingerprint``, refuse
+    a file made on another model."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise CalibrationError(f"calibration file {os.fspath(path)!r} does not exist")
+    try:
+        with safe_open(os.fspath(p), framework="numpy") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises several types on damaged files
+        raise CalibrationError(f"{p} is not a readable calibration file ({e})") from None
+    try:
+        meta = json.loads(raw) if raw else None
+    except json.JSONDecodeError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise CalibrationError(f"{p} is not a jaxkv calibration file (no {META_KEY} metadata)")
+    if meta.get("method") != method:
+        raise CalibrationError(f"{p} calibrates {meta.get('method')!r}, not {method!r}")
+    if fingerprint is not None and meta.get("model") != fingerprint:
+        raise CalibrationError(f"{p} was calibrated on another model (fingerprint {meta.get('model')}, "
+                               f"this model's is {fingerprint}); calibrate this model with "
+                               f"`jaxkv calibrate {method} --model ...`")
+    return tensors, meta
+
+
+def calibrate(method: str, params: dict, config, out: str | os.PathLike, **settings) -> Path:
+    """Run ``method``'s calibration on the model and write its file (``jaxkv calibrate``)."""
+    if method == "razor":
+        from jaxkv.cache.razor import head_scores
+
+        settings = {"n_tokens": 512, "seed": 0, **settings}
+        echo, induction = head_scores(params, config, **settings)
+        tensors = {"echo": echo.astype(np.float32), "induction": induction.astype(np.float32)}
+    else:
+        raise UserError(f"unknown method to calibrate {method!r}; methods with a calibration: "
+                        f"{', '.join(CALIBRATED_METHODS)}")
+    return save_calibration(out, method=method, tensors=tensors, settings=settings,
+                            fingerprint=model_fingerprint(config, params))
