@@ -5,6 +5,7 @@
                  [--dtype float32|bfloat16] [--json]
   jaxkv convert FILE.gguf --out DIR [--dtype float32|bfloat16|float16] [--overwrite]
   jaxkv calibrate razor [--model M] --out FILE [--n-tokens N] [--seed S]
+  jaxkv analyze [--model M] --out DIR [--task T] [--length N]
   jaxkv train lm (--model-preset NAME | --model M) --data SRC... --out DIR [--seq-len N]
                  [--batch-size N] [--steps N] [--lr LR] [--seed S] [--save-every N] [--mesh d,f,t]
   jaxkv train default-model --out DIR [--seed S] [--scale F]
@@ -108,6 +109,30 @@ def _cmd_calibrate(args) -> int:
     config, params = load_checkpoint(resolve_model(args.model), dtype=jnp.float32)
     out = calibrate(args.method, params, config, args.out, n_tokens=args.n_tokens, seed=args.seed)
     print(f"wrote {out}")
+    return 0
+
+
+def _cmd_analyze(args) -> int:
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxkv.checkpoints import load_checkpoint, load_tokenizer, resolve_model
+    from jaxkv.eval.analyze import analyze
+
+    model = resolve_model(args.model)
+    config, params = load_checkpoint(model, dtype=jnp.float32)
+    if args.length + 64 > config.max_position_embeddings:
+        raise UserError(f"--length {args.length} is too long for the model's context of "
+                        f"{config.max_position_embeddings} tokens")
+    report = analyze(params, config, load_tokenizer(model), args.out, task=args.task, length=args.length,
+                     seed=args.seed, n_tokens=args.n_tokens)
+    sim = report["adjacent_layer_similarity"]
+    half = config.num_layers // 2
+    print(f"adjacent-layer similarity, keys / values: bottom half {np.mean(sim['key'][:half - 1]):.3f} / "
+          f"{np.mean(sim['value'][:half - 1]):.3f}, top half {np.mean(sim['key'][half - 1:]):.3f} / "
+          f"{np.mean(sim['value'][half - 1:]):.3f}")
+    print(f"retrieval heads: {report['retrieval_heads']['share']:.1%} of {config.num_layers * config.num_kv_heads}")
+    print(f"wrote {args.out}/analysis.json and {args.out}/analysis.png")
     return 0
 
 
@@ -325,6 +350,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="razor: random token ids repeated 4 times (the paper: 2500; capped by the context)")
     cal.add_argument("--seed", type=_seed, default=0)
     cal.set_defaults(func=_cmd_calibrate)
+
+    an = sub.add_parser("analyze", help="adjacent-layer KV similarity (MiniCache) and retrieval-head scores "
+                                        "(RazorAttention) of a model, as JSON + PNG")
+    an.add_argument("--model", default="default", help=MODEL_HELP)
+    an.add_argument("--out", required=True, help="folder for analysis.json and analysis.png")
+    an.add_argument("--task", default="niah_single", help="the harness task whose prompt is read")
+    an.add_argument("--length", type=_positive_int, default=2048, help="prompt length in tokens")
+    an.add_argument("--n-tokens", type=_positive_int, default=512, help="razor calibration: random ids repeated 4x")
+    an.add_argument("--seed", type=_seed, default=0)
+    an.set_defaults(func=_cmd_analyze)
 
     c = sub.add_parser("create-tiny", help="write a tiny random-weight checkpoint (tests, quick start)")
     c.add_argument("dir")
