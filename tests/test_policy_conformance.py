@@ -105,8 +105,14 @@ def test_a_ragged_batch_matches_each_row_alone(parity_models, name):
         return [np.concatenate([step[i] for step in out]) for i in range(len(rows))]
 
     batched = teacher_forced([0, 1, 2])
+    # A policy that rounds to low-bit codes (quantized = True) is discontinuous: the float noise
+    # of another batch shape (~1e-7) can flip a code. Its row runs alone in a batch of the same
+    # shape (three copies of the row), which isolates what this test is about: rows of other
+    # lengths beside it change nothing.
+    quantized = getattr(method, "quantized", False)
     for r in range(3):
-        np.testing.assert_allclose(batched[r], teacher_forced([r])[0], atol=2e-5, rtol=0, err_msg=f"row {r}")
+        alone = teacher_forced([r, r, r] if quantized else [r])[0]
+        np.testing.assert_allclose(batched[r], alone, atol=2e-5, rtol=0, err_msg=f"row {r}")
 
 
 # ------------------------------------------------------------------ the model-level contract

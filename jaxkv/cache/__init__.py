@@ -6,8 +6,9 @@ from jaxkv.cache.policy import (CachePolicy, LayerSpec, Phase, available_policie
 from jaxkv.cache.full import FullCache
 from jaxkv.cache.streaming import StreamingCache
 from jaxkv.cache.razor import RazorCache
+from jaxkv.cache.mikv import MiKVCache
 
 __all__ = [
     "KVCache", "ModelCache", "tree_nbytes", "CachePolicy", "LayerSpec", "Phase", "available_policies", "init_cache",
-    "make_policy", "register_policy", "FullCache", "StreamingCache", "RazorCache",
+    "make_policy", "register_policy", "FullCache", "StreamingCache", "RazorCache", "MiKVCache",
 ]
