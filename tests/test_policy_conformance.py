@@ -14,6 +14,7 @@ from jax import monitoring
 
 from jaxkv.cache import (CachePolicy, FullCache, LayerSpec, Phase, StreamingCache, available_policies,
                          init_cache, make_policy)
+from jaxkv.eval.harness import policy_for
 from jaxkv.generate import decode, pad_prompts, prefill
 from jaxkv.models.llama import forward
 
@@ -50,8 +51,12 @@ def test_a_budget_that_keeps_everything_equals_full(parity_models, name):
     for fam in ("llama3", "mistral"):  # mistral: the model's sliding window on top of the policy
         config, params, e = parity_models[fam]
         seq = _sequence(e)
-        ref, _ = _run(config, params, seq, "full")
-        got, _ = _run(config, params, seq, make_policy(name).from_budget(1.0, seq.shape[1]).prepare(params, config))
+        got_policy = policy_for(name, 1.0, seq.shape[1]).prepare(params, config)
+        # a composition stores in low-bit codes: its reference is `full` in the same storage
+        # (which tests/test_storage.py checks against a numpy reference)
+        reference = make_policy("full", kv_bits=got_policy.kv_bits)
+        ref, _ = _run(config, params, seq, reference)
+        got, _ = _run(config, params, seq, got_policy)
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5, rtol=0, err_msg=fam)
 
 
@@ -59,7 +64,7 @@ def test_a_budget_that_keeps_everything_equals_full(parity_models, name):
 @pytest.mark.parametrize("batch, max_len, dtype, budget", [(1, 40, jnp.float32, 0.3), (3, 100, jnp.bfloat16, 0.5)])
 def test_nbytes_is_the_analytic_count(tiny_model, name, batch, max_len, dtype, budget):
     config, params = tiny_model
-    method = make_policy(name).from_budget(budget, max_len).prepare(params, config)
+    method = policy_for(name, budget, max_len).prepare(params, config)
     cache = init_cache(config, method, batch=batch, max_len=max_len, dtype=dtype)
     expected = sum(p.expected_nbytes(batch=batch, max_len=max_len, dtype=dtype, layer=LayerSpec(i, config))
                    for i, p in enumerate(cache.policies))
@@ -73,7 +78,7 @@ def test_nbytes_is_the_analytic_count(tiny_model, name, batch, max_len, dtype, b
 @pytest.mark.parametrize("name", POLICIES)
 def test_a_decode_loop_compiles_once(tiny_model, name):
     config, params = tiny_model
-    method = make_policy(name).from_budget(0.5, 32).prepare(params, config)
+    method = policy_for(name, 0.5, 32).prepare(params, config)
     rng = np.random.default_rng(0)
     for i, n in enumerate((20, 27)):  # one prompt bucket
         tokens, positions, lengths = pad_prompts([rng.integers(3, 500, n)])
@@ -91,7 +96,7 @@ def test_a_ragged_batch_matches_each_row_alone(parity_models, name):
     config, params, e = parity_models["qwen2"]
     prompts = [e["prompt_a"], e["prompt_b"][:7], e["prompt_b"]]
     follow = np.array([[5, 9, 13, 2]] * 3, np.int32)
-    method = make_policy(name).from_budget(0.5, 24).prepare(params, config)
+    method = policy_for(name, 0.5, 24).prepare(params, config)
 
     def teacher_forced(rows):
         tokens, positions, lengths = pad_prompts([prompts[r] for r in rows])

@@ -49,7 +49,9 @@ class FullCache(CachePolicy):
         state = state.write(k, v, positions, state.slot_or_drop(positions))  # slot = position
         # a row that lost a token holds NaN values, so every later step of it says so
         lost = self._overflow(state, positions)[:, None, None, None]
-        return state.replace(v=jnp.where(lost, jnp.nan, state.v).astype(state.v.dtype))
+        if isinstance(state, KVCache):
+            return state.replace(v=jnp.where(lost, jnp.nan, state.v).astype(state.v.dtype))
+        return state.replace(qv=state.qv.replace(scale=jnp.where(lost, jnp.nan, state.qv.scale)))  # QuantizedKV
 
     def append(self, state, *, q, k, v, positions, phase, layer, params=None):
         self._check_fits(state, k.shape[1])

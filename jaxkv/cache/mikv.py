@@ -28,7 +28,6 @@ nothing, which adds ``bits``/16 of a token's bytes per important token.
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -62,7 +61,6 @@ def _quantize_tokens(x, bits):  # x [B, K, T, H]: one scale and zero per token a
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MiKVCache(CachePolicy):
     name = "mikv"
-    quantized: ClassVar[bool] = True  # rounds to low-bit codes (see the conformance test)
     important: float = 0.5  # share of the context kept in full precision (Sh = important * max_len)
     recent: int = 16
     bits: int = 3
@@ -72,6 +70,9 @@ class MiKVCache(CachePolicy):
     context_len: int | None = None
 
     def __post_init__(self):
+        super().__post_init__()
+        if self.kv_bits is not None:
+            raise UserError("mikv stores its own tiers (bits=...); it takes no kv_bits")
         if isinstance(self.important, bool) or not isinstance(self.important, (int, float)) or not 0 <= self.important <= 1:
             raise UserError(f"mikv: important must be a number in [0, 1], got {self.important!r}")
         for f, low in (("recent", 1), ("obs_window", 1)):
@@ -82,6 +83,10 @@ class MiKVCache(CachePolicy):
             raise UserError(f"mikv: bits must be 2, 3, 4 or 8, got {self.bits!r}")
         if not isinstance(self.balancer, bool):
             raise UserError(f"mikv: balancer must be true or false, got {self.balancer!r}")
+
+    @property
+    def quantized(self) -> bool:  # its low tier rounds to codes (see the conformance test)
+        return True
 
     def hi_slots(self, max_len: int) -> int:
         return min(max_len, max(self.recent, round(self.important * max_len)))

@@ -101,6 +101,33 @@ class CachePolicy:
     """
 
     name: ClassVar[str] = ""
+    # How kept tokens are stored (the second concern): None = the cache dtype; 2/3/4/8 = MiKV's
+    # per-token packed codes (``jaxkv.cache.storage``). ``KEEP+mikv`` names set it.
+    kv_bits: int | None = None
+
+    def __post_init__(self):
+        if self.kv_bits is not None and (isinstance(self.kv_bits, bool) or self.kv_bits not in (2, 3, 4, 8)):
+            raise UserError(f"{self.name}: the storage's bits must be 2, 3, 4 or 8, got {self.kv_bits!r}")
+
+    @property
+    def quantized(self) -> bool:
+        """True when the policy rounds what it keeps to low-bit codes."""
+        return self.kv_bits is not None
+
+    @property
+    def kv_storage(self):
+        from jaxkv.cache.storage import DenseStorage, QuantizedStorage
+
+        return DenseStorage() if self.kv_bits is None else QuantizedStorage(bits=self.kv_bits)
+
+    def new_kv(self, *, batch: int, num_kv_heads: int, slots: int, head_dim: int, dtype):
+        """An empty slot array (``KVCache`` or ``QuantizedKV``) in this policy's storage."""
+        return self.kv_storage.new_kv(batch=batch, num_kv_heads=num_kv_heads, slots=slots,
+                                      head_dim=head_dim, dtype=dtype)
+
+    def kv_slot_bytes(self, head_dim: int, dtype) -> int:
+        """Bytes one slot of one KV head takes in this policy's storage (K, V, position)."""
+        return self.kv_storage.slot_bytes(head_dim, dtype)
 
     # ------------------------------------------------------------------ model level
     def for_layer(self, layer: LayerSpec) -> "CachePolicy":
@@ -129,8 +156,8 @@ class CachePolicy:
         raise NotImplementedError
 
     def init(self, *, batch: int, max_len: int, dtype, layer: LayerSpec) -> Any:
-        return KVCache.empty(batch=batch, num_kv_heads=layer.num_kv_heads, slots=self.capacity(max_len),
-                             head_dim=layer.head_dim, dtype=dtype)
+        return self.new_kv(batch=batch, num_kv_heads=layer.num_kv_heads, slots=self.capacity(max_len),
+                           head_dim=layer.head_dim, dtype=dtype)
 
     def prefill_attend(self, q: Array, k: Array, v: Array, positions: Array, *, layer: LayerSpec) -> Array:
         """Attention of the prompt over itself: ``q [B,T,K,G,H]``, ``k, v [B,T,K,H]``."""
@@ -148,11 +175,8 @@ class CachePolicy:
         return tree_nbytes(state)
 
     def expected_nbytes(self, *, batch: int, max_len: int, dtype, layer: LayerSpec) -> int:
-        """K and V ``[B, K, S, H]`` in ``dtype`` plus int32 positions ``[B, K, S]``, for one
-        ``KVCache`` of ``capacity(max_len)`` slots."""
-        slots = self.capacity(max_len)
-        per_head = batch * layer.num_kv_heads * slots
-        return 2 * per_head * layer.head_dim * jnp.dtype(dtype).itemsize + per_head * 4
+        """One slot array of ``capacity(max_len)`` slots per KV head in this policy's storage."""
+        return batch * layer.num_kv_heads * self.capacity(max_len) * self.kv_slot_bytes(layer.head_dim, dtype)
 
     # ------------------------------------------------------------------ helpers for subclasses
     @staticmethod
@@ -172,13 +196,23 @@ def register_policy(cls: type[CachePolicy]) -> type[CachePolicy]:
     return cls
 
 
+STORAGES = {"mikv": 4}  # a storage name usable after "+" -> its default bits
+COMPOSABLE = ("full", "streaming", "razor")  # policies whose kept tokens a storage may hold
+
+
 def available_policies() -> list[str]:
-    return sorted(_REGISTRY)
+    """Registered policies (names starting with ``_`` are internal) and the compositions
+    ``KEEP+STORE``."""
+    names = [n for n in _REGISTRY if not n.startswith("_")]
+    names += [f"{k}+{s}" for k in COMPOSABLE if k in _REGISTRY for s in STORAGES]
+    return sorted(names)
 
 
 def make_policy(name: str | CachePolicy, **params: Any) -> CachePolicy:
     """Construct the policy registered as ``name`` with hyper-parameters ``params``.
 
+    ``KEEP+STORE`` composes: ``razor+mikv`` is ``razor`` storing what it keeps in MiKV's packed
+    format (``bits``, default 4, becomes the policy's ``kv_bits``).
     Raises UserError for an unknown name (listing the known ones) or an unknown parameter
     (listing the accepted ones); the policy itself validates the values.
     """
@@ -186,7 +220,14 @@ def make_policy(name: str | CachePolicy, **params: Any) -> CachePolicy:
         if params:
             raise UserError("pass either a policy object or a name with parameters, not both")
         return name
-    if name not in _REGISTRY:
+    if isinstance(name, str) and "+" in name:
+        keep, _, store = name.partition("+")
+        if keep not in COMPOSABLE or store not in STORAGES or keep not in _REGISTRY:
+            raise UserError(f"unknown cache policy {name!r}; known policies: {', '.join(available_policies())}")
+        if "kv_bits" in params:
+            raise UserError(f"{name}: give the storage's bits as bits=..., not kv_bits")
+        return make_policy(keep, kv_bits=params.pop("bits", STORAGES[store]), **params)
+    if name not in _REGISTRY or name.startswith("_"):
         raise UserError(f"unknown cache policy {name!r}; known policies: {', '.join(available_policies())}")
     cls = _REGISTRY[name]
     fields = {f.name for f in dataclasses.fields(cls)}

@@ -175,8 +175,8 @@ class RazorLayer(CachePolicy):
     def init(self, *, batch, max_len, dtype, layer):
         r, rest = self._split(layer)
         h = layer.head_dim
-        empty = lambda heads, slots: (KVCache.empty(batch=batch, num_kv_heads=heads, slots=slots, head_dim=h,  # noqa: E731
-                                                    dtype=dtype) if heads else None)
+        empty = lambda heads, slots: (self.new_kv(batch=batch, num_kv_heads=heads, slots=slots, head_dim=h,  # noqa: E731
+                                                  dtype=dtype) if heads else None)
         kn = len(rest)
         return RazorState(full=empty(len(r), max_len), local=empty(kn, self._ring().capacity(max_len)),
                           comp_k=jnp.zeros((batch, kn, h), jnp.float32), comp_v=jnp.zeros((batch, kn, h), jnp.float32),
@@ -184,8 +184,8 @@ class RazorLayer(CachePolicy):
 
     def expected_nbytes(self, *, batch, max_len, dtype, layer):
         r, rest = self._split(layer)
-        item, h = jnp.dtype(dtype).itemsize, layer.head_dim
-        kv = lambda heads, slots: batch * heads * slots * (2 * h * item + 4)  # noqa: E731
+        h = layer.head_dim
+        kv = lambda heads, slots: batch * heads * slots * self.kv_slot_bytes(h, dtype)  # noqa: E731
         return kv(len(r), max_len) + kv(len(rest), self._ring().capacity(max_len)) + batch * len(rest) * (2 * h * 4 + 8)
 
     def prefill(self, state, *, q, k, v, positions, layer, params=None):
@@ -277,6 +277,7 @@ class RazorCache(CachePolicy):
     context_len: int | None = None
 
     def __post_init__(self):
+        super().__post_init__()
         for f in ("sinks", "window", "n_tokens", "seed"):
             value = getattr(self, f)
             low = 1 if f in ("window", "n_tokens") else 0
@@ -343,7 +344,7 @@ class RazorCache(CachePolicy):
             raise UserError("razor needs its retrieval heads: call policy.prepare(params, config) (generate and "
                             "jaxkv eval do), pass heads=..., or --cache-arg calibration=FILE")
         return RazorLayer(retrieval=self.heads[layer.index], sinks=self.sinks, window=self.window,
-                          compensation=self.compensation)
+                          compensation=self.compensation, kv_bits=self.kv_bits)
 
 
 _SCORES: dict = {}

@@ -31,6 +31,7 @@ class StreamingCache(CachePolicy):
     window: int = 1024
 
     def __post_init__(self):
+        super().__post_init__()
         if not isinstance(self.sinks, int) or isinstance(self.sinks, bool) or self.sinks < 0:
             raise UserError(f"streaming: sinks must be an integer >= 0, got {self.sinks!r}")
         if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 1:

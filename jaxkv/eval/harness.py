@@ -90,8 +90,11 @@ class Row:
 
 
 def policy_for(method: str, budget: float, context_len: int):
-    """The policy ``method`` sized for ``budget`` of a ``context_len``-token prompt."""
-    return make_policy(method).from_budget(budget, context_len)
+    """The policy ``method`` sized for ``budget`` of a ``context_len``-token prompt. For a
+    composition (``razor+mikv``) the budget is the share of tokens the policy keeps; its storage
+    then holds them in fewer bytes (the bytes are reported as held)."""
+    base = make_policy(method)
+    return dataclasses.replace(base.from_budget(budget, context_len), kv_bits=base.kv_bits)
 
 
 def kl_and_agreement(ref_logits: jax.Array, logits: jax.Array) -> tuple[float, float]:
