@@ -35,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxkv.errors import UserError
-from jaxkv.fileio import replace_folder
+from jaxkv.fileio import read_json_object, replace_folder
 
 from jaxkv.config import ConfigError, LlamaConfig
 from jaxkv.models.llama import abstract_params
@@ -409,12 +409,7 @@ def load_chat_template(path: str | os.PathLike):
     tc: dict = {}
     tc_file = folder / TOKENIZER_CONFIG_FILE
     if tc_file.exists():
-        try:
-            tc = json.loads(tc_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{tc_file} is not valid JSON ({e})") from None
-        if not isinstance(tc, dict):
-            raise CheckpointError(f"{tc_file} must hold a JSON object")
+        tc = read_json_object(tc_file, CheckpointError)
     source = None
     if (folder / CHAT_TEMPLATE_FILE).exists():
         source = (folder / CHAT_TEMPLATE_FILE).read_text()

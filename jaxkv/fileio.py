@@ -18,7 +18,8 @@ from typing import Iterator
 
 from jaxkv.errors import UserError
 
-__all__ = ["atomic_path", "write_text_atomic", "check_output_path", "replace_folder"]
+__all__ = ["atomic_path", "write_text_atomic", "check_output_path", "replace_folder", "read_json_object",
+           "save_figure"]
 
 
 @contextlib.contextmanager
@@ -78,3 +79,29 @@ def replace_folder(new: Path, target: Path) -> None:
     target.rename(old)
     new.rename(target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def read_json_object(path: Path, error: type[Exception], what: str | None = None) -> dict:
+    """The JSON object in ``path``; ``error`` (naming ``what``, default the path) if the file is
+    not UTF-8 JSON or holds anything but an object."""
+    import json
+
+    what = what or os.fspath(path)
+    try:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{what} is corrupt ({e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{what} is corrupt (it holds a JSON {type(data).__name__}, not an object)")
+    return data
+
+
+def save_figure(fig, path: str | os.PathLike) -> None:
+    """Save a matplotlib figure as PNG atomically and close it, whatever happens."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)

@@ -56,7 +56,7 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
 BPE_PRE_TOKENIZERS = ("default", "gpt2", "gpt-2", "smollm", "llama-bpe", "llama3", "qwen2")
 
 
-def _error(path: Path, message: str) -> "CheckpointError":
+def _error(path: Path, message: str) -> UserError:
     from jaxkv.checkpoints import CheckpointError
 
     return CheckpointError(f"{os.fspath(path)}: {message}")

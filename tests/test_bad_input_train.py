@@ -2,13 +2,10 @@
 interrupted starts, finished runs, non-UTF-8 data, foreign --out folders, late errors."""
 
 import fcntl
-import json
-import os
 import subprocess
 import sys
 import textwrap
 
-import pytest
 
 from jaxkv.cli import main
 

@@ -3,7 +3,6 @@ a numpy reference (sinks + window + the compensation token), calibration files."
 
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

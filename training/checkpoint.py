@@ -26,7 +26,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxkv.errors import UserError
-from jaxkv.fileio import write_text_atomic
+from jaxkv.fileio import read_json_object, write_text_atomic
 
 __all__ = ["RunDirError", "RunDir"]
 
@@ -93,12 +93,7 @@ class RunDir:
                 foreign = sorted(p.name for p in self.path.iterdir())[:3]
                 raise RunDirError(f"{self.path} is not empty and is not a jaxkv run (it holds "
                                   f"{', '.join(foreign)}); choose another --out")
-            try:
-                old = json.loads(run_file.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise RunDirError(f"{run_file} is corrupt ({e})") from None
-            if not isinstance(old, dict):
-                raise RunDirError(f"{run_file} is corrupt (it holds a JSON {type(old).__name__}, not an object)")
+            old = read_json_object(run_file, RunDirError)
             old, new = _flatten(old), _flatten(json.loads(json.dumps(meta)))
             for key in sorted(set(old) | set(new)):
                 if key in may_change:
@@ -152,13 +147,7 @@ class RunDir:
         f = self.path / CHECKSUM_FILE
         if not f.exists():
             return {}
-        try:
-            data = json.loads(f.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RunDirError(f"{f} is corrupt ({e})") from None
-        if not isinstance(data, dict):
-            raise RunDirError(f"{f} is corrupt (not a JSON object)")
-        return data
+        return read_json_object(f, RunDirError)
 
     def save(self, step: int, state) -> None:
         self.manager.save(step, args=ocp.args.StandardSave(state), force=True)

@@ -40,7 +40,7 @@ from typing import Sequence
 import numpy as np
 
 from jaxkv.config import LlamaConfig
-from jaxkv.fileio import atomic_path, replace_folder, write_text_atomic
+from jaxkv.fileio import atomic_path, read_json_object, replace_folder, write_text_atomic
 from jaxkv.training.config import DataConfig, OptimConfig, TrainConfig, TrainConfigError, positive_ints
 
 __all__ = ["Phase", "Recipe", "DEFAULT_RECIPE", "train_tokenizer", "ordinary_text", "task_documents", "copy_documents",
@@ -415,10 +415,7 @@ def _claim_run_folder(out: Path, meta: dict) -> None:
             held = sorted(p.name for p in out.iterdir())[:3]
             raise TrainConfigError(f"--out {out} is not empty and is not a default-model run (it holds "
                                    f"{', '.join(held)}); choose another folder")
-        try:
-            old = json.loads(marker.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise TrainConfigError(f"{marker} is corrupt ({e}); choose another folder") from None
+        old = read_json_object(marker, TrainConfigError)
         if old != meta:
             raise TrainConfigError(f"--out {out} holds a default-model run with other settings (seed or "
                                    "recipe); rerun with the same settings to resume, or choose another folder")

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from jaxkv.fileio import atomic_path, write_text_atomic
+from jaxkv.fileio import save_figure, write_text_atomic
 
 __all__ = ["MetricsLog", "Progress", "plot_metrics"]
 
@@ -83,8 +83,4 @@ def plot_metrics(jsonl: str | os.PathLike, png: str | os.PathLike) -> None:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    try:
-        with atomic_path(png, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=110)
-    finally:
-        plt.close(fig)
+    save_figure(fig, png)

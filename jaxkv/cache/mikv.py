@@ -35,7 +35,7 @@ from flax import struct
 
 from jaxkv.attention import _MASKED, visibility_mask
 from jaxkv.cache.kv import KVCache
-from jaxkv.cache.policy import CachePolicy, LayerSpec, register_policy
+from jaxkv.cache.policy import CachePolicy, register_policy
 from jaxkv.cache.quant import Quantized, dequantize, packed_length, quantize
 from jaxkv.errors import UserError
 from jaxkv.typing import Array

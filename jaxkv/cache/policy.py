@@ -45,7 +45,6 @@ import dataclasses
 import enum
 from typing import Any, ClassVar, Sequence
 
-import jax.numpy as jnp
 
 from jaxkv.attention import attend_dense, attend_reference
 from jaxkv.cache.kv import KVCache, ModelCache, tree_nbytes

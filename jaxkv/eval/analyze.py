@@ -20,7 +20,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from jaxkv.fileio import atomic_path, write_text_atomic
+from jaxkv.fileio import save_figure, write_text_atomic
 
 __all__ = ["adjacent_layer_similarity", "analyze"]
 
@@ -101,8 +101,4 @@ def _plot(report: dict, config, path: Path) -> None:
     for ax in axes[1:]:
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    try:
-        with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=110)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
-from pathlib import Path
 from typing import Sequence
 
 from jaxkv.eval.harness import Row
-from jaxkv.fileio import atomic_path, write_text_atomic
+from jaxkv.fileio import save_figure, write_text_atomic
 
 __all__ = ["format_table", "write_json", "plot_accuracy_vs_bytes"]
 
@@ -66,8 +65,4 @@ def plot_accuracy_vs_bytes(rows: Sequence[Row], path: str | os.PathLike) -> None
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    try:
-        with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=110)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
