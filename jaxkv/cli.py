@@ -30,10 +30,9 @@ import json
 import os
 import sys
 
+from jaxkv.errors import UserError  # the one-line error type (light: imports nothing else)
+
 __all__ = ["main"]
-
-
-from jaxkv.errors import UserError  # noqa: E402  (re-exported: the one-line error type)
 
 
 def _parse_cache_args(items: list[str]) -> dict:
