@@ -6,8 +6,12 @@ Keeps the first ``sinks`` tokens and the most recent ``window`` tokens in
 Deviation from StreamingLLM: keys keep the RoPE of their absolute positions (the cache contract)
 instead of being re-rotated to their position inside the cache, which only matters beyond the
 model's trained context.
-An extend chunk of T > 1 tokens is written whole before attending, so a query early in the
-chunk may see fewer than ``window`` recent tokens; a chunk longer than ``window`` is refused.
+Contract: dropping tokens that leave the window is the method; a cache made for ``max_len``
+tokens shorter than ``sinks + window`` holds positions ``0..max_len-1`` only, and a later
+position is not stored (size the cache for the prompt plus the tokens to generate, as
+``generate`` does). An extend chunk of T > 1 tokens is written whole before attending, so a
+query early in the chunk may see fewer than ``window`` recent tokens; a chunk longer than
+``window`` is refused.
 """
 
 from __future__ import annotations
