@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jaxkv.typing import Array
 from jaxkv.errors import UserError
 
-__all__ = ["visibility_mask", "attend_reference"]
+__all__ = ["visibility_mask", "attention_weights", "attend_reference"]
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -53,6 +53,28 @@ def visibility_mask(
     return mask
 
 
+def attention_weights(q: Array, k: Array, q_positions: Array, k_positions: Array, *,
+                      window: int | None = None, q_segments: Array | None = None,
+                      k_segments: Array | None = None, scale: float | None = None,
+                      k_bias: Array | None = None) -> Array:
+    """Softmax weights ``[B,K,G,T,S]`` (fp32) of ``q [B,T,K,G,H]`` over ``k [B,K,S,H]``, masked by
+    the rules above. ``k_bias [B,K,S]`` is added to every query's score of a slot (a slot that
+    stands for ``n`` tokens, such as a compensation token, carries ``log n``)."""
+    if q.ndim != 5 or k.ndim != 4:
+        raise UserError(f"expected q [B,T,K,G,H] and k [B,K,S,H]; got {q.shape}, {k.shape}")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    # 1. scores
+    s = jnp.einsum("BTKGH,BKSH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
+    if k_bias is not None:
+        s = s + k_bias[:, :, None, None, :].astype(jnp.float32)
+    # 2. mask by position (and segment)
+    mask = visibility_mask(q_positions, k_positions, window=window,
+                           q_segments=q_segments, k_segments=k_segments)
+    s = jnp.where(mask[:, :, None], s, _MASKED)
+    # 3. softmax in fp32
+    return jax.nn.softmax(s, axis=-1)
+
+
 def attend_reference(
     q: Array,
     k: Array,
@@ -69,22 +91,12 @@ def attend_reference(
     """Softmax attention of ``q [B,T,K,G,H]`` over ``k, v [B,K,S,H]``; returns ``[B,T,K,G,H]``.
 
     Scores and softmax in fp32 (as transformers' eager attention); the weighted sum runs in
-    the value dtype. ``k_bias [B,K,S]`` is added to every query's score of a slot (a slot that
-    stands for ``n`` tokens, such as a compensation token, carries ``log n``).
+    the value dtype; ``k_bias`` as in ``attention_weights``.
     """
     if q.ndim != 5 or k.ndim != 4 or v.shape != k.shape:
         raise UserError(f"expected q [B,T,K,G,H] and k, v [B,K,S,H]; got {q.shape}, {k.shape}, {v.shape}")
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    # 1. scores
-    s = jnp.einsum("BTKGH,BKSH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
-    if k_bias is not None:
-        s = s + k_bias[:, :, None, None, :].astype(jnp.float32)
-    # 2. mask by position (and segment)
-    mask = visibility_mask(q_positions, k_positions, window=window,
-                           q_segments=q_segments, k_segments=k_segments)
-    s = jnp.where(mask[:, :, None], s, _MASKED)
-    # 3. softmax in fp32, weighted sum of values
-    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    p = attention_weights(q, k, q_positions, k_positions, window=window, q_segments=q_segments,
+                          k_segments=k_segments, scale=scale, k_bias=k_bias).astype(v.dtype)
     return jnp.einsum("BKGTS,BKSH->BTKGH", p, v)
 
 

@@ -31,7 +31,6 @@ class FullCache(CachePolicy):
     def from_budget(cls, budget: float, context_len: int) -> "FullCache":
         return cls()  # keeps everything whatever the budget
 
-
     @staticmethod
     def _check_fits(state: KVCache, t: int) -> None:
         if t > state.num_slots:
@@ -47,11 +46,7 @@ class FullCache(CachePolicy):
     def prefill(self, state, *, q, k, v, positions, layer, params=None):
         self._check_fits(state, k.shape[1])
         state = state.write(k, v, positions, state.slot_or_drop(positions))  # slot = position
-        # a row that lost a token holds NaN values, so every later step of it says so
-        lost = self._overflow(state, positions)[:, None, None, None]
-        if isinstance(state, KVCache):
-            return state.replace(v=jnp.where(lost, jnp.nan, state.v).astype(state.v.dtype))
-        return state.replace(qv=state.qv.replace(scale=jnp.where(lost, jnp.nan, state.qv.scale)))  # QuantizedKV
+        return state.poison(self._overflow(state, positions))  # a row that lost a token says so
 
     def append(self, state, *, q, k, v, positions, phase, layer, params=None):
         self._check_fits(state, k.shape[1])

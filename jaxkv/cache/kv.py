@@ -58,6 +58,11 @@ class KVCache:
         s = self.num_slots
         return jnp.where(keep & (slots >= 0) & (slots < s), slots, s)
 
+    def poison(self, rows: Array) -> "KVCache":
+        """NaN values in the rows ``rows [B]`` (bool): a row that lost a token says so in every
+        later output instead of a wrong number."""
+        return self.replace(v=jnp.where(rows[:, None, None, None], jnp.nan, self.v).astype(self.v.dtype))
+
     def write(self, k: Array, v: Array, positions: Array, slots: Array) -> "KVCache":
         """Scatter new tokens ``k, v: [B, T, K, H]`` with ``positions [B, T]`` into ``slots [B, T]``.
 

@@ -5,8 +5,8 @@ State per layer (every token at its slot = position in the low tier, so nothing 
 
 * ``hi``     ``KVCache [B, K, Sh, H]``: the important tokens in the cache dtype, with their
              accumulated attention ``score [B, K, Sh]``;
-* ``lo_k``, ``lo_v``  ``Quantized`` per-token asymmetric ``bits``-bit codes of *every* token,
-             packed into bytes (``jaxkv.cache.quant``), ``lo_pos [B, S]`` their positions;
+* ``lo``     ``QuantizedKV [B, K, S]`` (``jaxkv.cache.storage``): per-token asymmetric
+             ``bits``-bit codes of *every* token, packed into bytes;
 * ``balance [B, K, H]``: the channel balancer ``b = sqrt(max|q| / max|k|)`` per head and
              channel from the prompt; keys are stored as ``k * b`` and queries used as ``q / b``,
              so ``q . k`` is unchanged while outlier key channels flatten before quantization.
@@ -33,10 +33,10 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxkv.attention import _MASKED, visibility_mask
+from jaxkv.attention import attention_weights
 from jaxkv.cache.kv import KVCache
 from jaxkv.cache.policy import CachePolicy, register_policy
-from jaxkv.cache.quant import Quantized, dequantize, packed_length, quantize
+from jaxkv.cache.storage import DenseStorage, QuantizedKV, QuantizedStorage
 from jaxkv.errors import UserError
 from jaxkv.typing import Array
 
@@ -47,14 +47,8 @@ __all__ = ["MiKVCache", "MiKVState"]
 class MiKVState:
     hi: KVCache
     score: Array       # [B, K, Sh] float32
-    lo_k: Quantized    # codes [B, K, S, packed(H)], scale/zero [B, K, S, 1]
-    lo_v: Quantized
-    lo_pos: Array      # [B, S] int32
+    lo: QuantizedKV    # every token, slot = position
     balance: Array     # [B, K, H] float32
-
-
-def _quantize_tokens(x, bits):  # x [B, K, T, H]: one scale and zero per token and head
-    return quantize(x, bits, axis=-1)
 
 
 @register_policy
@@ -95,12 +89,6 @@ class MiKVCache(CachePolicy):
         return max_len
 
     # ------------------------------------------------------------------ sizing
-    def _token_bytes(self, head_dim: int, item: int) -> tuple[float, float]:
-        """(bytes of one token-head in the full cache, in the low tier)."""
-        full = 2 * head_dim * item + 4
-        low = 2 * (packed_length(head_dim, self.bits) + 2 * 2)
-        return full, low
-
     @classmethod
     def from_budget(cls, budget: float, context_len: int) -> "MiKVCache":
         return cls(budget=budget, context_len=context_len)
@@ -110,51 +98,39 @@ class MiKVCache(CachePolicy):
             return self
         if self.budget >= 1:  # everything in full precision (the low tier comes on top)
             return dataclasses.replace(self, important=1.0)
-        item = jnp.dtype(params["embed"]["embedding"].dtype).itemsize
-        full, low = self._token_bytes(config.head_dim, item)
+        dtype = params["embed"]["embedding"].dtype
+        full = DenseStorage().slot_bytes(config.head_dim, dtype)  # one token-head, full cache
+        low = self._low().slot_bytes(config.head_dim, dtype)
         # budget * full = low + important * (full + 4 [score])  (the low tier holds every token)
         share = (self.budget * full - low) / (full + 4)
         return dataclasses.replace(self, important=float(min(1.0, max(0.0, share))))
 
+    def _low(self) -> QuantizedStorage:
+        return QuantizedStorage(bits=self.bits)
+
     def expected_nbytes(self, *, batch, max_len, dtype, layer):
-        k, h, item = layer.num_kv_heads, layer.head_dim, jnp.dtype(dtype).itemsize
-        sh = self.hi_slots(max_len)
-        hi = batch * k * sh * (2 * h * item + 4 + 4)
-        lo = 2 * batch * k * max_len * (packed_length(h, self.bits) + 2 * 2) + batch * max_len * 4
+        k, h = layer.num_kv_heads, layer.head_dim
+        hi = batch * k * self.hi_slots(max_len) * (DenseStorage().slot_bytes(h, dtype) + 4)  # + score
+        lo = batch * k * max_len * self._low().slot_bytes(h, dtype)
         return hi + lo + batch * k * h * 4
 
     # ------------------------------------------------------------------ state
     def init(self, *, batch, max_len, dtype, layer):
         k, h = layer.num_kv_heads, layer.head_dim
         sh = self.hi_slots(max_len)
-        empty = lambda: _quantize_tokens(jnp.zeros((batch, k, max_len, h), dtype), self.bits)  # noqa: E731
-        # two separate arrays: one buffer held twice could not be donated to a decode loop
         return MiKVState(hi=KVCache.empty(batch=batch, num_kv_heads=k, slots=sh, head_dim=h, dtype=dtype),
-                         score=jnp.zeros((batch, k, sh), jnp.float32), lo_k=empty(), lo_v=empty(),
-                         lo_pos=jnp.full((batch, max_len), -1, jnp.int32),
+                         score=jnp.zeros((batch, k, sh), jnp.float32),
+                         lo=self._low().new_kv(batch=batch, num_kv_heads=k, slots=max_len, head_dim=h, dtype=dtype),
                          balance=jnp.ones((batch, k, h), jnp.float32))
 
     def _write_lo(self, state, k, v, positions):
         """Quantize tokens ``k, v [B, T, K, H]`` (``k`` already balanced) into slot = position."""
-        s = state.lo_pos.shape[1]
-        slots = jnp.where((positions >= 0) & (positions < s), positions, s)  # [B, T]
-        qk = _quantize_tokens(k.transpose(0, 2, 1, 3), self.bits)
-        qv = _quantize_tokens(v.transpose(0, 2, 1, 3), self.bits)
-        b = jnp.arange(k.shape[0])[:, None]
-
-        def put(old: Quantized, new: Quantized) -> Quantized:
-            def scatter(dst, src):  # dst [B, K, S, X], src [B, K, T, X]
-                return dst.at[b, :, slots].set(src.transpose(0, 2, 1, 3), mode="drop")
-            return old.replace(codes=scatter(old.codes, new.codes), scale=scatter(old.scale, new.scale),
-                               zero=scatter(old.zero, new.zero))
-
-        lo_pos = state.lo_pos.at[b, slots].set(positions, mode="drop")
-        return state.replace(lo_k=put(state.lo_k, qk), lo_v=put(state.lo_v, qv), lo_pos=lo_pos)
+        return state.replace(lo=state.lo.write(k, v, positions, state.lo.slot_or_drop(positions)))
 
     def prefill(self, state, *, q, k, v, positions, layer, params=None):
-        if k.shape[1] > state.lo_pos.shape[1]:
+        if k.shape[1] > state.lo.num_slots:
             raise UserError(f"mikv: a prompt of {k.shape[1]} tokens does not fit a cache of "
-                            f"{state.lo_pos.shape[1]} slots")
+                            f"{state.lo.num_slots} slots")
         qf, kf = q.astype(jnp.float32), k.astype(jnp.float32)
         real = (positions >= 0)[:, :, None, None]
         if self.balancer:
@@ -168,10 +144,8 @@ class MiKVCache(CachePolicy):
         # importance: attention of the last obs_window real queries of each row
         last = jnp.max(positions, axis=1, keepdims=True)
         obs = (positions > last - self.obs_window) & (positions >= 0)  # [B, T]
-        s = jnp.einsum("BTKGH,BSKH->BKGTS", qf, kf) * q.shape[-1] ** -0.5
-        mask = visibility_mask(positions, positions)[:, :, None] & obs[:, None, None, :, None]
-        p = jax.nn.softmax(jnp.where(mask, s, _MASKED), axis=-1) * obs[:, None, None, :, None]
-        importance = jnp.sum(p, axis=(2, 3))  # [B, K, S=T]
+        p = attention_weights(qf, kf.transpose(0, 2, 1, 3), positions, positions)
+        importance = jnp.sum(p * obs[:, None, None, :, None], axis=(2, 3))  # [B, K, S=T]
         recent = positions > last - self.recent
         key = jnp.where(positions[:, None, :] < 0, -jnp.inf,
                         jnp.where(recent[:, None, :], jnp.inf, importance))
@@ -191,8 +165,11 @@ class MiKVCache(CachePolicy):
     def append(self, state, *, q, k, v, positions, phase, layer, params=None):
         kb = (k.astype(jnp.float32) * state.balance[:, None]).astype(k.dtype)
         state = self._write_lo(state, kb, v, positions)
-        for t in range(k.shape[1]):  # each new token takes the least important non-recent hi slot
-            state = self._admit(state, kb[:, t], v[:, t], positions[:, t])
+
+        def admit(st, token):  # each new token takes the least important non-recent hi slot
+            return self._admit(st, *token), None
+
+        state, _ = jax.lax.scan(admit, state, (kb.swapaxes(0, 1), v.swapaxes(0, 1), positions.swapaxes(0, 1)))
         out, p_hi = self._attend(state, q, positions, layer)
         return out, state.replace(score=state.score + p_hi)
 
@@ -213,22 +190,17 @@ class MiKVCache(CachePolicy):
         """Attention over hi + the low tier's tokens not in hi; also the probabilities on hi."""
         hi = state.hi
         sh = hi.num_slots
+        lo = state.lo
         qb = q.astype(jnp.float32) / state.balance[:, None, :, None, :]
-        lo_k = dequantize(state.lo_k)  # [B, K, S, H] balanced keys
-        lo_v = dequantize(state.lo_v)
         b = jnp.arange(q.shape[0])[:, None, None]
-        kh = hi.k.shape[1]
-        kk = jnp.arange(kh)[None, :, None]
-        s_lo = state.lo_pos.shape[1]
-        in_hi = jnp.zeros((q.shape[0], kh, s_lo + 1), bool)
+        kk = jnp.arange(hi.k.shape[1])[None, :, None]
+        s_lo = lo.num_slots  # slot = position: mask the low copy of every token that is in hi
+        in_hi = jnp.zeros(lo.positions.shape[:2] + (s_lo + 1,), bool)
         in_hi = in_hi.at[b, kk, jnp.where(hi.positions >= 0, jnp.minimum(hi.positions, s_lo), s_lo)].set(True)[..., :s_lo]
-        lo_pos = jnp.where(in_hi, -1, state.lo_pos[:, None, :])  # [B, K, S]
-        keys = jnp.concatenate([hi.k.astype(jnp.float32), lo_k], axis=2)
-        values = jnp.concatenate([hi.v.astype(jnp.float32), lo_v], axis=2)
-        kpos = jnp.concatenate([hi.positions, lo_pos], axis=2)
-        s = jnp.einsum("BTKGH,BKSH->BKGTS", qb, keys) * q.shape[-1] ** -0.5
-        mask = visibility_mask(positions, kpos, window=layer.sliding_window)[:, :, None]
-        p = jax.nn.softmax(jnp.where(mask, s, _MASKED), axis=-1)
+        keys = jnp.concatenate([hi.k.astype(jnp.float32), lo.k.astype(jnp.float32)], axis=2)  # balanced keys
+        values = jnp.concatenate([hi.v.astype(jnp.float32), lo.v.astype(jnp.float32)], axis=2)
+        kpos = jnp.concatenate([hi.positions, jnp.where(in_hi, -1, lo.positions)], axis=2)
+        p = attention_weights(qb, keys, positions, kpos, window=layer.sliding_window)
         out = jnp.einsum("BKGTS,BKSH->BTKGH", p, values).astype(hi.v.dtype)
         real = (positions >= 0)[:, None, None, :, None]
         return out, jnp.sum(p[..., :sh] * real, axis=(2, 3))

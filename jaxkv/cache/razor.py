@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxkv.attention import attend_reference
+from jaxkv.attention import attend_reference, attention_weights
 from jaxkv.cache.kv import KVCache
 from jaxkv.cache.policy import CachePolicy, LayerSpec, init_cache, register_policy
 from jaxkv.cache.streaming import StreamingCache
@@ -73,9 +73,7 @@ class _HeadProbe(CachePolicy):
 
     def prefill(self, state, *, q, k, v, positions, layer, params=None):
         t = q.shape[1]
-        s = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
-        causal = jnp.tril(jnp.ones((t, t), bool))
-        p = jax.nn.softmax(jnp.where(causal, s, -jnp.inf), axis=-1)
+        p = attention_weights(q, k.transpose(0, 2, 1, 3), positions, positions)  # [B, K, G, T, S]
         echo, induction, rows = score_masks(t, self.n, self.offset)
         rows = jnp.asarray(rows)
         mean = lambda m: jnp.sum(jnp.sum(p * jnp.asarray(m), axis=-1) * rows, axis=-1) / rows.sum()  # noqa: E731

@@ -55,6 +55,11 @@ class QuantizedKV:
 
     slot_or_drop = KVCache.slot_or_drop
 
+    def poison(self, rows: Array) -> "QuantizedKV":
+        """As ``KVCache.poison``: NaN value scales decode to NaN values."""
+        scale = jnp.where(rows[:, None, None, None], jnp.nan, self.qv.scale)
+        return self.replace(qv=self.qv.replace(scale=scale))
+
     def write(self, k: Array, v: Array, positions: Array, slots: Array) -> "QuantizedKV":
         """Quantize tokens ``k, v [B, T, K, H]`` into ``slots [B, T]`` (as ``KVCache.write``)."""
         b = jnp.arange(k.shape[0])[:, None]
