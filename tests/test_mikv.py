@@ -71,3 +71,37 @@ def test_bad_parameters_name_themselves():
         MiKVCache(important=2)
     with pytest.raises(UserError, match="recent"):
         MiKVCache(recent=0)
+
+
+def test_bits_zero_evicts_the_rest(parity_models):
+    """``bits=0`` (the paper's "drop" arm): no low tier. With every token important it equals
+    ``full``; at a share it holds only the high tier's bytes and differs from keeping the rest."""
+    from tests.test_policy_conformance import _run, _sequence
+
+    config, params, e = parity_models["llama3"]
+    seq = _sequence(e)
+    ref, _ = _run(config, params, seq, "full")
+    got, cache = _run(config, params, seq, MiKVCache(important=1.0, bits=0))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5)
+    assert all(layer.lo is None for layer in cache.layers)
+    drop, dcache = _run(config, params, seq, MiKVCache(important=0.3, recent=2, bits=0))
+    keep, kcache = _run(config, params, seq, MiKVCache(important=0.3, recent=2, bits=8))
+    n = seq.shape[1]
+    sh = round(0.3 * n)
+    per_layer = config.num_kv_heads * sh * (2 * config.head_dim * 4 + 4 + 4) + config.num_kv_heads * config.head_dim * 4
+    assert dcache.nbytes == config.num_layers * per_layer < kcache.nbytes
+    err = lambda x: float(np.abs(np.asarray(x - ref))[0, 12:].max())  # noqa: E731
+    assert err(keep) < err(drop)  # keeping the rest at 8 bits beats evicting it
+
+
+def test_a_variant_by_name():
+    from jaxkv.cache import make_policy
+    from jaxkv.eval.harness import policy_for
+
+    assert make_policy("mikv[bits=0,recent=4]") == MiKVCache(bits=0, recent=4)
+    sized = policy_for("mikv[bits=2]", 0.25, 1000)
+    assert sized.bits == 2 and sized.budget == 0.25
+    with pytest.raises(UserError, match="given twice"):
+        make_policy("mikv[bits=2,bits=3]")
+    with pytest.raises(UserError, match="both in the name"):
+        make_policy("mikv[bits=2]", bits=3)

@@ -19,6 +19,9 @@ State per layer (every token at its slot = position in the low tier, so nothing 
    ``hi`` plus the low tier's dequantized tokens not in ``hi``; the attention each ``hi`` token
    gets is added to its score (importance updated during decode, H2O-style).
 
+``bits=0`` keeps no low tier: the tokens outside ``hi`` are evicted (H2O with an observation
+window), the baseline the paper's "drop vs keep at low precision" check compares against.
+
 Deviations: importance at prefill comes from an observation window of queries (SnapKV-style)
 rather than all prompt queries, to keep prefill memory linear in the window; the low tier holds
 every token (important ones too, their copy masked at attention) so that demoting a token costs
@@ -73,14 +76,14 @@ class MiKVCache(CachePolicy):
             value = getattr(self, f)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise UserError(f"mikv: {f} must be an integer >= {low}, got {value!r}")
-        if self.bits not in (2, 3, 4, 8):
-            raise UserError(f"mikv: bits must be 2, 3, 4 or 8, got {self.bits!r}")
+        if isinstance(self.bits, bool) or self.bits not in (0, 2, 3, 4, 8):
+            raise UserError(f"mikv: bits must be 2, 3, 4 or 8 (or 0: evict the rest), got {self.bits!r}")
         if not isinstance(self.balancer, bool):
             raise UserError(f"mikv: balancer must be true or false, got {self.balancer!r}")
 
     @property
     def quantized(self) -> bool:  # its low tier rounds to codes (see the conformance test)
-        return True
+        return self.bits > 0
 
     def hi_slots(self, max_len: int) -> int:
         return min(max_len, max(self.recent, round(self.important * max_len)))
@@ -100,7 +103,7 @@ class MiKVCache(CachePolicy):
             return dataclasses.replace(self, important=1.0)
         dtype = params["embed"]["embedding"].dtype
         full = DenseStorage().slot_bytes(config.head_dim, dtype)  # one token-head, full cache
-        low = self._low().slot_bytes(config.head_dim, dtype)
+        low = 0 if self.bits == 0 else self._low().slot_bytes(config.head_dim, dtype)
         # budget * full = low + important * (full + 4 [score])  (the low tier holds every token)
         share = (self.budget * full - low) / (full + 4)
         return dataclasses.replace(self, important=float(min(1.0, max(0.0, share))))
@@ -111,7 +114,7 @@ class MiKVCache(CachePolicy):
     def expected_nbytes(self, *, batch, max_len, dtype, layer):
         k, h = layer.num_kv_heads, layer.head_dim
         hi = batch * k * self.hi_slots(max_len) * (DenseStorage().slot_bytes(h, dtype) + 4)  # + score
-        lo = batch * k * max_len * self._low().slot_bytes(h, dtype)
+        lo = 0 if self.bits == 0 else batch * k * max_len * self._low().slot_bytes(h, dtype)
         return hi + lo + batch * k * h * 4
 
     # ------------------------------------------------------------------ state
@@ -120,15 +123,18 @@ class MiKVCache(CachePolicy):
         sh = self.hi_slots(max_len)
         return MiKVState(hi=KVCache.empty(batch=batch, num_kv_heads=k, slots=sh, head_dim=h, dtype=dtype),
                          score=jnp.zeros((batch, k, sh), jnp.float32),
-                         lo=self._low().new_kv(batch=batch, num_kv_heads=k, slots=max_len, head_dim=h, dtype=dtype),
+                         lo=None if self.bits == 0 else
+                         self._low().new_kv(batch=batch, num_kv_heads=k, slots=max_len, head_dim=h, dtype=dtype),
                          balance=jnp.ones((batch, k, h), jnp.float32))
 
     def _write_lo(self, state, k, v, positions):
         """Quantize tokens ``k, v [B, T, K, H]`` (``k`` already balanced) into slot = position."""
+        if state.lo is None:  # bits=0: the tokens not in hi are gone
+            return state
         return state.replace(lo=state.lo.write(k, v, positions, state.lo.slot_or_drop(positions)))
 
     def prefill(self, state, *, q, k, v, positions, layer, params=None):
-        if k.shape[1] > state.lo.num_slots:
+        if state.lo is not None and k.shape[1] > state.lo.num_slots:
             raise UserError(f"mikv: a prompt of {k.shape[1]} tokens does not fit a cache of "
                             f"{state.lo.num_slots} slots")
         qf, kf = q.astype(jnp.float32), k.astype(jnp.float32)
@@ -141,11 +147,14 @@ class MiKVCache(CachePolicy):
             balance = state.balance
         kb = (kf * balance[:, None]).astype(k.dtype)
         state = self._write_lo(state.replace(balance=balance), kb, v, positions)
-        # importance: attention of the last obs_window real queries of each row
+        # importance: attention of the obs_window latest real queries of each row, gathered
+        # first so that memory stays linear in the prompt ([W, T] scores, not [T, T])
         last = jnp.max(positions, axis=1, keepdims=True)
-        obs = (positions > last - self.obs_window) & (positions >= 0)  # [B, T]
-        p = attention_weights(qf, kf.transpose(0, 2, 1, 3), positions, positions)
-        importance = jnp.sum(p * obs[:, None, None, :, None], axis=(2, 3))  # [B, K, S=T]
+        latest = jax.lax.top_k(positions, min(self.obs_window, positions.shape[1]))[1]  # [B, W]
+        obs_pos = jnp.take_along_axis(positions, latest, axis=1)
+        q_obs = jnp.take_along_axis(qf, latest[:, :, None, None, None], axis=1)  # [B, W, K, G, H]
+        p = attention_weights(q_obs, kf.transpose(0, 2, 1, 3), obs_pos, positions)  # [B, K, G, W, T]
+        importance = jnp.sum(p * (obs_pos >= 0)[:, None, None, :, None], axis=(2, 3))  # [B, K, S=T]
         recent = positions > last - self.recent
         key = jnp.where(positions[:, None, :] < 0, -jnp.inf,
                         jnp.where(recent[:, None, :], jnp.inf, importance))
@@ -192,14 +201,17 @@ class MiKVCache(CachePolicy):
         sh = hi.num_slots
         lo = state.lo
         qb = q.astype(jnp.float32) / state.balance[:, None, :, None, :]
-        b = jnp.arange(q.shape[0])[:, None, None]
-        kk = jnp.arange(hi.k.shape[1])[None, :, None]
-        s_lo = lo.num_slots  # slot = position: mask the low copy of every token that is in hi
-        in_hi = jnp.zeros(lo.positions.shape[:2] + (s_lo + 1,), bool)
-        in_hi = in_hi.at[b, kk, jnp.where(hi.positions >= 0, jnp.minimum(hi.positions, s_lo), s_lo)].set(True)[..., :s_lo]
-        keys = jnp.concatenate([hi.k.astype(jnp.float32), lo.k.astype(jnp.float32)], axis=2)  # balanced keys
-        values = jnp.concatenate([hi.v.astype(jnp.float32), lo.v.astype(jnp.float32)], axis=2)
-        kpos = jnp.concatenate([hi.positions, jnp.where(in_hi, -1, lo.positions)], axis=2)
+        keys, values, kpos = hi.k.astype(jnp.float32), hi.v.astype(jnp.float32), hi.positions
+        if lo is not None:
+            b = jnp.arange(q.shape[0])[:, None, None]
+            kk = jnp.arange(hi.k.shape[1])[None, :, None]
+            s_lo = lo.num_slots  # slot = position: mask the low copy of every token that is in hi
+            in_hi = jnp.zeros(lo.positions.shape[:2] + (s_lo + 1,), bool)
+            in_hi = in_hi.at[b, kk, jnp.where(hi.positions >= 0, jnp.minimum(hi.positions, s_lo), s_lo)].set(True)
+            in_hi = in_hi[..., :s_lo]
+            keys = jnp.concatenate([keys, lo.k.astype(jnp.float32)], axis=2)  # balanced keys
+            values = jnp.concatenate([values, lo.v.astype(jnp.float32)], axis=2)
+            kpos = jnp.concatenate([kpos, jnp.where(in_hi, -1, lo.positions)], axis=2)
         p = attention_weights(qb, keys, positions, kpos, window=layer.sliding_window)
         out = jnp.einsum("BKGTS,BKSH->BTKGH", p, values).astype(hi.v.dtype)
         real = (positions >= 0)[:, None, None, :, None]
