@@ -219,8 +219,10 @@ def _cmd_train_default_model(args) -> int:
 
 
 def _split(text: str, kind, name: str) -> tuple:
-    try:
-        return tuple(kind(x) for x in text.split(",") if x.strip())
+    from jaxkv.cache.policy import split_policy_list
+
+    try:  # commas inside NAME[key=value,...] belong to the policy's parameters
+        return tuple(kind(x) for x in split_policy_list(text))
     except ValueError:
         raise UserError(f"--{name} must be a comma-separated list, got {text!r}") from None
 
@@ -368,7 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="accuracy, fidelity, bytes and speed of cache policies on synthetic tasks")
     e.add_argument("--model", default="default", help=MODEL_HELP)
-    e.add_argument("--methods", default="full,streaming", help=f"policies: {', '.join(available_policies())}")
+    e.add_argument("--methods", default="full,streaming",
+                   help=f"policies: {', '.join(available_policies())}; a variant as NAME[key=value,...], "
+                        "e.g. 'minicache[merge=average]'")
     e.add_argument("--budgets", default="0.25", help="fractions of the context a policy may keep")
     e.add_argument("--tasks", default="niah_single",
                    help="niah_single, niah_single_words, niah_multikey, niah_multivalue, "
@@ -430,6 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--new-tokens", type=_positive_int, default=256)
     d.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     d.add_argument("--repeats", type=_positive_int, default=3)
+    d.add_argument("--methods", default="full", help="cache policies to time, comma-separated "
+                   "(e.g. full,razor,minicache+mikv); each sized to --budget of the prompt")
+    d.add_argument("--budget", type=_positive_float, default=0.5,
+                   help="share of the prompt a compressed policy keeps (full keeps everything)")
     d.add_argument("--json", default=None, help="write the rows to this JSON file")
     t = bsub.add_parser("train", help="training tokens/s and MFU of a preset model (packed rows)")
     t.add_argument("--preset", default="llama-1b")

@@ -90,7 +90,7 @@ def test_eval_runs_on_the_default_model(tmp_path, capsys):
 def test_eval_unknown_method_lists_the_known_ones(capsys):
     assert main(["eval", "--methods", "full,nope", "--samples", "1"]) == 2
     err = capsys.readouterr().err
-    assert "unknown method 'nope'" in err and "full" in err and "streaming" in err
+    assert "unknown cache policy 'nope'" in err and "full" in err and "streaming" in err
 
 
 def test_internal_bugs_keep_their_traceback(monkeypatch, tiny_dir):

@@ -76,7 +76,7 @@ def test_bad_task_arguments():
         make_sample("passkey", TOK, length=1024, depth=1.5)
     with pytest.raises(ValueError, match="length"):
         make_sample("passkey", TOK, length=10)
-    with pytest.raises(ValueError, match="unknown method 'h2o'"):
+    with pytest.raises(ValueError, match="unknown cache policy 'h2o'"):
         EvalConfig(methods=("h2o",))
     with pytest.raises(ValueError, match="budgets"):
         EvalConfig(budgets=(0.0,))

@@ -16,6 +16,11 @@ A policy is a frozen dataclass of hyper-parameters plus pure functions. It works
 ``LayerSpec`` (index, model config), ``params`` that layer's traced parameters:
 
   ``capacity(max_len)``                 slots a layer needs for sequences of ``max_len`` tokens;
+  ``state_index(layer)``                the layer whose state this one reads and updates
+                                        (default: its own). A state may serve several layers
+                                        (MiniCache's merged pairs): the sharing layers run in
+                                        order on the one state, and their own entries in
+                                        ``ModelCache.layers`` are None (``init`` returns None);
   ``init(*, batch, max_len, dtype, layer)``   the empty state (fixed shapes from here on);
   ``prefill_attend(q, k, v, positions, *, layer)``   attention over the prompt itself (default:
                                         dense causal, the model's sliding window applied);
@@ -51,8 +56,8 @@ from jaxkv.cache.kv import KVCache, ModelCache, tree_nbytes
 from jaxkv.errors import UserError
 from jaxkv.typing import Array
 
-__all__ = ["Phase", "LayerSpec", "CachePolicy", "register_policy", "make_policy", "available_policies",
-           "init_cache"]
+__all__ = ["Phase", "LayerSpec", "CachePolicy", "register_policy", "make_policy", "parse_policy_spec", "split_policy_list",
+           "available_policies", "init_cache"]
 
 _REGISTRY: dict[str, type["CachePolicy"]] = {}
 
@@ -154,6 +159,9 @@ class CachePolicy:
     def capacity(self, max_len: int) -> int:
         raise NotImplementedError
 
+    def state_index(self, layer: LayerSpec) -> int:
+        return layer.index
+
     def init(self, *, batch: int, max_len: int, dtype, layer: LayerSpec) -> Any:
         return self.new_kv(batch=batch, num_kv_heads=layer.num_kv_heads, slots=self.capacity(max_len),
                            head_dim=layer.head_dim, dtype=dtype)
@@ -196,7 +204,7 @@ def register_policy(cls: type[CachePolicy]) -> type[CachePolicy]:
 
 
 STORAGES = {"mikv": 4}  # a storage name usable after "+" -> its default bits
-COMPOSABLE = ("full", "streaming", "razor")  # policies whose kept tokens a storage may hold
+COMPOSABLE = ("full", "streaming", "razor", "minicache")  # policies whose kept tokens a storage may hold
 
 
 def available_policies() -> list[str]:
@@ -207,8 +215,51 @@ def available_policies() -> list[str]:
     return sorted(names)
 
 
+def split_policy_list(text: str) -> list[str]:
+    """A comma-separated list of policies; commas inside ``NAME[key=value,...]`` stay with it."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse_policy_spec(spec: str) -> tuple[str, dict]:
+    """``NAME`` or ``NAME[key=value,...]`` as (name, parameters); a value is read as JSON where it
+    parses (``0.5``, ``3``, ``true``) and kept as a string otherwise (``merge=average``)."""
+    import json
+
+    if not isinstance(spec, str):
+        raise UserError(f"a cache policy is named by a string, got {spec!r}")
+    if "[" not in spec and "]" not in spec:
+        return spec, {}
+    name, _, rest = spec.partition("[")
+    if not name or not rest.endswith("]") or "[" in rest[:-1] or "]" in rest[:-1]:
+        raise UserError(f"a policy with parameters looks like NAME[key=value,...], got {spec!r}")
+    params: dict = {}
+    for item in filter(None, (x.strip() for x in rest[:-1].split(","))):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"{spec}: a parameter must look like key=value, got {item!r}")
+        key = key.strip()
+        if key in params:
+            raise UserError(f"{spec}: parameter {key!r} given twice")
+        try:
+            params[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            params[key] = raw.strip()
+    return name, params
+
+
 def make_policy(name: str | CachePolicy, **params: Any) -> CachePolicy:
     """Construct the policy registered as ``name`` with hyper-parameters ``params``.
+
+    ``name`` may carry parameters itself: ``minicache[merge=average]`` (``parse_policy_spec``).
 
     ``KEEP+STORE`` composes: ``razor+mikv`` is ``razor`` storing what it keeps in MiKV's packed
     format (``bits``, default 4, becomes the policy's ``kv_bits``).
@@ -219,7 +270,12 @@ def make_policy(name: str | CachePolicy, **params: Any) -> CachePolicy:
         if params:
             raise UserError("pass either a policy object or a name with parameters, not both")
         return name
-    if isinstance(name, str) and "+" in name:
+    name, inline = parse_policy_spec(name)
+    twice = sorted(set(inline) & set(params))
+    if twice:
+        raise UserError(f"cache policy parameter {twice[0]!r} given both in the name and as an argument")
+    params = {**inline, **params}
+    if "+" in name:
         keep, _, store = name.partition("+")
         if keep not in COMPOSABLE or store not in STORAGES or keep not in _REGISTRY:
             raise UserError(f"unknown cache policy {name!r}; known policies: {', '.join(available_policies())}")

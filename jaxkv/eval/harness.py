@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxkv.cache import available_policies, init_cache, make_policy
+from jaxkv.cache import init_cache, make_policy
+from jaxkv.cache.policy import parse_policy_spec
 from jaxkv.config import LlamaConfig
 from jaxkv.eval.tasks import TASKS, Sample, answer_text, make_sample, score
 from jaxkv.generate import decode, pad_prompts, prefill
@@ -46,10 +47,8 @@ class EvalConfig:
     seed: int = 0
 
     def __post_init__(self):
-        known = available_policies()
         for m in self.methods:
-            if m not in known:
-                raise UserError(f"unknown method {m!r}; known methods: {', '.join(known)}")
+            make_policy(m)  # an unknown name or parameter is refused here, naming the known ones
         for t in self.tasks:
             if t not in TASKS:
                 raise UserError(f"unknown task {t!r}; known tasks: {', '.join(sorted(TASKS))}")
@@ -92,9 +91,17 @@ class Row:
 def policy_for(method: str, budget: float, context_len: int):
     """The policy ``method`` sized for ``budget`` of a ``context_len``-token prompt. For a
     composition (``razor+mikv``) the budget is the share of tokens the policy keeps; its storage
-    then holds them in fewer bytes (the bytes are reported as held)."""
-    base = make_policy(method)
-    return dataclasses.replace(base.from_budget(budget, context_len), kv_bits=base.kv_bits)
+    then holds them in fewer bytes (the bytes are reported as held). Parameters in the name
+    (``minicache[merge=average]``) are applied on top of the budget's sizing and win over it."""
+    name, params = parse_policy_spec(method)
+    base = make_policy(name)
+    sized = base.from_budget(budget, context_len)
+    fields = dict(params)
+    if "bits" in fields and base.kv_bits is not None and "+" in name:  # a composition's storage bits
+        fields["kv_bits"] = fields.pop("bits")
+    fields.setdefault("kv_bits", base.kv_bits)
+    make_policy(method)  # checks the parameters by name first, for a clear error
+    return dataclasses.replace(sized, **fields)
 
 
 def kl_and_agreement(ref_logits: jax.Array, logits: jax.Array) -> tuple[float, float]:
