@@ -7,8 +7,9 @@ from jaxkv.cache.full import FullCache
 from jaxkv.cache.streaming import StreamingCache
 from jaxkv.cache.razor import RazorCache
 from jaxkv.cache.mikv import MiKVCache
+from jaxkv.cache.minicache import MiniCache
 
 __all__ = [
     "KVCache", "ModelCache", "tree_nbytes", "CachePolicy", "LayerSpec", "Phase", "available_policies", "init_cache",
-    "make_policy", "register_policy", "FullCache", "StreamingCache", "RazorCache", "MiKVCache",
+    "make_policy", "register_policy", "FullCache", "StreamingCache", "RazorCache", "MiKVCache", "MiniCache",
 ]

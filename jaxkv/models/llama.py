@@ -129,20 +129,24 @@ class LlamaForCausalLM(nnx.Module):
         if cache is not None:
             phase = Phase.DECODE if tokens.shape[1] == 1 else Phase.EXTEND
             phase = phase if cache.prefilled else Phase.PREFILL
-        new_layers = []
+        states = None if cache is None else list(cache.layers)
         for i, layer in enumerate(self.layers):
+            spec = LayerSpec(i, cfg)
+            # a state may serve several layers (CachePolicy.state_index): read and update its owner's
+            owner = i if cache is None else cache.policies[i].state_index(spec)
             x, layer_cache = layer(
                 x, positions, cos, sin,
-                layer_cache=None if cache is None else cache.layers[i],
+                layer_cache=None if cache is None else states[owner],
                 policy=None if cache is None else cache.policies[i],
                 params=None if cache is None else cache.params[i],
-                layer=LayerSpec(i, cfg), phase=phase, segment_ids=segment_ids,
+                layer=spec, phase=phase, segment_ids=segment_ids,
             )
-            new_layers.append(layer_cache)
+            if cache is not None:
+                states[owner] = layer_cache
         x = self.norm(x)
         logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
         if cache is not None:
-            cache = cache.replace(layers=tuple(new_layers), prefilled=True)
+            cache = cache.replace(layers=tuple(states), prefilled=True)
             if phase is Phase.PREFILL and cache.method is not None:
                 cache = cache.method.after_prefill(cache)  # the model-level hook sees every layer
         return logits.astype(jnp.float32), cache
