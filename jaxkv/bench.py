@@ -46,12 +46,13 @@ def measure_read_bandwidth(gib: float = 4.0, repeats: int = 10) -> float:
 
 
 def bench_decode(*, config, params, name: str, batch: int, prompt_len: int, new_tokens: int, dtype: str,
-                 repeats: int, bandwidth: float) -> dict:
+                 repeats: int, bandwidth: float, method: str = "full", budget: float = 1.0) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from jaxkv.cache import init_cache
+    from jaxkv.eval.harness import policy_for
     from jaxkv.generate import decode, prefill
 
     jdtype = jnp.dtype(dtype)
@@ -62,8 +63,12 @@ def bench_decode(*, config, params, name: str, batch: int, prompt_len: int, new_
     max_len = prompt_len + new_tokens
     no_stop = np.array([-2], np.int32)
 
+    policy = policy_for(method, budget, prompt_len).prepare(params, config)
+    held = [0]
+
     def run():
-        cache = init_cache(config, "full", batch=batch, max_len=max_len, dtype=jdtype)
+        cache = init_cache(config, policy, batch=batch, max_len=max_len, dtype=jdtype)
+        held[0] = cache.nbytes
         last, cache = prefill(params, tokens, positions, lengths, cache, config=config)
         _block(last)
         t0 = time.perf_counter()
@@ -79,11 +84,15 @@ def bench_decode(*, config, params, name: str, batch: int, prompt_len: int, new_
 
     param_bytes = config.num_params * jnp.dtype(jdtype).itemsize
     kv_token = config.kv_bytes_per_token(jnp.dtype(jdtype).itemsize)
-    mean_context = prompt_len + new_tokens / 2
-    step_bytes = param_bytes + batch * mean_context * kv_token
+    if method == "full":  # what a step must read: the K/V of the tokens cached so far
+        kv_read = batch * (prompt_len + new_tokens / 2) * kv_token
+    else:  # a compressed cache: the bytes it holds (the pure-jnp path reads every slot)
+        kv_read = held[0]
+    step_bytes = param_bytes + kv_read
     roofline = batch * bandwidth / step_bytes
     return {
         "bench": "decode", "model": name, "params": config.num_params, "dtype": dtype,
+        "method": method, "budget": budget, "kv_bytes": held[0],
         "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
         "decode_s": seconds, "ms_per_step": 1e3 * seconds / steps,
         "tokens_per_s": tokens_per_s, "roofline_tokens_per_s": roofline,
@@ -197,19 +206,30 @@ def _main_decode(args) -> int:
     if args.prompt_len + args.new_tokens > config.max_position_embeddings:
         raise UserError(f"--prompt-len + --new-tokens = {args.prompt_len + args.new_tokens} exceeds the "
                         f"model's context of {config.max_position_embeddings} tokens")
+    from jaxkv.cache import make_policy
+
+    from jaxkv.cache.policy import split_policy_list
+
+    methods = split_policy_list(args.methods)
+    for m in methods:
+        make_policy(m)  # an unknown policy is refused before any timing
+    if not 0 < args.budget <= 1:
+        raise UserError(f"--budget must be in (0, 1], got {args.budget}")
     bandwidth = measure_read_bandwidth()
     rows = []
     print(f"{name}: {config.num_params / 1e6:.1f} M params, {args.dtype}; "
           f"device {jax.devices()[0].device_kind}, jax {jax.__version__}, "
           f"measured read bandwidth {bandwidth / 1e12:.2f} TB/s")
-    print(f"{'batch':>5} {'ms/step':>8} {'tok/s':>9} {'roofline':>9} {'share':>6}")
-    for b in batches:
-        row = bench_decode(config=config, params=params, name=name, batch=b, prompt_len=args.prompt_len,
-                           new_tokens=args.new_tokens, dtype=args.dtype, repeats=args.repeats,
-                           bandwidth=bandwidth)
-        rows.append(row)
-        print(f"{b:>5} {row['ms_per_step']:>8.3f} {row['tokens_per_s']:>9.1f} "
-              f"{row['roofline_tokens_per_s']:>9.1f} {row['fraction_of_roofline']:>6.1%}", flush=True)
+    print(f"{'method':<22} {'batch':>5} {'KV MiB':>9} {'ms/step':>8} {'tok/s':>9} {'roofline':>9} {'share':>6}")
+    for m in methods:
+        for b in batches:
+            row = bench_decode(config=config, params=params, name=name, batch=b, prompt_len=args.prompt_len,
+                               new_tokens=args.new_tokens, dtype=args.dtype, repeats=args.repeats,
+                               bandwidth=bandwidth, method=m, budget=1.0 if m == "full" else args.budget)
+            rows.append(row)
+            print(f"{m:<22} {b:>5} {row['kv_bytes'] / 2**20:>9.2f} {row['ms_per_step']:>8.3f} "
+                  f"{row['tokens_per_s']:>9.1f} {row['roofline_tokens_per_s']:>9.1f} "
+                  f"{row['fraction_of_roofline']:>6.1%}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
