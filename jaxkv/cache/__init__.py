@@ -8,8 +8,9 @@ from jaxkv.cache.streaming import StreamingCache
 from jaxkv.cache.razor import RazorCache
 from jaxkv.cache.mikv import MiKVCache
 from jaxkv.cache.minicache import MiniCache
+from jaxkv.cache.lserve import LServeCache
 
 __all__ = [
     "KVCache", "ModelCache", "tree_nbytes", "CachePolicy", "LayerSpec", "Phase", "available_policies", "init_cache",
-    "make_policy", "register_policy", "FullCache", "StreamingCache", "RazorCache", "MiKVCache", "MiniCache",
+    "make_policy", "register_policy", "FullCache", "StreamingCache", "RazorCache", "MiKVCache", "MiniCache", "LServeCache",
 ]

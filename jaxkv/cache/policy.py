@@ -31,6 +31,8 @@ A policy is a frozen dataclass of hyper-parameters plus pure functions. It works
                                         ``EXTEND`` (``T > 1``: a question after a reused
                                         context) or ``DECODE`` (``T == 1``);
   ``nbytes(state)``                     bytes of the arrays the state keeps;
+  ``attended_keys(state)``              ``[B]`` (token, KV head) pairs the last append attended
+                                        (what query-aware methods save; default: filled slots);
   ``expected_nbytes(*, batch, max_len, dtype, layer)``   the same count worked out from the
                                         policy's own parameters (the conformance test holds
                                         ``nbytes`` to it, so no array is kept unaccounted);
@@ -50,6 +52,7 @@ import dataclasses
 import enum
 from typing import Any, ClassVar, Sequence
 
+import jax.numpy as jnp
 
 from jaxkv.attention import attend_dense, attend_reference
 from jaxkv.cache.kv import KVCache, ModelCache, tree_nbytes
@@ -181,6 +184,16 @@ class CachePolicy:
     def nbytes(self, state: Any) -> int:
         return tree_nbytes(state)
 
+    def attended_keys(self, state: Any) -> Array | None:
+        """``[B]``: the (token, KV head) pairs this layer's last append attended over, summed over
+        its heads; None where the policy does not say. Methods that save reads rather than bytes
+        (LServe, Squeezed Attention) are measured by it (``jaxkv eval``'s ``attended_fraction``).
+        The default counts the filled slots of a single slot array."""
+        positions = getattr(state, "positions", None)
+        if positions is None:
+            return None
+        return jnp.sum(positions >= 0, axis=(1, 2)).astype(jnp.float32)
+
     def expected_nbytes(self, *, batch: int, max_len: int, dtype, layer: LayerSpec) -> int:
         """One slot array of ``capacity(max_len)`` slots per KV head in this policy's storage."""
         return batch * layer.num_kv_heads * self.capacity(max_len) * self.kv_slot_bytes(layer.head_dim, dtype)
@@ -204,7 +217,7 @@ def register_policy(cls: type[CachePolicy]) -> type[CachePolicy]:
 
 
 STORAGES = {"mikv": 4}  # a storage name usable after "+" -> its default bits
-COMPOSABLE = ("full", "streaming", "razor", "minicache")  # policies whose kept tokens a storage may hold
+COMPOSABLE = ("full", "streaming", "razor", "minicache", "lserve")  # policies whose kept tokens a storage may hold
 
 
 def available_policies() -> list[str]:

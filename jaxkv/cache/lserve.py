@@ -1,0 +1,331 @@
+"""``lserve``: LServe — static streaming heads plus query-aware page selection for the rest.
+
+1. **Head split** (static): per layer, KV heads are *streaming* (attention sinks + a local window,
+   in prefill and decode) or *dense*. The split is the global top ``1 - streaming_share`` of KV
+   heads by RazorAttention's data-free induction score (``jaxkv.cache.razor.head_scores``; the
+   same calibration file, ``jaxkv calibrate razor``, serves both). Streaming heads store only
+   ``sinks + window`` slots: their bytes really shrink.
+2. **Paged dense heads**: every token at slot = position, in physical pages of ``page`` (64)
+   tokens split into logical pages of ``logical_page`` (16) tokens, each with the per-channel
+   min and max of its keys, kept current as tokens are appended (a scatter-min/max of the new
+   keys as stored).
+3. **Decode** (Quest-style): a logical page's score is the upper bound of ``q . k`` over its
+   keys, ``sum_c max(q_c kmin_c, q_c kmax_c)``, maxed over the query heads of the KV head; a
+   physical page scores the max of its logical pages. The top ``token_budget / page`` physical
+   pages are attended, plus always the page of the newest token; the selection is reused for
+   ``reuse`` decode steps. With fewer pages than the budget every page is attended (dense).
+   An extend chunk (``T > 1``) attends every page and makes the next decode step select anew.
+
+Deviations: the head split comes from Razor-style induction scores, a training-free proxy for
+DuoAttention's optimised gates (the paper's source); the prompt's own attention is dense for
+dense heads and sinks + ``prefill_window`` for streaming heads through a masked reference path
+(the block-sparse prefill kernel is a later step); pages are slices of one slot array (slot =
+position) rather than a page table, since the cache's shapes are fixed per request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxkv.attention import _MASKED, attend_dense, attend_reference, visibility_mask
+from jaxkv.cache.full import FullCache
+from jaxkv.cache.kv import KVCache
+from jaxkv.cache.policy import CachePolicy, LayerSpec, Phase, register_policy
+from jaxkv.cache.streaming import StreamingCache
+from jaxkv.errors import UserError
+from jaxkv.typing import Array
+
+__all__ = ["LServeCache", "LServeLayer", "LServeState", "page_bounds", "page_scores"]
+
+
+@struct.dataclass
+class LServeState:
+    """One layer. ``dense`` ``[B, Kd, S, H]`` (S a multiple of ``page``) with ``kmin, kmax
+    [B, Kd, S / logical_page, H]``; ``selected [B, Kd, n]`` the physical pages the last
+    selection chose (-1: none) and ``since`` the decode steps since it ran; ``attended [B]`` the
+    (token, KV head) pairs the last step attended, over all heads; ``local`` the streaming
+    heads' sinks + window. ``dense``/``local`` are None when the layer has no such heads."""
+
+    dense: KVCache | None
+    kmin: Array
+    kmax: Array
+    selected: Array
+    since: Array
+    attended: Array
+    local: KVCache | None
+
+
+def page_bounds(k: Array, positions: Array, logical_page: int) -> tuple[Array, Array]:
+    """Per-channel min and max of the keys of each logical page: ``k [B, K, S, H]`` with
+    ``positions [B, K, S]`` (empty slots ignored) -> ``[B, K, S / logical_page, H]`` each (an
+    empty page has min +inf, max -inf)."""
+    b, kh, s, h = k.shape
+    pages = k.astype(jnp.float32).reshape(b, kh, s // logical_page, logical_page, h)
+    real = (positions >= 0).reshape(b, kh, s // logical_page, logical_page)[..., None]
+    return (jnp.min(jnp.where(real, pages, jnp.inf), axis=3), jnp.max(jnp.where(real, pages, -jnp.inf), axis=3))
+
+
+def page_scores(q: Array, kmin: Array, kmax: Array) -> Array:
+    """Quest's bound: for ``q [B, K, G, H]`` the largest ``q . k`` any key within the page
+    bounds ``[B, K, P, H]`` can reach, maxed over the ``G`` query heads -> ``[B, K, P]`` (an empty
+    page scores -inf)."""
+    qf = q.astype(jnp.float32)[:, :, :, None, :]  # [B, K, G, 1, H]
+    lo, hi = kmin[:, :, None], kmax[:, :, None]
+    empty = jnp.isinf(kmin[..., 0]) & (kmin[..., 0] > 0)
+    bound = jnp.sum(jnp.maximum(qf * jnp.where(jnp.isinf(lo), 0, lo), qf * jnp.where(jnp.isinf(hi), 0, hi)), -1)
+    return jnp.where(empty, -jnp.inf, jnp.max(bound, axis=2))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LServeLayer(CachePolicy):
+    """One layer of ``lserve``: ``dense_heads`` paged with page selection, the others streaming."""
+
+    name = "_lserve_layer"
+    dense_heads: tuple[int, ...]
+    sinks: int = 128
+    window: int = 256
+    prefill_window: int = 8192
+    token_budget: int = 4096
+    page: int = 64
+    logical_page: int = 16
+    reuse: int = 4
+
+    def _split(self, layer: LayerSpec):
+        d = np.array(self.dense_heads, np.int32)
+        rest = np.array([h for h in range(layer.num_kv_heads) if h not in self.dense_heads], np.int32)
+        return d, rest
+
+    def _ring(self) -> StreamingCache:
+        return StreamingCache(sinks=self.sinks, window=self.window)
+
+    def capacity(self, max_len):
+        return math.ceil(max_len / self.page) * self.page
+
+    def selected_pages(self) -> int:
+        return max(1, self.token_budget // self.page)
+
+    # ------------------------------------------------------------------ state and bytes
+    def init(self, *, batch, max_len, dtype, layer):
+        d, rest = self._split(layer)
+        h, s = layer.head_dim, self.capacity(max_len)
+        nl = s // self.logical_page
+        return LServeState(
+            dense=self.new_kv(batch=batch, num_kv_heads=len(d), slots=s, head_dim=h, dtype=dtype) if len(d) else None,
+            kmin=jnp.full((batch, len(d), nl, h), jnp.inf, dtype), kmax=jnp.full((batch, len(d), nl, h), -jnp.inf, dtype),
+            selected=jnp.full((batch, len(d), self.selected_pages()), -1, jnp.int32),
+            since=jnp.zeros((), jnp.int32), attended=jnp.zeros((batch,), jnp.float32),
+            local=(self.new_kv(batch=batch, num_kv_heads=len(rest), slots=self._ring().capacity(max_len), head_dim=h,
+                               dtype=dtype) if len(rest) else None))
+
+    def expected_nbytes(self, *, batch, max_len, dtype, layer):
+        d, rest = self._split(layer)
+        h, s = layer.head_dim, self.capacity(max_len)
+        item = jnp.dtype(dtype).itemsize
+        dense = batch * len(d) * s * self.kv_slot_bytes(h, dtype)
+        bounds = 2 * batch * len(d) * (s // self.logical_page) * h * item
+        meta = batch * len(d) * self.selected_pages() * 4 + 4 + batch * 4
+        local = batch * len(rest) * self._ring().capacity(max_len) * self.kv_slot_bytes(h, dtype)
+        return dense + bounds + meta + local
+
+    # ------------------------------------------------------------------ prefill
+    def prefill_attend(self, q, k, v, positions, *, layer):
+        d, rest = self._split(layer)
+        t = q.shape[1]
+        if not len(rest) or t <= self.prefill_window:  # nothing outside the local window yet: dense
+            return attend_dense(q, k, v, positions, window=layer.sliding_window)
+        out = jnp.zeros(q.shape, v.dtype)
+        if len(d):
+            out = out.at[:, :, d].set(attend_dense(q[:, :, d], k[:, :, d], v[:, :, d], positions,
+                                                   window=layer.sliding_window).astype(v.dtype))
+        qs = q[:, :, rest].astype(jnp.float32)
+        ks = k[:, :, rest].transpose(0, 2, 1, 3).astype(jnp.float32)
+        vs = v[:, :, rest].transpose(0, 2, 1, 3)
+        mask = visibility_mask(positions, positions, window=layer.sliding_window)  # [B, 1, T, T]
+        qp, kp = positions[:, None, :, None], positions[:, None, None, :]
+        mask &= (kp < self.sinks) | (qp - kp < self.prefill_window)
+        s = jnp.einsum("BTKGH,BKSH->BKGTS", qs, ks) * q.shape[-1] ** -0.5
+        p = jax.nn.softmax(jnp.where(mask[:, :, None], s, _MASKED), axis=-1).astype(v.dtype)
+        return out.at[:, :, rest].set(jnp.einsum("BKGTS,BKSH->BTKGH", p, vs).astype(v.dtype))
+
+    def _stored(self, k, v, positions, heads):
+        """``k`` as the dense storage holds it (rounded to its codes when quantized)."""
+        b, t, _, h = k.shape
+        tmp = self.new_kv(batch=b, num_kv_heads=heads, slots=t, head_dim=h, dtype=k.dtype)
+        tmp = tmp.write(k, v, positions, jnp.broadcast_to(jnp.arange(t), (b, t)))
+        return tmp.k  # [B, Kd, T, H]
+
+    def _write_dense(self, state, k, v, positions):
+        dense = state.dense
+        FullCache._check_fits(dense, k.shape[1])
+        slots = dense.slot_or_drop(positions)
+        dense = dense.write(k, v, positions, slots)
+        stored = self._stored(k, v, positions, dense.k.shape[1]).astype(jnp.float32)
+        page = jnp.where(slots < dense.num_slots, slots // self.logical_page, state.kmin.shape[2])  # [B, T]
+        b = jnp.arange(k.shape[0])[:, None, None]
+        hh = jnp.arange(stored.shape[1])[None, :, None]
+        idx = page[:, None, :]
+        kmin = state.kmin.at[b, hh, idx].min(stored.astype(state.kmin.dtype), mode="drop")
+        kmax = state.kmax.at[b, hh, idx].max(stored.astype(state.kmax.dtype), mode="drop")
+        dense = dense.poison(FullCache._overflow(dense, positions))
+        return state.replace(dense=dense, kmin=kmin, kmax=kmax)
+
+    def prefill(self, state, *, q, k, v, positions, layer, params=None):
+        d, rest = self._split(layer)
+        if len(d):
+            state = self._write_dense(state, k[:, :, d], v[:, :, d], positions)
+        if len(rest):
+            ring = self._ring()
+            last = jnp.max(positions, axis=1, keepdims=True)
+            keep = (positions < self.sinks) | (positions > last - self.window)
+            local = state.local.write(k[:, :, rest], v[:, :, rest], positions, ring._slots(state.local, positions, keep))
+            state = state.replace(local=local)
+        return state.replace(since=jnp.zeros((), jnp.int32))
+
+    # ------------------------------------------------------------------ append
+    def _select(self, state, q):
+        """The top physical pages for ``q [B, 1, Kd, G, H]`` within the token budget."""
+        scores = page_scores(q[:, 0], state.kmin.astype(jnp.float32), state.kmax.astype(jnp.float32))
+        b, kd, nl = scores.shape
+        per = self.page // self.logical_page
+        physical = jnp.max(scores.reshape(b, kd, nl // per, per), axis=-1)  # [B, Kd, Pp]
+        n = min(self.selected_pages(), physical.shape[-1])
+        best, idx = jax.lax.top_k(physical, n)
+        idx = jnp.where(best > -jnp.inf, idx, -1)
+        pad = self.selected_pages() - n
+        return jnp.pad(idx, ((0, 0), (0, 0), (0, pad)), constant_values=-1) if pad else idx
+
+    def _attend_pages(self, state, q, positions, layer):
+        """Attention of one decode query over the selected pages plus the newest token's page."""
+        dense = state.dense
+        b, kd, s, h = dense.k.shape
+        pp = s // self.page
+        newest = jnp.max(positions, axis=1) // self.page  # [B]
+        sel = state.selected
+        dup = sel == newest[:, None, None]
+        pages = jnp.concatenate([jnp.where(dup, -1, sel), jnp.broadcast_to(newest[:, None, None], (b, kd, 1))], -1)
+        safe = jnp.clip(pages, 0, pp - 1)
+        shape = (b, kd, pp, self.page)
+        gather = lambda x: jnp.take_along_axis(x.reshape(shape + x.shape[3:]), safe.reshape(  # noqa: E731
+            safe.shape + (1,) * (x.ndim - 2)), axis=2).reshape((b, kd, -1) + x.shape[3:])
+        kp = jnp.where((pages >= 0)[..., None], jnp.take_along_axis(
+            dense.positions.reshape(shape), safe[..., None], axis=2), -1).reshape(b, kd, -1)
+        out = attend_reference(q, gather(dense.k), gather(dense.v), positions, kp, window=layer.sliding_window)
+        return out, jnp.sum(kp >= 0, axis=(1, 2)).astype(jnp.float32)
+
+    def append(self, state, *, q, k, v, positions, phase, layer, params=None):
+        d, rest = self._split(layer)
+        out = jnp.zeros(q.shape, v.dtype)
+        attended = jnp.zeros((q.shape[0],), jnp.float32)
+        if len(d):
+            state = self._write_dense(state, k[:, :, d], v[:, :, d], positions)
+            qd = q[:, :, d]
+            if phase is Phase.DECODE:
+                selected = jax.lax.cond(state.since % self.reuse == 0, lambda: self._select(state, qd),
+                                        lambda: state.selected)
+                state = state.replace(selected=selected, since=state.since + 1)
+                o, n = self._attend_pages(state, qd, positions, layer)
+            else:  # a multi-token chunk attends every page; the next decode step selects anew
+                state = state.replace(since=jnp.zeros((), jnp.int32))
+                o = self.attend(state.dense, qd, positions, layer)
+                n = jnp.sum(state.dense.positions >= 0, axis=(1, 2)).astype(jnp.float32)
+            out = out.at[:, :, d].set(o.astype(v.dtype))
+            attended = attended + n
+        if len(rest):
+            ring = self._ring()
+            if k.shape[1] > self.window:
+                raise UserError(f"lserve: a chunk of {k.shape[1]} tokens ({phase.value}) exceeds window={self.window}")
+            local = state.local.write(k[:, :, rest], v[:, :, rest], positions, ring._slots(state.local, positions, True))
+            state = state.replace(local=local)
+            out = out.at[:, :, rest].set(self.attend(local, q[:, :, rest], positions, layer).astype(v.dtype))
+            attended = attended + jnp.sum(local.positions >= 0, axis=(1, 2)).astype(jnp.float32)
+        lost = FullCache._overflow(state.dense, positions) if len(d) else jnp.zeros((q.shape[0],), bool)
+        out = jnp.where(lost.reshape((-1,) + (1,) * (out.ndim - 1)), jnp.nan, out).astype(out.dtype)
+        return out, state.replace(attended=attended)
+
+    def attended_keys(self, state) -> Array:
+        return state.attended
+
+
+@register_policy
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LServeCache(CachePolicy):
+    """LServe. Dense heads come from ``heads`` (one tuple of dense KV heads per layer), from a
+    Razor ``calibration`` file, or from the data-free calibration run in ``prepare``."""
+
+    name = "lserve"
+    streaming_share: float = 0.5
+    sinks: int = 128
+    window: int = 256
+    prefill_window: int = 8192
+    token_budget: int = 4096
+    page: int = 64
+    logical_page: int = 16
+    reuse: int = 4
+    calibration: str | None = None
+    heads: tuple | None = None
+    n_tokens: int = 512
+    seed: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        share = self.streaming_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1 or math.isnan(share):
+            raise UserError(f"lserve: streaming_share must be a number in [0, 1], got {share!r}")
+        for f, low in (("sinks", 0), ("window", 1), ("prefill_window", 1), ("token_budget", 1), ("page", 1),
+                       ("logical_page", 1), ("reuse", 1), ("n_tokens", 4), ("seed", 0)):
+            value = getattr(self, f)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise UserError(f"lserve: {f} must be an integer >= {low}, got {value!r}")
+        if self.page % self.logical_page:
+            raise UserError(f"lserve: page ({self.page}) must be a multiple of logical_page ({self.logical_page})")
+        if self.token_budget < self.page:
+            raise UserError(f"lserve: token_budget ({self.token_budget}) must hold at least one page ({self.page})")
+        if self.heads is not None:
+            try:
+                heads = tuple(tuple(sorted({int(h) for h in row})) for row in self.heads)
+            except (TypeError, ValueError):
+                raise UserError("lserve: heads must be one list of dense KV head indices per layer") from None
+            object.__setattr__(self, "heads", heads)
+
+    @classmethod
+    def from_budget(cls, budget: float, context_len: int) -> "LServeCache":
+        """``budget`` is the share of the context a dense head attends per decode step (the token
+        budget, whole pages); streaming heads keep their sinks and window whatever the budget."""
+        page = cls.page
+        return cls(token_budget=max(page, int(round(budget * context_len / page)) * page))
+
+    def prepare(self, params, config) -> "LServeCache":
+        from jaxkv.cache.razor import CALIBRATION_METHOD, _cached_scores, select_heads
+        from jaxkv.calibration import load_calibration, model_fingerprint
+
+        if self.heads is None:
+            if self.calibration is not None:
+                tensors, _ = load_calibration(self.calibration, method=CALIBRATION_METHOD,
+                                              fingerprint=model_fingerprint(config, params))
+                echo, induction = tensors["echo"], tensors["induction"]
+            else:
+                echo, induction = _cached_scores(params, config, self.n_tokens, self.seed)
+            heads = select_heads(echo, induction, induction_share=1 - self.streaming_share, echo_share=0.0)
+            self = dataclasses.replace(self, heads=heads)
+        if len(self.heads) != config.num_layers or any(h < 0 or h >= config.num_kv_heads
+                                                        for row in self.heads for h in row):
+            raise UserError(f"lserve: heads must list KV heads in [0, {config.num_kv_heads}) for each of "
+                            f"{config.num_layers} layers")
+        return self
+
+    def capacity(self, max_len):
+        return math.ceil(max_len / self.page) * self.page
+
+    def for_layer(self, layer: LayerSpec) -> LServeLayer:
+        if self.heads is None:
+            raise UserError("lserve needs its head split: call policy.prepare(params, config) (generate and "
+                            "jaxkv eval do), pass heads=..., or --cache-arg calibration=FILE")
+        return LServeLayer(dense_heads=self.heads[layer.index], sinks=self.sinks, window=self.window,
+                           prefill_window=self.prefill_window, token_budget=self.token_budget, page=self.page,
+                           logical_page=self.logical_page, reuse=self.reuse, kv_bits=self.kv_bits)
