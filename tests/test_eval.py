@@ -112,6 +112,10 @@ def test_harness_on_a_tiny_model_tells_streaming_from_full(tiny_model, tmp_path)
     assert tight.kv_bytes < 0.15 * full.full_kv_bytes < loose.kv_bytes
     assert 0 <= loose.kl < tight.kl and loose.top1_agreement >= tight.top1_agreement
     assert all(r.prefill_ms > 0 and r.decode_tokens_per_s > 0 for r in rows)
+    # share of the context attended at the last step: all of it for full, the ring for streaming
+    assert full.attended_fraction == 1.0
+    ring = 0.1 * 256  # sinks + window of the 0.1 budget, over a context of ~256 + the answer span
+    assert 0.5 * ring / 300 < tight.attended_fraction < ring / 256
 
     write_json(rows, tmp_path / "rows.json")
     data = json.loads((tmp_path / "rows.json").read_text())

@@ -182,6 +182,10 @@ class MiKVCache(CachePolicy):
         out, p_hi = self._attend(state, q, positions, layer)
         return out, state.replace(score=state.score + p_hi)
 
+    def attended_keys(self, state):  # every token (hi, and the low copies of the rest)
+        kv = state.hi if state.lo is None else state.lo
+        return jnp.sum(kv.positions >= 0, axis=(1, 2)).astype(jnp.float32)
+
     def _admit(self, state, k, v, pos):
         """Put token ``k, v [B, K, H]`` at ``pos [B]`` into the hi tier of every head."""
         hi = state.hi

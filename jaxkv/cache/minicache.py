@@ -166,6 +166,9 @@ class MiniCacheLayer(CachePolicy):
         v = v.at[b, h, slot].set(state.kept_v[self.role].astype(v.dtype), mode="drop")
         return KVCache(k=k, v=v, positions=state.dirs.positions)
 
+    def attended_keys(self, state: MergedPair):
+        return jnp.sum(state.dirs.positions >= 0, axis=(1, 2)).astype(jnp.float32)
+
     def prefill(self, state, *, q, k, v, positions, layer, params=None):
         FullCache._check_fits(state.dirs, k.shape[1])
         if self.role == 0:

@@ -238,6 +238,11 @@ class RazorLayer(CachePolicy):
             out = out.at[:, :, rest].set(self._attend_local(local, comp, q[:, :, rest], positions, layer))
         return out, RazorState(full, local, *comp)
 
+    def attended_keys(self, state):
+        count = lambda kv: 0.0 if kv is None else jnp.sum(kv.positions >= 0, axis=(1, 2))  # noqa: E731
+        comp = jnp.sum(state.comp_n > 0, axis=1) if self.compensation != "none" else 0.0
+        return (count(state.full) + count(state.local) + comp) * jnp.ones((state.comp_n.shape[0],), jnp.float32)
+
     def _attend_local(self, local, comp, q, positions, layer):
         if self.compensation == "none":
             return self.attend(local, q, positions, layer).astype(local.v.dtype)

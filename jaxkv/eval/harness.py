@@ -6,6 +6,9 @@ Per sample and method:
                 answer, teacher forced, compared with the full cache's (mean KL(full || method)
                 in nats, and the share of positions whose argmax agrees);
   kv_bytes      bytes the policy's cache holds (``ModelCache.nbytes``), beside the full cache's;
+  attended_fraction   the share of the context's (token, KV head) pairs the last teacher-forced
+                decode step attended over (``CachePolicy.attended_keys``; what query-aware
+                methods save), None where a policy does not say;
   prefill_ms    wall time of the jitted prefill (after a warm-up of the same shapes);
   decode tok/s  generated tokens / wall time of the jitted decode loop.
 
@@ -26,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxkv.cache import init_cache, make_policy
+from jaxkv.cache import LayerSpec, init_cache, make_policy
 from jaxkv.cache.policy import parse_policy_spec
 from jaxkv.config import LlamaConfig
 from jaxkv.eval.tasks import TASKS, Sample, answer_text, make_sample, score
@@ -34,7 +37,7 @@ from jaxkv.generate import decode, pad_prompts, prefill
 from jaxkv.models.llama import forward
 from jaxkv.errors import UserError
 
-__all__ = ["EvalConfig", "Row", "evaluate", "policy_for", "kl_and_agreement", "answer_ids"]
+__all__ = ["EvalConfig", "Row", "evaluate", "policy_for", "kl_and_agreement", "answer_ids", "attended_fraction"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -80,6 +83,7 @@ class Row:
     top1_agreement: float
     kv_bytes: int
     full_kv_bytes: int
+    attended_fraction: float | None
     prefill_ms: float
     decode_tokens_per_s: float
     samples: int
@@ -128,8 +132,21 @@ def _teacher_forced(params, cache, ids, start, *, config: LlamaConfig):
         logits, cache = forward(params, tok[None, None], (start + i)[None, None], cache, config=config)
         return cache, logits[0, 0]
 
-    _, logits = jax.lax.scan(step, cache, (jnp.arange(ids.shape[0]), ids))
-    return logits
+    cache, logits = jax.lax.scan(step, cache, (jnp.arange(ids.shape[0]), ids))
+    return logits, cache
+
+
+def attended_fraction(cache, context_tokens: int, config) -> float | None:
+    """Mean over rows of the (token, KV head) pairs the last step attended, over every layer,
+    as a share of ``context_tokens`` x KV heads x layers; None if a layer's policy does not say."""
+    total = 0.0
+    for i, policy in enumerate(cache.policies):
+        spec = LayerSpec(i, config)
+        n = policy.attended_keys(cache.layers[policy.state_index(spec)])
+        if n is None:
+            return None
+        total = total + n
+    return float(jnp.mean(total)) / (context_tokens * config.num_kv_heads * config.num_layers)
 
 
 def _span_slots(n_answer: int) -> int:
@@ -183,10 +200,12 @@ class _Runner:
         n = len(ans) - 1
         ids = np.zeros(_span_slots(len(ans)), np.int32)
         ids[:n] = ans[:-1]
-        span = _teacher_forced(self.params, tf_cache, jnp.asarray(ids), jnp.int32(int(lengths[0])), config=cfg)
+        span, tf_cache = _teacher_forced(self.params, tf_cache, jnp.asarray(ids), jnp.int32(int(lengths[0])),
+                                         config=cfg)
+        attended = attended_fraction(tf_cache, int(lengths[0]) + ids.shape[0], cfg)
         logits = jnp.concatenate([last[0][None], span[:n]], axis=0)
         return {"tokens": new, "text": self.tokenizer.decode(new, skip_special_tokens=True),
-                "logits": np.asarray(logits), "kv_bytes": nbytes, "prefill_s": prefill_s,
+                "logits": np.asarray(logits), "kv_bytes": nbytes, "prefill_s": prefill_s, "attended": attended,
                 "decode_tokens_per_s": max(len(new) - 1, 1) / decode_s}
 
 
@@ -222,7 +241,7 @@ def evaluate(params, config: LlamaConfig, tokenizer, cfg: EvalConfig,
                     kl, top1 = kl_and_agreement(full["logits"], r["logits"])
                     acc.setdefault((m, b, task, length), []).append({
                         "accuracy": score(r["text"], sample.answers), "kl": kl, "top1": top1,
-                        "kv_bytes": r["kv_bytes"], "full_kv_bytes": full["kv_bytes"],
+                        "kv_bytes": r["kv_bytes"], "full_kv_bytes": full["kv_bytes"], "attended": r["attended"],
                         "prefill_ms": 1e3 * r["prefill_s"], "tps": r["decode_tokens_per_s"]})
                 done += 1
                 if progress is not None:
@@ -236,6 +255,8 @@ def evaluate(params, config: LlamaConfig, tokenizer, cfg: EvalConfig,
             top1_agreement=statistics.fmean(r["top1"] for r in rs),
             kv_bytes=int(statistics.median(r["kv_bytes"] for r in rs)),
             full_kv_bytes=int(statistics.median(r["full_kv_bytes"] for r in rs)),
+            attended_fraction=(None if any(r["attended"] is None for r in rs)
+                               else statistics.fmean(r["attended"] for r in rs)),
             prefill_ms=statistics.median(r["prefill_ms"] for r in rs),
             decode_tokens_per_s=statistics.median(r["tps"] for r in rs),
             samples=len(rs)))

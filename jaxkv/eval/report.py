@@ -13,7 +13,7 @@ from jaxkv.fileio import save_figure, write_text_atomic
 __all__ = ["format_table", "write_json", "plot_accuracy_vs_bytes"]
 
 JSON_KEYS = ("method", "budget", "task", "length", "accuracy", "kl", "top1_agreement", "kv_bytes",
-             "full_kv_bytes", "prefill_ms", "decode_tokens_per_s")
+             "full_kv_bytes", "attended_fraction", "prefill_ms", "decode_tokens_per_s")
 
 
 def _bytes(n: int) -> str:
@@ -25,10 +25,11 @@ def _bytes(n: int) -> str:
 
 
 def format_table(rows: Sequence[Row]) -> str:
-    head = ("method", "budget", "task", "length", "acc", "KL", "top1", "KV held", "of full", "prefill ms", "dec tok/s")
+    head = ("method", "budget", "task", "length", "acc", "KL", "top1", "KV held", "of full", "attended",
+            "prefill ms", "dec tok/s")
     body = [(r.method, f"{r.budget:g}", r.task, str(r.length), f"{r.accuracy:.1%}", f"{r.kl:.4f}",
              f"{r.top1_agreement:.1%}", _bytes(r.kv_bytes), f"{r.kv_bytes / r.full_kv_bytes:.1%}",
-             f"{r.prefill_ms:.1f}", f"{r.decode_tokens_per_s:.1f}") for r in rows]
+             "-" if r.attended_fraction is None else f"{r.attended_fraction:.1%}", f"{r.prefill_ms:.1f}", f"{r.decode_tokens_per_s:.1f}") for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     line = lambda cells: "  ".join(c.rjust(w) if i >= 3 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
