@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jaxkv.typing import Array
 from jaxkv.errors import UserError
 
-__all__ = ["visibility_mask", "attention_weights", "attend_reference"]
+__all__ = ["visibility_mask", "attention_weights", "attend_reference", "attend_with_lse", "merge_attention"]
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -98,6 +98,36 @@ def attend_reference(
     p = attention_weights(q, k, q_positions, k_positions, window=window, q_segments=q_segments,
                           k_segments=k_segments, scale=scale, k_bias=k_bias).astype(v.dtype)
     return jnp.einsum("BKGTS,BKSH->BTKGH", p, v)
+
+
+def attend_with_lse(q: Array, k: Array, v: Array, q_positions: Array, k_positions: Array, *,
+                    window: int | None = None, visible: Array | None = None) -> tuple[Array, Array]:
+    """``attend_reference`` that also returns the log-sum-exp of the scores, ``[B,K,G,T]`` fp32
+    (``-inf`` where a query sees no key; its output is then 0), so that attention over disjoint
+    key sets can be merged exactly (``merge_attention``). ``visible [B,K,S]`` masks slots out on
+    top of the position rules."""
+    scale = q.shape[-1] ** -0.5
+    s = jnp.einsum("BTKGH,BKSH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
+    mask = visibility_mask(q_positions, k_positions, window=window)
+    if visible is not None:
+        mask &= visible[:, :, None, :]
+    s = jnp.where(mask[:, :, None], s, -jnp.inf)
+    lse = jax.nn.logsumexp(s, axis=-1)  # [B, K, G, T]
+    p = jnp.where(mask[:, :, None], jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0)[..., None]), 0.0)
+    return jnp.einsum("BKGTS,BKSH->BTKGH", p.astype(v.dtype), v), lse
+
+
+def merge_attention(parts: list[tuple[Array, Array]]) -> Array:
+    """Merge attention outputs over disjoint key sets, ``[(out [B,T,K,G,H], lse [B,K,G,T]), ...]``,
+    into the attention over their union: each part weighted by ``exp(lse_i - lse)``."""
+    lses = jnp.stack([lse for _, lse in parts])  # [P, B, K, G, T]
+    total = jax.nn.logsumexp(lses, axis=0)
+    safe = jnp.where(jnp.isfinite(total), total, 0.0)
+    out = 0.0
+    for (o, lse) in parts:
+        w = jnp.where(jnp.isfinite(lse), jnp.exp(lse - safe), 0.0)  # [B, K, G, T]
+        out = out + o.astype(jnp.float32) * w.transpose(0, 3, 1, 2)[..., None]
+    return out.astype(parts[0][0].dtype)
 
 
 DENSE_IMPLEMENTATIONS = ("reference", "cudnn")

@@ -9,8 +9,9 @@ from jaxkv.cache.razor import RazorCache
 from jaxkv.cache.mikv import MiKVCache
 from jaxkv.cache.minicache import MiniCache
 from jaxkv.cache.lserve import LServeCache
+from jaxkv.cache.squeezed import SqueezedCache
 
 __all__ = [
     "KVCache", "ModelCache", "tree_nbytes", "CachePolicy", "LayerSpec", "Phase", "available_policies", "init_cache",
-    "make_policy", "register_policy", "FullCache", "StreamingCache", "RazorCache", "MiKVCache", "MiniCache", "LServeCache",
+    "make_policy", "register_policy", "FullCache", "StreamingCache", "RazorCache", "MiKVCache", "MiniCache", "LServeCache", "SqueezedCache",
 ]

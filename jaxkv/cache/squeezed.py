@@ -1,0 +1,281 @@
+"""``squeezed``: Squeezed Attention — a k-means index of a fixed context's keys, and attention
+over only the clusters a query needs.
+
+1. **Index** (at prefill, per layer and KV head): k-means on the L2-normalised context keys
+   (``kmeans``: k-means++ initialisation, Lloyd iterations until no label changes or
+   ``max_iters``), ``round(centroid_share * slots)`` clusters; each cluster's centroid for
+   scoring is the mean of its members' *unnormalised* keys, with its size ``N_j``.
+2. **Threshold** (calibration, the after-prefill hook): the last ``calib_queries`` prompt queries
+   estimate each key's softmax weight from its centroid,
+   ``exp(q . c_j / sqrt(d)) / sum_i N_i exp(q . c_i / sqrt(d))``, averaged over those queries and
+   the query heads of the KV head; one threshold per row, the ``1 - keep`` quantile over every
+   layer and head (so per-head sparsity adapts), kept in each layer's state.
+3. **Online** (extend: a question after the context; decode): the chunk's queries estimate the
+   clusters' weights the same way (averaged over the chunk); context keys of clusters at or above
+   the threshold are attended exactly, plus the last ``window`` context tokens, and merged by
+   log-sum-exp (``jaxkv.attention.merge_attention``) with dense causal attention over everything
+   after the context (the question and the generated tokens).
+
+The prefilled cache is an immutable value: the same prefilled cache answers any number of
+questions (each ``forward`` of a question over it returns a new cache; the index is never
+rebuilt). Nothing is evicted (bytes: the full cache plus the index); the method saves reads,
+which ``attended_keys`` reports.
+
+Deviations: the number of clusters follows the cache's slots (static shapes) rather than the
+exact prompt length; calibration queries see the whole context's centroids (the paper's offline
+calibration does the same); the hierarchical (two-level) lookup is not built yet (``levels=1``);
+attention over the kept keys is a masked pure-jnp pass (the centroid-attention kernel is a later
+step), so reads are saved only in what ``attended_keys`` counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxkv.attention import attend_with_lse, merge_attention
+from jaxkv.cache.full import FullCache
+from jaxkv.cache.kv import KVCache
+from jaxkv.cache.policy import CachePolicy, LayerSpec, register_policy
+from jaxkv.errors import UserError
+from jaxkv.typing import Array
+
+__all__ = ["SqueezedCache", "SqueezedLayer", "SqueezedState", "kmeans", "inertia", "cluster_weights",
+           "global_threshold"]
+
+
+# ------------------------------------------------------------------ k-means
+def _sq_dist(x: Array, c: Array) -> Array:
+    """``[N, C]`` squared distances of ``x [N, H]`` to ``c [C, H]``."""
+    return jnp.sum(x * x, -1)[:, None] + jnp.sum(c * c, -1)[None, :] - 2 * x @ c.T
+
+
+def kmeans(x: Array, valid: Array, n_clusters: int, key: Array, *, max_iters: int = 300
+           ) -> tuple[Array, Array]:
+    """k-means of the rows ``x [N, H]`` where ``valid [N]``: k-means++ initialisation (each new
+    centre drawn with probability proportional to the squared distance to the nearest one), then
+    Lloyd iterations until no label changes or ``max_iters``. Returns ``labels [N]`` (-1 where not
+    valid) and ``centres [C, H]``. Deterministic for a given ``key``."""
+    x = x.astype(jnp.float32)
+    n = x.shape[0]
+    w = valid.astype(jnp.float32)
+
+    def pick(d2, k):
+        total = jnp.sum(d2)
+        p = jnp.where(total > 0, d2 / jnp.where(total > 0, total, 1.0), w / jnp.maximum(jnp.sum(w), 1.0))
+        return jax.random.choice(k, n, p=p)
+
+    k0, key = jax.random.split(key)
+    first = x[pick(jnp.zeros(n), k0)]
+    centres = jnp.zeros((n_clusters, x.shape[1]), jnp.float32).at[0].set(first)
+    d2 = jnp.sum((x - first) ** 2, -1) * w
+
+    def init_step(i, carry):
+        centres, d2, key = carry
+        key, k = jax.random.split(key)
+        c = x[pick(d2, k)]
+        return centres.at[i].set(c), jnp.minimum(d2, jnp.sum((x - c) ** 2, -1) * w), key
+
+    centres, _, _ = jax.lax.fori_loop(1, n_clusters, init_step, (centres, d2, key))
+
+    def assign(centres):
+        return jnp.argmin(_sq_dist(x, centres), axis=-1).astype(jnp.int32)
+
+    def body(carry):
+        centres, labels, it, _ = carry
+        sums = jax.ops.segment_sum(x * w[:, None], labels, n_clusters)
+        counts = jax.ops.segment_sum(w, labels, n_clusters)
+        centres = jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1.0)[:, None], centres)
+        new = assign(centres)
+        return centres, new, it + 1, jnp.any((new != labels) & valid)
+
+    def cond(carry):
+        return (carry[2] < max_iters) & carry[3]
+
+    centres, labels, _, _ = jax.lax.while_loop(cond, body, (centres, assign(centres), 0, True))
+    return jnp.where(valid, labels, -1), centres
+
+
+def inertia(x: Array, valid: Array, labels: Array, centres: Array) -> Array:
+    """Sum of squared distances of the valid rows to their centres."""
+    d = jnp.sum((x.astype(jnp.float32) - centres[jnp.maximum(labels, 0)]) ** 2, -1)
+    return jnp.sum(jnp.where(valid, d, 0.0))
+
+
+def cluster_weights(q: Array, centroids: Array, counts: Array, q_real: Array) -> Array:
+    """Estimated softmax weight of one key of each cluster, ``exp(q.c_j/sqrt d) / sum_i N_i
+    exp(q.c_i/sqrt d)``, averaged over the real queries (``q_real [B, T]``) and the query heads
+    of each KV head: ``q [B, T, K, G, H]``, ``centroids [B, K, C, H]``, ``counts [B, K, C]`` ->
+    ``[B, K, C]``."""
+    s = jnp.einsum("BTKGH,BKCH->BKGTC", q.astype(jnp.float32), centroids.astype(jnp.float32)) * q.shape[-1] ** -0.5
+    s = jnp.where(counts[:, :, None, None, :] > 0, s, -jnp.inf)
+    log_z = jax.nn.logsumexp(s + jnp.log(jnp.maximum(counts, 1e-30))[:, :, None, None, :], axis=-1, keepdims=True)
+    p = jnp.exp(s - log_z)  # [B, K, G, T, C]
+    m = q_real.astype(jnp.float32)[:, None, None, :, None]
+    return jnp.sum(p * m, axis=(2, 3)) / jnp.maximum(jnp.sum(m, axis=(2, 3)) * q.shape[3], 1.0)
+
+
+def global_threshold(estimates: list[Array], valid: list[Array], keep: float) -> Array:
+    """``[B]``: the ``1 - keep`` quantile of every layer's per-key estimates ``[B, K, S]`` (where
+    ``valid``), per row: one threshold across all layers and heads."""
+    est = jnp.concatenate([jnp.where(v, e, jnp.nan).reshape(e.shape[0], -1) for e, v in zip(estimates, valid)], -1)
+    if keep >= 1:  # keep everything, whatever a later query's estimates
+        return jnp.full(est.shape[:1], -jnp.inf)
+    return jnp.nanquantile(est, 1.0 - keep, axis=-1)
+
+
+# ------------------------------------------------------------------ the cache
+@struct.dataclass
+class SqueezedState:
+    """One layer: ``kv`` every token at slot = position; the index of the context's keys:
+    ``labels [B, K, S]`` (-1: not indexed), ``centroids [B, K, C, H]`` (fp32 means of the
+    unnormalised keys), ``counts [B, K, C]``, ``estimate [B, K, S]`` (calibration weights);
+    ``threshold [B]``, ``context_len [B]``, ``attended [B]`` (last step's attended keys)."""
+
+    kv: KVCache
+    labels: Array
+    centroids: Array
+    counts: Array
+    estimate: Array
+    threshold: Array
+    context_len: Array
+    attended: Array
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SqueezedLayer(CachePolicy):
+    name = "_squeezed_layer"
+    keep: float = 0.3
+    centroid_share: float = 0.05
+    max_iters: int = 300
+    calib_queries: int = 100
+    window: int = 64
+    seed: int = 0
+
+    def capacity(self, max_len):
+        return max_len
+
+    def clusters(self, slots: int) -> int:
+        return max(1, round(self.centroid_share * slots))
+
+    def init(self, *, batch, max_len, dtype, layer):
+        k, h, c = layer.num_kv_heads, layer.head_dim, self.clusters(max_len)
+        return SqueezedState(
+            kv=self.new_kv(batch=batch, num_kv_heads=k, slots=max_len, head_dim=h, dtype=dtype),
+            labels=jnp.full((batch, k, max_len), -1, jnp.int32), centroids=jnp.zeros((batch, k, c, h), jnp.float32),
+            counts=jnp.zeros((batch, k, c), jnp.float32), estimate=jnp.zeros((batch, k, max_len), jnp.float32),
+            threshold=jnp.zeros((batch,), jnp.float32), context_len=jnp.zeros((batch,), jnp.int32),
+            attended=jnp.zeros((batch,), jnp.float32))
+
+    def expected_nbytes(self, *, batch, max_len, dtype, layer):
+        k, h, c = layer.num_kv_heads, layer.head_dim, self.clusters(max_len)
+        kv = batch * k * max_len * self.kv_slot_bytes(h, dtype)
+        index = batch * k * (max_len * (4 + 4) + c * (h * 4 + 4))
+        return kv + index + batch * 12
+
+    def prefill(self, state, *, q, k, v, positions, layer, params=None):
+        FullCache._check_fits(state.kv, k.shape[1])
+        kv = state.kv.write(k, v, positions, state.kv.slot_or_drop(positions))
+        kv = kv.poison(FullCache._overflow(kv, positions))
+        keys = kv.k.astype(jnp.float32)  # [B, K, S, H] as stored
+        valid = kv.positions >= 0
+        unit = keys / jnp.maximum(jnp.linalg.norm(keys, axis=-1, keepdims=True), 1e-12)
+        n_c = state.centroids.shape[2]
+        b, kh = keys.shape[:2]
+        seeds = jax.random.split(jax.random.key(self.seed + 7919 * layer.index), b * kh).reshape(b, kh)
+        run = jax.vmap(jax.vmap(lambda x, m, s: kmeans(x, m, n_c, s, max_iters=self.max_iters)))
+        labels, _ = run(unit, valid, seeds)
+        onehot = jax.nn.one_hot(labels, n_c, dtype=jnp.float32)  # [B, K, S, C] (label -1: zeros)
+        counts = jnp.sum(onehot, axis=2)
+        centroids = jnp.einsum("BKSC,BKSH->BKCH", onehot, keys) / jnp.maximum(counts, 1.0)[..., None]
+        # calibration: the last calib_queries real prompt queries
+        latest = jax.lax.top_k(positions, min(self.calib_queries, positions.shape[1]))[1]
+        q_obs = jnp.take_along_axis(q, latest[:, :, None, None, None], axis=1)
+        real = jnp.take_along_axis(positions, latest, axis=1) >= 0
+        weights = cluster_weights(q_obs, centroids, counts, real)  # [B, K, C]
+        estimate = jnp.where(valid, jnp.take_along_axis(weights, jnp.maximum(labels, 0), axis=2), 0.0)
+        context_len = jnp.max(positions, axis=1) + 1
+        threshold = global_threshold([estimate], [valid], self.keep)  # this layer's; the hook makes it global
+        return SqueezedState(kv=kv, labels=labels, centroids=centroids, counts=counts, estimate=estimate,
+                             threshold=threshold, context_len=context_len, attended=state.attended)
+
+    def visible_context(self, state: SqueezedState, q: Array, positions: Array) -> Array:
+        """``[B, K, S]``: the context slots the chunk ``q`` attends (clusters at or above the
+        threshold, plus the context's last ``window`` tokens)."""
+        weights = cluster_weights(q, state.centroids, state.counts, positions >= 0)
+        kept = weights >= state.threshold[:, None, None]  # [B, K, C]
+        pos = state.kv.positions
+        ctx = state.context_len[:, None, None]
+        by_cluster = jnp.take_along_axis(kept, jnp.maximum(state.labels, 0), axis=2) & (state.labels >= 0)
+        return (pos >= 0) & (pos < ctx) & (by_cluster | (pos >= ctx - self.window))
+
+    def append(self, state, *, q, k, v, positions, phase, layer, params=None):
+        FullCache._check_fits(state.kv, k.shape[1])
+        kv = state.kv.write(k, v, positions, state.kv.slot_or_drop(positions))
+        state = state.replace(kv=kv)
+        context = self.visible_context(state, q, positions)
+        after = kv.positions >= state.context_len[:, None, None]
+        w = layer.sliding_window
+        parts = [attend_with_lse(q, kv.k, kv.v, positions, kv.positions, window=w, visible=context),
+                 attend_with_lse(q, kv.k, kv.v, positions, kv.positions, window=w, visible=after)]
+        out = merge_attention(parts)
+        lost = FullCache._overflow(kv, positions).reshape((-1,) + (1,) * (out.ndim - 1))
+        out = jnp.where(lost, jnp.nan, out).astype(out.dtype)
+        newest = jnp.max(positions, axis=1)[:, None, None]
+        seen = (context | after) & (kv.positions <= newest)
+        return out, state.replace(attended=jnp.sum(seen, axis=(1, 2)).astype(jnp.float32))
+
+    def attended_keys(self, state):
+        return state.attended
+
+
+@register_policy
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SqueezedCache(CachePolicy):
+    """Squeezed Attention (see the module docstring); ``keep`` is the share of the context's keys
+    the calibration queries would attend (the paper's quantiles 0.5/0.7/0.8/0.9 keep 50/30/20/10%)."""
+
+    name = "squeezed"
+    keep: float = 0.3
+    centroid_share: float = 0.05
+    max_iters: int = 300
+    calib_queries: int = 100
+    window: int = 64
+    levels: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        for f, low, high in (("keep", 0.0, 1.0), ("centroid_share", 0.0, 1.0)):
+            value = getattr(self, f)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
+                    or not low < value <= high:
+                raise UserError(f"squeezed: {f} must be a number in ({low:g}, {high:g}], got {value!r}")
+        for f, low in (("max_iters", 1), ("calib_queries", 1), ("window", 0), ("seed", 0)):
+            value = getattr(self, f)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise UserError(f"squeezed: {f} must be an integer >= {low}, got {value!r}")
+        if self.levels != 1:
+            raise UserError(f"squeezed: levels must be 1 (the two-level hierarchy is not built yet), got {self.levels!r}")
+
+    @classmethod
+    def from_budget(cls, budget: float, context_len: int) -> "SqueezedCache":
+        return cls(keep=float(budget))
+
+    def capacity(self, max_len):
+        return max_len
+
+    def for_layer(self, layer: LayerSpec) -> SqueezedLayer:
+        return SqueezedLayer(keep=self.keep, centroid_share=self.centroid_share, max_iters=self.max_iters,
+                             calib_queries=self.calib_queries, window=self.window, seed=self.seed,
+                             kv_bits=self.kv_bits)
+
+    def after_prefill(self, cache):
+        """One threshold per row across every layer and head (the paper's global quantile)."""
+        layers = cache.layers
+        t = global_threshold([s.estimate for s in layers], [s.labels >= 0 for s in layers], self.keep)
+        return cache.replace(layers=tuple(s.replace(threshold=t) for s in layers))

@@ -1,0 +1,147 @@
+"""Squeezed Attention: k-means (inertia, determinism), the centroid weight estimate against a
+brute-force reference, the global threshold's kept share, the log-sum-exp merge, one index
+serving several questions, and bad settings."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxkv.cache.squeezed as sq
+from jaxkv.attention import attend_reference, attend_with_lse, merge_attention
+from jaxkv.cache import SqueezedCache, init_cache
+from jaxkv.errors import UserError
+from jaxkv.models.llama import forward
+
+from tests.test_policy_conformance import _sequence
+
+
+def _blobs(seed=0, n=300, h=8, k=6):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(k, h)) * 4
+    x = centres[rng.integers(0, k, n)] + rng.normal(size=(n, h)) * 0.5
+    return jnp.asarray(x, jnp.float32)
+
+
+def test_kmeans_lowers_inertia_and_is_deterministic_by_seed():
+    noise = jnp.asarray(np.random.default_rng(5).normal(size=(300, 8)), jnp.float32)
+    valid = jnp.arange(300) < 280  # the last rows are padding
+    key = jax.random.key(3)
+    init_labels, init_c = sq.kmeans(noise, valid, 12, key, max_iters=0)  # k-means++ centres only
+    labels, c = sq.kmeans(noise, valid, 12, key)
+    assert float(sq.inertia(noise, valid, labels, c)) < 0.95 * float(sq.inertia(noise, valid, init_labels, init_c))
+    x = _blobs()
+    labels, c = sq.kmeans(x, valid, 6, key)
+    again, c2 = sq.kmeans(x, valid, 6, key)
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(labels))
+    np.testing.assert_array_equal(np.asarray(c2), np.asarray(c))
+    assert (np.asarray(labels)[280:] == -1).all() and (np.asarray(labels)[:280] >= 0).all()
+    # converged: every valid row sits with its nearest centre
+    d = ((np.asarray(x)[:280, None] - np.asarray(c)[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(np.asarray(labels)[:280], d.argmin(1))
+    # well-separated blobs: six clusters found, inertia close to the noise's
+    assert len(set(np.asarray(labels)[:280].tolist())) == 6
+    assert float(sq.inertia(x, valid, labels, c)) < 1.5 * 280 * 8 * 0.25
+
+
+def test_cluster_weights_against_brute_force():
+    rng = np.random.default_rng(0)
+    b, t, k, g, h, c = 1, 3, 2, 2, 4, 5
+    q = rng.normal(size=(b, t, k, g, h)).astype(np.float32)
+    cent = rng.normal(size=(b, k, c, h)).astype(np.float32)
+    counts = rng.integers(0, 4, size=(b, k, c)).astype(np.float32)
+    real = np.array([[True, True, False]])
+    got = np.asarray(sq.cluster_weights(jnp.asarray(q), jnp.asarray(cent), jnp.asarray(counts), jnp.asarray(real)))
+    for kk in range(k):
+        acc = np.zeros(c)
+        for ti in range(2):
+            for gi in range(g):
+                s = cent[0, kk] @ q[0, ti, kk, gi] / np.sqrt(h)
+                e = np.exp(s - s.max())
+                acc += e / (counts[0, kk] * e).sum()
+        np.testing.assert_allclose(got[0, kk][counts[0, kk] > 0], (acc / 4)[counts[0, kk] > 0], rtol=1e-5)
+
+
+def test_lse_merge_equals_dense_attention_over_the_union():
+    rng = np.random.default_rng(1)
+    b, t, k, g, h, s = 2, 3, 2, 2, 8, 20
+    q = jnp.asarray(rng.normal(size=(b, t, k, g, h)), jnp.float32)
+    keys = jnp.asarray(rng.normal(size=(b, k, s, h)), jnp.float32)
+    vals = jnp.asarray(rng.normal(size=(b, k, s, h)), jnp.float32)
+    qpos = jnp.broadcast_to(jnp.arange(17, 20), (b, t))
+    kpos = jnp.broadcast_to(jnp.arange(s), (b, k, s))
+    part = jnp.asarray(rng.random(size=(b, k, s)) < 0.4)
+    subset = part | (kpos > 15)  # the union attended: a random part of the context + the tail
+    merged = merge_attention([attend_with_lse(q, keys, vals, qpos, kpos, visible=part & (kpos <= 15)),
+                              attend_with_lse(q, keys, vals, qpos, kpos, visible=kpos > 15)])
+    dense = attend_reference(q, keys, vals, qpos, jnp.where(subset, kpos, -1))
+    np.testing.assert_allclose(np.asarray(merged), np.asarray(dense), atol=1e-5)
+    # a part that sees nothing (lse -inf) contributes nothing
+    empty = attend_with_lse(q, keys, vals, qpos, kpos, visible=jnp.zeros_like(part))
+    only = merge_attention([empty, attend_with_lse(q, keys, vals, qpos, kpos)])
+    np.testing.assert_allclose(np.asarray(only), np.asarray(attend_reference(q, keys, vals, qpos, kpos)), atol=1e-5)
+
+
+def test_the_global_threshold_keeps_the_requested_share(tiny_model):
+    config, params = tiny_model
+    n = 200
+    tokens = jax.random.randint(jax.random.key(0), (2, n), 3, config.vocab_size)
+    for keep in (0.5, 0.3, 0.1):
+        cache = init_cache(config, SqueezedCache(keep=keep, centroid_share=0.1), batch=2, max_len=n, dtype=jnp.float32)
+        _, cache = forward(params, tokens, jnp.broadcast_to(jnp.arange(n), (2, n)), cache, config=config)
+        est = np.stack([np.asarray(s.estimate) for s in cache.layers])  # [L, B, K, S]
+        thr = np.asarray(cache.layers[0].threshold)
+        assert all(np.array_equal(np.asarray(s.threshold), thr) for s in cache.layers)  # one per row
+        for row in range(2):
+            share = (est[:, row] >= thr[row]).mean()
+            assert abs(share - keep) < 0.05, (keep, share)  # ties between a cluster's keys: coarse
+        per_layer = [(est[i, 0] >= thr[0]).mean() for i in range(est.shape[0])]
+        assert max(per_layer) - min(per_layer) > 0 or keep == 0.5  # sparsity may differ per layer
+
+
+def test_one_index_answers_several_questions(parity_models, monkeypatch):
+    """Prefill the context once; three questions each extend that same cache. k-means runs once
+    per layer, and each answer equals a run that prefilled the context just for it."""
+    config, params, e = parity_models["llama3"]
+    seq = _sequence(e)
+    context, n = seq[:, :14], seq.shape[1]
+    builds = []
+    real = sq.kmeans
+    monkeypatch.setattr(sq, "kmeans", lambda *a, **k: (builds.append(1), real(*a, **k))[1])
+    policy = SqueezedCache(keep=0.5, centroid_share=0.3, window=2)
+    pos = jnp.arange(n)[None]
+    cache = init_cache(config, policy, batch=1, max_len=n, dtype=jnp.float32)
+    _, prefilled = forward(params, context, pos[:, :14], cache, config=config)
+    assert len(builds) == config.num_layers
+    questions = [seq[:, 14:18], seq[:, 14:17] + 1, jnp.flip(seq[:, 14:19], axis=1)]
+    answers = [forward(params, qn, pos[:, 14:14 + qn.shape[1]], prefilled, config=config)[0] for qn in questions]
+    assert len(builds) == config.num_layers  # no rebuild
+    for qn, got in zip(questions, answers):
+        fresh = init_cache(config, policy, batch=1, max_len=n, dtype=jnp.float32)
+        _, fresh = forward(params, context, pos[:, :14], fresh, config=config)
+        want, _ = forward(params, qn, pos[:, 14:14 + qn.shape[1]], fresh, config=config)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+    assert not np.allclose(np.asarray(answers[0][:, :3]), np.asarray(answers[1][:, :3]))
+
+
+def test_a_tight_share_attends_fewer_keys_and_differs_from_full(parity_models):
+    from jaxkv.eval.harness import attended_fraction
+    from tests.test_policy_conformance import _run
+
+    config, params, e = parity_models["llama3"]
+    seq = _sequence(e)
+    ref, _ = _run(config, params, seq, "full")
+    got, cache = _run(config, params, seq, SqueezedCache(keep=0.2, centroid_share=0.3, window=1))
+    assert float(np.abs(np.asarray(got - ref))[0, 12:].max()) > 1e-4
+    frac = attended_fraction(cache, seq.shape[1], config)
+    assert 0 < frac < 1
+
+
+@pytest.mark.parametrize("kwargs, field", [({"keep": 0}, "keep"), ({"centroid_share": 2}, "centroid_share"),
+                                           ({"max_iters": 0}, "max_iters"), ({"window": -1}, "window"),
+                                           ({"levels": 2}, "levels")])
+def test_bad_settings_name_the_argument(kwargs, field):
+    with pytest.raises(UserError, match=field):
+        SqueezedCache(**kwargs)
