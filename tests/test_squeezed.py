@@ -141,7 +141,28 @@ def test_a_tight_share_attends_fewer_keys_and_differs_from_full(parity_models):
 
 @pytest.mark.parametrize("kwargs, field", [({"keep": 0}, "keep"), ({"centroid_share": 2}, "centroid_share"),
                                            ({"max_iters": 0}, "max_iters"), ({"window": -1}, "window"),
-                                           ({"levels": 2}, "levels")])
+                                           ({"levels": 3}, "levels"), ({"coarse_keep": 0}, "coarse_keep")])
 def test_bad_settings_name_the_argument(kwargs, field):
     with pytest.raises(UserError, match=field):
         SqueezedCache(**kwargs)
+
+
+def test_the_coarse_level_prunes_within_the_fine_selection(parity_models):
+    """levels=2: with a coarse level that lets everything through it equals levels=1; a tight
+    one attends a subset of levels=1's keys; the index's bytes are the analytic count."""
+    from jaxkv.cache import LayerSpec
+    from jaxkv.eval.harness import attended_fraction
+    from tests.test_policy_conformance import _run
+
+    config, params, e = parity_models["llama3"]
+    seq = _sequence(e)
+    base = dict(keep=0.5, centroid_share=0.4, window=1)
+    one, c1 = _run(config, params, seq, SqueezedCache(**base))
+    loose, _ = _run(config, params, seq, SqueezedCache(levels=2, coarse_keep=1.0, coarse_share=0.3, **base))
+    np.testing.assert_allclose(np.asarray(loose), np.asarray(one), atol=1e-6)
+    tight, c2 = _run(config, params, seq, SqueezedCache(levels=2, coarse_keep=0.2, coarse_share=0.3, **base))
+    n = seq.shape[1]
+    assert attended_fraction(c2, n, config) <= attended_fraction(c1, n, config)
+    assert c2.nbytes == sum(p.expected_nbytes(batch=1, max_len=n, dtype=jnp.float32, layer=LayerSpec(i, config))
+                            for i, p in enumerate(c2.policies))
+    assert c2.layers[0].coarse.centroids.shape[2] == max(1, round(0.3 * round(0.4 * n)))

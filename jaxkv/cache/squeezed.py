@@ -23,7 +23,9 @@ which ``attended_keys`` reports.
 
 Deviations: the number of clusters follows the cache's slots (static shapes) rather than the
 exact prompt length; calibration queries see the whole context's centroids (the paper's offline
-calibration does the same); the hierarchical (two-level) lookup is not built yet (``levels=1``);
+calibration does the same); with ``levels=2`` the coarse level clusters the fine centroids and
+its own threshold (``coarse_keep`` of the keys) prunes fine clusters before theirs is applied,
+but the pure-jnp path still scores every fine centroid (the saving is the kernel's);
 attention over the kept keys is a masked pure-jnp pass (the centroid-attention kernel is a later
 step), so reads are saved only in what ``attended_keys`` counts.
 """
@@ -44,7 +46,7 @@ from jaxkv.cache.policy import CachePolicy, LayerSpec, register_policy
 from jaxkv.errors import UserError
 from jaxkv.typing import Array
 
-__all__ = ["SqueezedCache", "SqueezedLayer", "SqueezedState", "kmeans", "inertia", "cluster_weights",
+__all__ = ["SqueezedCache", "SqueezedLayer", "SqueezedState", "CoarseIndex", "kmeans", "inertia", "cluster_weights",
            "global_threshold"]
 
 
@@ -144,6 +146,21 @@ class SqueezedState:
     threshold: Array
     context_len: Array
     attended: Array
+    coarse: "CoarseIndex | None" = None  # levels=2 only
+
+
+@struct.dataclass
+class CoarseIndex:
+    """The second level (``levels=2``): k-means of the normalised fine centroids. ``parent
+    [B, K, C]`` each fine cluster's coarse one, ``centroids [B, K, Cc, H]`` the means of the
+    unnormalised keys under each, ``counts [B, K, Cc]``, ``estimate [B, K, S]`` each key's coarse
+    calibration weight and ``threshold [B]`` the coarse quantile."""
+
+    parent: Array
+    centroids: Array
+    counts: Array
+    estimate: Array
+    threshold: Array
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -155,12 +172,18 @@ class SqueezedLayer(CachePolicy):
     calib_queries: int = 100
     window: int = 64
     seed: int = 0
+    levels: int = 1
+    coarse_share: float = 0.1
+    coarse_keep: float = 0.3
 
     def capacity(self, max_len):
         return max_len
 
     def clusters(self, slots: int) -> int:
         return max(1, round(self.centroid_share * slots))
+
+    def coarse_clusters(self, slots: int) -> int:
+        return max(1, round(self.coarse_share * self.clusters(slots)))
 
     def init(self, *, batch, max_len, dtype, layer):
         k, h, c = layer.num_kv_heads, layer.head_dim, self.clusters(max_len)
@@ -169,12 +192,20 @@ class SqueezedLayer(CachePolicy):
             labels=jnp.full((batch, k, max_len), -1, jnp.int32), centroids=jnp.zeros((batch, k, c, h), jnp.float32),
             counts=jnp.zeros((batch, k, c), jnp.float32), estimate=jnp.zeros((batch, k, max_len), jnp.float32),
             threshold=jnp.zeros((batch,), jnp.float32), context_len=jnp.zeros((batch,), jnp.int32),
-            attended=jnp.zeros((batch,), jnp.float32))
+            attended=jnp.zeros((batch,), jnp.float32),
+            coarse=None if self.levels == 1 else CoarseIndex(
+                parent=jnp.zeros((batch, k, c), jnp.int32),
+                centroids=jnp.zeros((batch, k, self.coarse_clusters(max_len), h), jnp.float32),
+                counts=jnp.zeros((batch, k, self.coarse_clusters(max_len)), jnp.float32),
+                estimate=jnp.zeros((batch, k, max_len), jnp.float32), threshold=jnp.zeros((batch,), jnp.float32)))
 
     def expected_nbytes(self, *, batch, max_len, dtype, layer):
         k, h, c = layer.num_kv_heads, layer.head_dim, self.clusters(max_len)
         kv = batch * k * max_len * self.kv_slot_bytes(h, dtype)
         index = batch * k * (max_len * (4 + 4) + c * (h * 4 + 4))
+        if self.levels == 2:
+            cc = self.coarse_clusters(max_len)
+            index += batch * k * (c * 4 + cc * (h * 4 + 4) + max_len * 4) + batch * 4
         return kv + index + batch * 12
 
     def prefill(self, state, *, q, k, v, positions, layer, params=None):
@@ -200,14 +231,37 @@ class SqueezedLayer(CachePolicy):
         estimate = jnp.where(valid, jnp.take_along_axis(weights, jnp.maximum(labels, 0), axis=2), 0.0)
         context_len = jnp.max(positions, axis=1) + 1
         threshold = global_threshold([estimate], [valid], self.keep)  # this layer's; the hook makes it global
+        coarse = None
+        if self.levels == 2:
+            coarse = self._coarse(state.coarse, centroids, counts, labels, keys, valid, q_obs, real, seeds)
         return SqueezedState(kv=kv, labels=labels, centroids=centroids, counts=counts, estimate=estimate,
-                             threshold=threshold, context_len=context_len, attended=state.attended)
+                             threshold=threshold, context_len=context_len, attended=state.attended, coarse=coarse)
+
+    def _coarse(self, old, centroids, counts, labels, keys, valid, q_obs, real, seeds):
+        """Cluster the fine centroids (normalised, only those with members) into coarse ones."""
+        n_cc = old.centroids.shape[2]
+        unit = centroids / jnp.maximum(jnp.linalg.norm(centroids, axis=-1, keepdims=True), 1e-12)
+        run = jax.vmap(jax.vmap(lambda x, m, s: kmeans(x, m, n_cc, jax.random.fold_in(s, 1), max_iters=self.max_iters)))
+        parent, _ = run(unit, counts > 0, seeds)
+        parent = jnp.maximum(parent, 0)
+        key_parent = jnp.where(valid, jnp.take_along_axis(parent, jnp.maximum(labels, 0), axis=2), -1)
+        onehot = jax.nn.one_hot(key_parent, n_cc, dtype=jnp.float32)
+        c_counts = jnp.sum(onehot, axis=2)
+        c_cent = jnp.einsum("BKSC,BKSH->BKCH", onehot, keys) / jnp.maximum(c_counts, 1.0)[..., None]
+        weights = cluster_weights(q_obs, c_cent, c_counts, real)
+        estimate = jnp.where(valid, jnp.take_along_axis(weights, jnp.maximum(key_parent, 0), axis=2), 0.0)
+        return CoarseIndex(parent=parent, centroids=c_cent, counts=c_counts, estimate=estimate,
+                           threshold=global_threshold([estimate], [valid], self.coarse_keep))
 
     def visible_context(self, state: SqueezedState, q: Array, positions: Array) -> Array:
         """``[B, K, S]``: the context slots the chunk ``q`` attends (clusters at or above the
         threshold, plus the context's last ``window`` tokens)."""
         weights = cluster_weights(q, state.centroids, state.counts, positions >= 0)
         kept = weights >= state.threshold[:, None, None]  # [B, K, C]
+        if state.coarse is not None:  # only fine clusters under a coarse cluster that passes
+            c = state.coarse
+            coarse_kept = cluster_weights(q, c.centroids, c.counts, positions >= 0) >= c.threshold[:, None, None]
+            kept &= jnp.take_along_axis(coarse_kept, c.parent, axis=2)
         pos = state.kv.positions
         ctx = state.context_len[:, None, None]
         by_cluster = jnp.take_along_axis(kept, jnp.maximum(state.labels, 0), axis=2) & (state.labels >= 0)
@@ -246,6 +300,8 @@ class SqueezedCache(CachePolicy):
     calib_queries: int = 100
     window: int = 64
     levels: int = 1
+    coarse_share: float = 0.1  # levels=2: coarse clusters per fine cluster
+    coarse_keep: float = 0.3   # levels=2: share of keys the coarse level lets through (paper: 0.7 quantile)
     seed: int = 0
 
     def __post_init__(self):
@@ -259,8 +315,13 @@ class SqueezedCache(CachePolicy):
             value = getattr(self, f)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise UserError(f"squeezed: {f} must be an integer >= {low}, got {value!r}")
-        if self.levels != 1:
-            raise UserError(f"squeezed: levels must be 1 (the two-level hierarchy is not built yet), got {self.levels!r}")
+        if self.levels not in (1, 2) or isinstance(self.levels, bool):
+            raise UserError(f"squeezed: levels must be 1 or 2, got {self.levels!r}")
+        for f in ("coarse_share", "coarse_keep"):
+            value = getattr(self, f)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
+                    or not 0 < value <= 1:
+                raise UserError(f"squeezed: {f} must be a number in (0, 1], got {value!r}")
 
     @classmethod
     def from_budget(cls, budget: float, context_len: int) -> "SqueezedCache":
@@ -272,10 +333,16 @@ class SqueezedCache(CachePolicy):
     def for_layer(self, layer: LayerSpec) -> SqueezedLayer:
         return SqueezedLayer(keep=self.keep, centroid_share=self.centroid_share, max_iters=self.max_iters,
                              calib_queries=self.calib_queries, window=self.window, seed=self.seed,
+                             levels=self.levels, coarse_share=self.coarse_share, coarse_keep=self.coarse_keep,
                              kv_bits=self.kv_bits)
 
     def after_prefill(self, cache):
         """One threshold per row across every layer and head (the paper's global quantile)."""
         layers = cache.layers
-        t = global_threshold([s.estimate for s in layers], [s.labels >= 0 for s in layers], self.keep)
-        return cache.replace(layers=tuple(s.replace(threshold=t) for s in layers))
+        valid = [s.labels >= 0 for s in layers]
+        t = global_threshold([s.estimate for s in layers], valid, self.keep)
+        layers = tuple(s.replace(threshold=t) for s in layers)
+        if self.levels == 2:
+            tc = global_threshold([s.coarse.estimate for s in layers], valid, self.coarse_keep)
+            layers = tuple(s.replace(coarse=s.coarse.replace(threshold=tc)) for s in layers)
+        return cache.replace(layers=layers)
