@@ -204,7 +204,10 @@ def _attend_dense_cudnn(q, k, v, positions, window, segment_ids):
     # A query that sees nothing (padding) attends to itself: a fully masked row may come back
     # as NaN from a fused kernel, and NaN in a padding row's values would reach real rows
     # (0 * NaN) in the next layer.
-    mask = mask | (~jnp.any(mask, axis=-1, keepdims=True) & jnp.eye(t, dtype=bool))
+    # In self-attention a real query always sees itself (same position and segment), so the rows
+    # that see nothing are exactly the padding queries: no [T, S] reduction needed to find them.
+    pad_rows = (positions < 0)[:, None, :, None]
+    mask = mask | (pad_rows & jnp.eye(t, dtype=bool))
     q2, k, v, mask = same_sharding(q.reshape(b, t, kh * g, h), k, v, mask)
     out = jax.nn.dot_product_attention(q2, k, v, mask=mask, implementation="cudnn")
     return out.reshape(b, t, kh, g, h)

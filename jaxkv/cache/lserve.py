@@ -37,6 +37,7 @@ from jaxkv.attention import _MASKED, attend_dense, attend_reference, visibility_
 from jaxkv.cache.full import FullCache
 from jaxkv.cache.kv import KVCache
 from jaxkv.cache.policy import CachePolicy, LayerSpec, Phase, register_policy
+from jaxkv.cache.razor import check_heads, normalize_heads, retrieval_scores, select_heads
 from jaxkv.cache.streaming import StreamingCache
 from jaxkv.errors import UserError
 from jaxkv.typing import Array
@@ -287,11 +288,7 @@ class LServeCache(CachePolicy):
         if self.token_budget < self.page:
             raise UserError(f"lserve: token_budget ({self.token_budget}) must hold at least one page ({self.page})")
         if self.heads is not None:
-            try:
-                heads = tuple(tuple(sorted({int(h) for h in row})) for row in self.heads)
-            except (TypeError, ValueError):
-                raise UserError("lserve: heads must be one list of dense KV head indices per layer") from None
-            object.__setattr__(self, "heads", heads)
+            object.__setattr__(self, "heads", normalize_heads(self.heads, "lserve"))
 
     @classmethod
     def from_budget(cls, budget: float, context_len: int) -> "LServeCache":
@@ -301,22 +298,12 @@ class LServeCache(CachePolicy):
         return cls(token_budget=max(page, int(round(budget * context_len / page)) * page))
 
     def prepare(self, params, config) -> "LServeCache":
-        from jaxkv.cache.razor import CALIBRATION_METHOD, _cached_scores, select_heads
-        from jaxkv.calibration import load_calibration, model_fingerprint
-
         if self.heads is None:
-            if self.calibration is not None:
-                tensors, _ = load_calibration(self.calibration, method=CALIBRATION_METHOD,
-                                              fingerprint=model_fingerprint(config, params))
-                echo, induction = tensors["echo"], tensors["induction"]
-            else:
-                echo, induction = _cached_scores(params, config, self.n_tokens, self.seed)
+            echo, induction = retrieval_scores(params, config, calibration=self.calibration,
+                                               n_tokens=self.n_tokens, seed=self.seed)
             heads = select_heads(echo, induction, induction_share=1 - self.streaming_share, echo_share=0.0)
             self = dataclasses.replace(self, heads=heads)
-        if len(self.heads) != config.num_layers or any(h < 0 or h >= config.num_kv_heads
-                                                        for row in self.heads for h in row):
-            raise UserError(f"lserve: heads must list KV heads in [0, {config.num_kv_heads}) for each of "
-                            f"{config.num_layers} layers")
+        check_heads(self.heads, config, "lserve")
         return self
 
     def capacity(self, max_len):

@@ -292,11 +292,7 @@ class RazorCache(CachePolicy):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
                 raise UserError(f"razor: {f} must be a number in [0, 1], got {value!r}")
         if self.heads is not None:
-            try:
-                heads = tuple(tuple(sorted({int(h) for h in row})) for row in self.heads)
-            except (TypeError, ValueError):
-                raise UserError("razor: heads must be one list of KV head indices per layer") from None
-            object.__setattr__(self, "heads", heads)
+            object.__setattr__(self, "heads", normalize_heads(self.heads, "razor"))
 
     @staticmethod
     def _window_for(budget: float, context_len: int, share: float, sinks: int) -> int:
@@ -315,21 +311,12 @@ class RazorCache(CachePolicy):
         return cls(window=window, budget=budget, context_len=context_len)
 
     def prepare(self, params, config) -> "RazorCache":
-        from jaxkv.calibration import load_calibration, model_fingerprint
-
         if self.heads is None:
-            if self.calibration is not None:
-                tensors, _ = load_calibration(self.calibration, method=CALIBRATION_METHOD,
-                                              fingerprint=model_fingerprint(config, params))
-                echo, induction = tensors["echo"], tensors["induction"]
-            else:
-                echo, induction = _cached_scores(params, config, self.n_tokens, self.seed)
+            echo, induction = retrieval_scores(params, config, calibration=self.calibration,
+                                               n_tokens=self.n_tokens, seed=self.seed)
             heads = select_heads(echo, induction, induction_share=self.induction_share, echo_share=self.echo_share)
             self = dataclasses.replace(self, heads=heads)
-        if len(self.heads) != config.num_layers or any(h < 0 or h >= config.num_kv_heads
-                                                        for row in self.heads for h in row):
-            raise UserError(f"razor: heads must list KV heads in [0, {config.num_kv_heads}) for each of "
-                            f"{config.num_layers} layers")
+        check_heads(self.heads, config, "razor")
         if self.budget is not None and self.context_len is not None:
             window = self._window_for(self.budget, self.context_len, self.retrieval_share(config), self.sinks)
             self = dataclasses.replace(self, window=window)
@@ -347,6 +334,32 @@ class RazorCache(CachePolicy):
                             "jaxkv eval do), pass heads=..., or --cache-arg calibration=FILE")
         return RazorLayer(retrieval=self.heads[layer.index], sinks=self.sinks, window=self.window,
                           compensation=self.compensation, kv_bits=self.kv_bits)
+
+
+def normalize_heads(heads, method: str) -> tuple[tuple[int, ...], ...]:
+    """``heads`` (one list of KV head indices per layer) as sorted tuples, or a UserError."""
+    try:
+        return tuple(tuple(sorted({int(h) for h in row})) for row in heads)
+    except (TypeError, ValueError):
+        raise UserError(f"{method}: heads must be one list of KV head indices per layer") from None
+
+
+def check_heads(heads, config, method: str) -> None:
+    if len(heads) != config.num_layers or any(h < 0 or h >= config.num_kv_heads for row in heads for h in row):
+        raise UserError(f"{method}: heads must list KV heads in [0, {config.num_kv_heads}) for each of "
+                        f"{config.num_layers} layers")
+
+
+def retrieval_scores(params, config, *, calibration: str | None, n_tokens: int, seed: int):
+    """Echo and induction scores ``[L, K]``: from a ``jaxkv calibrate razor`` file (refused if
+    made on another model), else the data-free calibration run once per process."""
+    from jaxkv.calibration import load_calibration, model_fingerprint
+
+    if calibration is not None:
+        tensors, _ = load_calibration(calibration, method=CALIBRATION_METHOD,
+                                      fingerprint=model_fingerprint(config, params))
+        return tensors["echo"], tensors["induction"]
+    return _cached_scores(params, config, n_tokens, seed)
 
 
 _SCORES: dict = {}
