@@ -98,15 +98,16 @@ def test_a_ragged_batch_matches_each_row_alone(parity_models, name):
     follow = np.array([[5, 9, 13, 2]] * 3, np.int32)
     method = policy_for(name, 0.5, 24).prepare(params, config)
 
+    step = jax.jit(lambda t, p, c: forward(params, t, p, c, config=config))
+
     def teacher_forced(rows):
         tokens, positions, lengths = pad_prompts([prompts[r] for r in rows])
         # one cache size for every run: a policy may size its parts by it (a share of max_len)
         cache = init_cache(config, method, batch=len(rows), max_len=32, dtype=jnp.float32)
-        lg, cache = forward(params, jnp.asarray(tokens), jnp.asarray(positions), cache, config=config)
+        lg, cache = step(jnp.asarray(tokens), jnp.asarray(positions), cache)
         out = [[np.asarray(lg[i, :lengths[i]]) for i in range(len(rows))]]
         for j in range(follow.shape[1]):
-            lg, cache = forward(params, jnp.asarray(follow[rows, j:j + 1]), jnp.asarray(lengths[:, None] + j),
-                                cache, config=config)
+            lg, cache = step(jnp.asarray(follow[rows, j:j + 1]), jnp.asarray(lengths[:, None] + j), cache)
             out.append([np.asarray(lg[i]) for i in range(len(rows))])
         return [np.concatenate([step[i] for step in out]) for i in range(len(rows))]
 

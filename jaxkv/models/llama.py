@@ -184,7 +184,8 @@ def forward(params: dict, tokens: Array, positions: Array, cache: ModelCache | N
         raise UserError(f"tokens and positions must both be [B, T]; got {tokens.shape} and {positions.shape}")
     if segment_ids is not None and segment_ids.shape != tokens.shape:
         raise UserError(f"segment_ids must be [B, T] like tokens; got {segment_ids.shape}")
-    if not isinstance(tokens, jax.core.Tracer):  # eager call: check ids (under jit, ids are the caller's contract)
+    if not isinstance(tokens, jax.core.Tracer) and not isinstance(positions, jax.core.Tracer):
+        # eager call: check ids (under jit, ids are the caller's contract)
         ids = np.asarray(tokens)
         bad = (ids < 0) | (ids >= config.vocab_size)
         if np.issubdtype(ids.dtype, np.integer) and (bad & (np.asarray(positions) >= 0)).any():
