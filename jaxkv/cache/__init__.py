@@ -13,5 +13,6 @@ from jaxkv.cache.squeezed import SqueezedCache
 
 __all__ = [
     "KVCache", "ModelCache", "tree_nbytes", "CachePolicy", "LayerSpec", "Phase", "available_policies", "init_cache",
-    "make_policy", "register_policy", "FullCache", "StreamingCache", "RazorCache", "MiKVCache", "MiniCache", "LServeCache", "SqueezedCache",
+    "make_policy", "register_policy", "FullCache", "StreamingCache", "RazorCache", "MiKVCache", "MiniCache",
+    "LServeCache", "SqueezedCache",
 ]

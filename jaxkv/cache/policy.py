@@ -59,8 +59,8 @@ from jaxkv.cache.kv import KVCache, ModelCache, tree_nbytes
 from jaxkv.errors import UserError
 from jaxkv.typing import Array
 
-__all__ = ["Phase", "LayerSpec", "CachePolicy", "register_policy", "make_policy", "parse_policy_spec", "split_policy_list",
-           "available_policies", "init_cache"]
+__all__ = ["Phase", "LayerSpec", "CachePolicy", "register_policy", "make_policy", "parse_policy_spec",
+           "split_policy_list", "available_policies", "init_cache"]
 
 _REGISTRY: dict[str, type["CachePolicy"]] = {}
 
