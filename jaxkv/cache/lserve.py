@@ -84,18 +84,39 @@ def page_scores(q: Array, kmin: Array, kmax: Array) -> Array:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LServeLayer(CachePolicy):
+class _Paging(CachePolicy):
+    """The knobs ``lserve`` and each of its layers share, validated once here."""
+
+    sinks: int = 128           # streaming heads: attention sinks
+    window: int = 256          # streaming heads: local window in decode
+    prefill_window: int = 8192  # streaming heads: local window in the prompt's own pass
+    token_budget: int = 4096   # dense heads: tokens attended per decode step (whole pages)
+    page: int = 64             # physical page, tokens
+    logical_page: int = 16     # logical page (its key min/max is kept), tokens
+    reuse: int = 4             # decode steps a page selection serves
+
+    def __post_init__(self):
+        super().__post_init__()
+        for f, low in (("sinks", 0), ("window", 1), ("prefill_window", 1), ("token_budget", 1), ("page", 1),
+                       ("logical_page", 1), ("reuse", 1)):
+            value = getattr(self, f)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise UserError(f"lserve: {f} must be an integer >= {low}, got {value!r}")
+        if self.page % self.logical_page:
+            raise UserError(f"lserve: page ({self.page}) must be a multiple of logical_page ({self.logical_page})")
+        if self.token_budget < self.page:
+            raise UserError(f"lserve: token_budget ({self.token_budget}) must hold at least one page ({self.page})")
+
+    def paging(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(_Paging)}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LServeLayer(_Paging):
     """One layer of ``lserve``: ``dense_heads`` paged with page selection, the others streaming."""
 
     name = "_lserve_layer"
     dense_heads: tuple[int, ...]
-    sinks: int = 128
-    window: int = 256
-    prefill_window: int = 8192
-    token_budget: int = 4096
-    page: int = 64
-    logical_page: int = 16
-    reuse: int = 4
 
     def _split(self, layer: LayerSpec):
         d = np.array(self.dense_heads, np.int32)
@@ -255,19 +276,12 @@ class LServeLayer(CachePolicy):
 
 @register_policy
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LServeCache(CachePolicy):
+class LServeCache(_Paging):
     """LServe. Dense heads come from ``heads`` (one tuple of dense KV heads per layer), from a
     Razor ``calibration`` file, or from the data-free calibration run in ``prepare``."""
 
     name = "lserve"
     streaming_share: float = 0.5
-    sinks: int = 128
-    window: int = 256
-    prefill_window: int = 8192
-    token_budget: int = 4096
-    page: int = 64
-    logical_page: int = 16
-    reuse: int = 4
     calibration: str | None = None
     heads: tuple | None = None
     n_tokens: int = 512
@@ -278,15 +292,10 @@ class LServeCache(CachePolicy):
         share = self.streaming_share
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1 or math.isnan(share):
             raise UserError(f"lserve: streaming_share must be a number in [0, 1], got {share!r}")
-        for f, low in (("sinks", 0), ("window", 1), ("prefill_window", 1), ("token_budget", 1), ("page", 1),
-                       ("logical_page", 1), ("reuse", 1), ("n_tokens", 4), ("seed", 0)):
+        for f, low in (("n_tokens", 4), ("seed", 0)):
             value = getattr(self, f)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise UserError(f"lserve: {f} must be an integer >= {low}, got {value!r}")
-        if self.page % self.logical_page:
-            raise UserError(f"lserve: page ({self.page}) must be a multiple of logical_page ({self.logical_page})")
-        if self.token_budget < self.page:
-            raise UserError(f"lserve: token_budget ({self.token_budget}) must hold at least one page ({self.page})")
         if self.heads is not None:
             object.__setattr__(self, "heads", normalize_heads(self.heads, "lserve"))
 
@@ -313,6 +322,4 @@ class LServeCache(CachePolicy):
         if self.heads is None:
             raise UserError("lserve needs its head split: call policy.prepare(params, config) (generate and "
                             "jaxkv eval do), pass heads=..., or --cache-arg calibration=FILE")
-        return LServeLayer(dense_heads=self.heads[layer.index], sinks=self.sinks, window=self.window,
-                           prefill_window=self.prefill_window, token_budget=self.token_budget, page=self.page,
-                           logical_page=self.logical_page, reuse=self.reuse, kv_bits=self.kv_bits)
+        return LServeLayer(dense_heads=self.heads[layer.index], **self.paging())

@@ -164,17 +164,40 @@ class CoarseIndex:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class SqueezedLayer(CachePolicy):
-    name = "_squeezed_layer"
-    keep: float = 0.3
-    centroid_share: float = 0.05
-    max_iters: int = 300
-    calib_queries: int = 100
-    window: int = 64
+class _IndexSettings(CachePolicy):
+    """The knobs ``squeezed`` and each of its layers share, validated once here."""
+
+    keep: float = 0.3          # share of the context's keys the calibration queries would attend
+    centroid_share: float = 0.05  # clusters per slot
+    max_iters: int = 300       # Lloyd iterations at most
+    calib_queries: int = 100   # the last prompt queries that calibrate the threshold
+    window: int = 64           # the context's last tokens, always attended
     seed: int = 0
-    levels: int = 1
-    coarse_share: float = 0.1
-    coarse_keep: float = 0.3
+    levels: int = 1            # 2: a coarse k-means of the fine centroids prunes first
+    coarse_share: float = 0.1  # levels=2: coarse clusters per fine cluster
+    coarse_keep: float = 0.3   # levels=2: share of keys the coarse level lets through (paper: 0.7 quantile)
+
+    def __post_init__(self):
+        super().__post_init__()
+        for f in ("keep", "centroid_share", "coarse_share", "coarse_keep"):
+            value = getattr(self, f)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
+                    or not 0 < value <= 1:
+                raise UserError(f"squeezed: {f} must be a number in (0, 1], got {value!r}")
+        for f, low in (("max_iters", 1), ("calib_queries", 1), ("window", 0), ("seed", 0)):
+            value = getattr(self, f)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise UserError(f"squeezed: {f} must be an integer >= {low}, got {value!r}")
+        if self.levels not in (1, 2) or isinstance(self.levels, bool):
+            raise UserError(f"squeezed: levels must be 1 or 2, got {self.levels!r}")
+
+    def settings(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(_IndexSettings)}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SqueezedLayer(_IndexSettings):
+    name = "_squeezed_layer"
 
     def capacity(self, max_len):
         return max_len
@@ -289,39 +312,11 @@ class SqueezedLayer(CachePolicy):
 
 @register_policy
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class SqueezedCache(CachePolicy):
+class SqueezedCache(_IndexSettings):
     """Squeezed Attention (see the module docstring); ``keep`` is the share of the context's keys
     the calibration queries would attend (the paper's quantiles 0.5/0.7/0.8/0.9 keep 50/30/20/10%)."""
 
     name = "squeezed"
-    keep: float = 0.3
-    centroid_share: float = 0.05
-    max_iters: int = 300
-    calib_queries: int = 100
-    window: int = 64
-    levels: int = 1
-    coarse_share: float = 0.1  # levels=2: coarse clusters per fine cluster
-    coarse_keep: float = 0.3   # levels=2: share of keys the coarse level lets through (paper: 0.7 quantile)
-    seed: int = 0
-
-    def __post_init__(self):
-        super().__post_init__()
-        for f, low, high in (("keep", 0.0, 1.0), ("centroid_share", 0.0, 1.0)):
-            value = getattr(self, f)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
-                    or not low < value <= high:
-                raise UserError(f"squeezed: {f} must be a number in ({low:g}, {high:g}], got {value!r}")
-        for f, low in (("max_iters", 1), ("calib_queries", 1), ("window", 0), ("seed", 0)):
-            value = getattr(self, f)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise UserError(f"squeezed: {f} must be an integer >= {low}, got {value!r}")
-        if self.levels not in (1, 2) or isinstance(self.levels, bool):
-            raise UserError(f"squeezed: levels must be 1 or 2, got {self.levels!r}")
-        for f in ("coarse_share", "coarse_keep"):
-            value = getattr(self, f)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
-                    or not 0 < value <= 1:
-                raise UserError(f"squeezed: {f} must be a number in (0, 1], got {value!r}")
 
     @classmethod
     def from_budget(cls, budget: float, context_len: int) -> "SqueezedCache":
@@ -331,10 +326,7 @@ class SqueezedCache(CachePolicy):
         return max_len
 
     def for_layer(self, layer: LayerSpec) -> SqueezedLayer:
-        return SqueezedLayer(keep=self.keep, centroid_share=self.centroid_share, max_iters=self.max_iters,
-                             calib_queries=self.calib_queries, window=self.window, seed=self.seed,
-                             levels=self.levels, coarse_share=self.coarse_share, coarse_keep=self.coarse_keep,
-                             kv_bits=self.kv_bits)
+        return SqueezedLayer(**self.settings())
 
     def after_prefill(self, cache):
         """One threshold per row across every layer and head (the paper's global quantile)."""
