@@ -24,6 +24,9 @@ monitoring.register_event_duration_secs_listener(
     lambda event, d, **k: _COMPILES.__setitem__(0, _COMPILES[0] + (event == "/jax/core/compile/backend_compile_duration")))
 
 
+_STEP = jax.jit(forward, static_argnames=("config",))  # one compile per (policy, shapes) across tests
+
+
 def _sequence(e):
     return jnp.asarray(np.concatenate([e["prompt_a"], e["greedy_a"]]))[None]
 
@@ -39,9 +42,8 @@ def _run(config, params, seq, policy, prefill_len=12, extend_len=5):
     out.append(lg)
     lg, cache = forward(params, seq[:, prefill_len:cut], pos[:, prefill_len:cut], cache, config=config)
     out.append(lg)
-    step = jax.jit(lambda c, t, p: forward(params, t, p, c, config=config))
     for t in range(cut, n):
-        lg, cache = step(cache, seq[:, t:t + 1], pos[:, t:t + 1])
+        lg, cache = _STEP(params, seq[:, t:t + 1], pos[:, t:t + 1], cache, config=config)
         out.append(lg)
     return jnp.concatenate(out, axis=1), cache
 
