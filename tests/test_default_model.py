@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from jaxkv.config import LlamaConfig
-from jaxkv.eval.tasks import answer_text, render
 from jaxkv.training.config import TrainConfigError
 from jaxkv.training.default_model import (DEFAULT_RECIPE, Phase, Recipe, task_documents, text_documents,
                                           train_default_model, train_tokenizer)
