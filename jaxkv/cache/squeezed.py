@@ -121,6 +121,20 @@ def cluster_weights(q: Array, centroids: Array, counts: Array, q_real: Array) ->
     return jnp.sum(p * m, axis=(2, 3)) / jnp.maximum(jnp.sum(m, axis=(2, 3)) * q.shape[3], 1.0)
 
 
+def _cluster_means(keys: Array, labels: Array, n: int) -> tuple[Array, Array]:
+    """Per (row, head): the mean of ``keys [B, K, S, H]`` in each of ``n`` clusters by ``labels
+    [B, K, S]`` (-1: in none) and the cluster sizes, ``[B, K, n, H]`` and ``[B, K, n]`` (memory
+    linear in S: segment sums, no one-hot)."""
+    ids = jnp.where(labels >= 0, labels, n)  # an extra bucket for the unlabelled, dropped below
+
+    def one(x, i):
+        sums = jax.ops.segment_sum(x, i, n + 1)[:n]
+        counts = jax.ops.segment_sum(jnp.ones(i.shape, jnp.float32), i, n + 1)[:n]
+        return sums / jnp.maximum(counts, 1.0)[:, None], counts
+
+    return jax.vmap(jax.vmap(one))(keys.astype(jnp.float32), ids)
+
+
 def global_threshold(estimates: list[Array], valid: list[Array], keep: float) -> Array:
     """``[B]``: the ``1 - keep`` quantile of every layer's per-key estimates ``[B, K, S]`` (where
     ``valid``), per row: one threshold across all layers and heads."""
@@ -243,9 +257,7 @@ class SqueezedLayer(_IndexSettings):
         seeds = jax.random.split(jax.random.key(self.seed + 7919 * layer.index), b * kh).reshape(b, kh)
         run = jax.vmap(jax.vmap(lambda x, m, s: kmeans(x, m, n_c, s, max_iters=self.max_iters)))
         labels, _ = run(unit, valid, seeds)
-        onehot = jax.nn.one_hot(labels, n_c, dtype=jnp.float32)  # [B, K, S, C] (label -1: zeros)
-        counts = jnp.sum(onehot, axis=2)
-        centroids = jnp.einsum("BKSC,BKSH->BKCH", onehot, keys) / jnp.maximum(counts, 1.0)[..., None]
+        centroids, counts = _cluster_means(keys, labels, n_c)
         # calibration: the last calib_queries real prompt queries
         latest = jax.lax.top_k(positions, min(self.calib_queries, positions.shape[1]))[1]
         q_obs = jnp.take_along_axis(q, latest[:, :, None, None, None], axis=1)
@@ -268,9 +280,7 @@ class SqueezedLayer(_IndexSettings):
         parent, _ = run(unit, counts > 0, seeds)
         parent = jnp.maximum(parent, 0)
         key_parent = jnp.where(valid, jnp.take_along_axis(parent, jnp.maximum(labels, 0), axis=2), -1)
-        onehot = jax.nn.one_hot(key_parent, n_cc, dtype=jnp.float32)
-        c_counts = jnp.sum(onehot, axis=2)
-        c_cent = jnp.einsum("BKSC,BKSH->BKCH", onehot, keys) / jnp.maximum(c_counts, 1.0)[..., None]
+        c_cent, c_counts = _cluster_means(keys, key_parent, n_cc)
         weights = cluster_weights(q_obs, c_cent, c_counts, real)
         estimate = jnp.where(valid, jnp.take_along_axis(weights, jnp.maximum(key_parent, 0), axis=2), 0.0)
         return CoarseIndex(parent=parent, centroids=c_cent, counts=c_counts, estimate=estimate,
