@@ -30,14 +30,13 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 
 from jaxkv.attention import _MASKED, attend_dense, attend_reference, visibility_mask
 from jaxkv.cache.full import FullCache
 from jaxkv.cache.kv import KVCache
-from jaxkv.cache.policy import CachePolicy, LayerSpec, Phase, register_policy
-from jaxkv.cache.razor import check_heads, normalize_heads, retrieval_scores, select_heads
+from jaxkv.cache.policy import CachePolicy, LayerSpec, Phase, check_ints, check_shares, register_policy
+from jaxkv.cache.razor import check_heads, normalize_heads, retrieval_scores, select_heads, split_heads
 from jaxkv.cache.streaming import StreamingCache
 from jaxkv.errors import UserError
 from jaxkv.typing import Array
@@ -97,11 +96,8 @@ class _Paging(CachePolicy):
 
     def __post_init__(self):
         super().__post_init__()
-        for f, low in (("sinks", 0), ("window", 1), ("prefill_window", 1), ("token_budget", 1), ("page", 1),
-                       ("logical_page", 1), ("reuse", 1)):
-            value = getattr(self, f)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise UserError(f"lserve: {f} must be an integer >= {low}, got {value!r}")
+        check_ints("lserve", self, {"sinks": 0, "window": 1, "prefill_window": 1, "token_budget": 1, "page": 1,
+                                    "logical_page": 1, "reuse": 1})
         if self.page % self.logical_page:
             raise UserError(f"lserve: page ({self.page}) must be a multiple of logical_page ({self.logical_page})")
         if self.token_budget < self.page:
@@ -119,9 +115,7 @@ class LServeLayer(_Paging):
     dense_heads: tuple[int, ...]
 
     def _split(self, layer: LayerSpec):
-        d = np.array(self.dense_heads, np.int32)
-        rest = np.array([h for h in range(layer.num_kv_heads) if h not in self.dense_heads], np.int32)
-        return d, rest
+        return split_heads(self.dense_heads, layer.num_kv_heads)
 
     def _ring(self) -> StreamingCache:
         return StreamingCache(sinks=self.sinks, window=self.window)
@@ -201,11 +195,9 @@ class LServeLayer(_Paging):
         d, rest = self._split(layer)
         if len(d):
             state = self._write_dense(state, k[:, :, d], v[:, :, d], positions)
-        if len(rest):
-            ring = self._ring()
-            last = jnp.max(positions, axis=1, keepdims=True)
-            keep = (positions < self.sinks) | (positions > last - self.window)
-            local = state.local.write(k[:, :, rest], v[:, :, rest], positions, ring._slots(state.local, positions, keep))
+        if len(rest):  # streaming heads: a StreamingCache over their slots
+            local = self._ring().prefill(state.local, q=None, k=k[:, :, rest], v=v[:, :, rest], positions=positions,
+                                         layer=layer)
             state = state.replace(local=local)
         return state.replace(since=jnp.zeros((), jnp.int32))
 
@@ -259,12 +251,10 @@ class LServeLayer(_Paging):
             out = out.at[:, :, d].set(o.astype(v.dtype))
             attended = attended + n
         if len(rest):
-            ring = self._ring()
-            if k.shape[1] > self.window:
-                raise UserError(f"lserve: a chunk of {k.shape[1]} tokens ({phase.value}) exceeds window={self.window}")
-            local = state.local.write(k[:, :, rest], v[:, :, rest], positions, ring._slots(state.local, positions, True))
+            o, local = self._ring().append(state.local, q=q[:, :, rest], k=k[:, :, rest], v=v[:, :, rest],
+                                           positions=positions, phase=phase, layer=layer)
             state = state.replace(local=local)
-            out = out.at[:, :, rest].set(self.attend(local, q[:, :, rest], positions, layer).astype(v.dtype))
+            out = out.at[:, :, rest].set(o.astype(v.dtype))
             attended = attended + jnp.sum(local.positions >= 0, axis=(1, 2)).astype(jnp.float32)
         lost = FullCache._overflow(state.dense, positions) if len(d) else jnp.zeros((q.shape[0],), bool)
         out = jnp.where(lost.reshape((-1,) + (1,) * (out.ndim - 1)), jnp.nan, out).astype(out.dtype)
@@ -289,13 +279,8 @@ class LServeCache(_Paging):
 
     def __post_init__(self):
         super().__post_init__()
-        share = self.streaming_share
-        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1 or math.isnan(share):
-            raise UserError(f"lserve: streaming_share must be a number in [0, 1], got {share!r}")
-        for f, low in (("n_tokens", 4), ("seed", 0)):
-            value = getattr(self, f)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise UserError(f"lserve: {f} must be an integer >= {low}, got {value!r}")
+        check_shares("lserve", self, ("streaming_share",))
+        check_ints("lserve", self, {"n_tokens": 4, "seed": 0})
         if self.heads is not None:
             object.__setattr__(self, "heads", normalize_heads(self.heads, "lserve"))
 

@@ -37,7 +37,6 @@ angle (the paper states one distance per token). Pairs start at ``S`` itself (th
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
@@ -46,7 +45,7 @@ from flax import struct
 
 from jaxkv.cache.full import FullCache
 from jaxkv.cache.kv import KVCache
-from jaxkv.cache.policy import CachePolicy, LayerSpec, register_policy
+from jaxkv.cache.policy import CachePolicy, LayerSpec, check_shares, register_policy
 from jaxkv.errors import UserError
 from jaxkv.typing import Array
 
@@ -253,11 +252,7 @@ class MiniCache(CachePolicy):
 
     def __post_init__(self):
         super().__post_init__()
-        for f, low, high in (("start", 0.0, 1.0), ("t", 0.0, 1.0), ("gamma", 0.0, 1.0), ("retain", 0.0, 1.0)):
-            value = getattr(self, f)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high \
-                    or math.isnan(value):
-                raise UserError(f"minicache: {f} must be a number in [{low:g}, {high:g}], got {value!r}")
+        check_shares("minicache", self, ("start", "t", "gamma", "retain"))
         if self.merge not in MERGES:
             raise UserError(f"minicache: merge must be one of {', '.join(MERGES)}, got {self.merge!r}")
 

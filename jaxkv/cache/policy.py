@@ -60,7 +60,7 @@ from jaxkv.errors import UserError
 from jaxkv.typing import Array
 
 __all__ = ["Phase", "LayerSpec", "CachePolicy", "register_policy", "make_policy", "parse_policy_spec",
-           "split_policy_list", "available_policies", "init_cache"]
+           "split_policy_list", "check_ints", "check_shares", "available_policies", "init_cache"]
 
 _REGISTRY: dict[str, type["CachePolicy"]] = {}
 
@@ -204,6 +204,27 @@ class CachePolicy:
         """Attention of ``q [B,T,K,G,H]`` over the slots of ``state`` (masked by position and
         the model's sliding window)."""
         return attend_reference(q, state.k, state.v, positions, state.positions, window=layer.sliding_window)
+
+
+def check_ints(method: str, policy: Any, lows: dict[str, int]) -> None:
+    """Every field in ``lows`` an integer (not a bool) at least its low bound, else a UserError
+    naming it."""
+    for f, low in lows.items():
+        value = getattr(policy, f)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise UserError(f"{method}: {f} must be an integer >= {low}, got {value!r}")
+
+
+def check_shares(method: str, policy: Any, fields: Sequence[str], *, zero_ok: bool = True) -> None:
+    """Every field a number in [0, 1] (``(0, 1]`` unless ``zero_ok``), else a UserError naming it."""
+    import math
+
+    for f in fields:
+        value = getattr(policy, f)
+        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and not math.isnan(value) \
+            and (0 <= value if zero_ok else 0 < value) and value <= 1
+        if not ok:
+            raise UserError(f"{method}: {f} must be a number in {'[0' if zero_ok else '(0'}, 1], got {value!r}")
 
 
 def register_policy(cls: type[CachePolicy]) -> type[CachePolicy]:

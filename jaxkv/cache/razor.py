@@ -159,9 +159,7 @@ class RazorLayer(CachePolicy):
     compensation: str
 
     def _split(self, layer: LayerSpec):
-        r = np.array(self.retrieval, np.int32)
-        rest = np.array([h for h in range(layer.num_kv_heads) if h not in self.retrieval], np.int32)
-        return r, rest
+        return split_heads(self.retrieval, layer.num_kv_heads)
 
     def _ring(self) -> StreamingCache:
         return StreamingCache(sinks=self.sinks, window=self.window)
@@ -334,6 +332,12 @@ class RazorCache(CachePolicy):
                             "jaxkv eval do), pass heads=..., or --cache-arg calibration=FILE")
         return RazorLayer(retrieval=self.heads[layer.index], sinks=self.sinks, window=self.window,
                           compensation=self.compensation, kv_bits=self.kv_bits)
+
+
+def split_heads(chosen: tuple[int, ...], num_kv_heads: int) -> tuple[np.ndarray, np.ndarray]:
+    """The KV heads ``chosen`` for a layer (kept whole) and the others, as index arrays."""
+    rest = [h for h in range(num_kv_heads) if h not in chosen]
+    return np.array(chosen, np.int32), np.array(rest, np.int32)
 
 
 def normalize_heads(heads, method: str) -> tuple[tuple[int, ...], ...]:

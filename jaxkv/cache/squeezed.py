@@ -33,7 +33,6 @@ step), so reads are saved only in what ``attended_keys`` counts.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +41,7 @@ from flax import struct
 from jaxkv.attention import attend_with_lse, merge_attention
 from jaxkv.cache.full import FullCache
 from jaxkv.cache.kv import KVCache
-from jaxkv.cache.policy import CachePolicy, LayerSpec, register_policy
+from jaxkv.cache.policy import CachePolicy, LayerSpec, check_ints, check_shares, register_policy
 from jaxkv.errors import UserError
 from jaxkv.typing import Array
 
@@ -193,15 +192,8 @@ class _IndexSettings(CachePolicy):
 
     def __post_init__(self):
         super().__post_init__()
-        for f in ("keep", "centroid_share", "coarse_share", "coarse_keep"):
-            value = getattr(self, f)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
-                    or not 0 < value <= 1:
-                raise UserError(f"squeezed: {f} must be a number in (0, 1], got {value!r}")
-        for f, low in (("max_iters", 1), ("calib_queries", 1), ("window", 0), ("seed", 0)):
-            value = getattr(self, f)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise UserError(f"squeezed: {f} must be an integer >= {low}, got {value!r}")
+        check_shares("squeezed", self, ("keep", "centroid_share", "coarse_share", "coarse_keep"), zero_ok=False)
+        check_ints("squeezed", self, {"max_iters": 1, "calib_queries": 1, "window": 0, "seed": 0})
         if self.levels not in (1, 2) or isinstance(self.levels, bool):
             raise UserError(f"squeezed: levels must be 1 or 2, got {self.levels!r}")
 
