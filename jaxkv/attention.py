@@ -25,7 +25,8 @@ import jax.numpy as jnp
 from jaxkv.typing import Array
 from jaxkv.errors import UserError
 
-__all__ = ["visibility_mask", "attention_weights", "attend_reference", "attend_with_lse", "merge_attention"]
+__all__ = ["visibility_mask", "attention_weights", "attend_reference", "attend_with_lse", "merge_attention",
+           "contiguous_layout", "attend_sinks_window"]
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -106,15 +107,10 @@ def attend_with_lse(q: Array, k: Array, v: Array, q_positions: Array, k_position
     (``-inf`` where a query sees no key; its output is then 0), so that attention over disjoint
     key sets can be merged exactly (``merge_attention``). ``visible [B,K,S]`` masks slots out on
     top of the position rules."""
-    scale = q.shape[-1] ** -0.5
-    s = jnp.einsum("BTKGH,BKSH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
     mask = visibility_mask(q_positions, k_positions, window=window)
     if visible is not None:
         mask &= visible[:, :, None, :]
-    s = jnp.where(mask[:, :, None], s, -jnp.inf)
-    lse = jax.nn.logsumexp(s, axis=-1)  # [B, K, G, T]
-    p = jnp.where(mask[:, :, None], jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0)[..., None]), 0.0)
-    return jnp.einsum("BKGTS,BKSH->BTKGH", p.astype(v.dtype), v), lse
+    return _masked_lse(q, k, v, mask)
 
 
 def merge_attention(parts: list[tuple[Array, Array]]) -> Array:
@@ -198,16 +194,103 @@ def same_sharding(q: Array, k: Array, v: Array, mask: Array) -> tuple[Array, Arr
     return q, k, v, mask
 
 
+def contiguous_layout(positions: Array) -> Array:
+    """Scalar bool: every row of ``positions [B, T]`` is a run ``p0, p0+1, ...`` followed only by
+    padding (-1), the layout ``generate.pad_prompts`` makes. On it, masking by position equals
+    masking by index (causal, window), which fused and blocked kernels rely on."""
+    t = positions.shape[1]
+    idx = jnp.arange(t, dtype=positions.dtype)[None, :]
+    valid = positions >= 0
+    n = jnp.sum(valid, axis=1, keepdims=True)
+    prefix = valid == (idx < n)
+    run = jnp.where(valid, positions - idx == positions[:, :1], True)
+    return jnp.all(prefix & run)
+
+
 def _attend_dense_cudnn(q, k, v, positions, window, segment_ids):
     b, t, kh, g, h = q.shape
-    mask = visibility_mask(positions, positions, window=window, q_segments=segment_ids, k_segments=segment_ids)
-    # A query that sees nothing (padding) attends to itself: a fully masked row may come back
-    # as NaN from a fused kernel, and NaN in a padding row's values would reach real rows
-    # (0 * NaN) in the next layer.
-    # In self-attention a real query always sees itself (same position and segment), so the rows
-    # that see nothing are exactly the padding queries: no [T, S] reduction needed to find them.
-    pad_rows = (positions < 0)[:, None, :, None]
-    mask = mask | (pad_rows & jnp.eye(t, dtype=bool))
-    q2, k, v, mask = same_sharding(q.reshape(b, t, kh * g, h), k, v, mask)
-    out = jax.nn.dot_product_attention(q2, k, v, mask=mask, implementation="cudnn")
+    q2 = q.reshape(b, t, kh * g, h)
+
+    def masked(q2, k, v):
+        # explicit [B, 1, T, T] mask: any layout, packed segments
+        mask = visibility_mask(positions, positions, window=window, q_segments=segment_ids, k_segments=segment_ids)
+        # A query that sees nothing (padding) attends to itself: a fully masked row may come back
+        # as NaN from a fused kernel, and NaN in a padding row's values would reach real rows
+        # (0 * NaN) in the next layer. In self-attention a real query always sees itself (same
+        # position and segment), so the rows that see nothing are exactly the padding queries.
+        pad_rows = (positions < 0)[:, None, :, None]
+        mask = mask | (pad_rows & jnp.eye(t, dtype=bool))
+        q2, k, v, mask = same_sharding(q2, k, v, mask)
+        return jax.nn.dot_product_attention(q2, k, v, mask=mask, implementation="cudnn")
+
+    if segment_ids is not None:
+        return masked(q2, k, v).reshape(b, t, kh, g, h)
+
+    def fused(q2, k, v):
+        # contiguous right-padded rows: cuDNN's own causal (and sliding-window) mask and sequence
+        # lengths, no [T, T] mask in memory (what lets a 128k prompt prefill)
+        lengths = jnp.sum(positions >= 0, axis=1).astype(jnp.int32)
+        out = jax.nn.dot_product_attention(
+            q2, k, v, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+            local_window_size=None if window is None else (window - 1, 0), implementation="cudnn")
+        return jnp.where((positions >= 0)[:, :, None, None], out, jnp.zeros((), out.dtype))
+
+    out = jax.lax.cond(contiguous_layout(positions), fused, masked, q2, k, v)
     return out.reshape(b, t, kh, g, h)
+
+
+def attend_sinks_window(q: Array, k: Array, v: Array, positions: Array, *, sinks: int, window: int,
+                        block: int | None = None) -> Array:
+    """Causal self-attention of a chunk where each query sees only the keys at positions below
+    ``sinks`` and its last ``window`` positions (StreamingLLM's Lambda mask): ``q [B,T,K,G,H]``,
+    ``k, v [B,T,K,H]`` (token-major, as projected) -> ``[B,T,K,G,H]``.
+
+    Blocked: queries in blocks of ``block`` (default ``window``) attend to the sink tokens and to
+    their own and the previous key block, so memory is ``O(T * (sinks + 2 * block))``, not
+    ``O(T^2)``. Exact on the layout ``contiguous_layout`` accepts; any other layout comes back
+    as NaN (loudly wrong, never silently), since a far key's index would not be in the blocks.
+    """
+    b, t, kh, g, h = q.shape
+    blk = int(window if block is None else block)
+    if blk < window:
+        raise UserError(f"attend_sinks_window: block ({blk}) must be at least window ({window})")
+    nb = -(-t // blk)
+    pad = nb * blk - t
+    ns = min(sinks, t)
+    qp = jnp.pad(positions, ((0, 0), (0, pad)), constant_values=-1)
+    kpad = jnp.pad(positions, ((0, 0), (blk, pad)), constant_values=-1)  # a leading empty block
+    kk = jnp.pad(k, ((0, 0), (blk, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)  # [B, K, blk + nb*blk, H]
+    vv = jnp.pad(v, ((0, 0), (blk, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    qq = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
+    sink_k, sink_v, sink_p = kk[:, :, blk:blk + ns], vv[:, :, blk:blk + ns], kpad[:, blk:blk + ns]
+
+    def one(i):
+        qb = jax.lax.dynamic_slice_in_dim(qq, i * blk, blk, axis=1)
+        qpb = jax.lax.dynamic_slice_in_dim(qp, i * blk, blk, axis=1)
+        # keys: previous and own block (indices (i-1)*blk .. (i+1)*blk, shifted by the empty block)
+        kb = jax.lax.dynamic_slice_in_dim(kk, i * blk, 2 * blk, axis=2)
+        vb = jax.lax.dynamic_slice_in_dim(vv, i * blk, 2 * blk, axis=2)
+        kpb = jax.lax.dynamic_slice_in_dim(kpad, i * blk, 2 * blk, axis=1)
+        kind = jnp.arange(2 * blk) + (i - 1) * blk  # key indices in the chunk
+        qpe, kpe = qpb[:, None, :, None], kpb[:, None, None, :]
+        local = (kpe < sinks) | (qpe - kpe < window)
+        out_l, lse_l = _masked_lse(qb, kb, vb, visibility_mask(qpb, kpb) & local & (kind >= 0)[None, None, None, :])
+        # sinks not already among the local keys
+        sp = sink_p[:, None, None, :]
+        sink_mask = visibility_mask(qpb, sink_p) & (sp < sinks) & (jnp.arange(ns) < (i - 1) * blk)[None, None, None, :]
+        out_s, lse_s = _masked_lse(qb, sink_k, sink_v, sink_mask)
+        return merge_attention([(out_l, lse_l), (out_s, lse_s)])
+
+    out = jax.lax.map(one, jnp.arange(nb))  # [nb, B, blk, K, G, H]
+    out = out.transpose(1, 0, 2, 3, 4, 5).reshape(b, nb * blk, kh, g, h)[:, :t]
+    return jnp.where(contiguous_layout(positions), out, jnp.full((), jnp.nan, out.dtype))
+
+
+def _masked_lse(q, k, v, mask):
+    """Attention of ``q [B,T,K,G,H]`` over ``k, v [B,K,S,H]`` under ``mask [B,1 or K,T,S]``, with
+    its log-sum-exp (as ``attend_with_lse``)."""
+    s = jnp.einsum("BTKGH,BKSH->BKGTS", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    s = jnp.where(mask[:, :, None], s, -jnp.inf)
+    lse = jax.nn.logsumexp(s, axis=-1)
+    p = jnp.where(mask[:, :, None], jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0)[..., None]), 0.0)
+    return jnp.einsum("BKGTS,BKSH->BTKGH", p.astype(v.dtype), v), lse

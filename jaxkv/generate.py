@@ -72,9 +72,8 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: jax.Array, top
 def prefill(params, tokens, positions, lengths, cache: ModelCache, *, config: LlamaConfig):
     """Run the prompt through the model; returns the logits of each row's last real token and
     the prefilled cache."""
-    logits, cache = forward(params, tokens, positions, cache, config=config)
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    return last, cache
+    logits, cache = forward(params, tokens, positions, cache, config=config, logits_at=lengths - 1)
+    return logits[:, 0], cache
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens"), donate_argnames=("cache",))

@@ -85,3 +85,61 @@ def test_attend_dense_cudnn_matches_reference_on_gpu():
     real = np.asarray(pos)[:, :, None, None, None] >= 0
     np.testing.assert_allclose(np.where(real, np.asarray(got, np.float32), 0),
                                np.where(real, np.asarray(want, np.float32), 0), atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+@pytest.mark.parametrize("window", [None, 50])
+def test_attend_dense_cudnn_fused_and_masked_layouts_match_reference_on_gpu(window):
+    """No segments: contiguous right-padded rows take cuDNN's fused causal mask, any other layout
+    (here a row that restarts its positions) the explicit mask; both equal the reference."""
+    from jaxkv.attention import attend_dense
+
+    q, k, v, _, _ = _random_chunk(jnp.bfloat16, t=128, h=64)
+    contiguous = jnp.asarray(np.stack([np.arange(128), np.r_[np.arange(100) + 7, -np.ones(28, int)]]), jnp.int32)
+    restarted = jnp.asarray(np.stack([np.r_[np.arange(60), np.arange(68)], np.arange(128)]), jnp.int32)
+    for pos in (contiguous, restarted):
+        want = attend_dense(q, k, v, pos, window=window, implementation="reference")
+        got = attend_dense(q, k, v, pos, window=window, implementation="cudnn")
+        real = np.asarray(pos)[:, :, None, None, None] >= 0
+        np.testing.assert_allclose(np.where(real, np.asarray(got, np.float32), 0),
+                                   np.where(real, np.asarray(want, np.float32), 0), atol=2e-2)
+
+
+def test_contiguous_layout_hand_worked():
+    from jaxkv.attention import contiguous_layout
+
+    def ok(rows):
+        return bool(contiguous_layout(jnp.asarray(rows, jnp.int32)))
+
+    assert ok([[0, 1, 2, 3], [5, 6, -1, -1]])
+    assert ok([[-1, -1, -1, -1]])
+    assert not ok([[0, 1, 3, 4]])  # a gap
+    assert not ok([[-1, 0, 1, 2]])  # left padding
+    assert not ok([[0, 1, -1, 2]])  # padding inside the row
+
+
+@pytest.mark.parametrize("sinks,window,block,t", [(3, 5, 5, 23), (2, 4, 6, 17), (9, 4, 4, 30), (0, 8, 8, 8)])
+def test_attend_sinks_window_equals_the_masked_reference(sinks, window, block, t):
+    """Blocked Lambda attention (sinks + window) equals one masked pass over every key, for
+    blocks of any size >= window, sinks inside or beyond the first block, padded rows."""
+    from jaxkv.attention import _MASKED, attend_sinks_window
+
+    rng = np.random.default_rng(t)
+    b, kh, g, h = 2, 2, 2, 8
+    q = jnp.asarray(rng.normal(size=(b, t, kh, g, h)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(b, t, kh, h)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(b, t, kh, h)), jnp.float32)
+    pos = jnp.asarray(np.stack([np.arange(t), np.where(np.arange(t) < t - 3, np.arange(t), -1)]), jnp.int32)
+    got = attend_sinks_window(q, k, v, pos, sinks=sinks, window=window, block=block)
+    mask = visibility_mask(pos, pos)
+    qp, kp = pos[:, None, :, None], pos[:, None, None, :]
+    mask &= (kp < sinks) | (qp - kp < window)
+    s = jnp.einsum("BTKGH,BKSH->BKGTS", q, k.transpose(0, 2, 1, 3)) * h ** -0.5
+    p = jax.nn.softmax(jnp.where(mask[:, :, None], s, _MASKED), axis=-1)
+    want = jnp.einsum("BKGTS,BKSH->BTKGH", p, v.transpose(0, 2, 1, 3))
+    real = np.asarray(pos)[:, :, None, None, None] >= 0
+    np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), rtol=1e-5, atol=1e-5)
+    # a layout the blocks cannot honour is refused as NaN, not answered wrongly
+    bad = attend_sinks_window(q, k, v, pos[:, ::-1], sinks=sinks, window=window, block=block)
+    assert np.isnan(np.asarray(bad)).all()

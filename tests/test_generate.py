@@ -124,3 +124,16 @@ def test_bad_generation_arguments(parity_models, kwargs, message):
     prompts = args.pop("prompts")
     with pytest.raises(ValueError, match=message):
         generate(params, config, prompts, **args)
+
+
+def test_forward_logits_at_is_those_rows_of_the_full_logits(tiny_model):
+    from jaxkv.models.llama import forward
+
+    config, params = tiny_model
+    tokens, positions, lengths = pad_prompts([[5, 6, 7, 8, 9], [3, 4]])
+    full, _ = forward(params, tokens, positions, config=config)
+    at, _ = forward(params, tokens, positions, config=config, logits_at=lengths - 1)
+    want = np.take_along_axis(np.asarray(full), (lengths - 1)[:, None, None], axis=1)
+    np.testing.assert_allclose(np.asarray(at), want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="logits_at must be"):
+        forward(params, tokens, positions, config=config, logits_at=np.array([1, 2, 3]))

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxkv.attention import _MASKED, attend_dense, attend_reference, visibility_mask
+from jaxkv.attention import attend_dense, attend_reference, attend_sinks_window
 from jaxkv.cache.full import FullCache
 from jaxkv.cache.kv import KVCache
 from jaxkv.cache.policy import CachePolicy, LayerSpec, Phase, check_ints, check_shares, register_policy
@@ -153,21 +153,20 @@ class LServeLayer(_Paging):
     def prefill_attend(self, q, k, v, positions, *, layer):
         d, rest = self._split(layer)
         t = q.shape[1]
-        if not len(rest) or t <= self.prefill_window:  # nothing outside the local window yet: dense
+        w = layer.sliding_window
+        if not len(rest) or t <= self.prefill_window or (w is not None and w <= self.prefill_window):
+            # nothing outside the local window yet (or the model's own window is narrower): dense
             return attend_dense(q, k, v, positions, window=layer.sliding_window)
         out = jnp.zeros(q.shape, v.dtype)
         if len(d):
             out = out.at[:, :, d].set(attend_dense(q[:, :, d], k[:, :, d], v[:, :, d], positions,
                                                    window=layer.sliding_window).astype(v.dtype))
-        qs = q[:, :, rest].astype(jnp.float32)
-        ks = k[:, :, rest].transpose(0, 2, 1, 3).astype(jnp.float32)
-        vs = v[:, :, rest].transpose(0, 2, 1, 3)
-        mask = visibility_mask(positions, positions, window=layer.sliding_window)  # [B, 1, T, T]
-        qp, kp = positions[:, None, :, None], positions[:, None, None, :]
-        mask &= (kp < self.sinks) | (qp - kp < self.prefill_window)
-        s = jnp.einsum("BTKGH,BKSH->BKGTS", qs, ks) * q.shape[-1] ** -0.5
-        p = jax.nn.softmax(jnp.where(mask[:, :, None], s, _MASKED), axis=-1).astype(v.dtype)
-        return out.at[:, :, rest].set(jnp.einsum("BKGTS,BKSH->BTKGH", p, vs).astype(v.dtype))
+        if w is not None:
+            raise UserError(f"lserve: the model's sliding window ({w}) is wider than prefill_window "
+                            f"({self.prefill_window}); raise prefill_window to at least the window")
+        local = attend_sinks_window(q[:, :, rest], k[:, :, rest], v[:, :, rest], positions,
+                                    sinks=self.sinks, window=self.prefill_window)
+        return out.at[:, :, rest].set(local.astype(v.dtype))
 
     def _stored(self, k, v, positions, heads):
         """``k`` as the dense storage holds it (rounded to its codes when quantized)."""

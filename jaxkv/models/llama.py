@@ -116,7 +116,7 @@ class LlamaForCausalLM(nnx.Module):
         )
 
     def __call__(self, tokens, positions, cache: ModelCache | None = None, *,
-                 segment_ids=None, compute_dtype=jnp.float32):
+                 segment_ids=None, compute_dtype=jnp.float32, logits_at=None):
         cfg = self.config
         if cache is not None and segment_ids is not None:
             raise UserError("segment_ids are for the cache-free forward of packed rows; "
@@ -143,6 +143,8 @@ class LlamaForCausalLM(nnx.Module):
             )
             if cache is not None:
                 states[owner] = layer_cache
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, jnp.asarray(logits_at, jnp.int32)[:, None, None], axis=1)
         x = self.norm(x)
         logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
         if cache is not None:
@@ -173,8 +175,13 @@ def abstract_params(config: LlamaConfig, dtype=jnp.float32) -> dict:
 
 
 def forward(params: dict, tokens: Array, positions: Array, cache: ModelCache | None = None, *,
-            config: LlamaConfig, segment_ids: Array | None = None, compute_dtype=None):
+            config: LlamaConfig, segment_ids: Array | None = None, compute_dtype=None,
+            logits_at: Array | None = None):
     """``(logits [B, T, V] float32, cache)``; pure and jit-able (``config`` is static).
+
+    ``logits_at [B]`` (token indices): run the LM head only there and return ``[B, 1, V]`` (a
+    prefill needs one row's logits, not ``T x V`` of them: 16 GiB at 32k tokens and a 128k
+    vocabulary).
 
     ``compute_dtype`` defaults to the dtype of the embedding parameters. Token ids outside the
     vocabulary are refused with ``UserError`` when ``tokens`` is concrete; under a caller's jit
@@ -191,7 +198,9 @@ def forward(params: dict, tokens: Array, positions: Array, cache: ModelCache | N
         if np.issubdtype(ids.dtype, np.integer) and (bad & (np.asarray(positions) >= 0)).any():
             raise UserError(f"tokens hold ids outside [0, {config.vocab_size}) (the model's vocabulary), "
                             f"e.g. {int(ids[bad & (np.asarray(positions) >= 0)][0])}")
+    if logits_at is not None and jnp.shape(logits_at) != tokens.shape[:1]:
+        raise UserError(f"logits_at must be [B] token indices; got shape {jnp.shape(logits_at)} for B={tokens.shape[0]}")
     if compute_dtype is None:
         compute_dtype = params["embed"]["embedding"].dtype
     model = nnx.merge(_graphdef(config), params)
-    return model(tokens, positions, cache, segment_ids=segment_ids, compute_dtype=compute_dtype)
+    return model(tokens, positions, cache, segment_ids=segment_ids, compute_dtype=compute_dtype, logits_at=logits_at)
