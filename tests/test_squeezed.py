@@ -167,3 +167,44 @@ def test_the_coarse_level_prunes_within_the_fine_selection(parity_models):
     assert c2.nbytes == sum(p.expected_nbytes(batch=1, max_len=n, dtype=jnp.float32, layer=LayerSpec(i, config))
                             for i, p in enumerate(c2.policies))
     assert c2.layers[0].coarse.centroids.shape[2] == max(1, round(0.3 * round(0.4 * n)))
+
+
+def test_query_threshold_hand_worked_and_its_share():
+    """The decode threshold is a quantile over (query, key) pairs: clusters weighted by their
+    keys, queries that are not real left out."""
+    w = jnp.asarray([[[[0.5, 0.3, 0.2], [0.1, 0.6, 0.3], [9.0, 9.0, 9.0]]]])  # [B=1, K=1, Q=3, C=3]
+    n = jnp.asarray([[[1.0, 2.0, 3.0]]])
+    real = jnp.asarray([[True, True, False]])
+    # pairs by weight: .6 x2, .5 x1, .3 x(2+3), .2 x3, .1 x1 = 12 keys
+    for keep, want in ((0.1, 0.6), (0.25, 0.5), (0.5, 0.3), (0.95, 0.1)):
+        assert float(sq.query_threshold([w], [n], real, keep)[0]) == pytest.approx(want)
+    assert float(sq.query_threshold([w], [n], real, 1.0)[0]) == -np.inf
+    rng = np.random.default_rng(0)
+    layers = [jnp.asarray(rng.random((2, 3, 5, 40)), jnp.float32) for _ in range(4)]
+    counts = [jnp.asarray(rng.integers(0, 4, (2, 3, 40)), jnp.float32) for _ in range(4)]
+    real = jnp.ones((2, 5), bool)
+    for keep in (0.1, 0.3):
+        t = np.asarray(sq.query_threshold(layers, counts, real, keep))
+        for row in range(2):
+            passed = sum(float(((x[row] >= t[row]) * c[row][:, None, :]).sum()) for x, c in zip(layers, counts))
+            total = sum(float(c[row].sum()) * 5 for c in counts)
+            assert abs(passed / total - keep) < 0.01, (keep, passed / total)
+
+
+def test_decode_steps_use_the_per_query_threshold(tiny_model):
+    """decode_calibration='query' (default) sets a decode threshold of its own; 'mean' reuses the
+    extend threshold; the transient calibration weights are gone after the prefill."""
+    config, params = tiny_model
+    n = 200
+    tokens = jax.random.randint(jax.random.key(1), (1, n), 3, config.vocab_size)
+    pos = jnp.arange(n)[None]
+    run = jax.jit(lambda c: forward(params, tokens, pos, c, config=config)[1])
+    caches = {m: run(init_cache(config, SqueezedCache(keep=0.1, decode_calibration=m), batch=1, max_len=n + 4,
+                                dtype=jnp.float32)) for m in ("query", "mean")}
+    q, m = caches["query"].layers[0], caches["mean"].layers[0]
+    assert q.calibration is None and m.calibration is None
+    np.testing.assert_array_equal(np.asarray(q.threshold), np.asarray(m.threshold))
+    np.testing.assert_array_equal(np.asarray(m.decode_threshold), np.asarray(m.threshold))
+    assert float(q.decode_threshold[0]) != float(q.threshold[0])
+    with pytest.raises(UserError, match="decode_calibration"):
+        SqueezedCache(decode_calibration="median")
