@@ -22,7 +22,7 @@ from jaxkv.fileio import atomic_path
 __all__ = ["CalibrationError", "model_fingerprint", "save_calibration", "load_calibration", "calibrate",
            "CALIBRATED_METHODS"]
 
-CALIBRATED_METHODS = ("razor",)
+CALIBRATED_METHODS = ("razor", "cskv")
 
 META_KEY = "jaxkv_calibration"
 
@@ -83,14 +83,30 @@ def load_calibration(path: str | os.PathLike, *, method: str, fingerprint: str |
     return tensors, meta
 
 
-def calibrate(method: str, params: dict, config, out: str | os.PathLike, **settings) -> Path:
-    """Run ``method``'s calibration on the model and write its file (``jaxkv calibrate``)."""
+def calibrate(method: str, params: dict, config, out: str | os.PathLike, *, tokenizer=None, text: str | None = None,
+              **settings) -> Path:
+    """Run ``method``'s calibration on the model and write its file (``jaxkv calibrate``).
+
+    ``razor``: data-free head scores (``n_tokens``, ``seed``). ``cskv``: ASVD's activation
+    statistics (mean |x| of each layer's attention input) over ``n_tokens`` of ``text`` (default:
+    Python's reference documentation) in ``seq_len``-token chunks; needs the ``tokenizer``."""
     if method == "razor":
         from jaxkv.cache.razor import head_scores
 
         settings = {"n_tokens": 512, "seed": 0, **settings}
         echo, induction = head_scores(params, config, **settings)
         tensors = {"echo": echo.astype(np.float32), "induction": induction.astype(np.float32)}
+    elif method == "cskv":
+        from jaxkv.cache.cskv import activation_scales, calibration_chunks
+
+        if tokenizer is None:
+            raise UserError("cskv calibration needs the model's tokenizer")
+        settings = {"n_tokens": 8192, "seq_len": 512, **settings}
+        settings.pop("seed", None)
+        chunks = calibration_chunks(tokenizer, n_tokens=settings["n_tokens"], seq_len=settings["seq_len"], text=text)
+        tensors = {"scale": activation_scales(params, config, chunks)}
+        settings["tokens_used"] = int(chunks.size)
+        settings["text"] = "pydoc_data.topics" if text is None else "user text"
     else:
         raise UserError(f"unknown method to calibrate {method!r}; methods with a calibration: "
                         f"{', '.join(CALIBRATED_METHODS)}")

@@ -5,6 +5,7 @@
                  [--dtype float32|bfloat16] [--json]
   jaxkv convert FILE.gguf --out DIR [--dtype float32|bfloat16|float16] [--overwrite]
   jaxkv calibrate razor [--model M] --out FILE [--n-tokens N] [--seed S]
+  jaxkv calibrate cskv [--model M] --out FILE [--n-tokens N] [--text FILE]
   jaxkv analyze [--model M] --out DIR [--task T] [--length N]
   jaxkv train lm (--model-preset NAME | --model M) --data SRC... --out DIR [--seq-len N]
                  [--batch-size N] [--steps N] [--lr LR] [--seed S] [--save-every N] [--mesh d,f,t]
@@ -101,12 +102,26 @@ def _cmd_calibrate(args) -> int:
     import jax.numpy as jnp
 
     from jaxkv.calibration import calibrate
-    from jaxkv.checkpoints import load_checkpoint, resolve_model
+    from jaxkv.checkpoints import load_checkpoint, load_tokenizer, resolve_model
     from jaxkv.fileio import check_output_path
 
     check_output_path(args.out, "--out")
-    config, params = load_checkpoint(resolve_model(args.model), dtype=jnp.float32)
-    out = calibrate(args.method, params, config, args.out, n_tokens=args.n_tokens, seed=args.seed)
+    text = None
+    if args.text is not None:
+        if args.method != "cskv":
+            raise UserError("--text is cskv's calibration text; razor's calibration is data-free")
+        try:
+            with open(args.text, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--text {args.text!r} is not a readable UTF-8 file ({e})") from None
+    path = resolve_model(args.model)
+    config, params = load_checkpoint(path, dtype=jnp.float32)
+    settings = {"n_tokens": args.n_tokens} if args.n_tokens is not None else {}
+    if args.method == "razor":
+        settings["seed"] = args.seed
+    tokenizer = load_tokenizer(path) if args.method == "cskv" else None
+    out = calibrate(args.method, params, config, args.out, tokenizer=tokenizer, text=text, **settings)
     print(f"wrote {out}")
     return 0
 
@@ -344,11 +359,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = sub.add_parser("calibrate", help="measure a method's calibration on a model and save it "
                                           "(use it with --cache-arg calibration=FILE)")
-    cal.add_argument("method", choices=["razor"])
+    cal.add_argument("method", choices=["razor", "cskv"])
     cal.add_argument("--model", default="default", help=MODEL_HELP)
     cal.add_argument("--out", required=True, help="the calibration file to write (.safetensors)")
-    cal.add_argument("--n-tokens", type=_positive_int, default=512,
-                     help="razor: random token ids repeated 4 times (the paper: 2500; capped by the context)")
+    cal.add_argument("--n-tokens", type=_positive_int, default=None,
+                     help="razor: random token ids repeated 4 times (default 512; the paper: 2500; capped by the "
+                          "context); cskv: tokens of calibration text (default 8192, in 512-token chunks)")
+    cal.add_argument("--text", default=None,
+                     help="cskv: a UTF-8 text file to calibrate on (default: Python's reference documentation)")
     cal.add_argument("--seed", type=_seed, default=0)
     cal.set_defaults(func=_cmd_calibrate)
 

@@ -10,9 +10,10 @@ from jaxkv.cache.mikv import MiKVCache
 from jaxkv.cache.minicache import MiniCache
 from jaxkv.cache.lserve import LServeCache
 from jaxkv.cache.squeezed import SqueezedCache
+from jaxkv.cache.cskv import CSKVCache
 
 __all__ = [
     "KVCache", "ModelCache", "tree_nbytes", "CachePolicy", "LayerSpec", "Phase", "available_policies", "init_cache",
     "make_policy", "register_policy", "FullCache", "StreamingCache", "RazorCache", "MiKVCache", "MiniCache",
-    "LServeCache", "SqueezedCache",
+    "LServeCache", "SqueezedCache", "CSKVCache",
 ]

@@ -26,6 +26,11 @@ A policy is a frozen dataclass of hyper-parameters plus pure functions. It works
                                         dense causal, the model's sliding window applied);
   ``prefill(state, *, q, k, v, positions, layer, params)``   store the prompt's K/V (post-RoPE;
                                         ``q`` is given to methods that score tokens by queries);
+                                        a policy whose ``wants_layer_input`` is True also gets
+                                        ``inputs=LayerInput`` here and in ``append``: the attention
+                                        block's normed input ``x`` (what the K/V projections read)
+                                        and the model's RoPE, for methods that store something
+                                        other than K/V (CSKV's pre-RoPE low-rank latent);
   ``append(state, *, q, k, v, positions, phase, layer, params) -> (out, state)``   add a chunk
                                         to a prefilled cache and attend over it: ``phase`` is
                                         ``EXTEND`` (``T > 1``: a question after a reused
@@ -59,7 +64,7 @@ from jaxkv.cache.kv import KVCache, ModelCache, tree_nbytes
 from jaxkv.errors import UserError
 from jaxkv.typing import Array
 
-__all__ = ["Phase", "LayerSpec", "CachePolicy", "register_policy", "make_policy", "parse_policy_spec",
+__all__ = ["Phase", "LayerSpec", "LayerInput", "CachePolicy", "register_policy", "make_policy", "parse_policy_spec",
            "split_policy_list", "check_ints", "check_shares", "available_policies", "init_cache"]
 
 _REGISTRY: dict[str, type["CachePolicy"]] = {}
@@ -99,6 +104,23 @@ class LayerSpec:
         return self.config.sliding_window
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerInput:
+    """What a policy with ``wants_layer_input`` sees beside q/k/v: ``x [B, T, D]``, the attention
+    block's normed input (the K/V projections' input), and the model's RoPE as ``inv_freq [H/2]``
+    (``rope`` rotates keys at any positions, e.g. rebuilt old keys at attention time)."""
+
+    x: Array
+    inv_freq: Any  # numpy [H/2], static per model
+
+    def rope(self, k: Array, positions: Array) -> Array:
+        """``k [B, S, heads, H]`` rotated to ``positions [B, S]`` (the model's own RoPE)."""
+        from jaxkv.models.layers import apply_rope, rope_angles
+
+        cos, sin = rope_angles(positions, self.inv_freq)
+        return apply_rope(k, cos, sin)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CachePolicy:
     """Base class of every policy; see the module docstring for the contract.
@@ -108,6 +130,8 @@ class CachePolicy:
     """
 
     name: ClassVar[str] = ""
+    # True: prefill/append also get ``inputs=LayerInput`` (see the module docstring)
+    wants_layer_input: ClassVar[bool] = False
     # How kept tokens are stored (the second concern): None = the cache dtype; 2/3/4/8 = MiKV's
     # per-token packed codes (``jaxkv.cache.storage``). ``KEEP+mikv`` names set it.
     kv_bits: int | None = None

@@ -37,7 +37,7 @@ from flax import nnx
 
 from jaxkv.attention import attend_dense
 from jaxkv.cache.kv import ModelCache
-from jaxkv.cache.policy import LayerSpec, Phase
+from jaxkv.cache.policy import LayerInput, LayerSpec, Phase
 from jaxkv.config import LlamaConfig
 from jaxkv.models.layers import MLP, Linear, RMSNorm, apply_rope, rope_angles, rope_inv_freq
 from jaxkv.typing import Array
@@ -68,7 +68,8 @@ class Attention(nnx.Module):
         self.num_kv_heads, self.group, self.head_dim = k, config.group_size, h
         self.window = config.sliding_window
 
-    def __call__(self, x, positions, cos, sin, *, layer_cache, policy, phase, layer, params, segment_ids):
+    def __call__(self, x, positions, cos, sin, *, layer_cache, policy, phase, layer, params, segment_ids,
+                 inv_freq=None):
         b, t, _ = x.shape
         kh, g, h = self.num_kv_heads, self.group, self.head_dim
         q = apply_rope(self.q(x).reshape(b, t, kh * g, h), cos, sin).reshape(b, t, kh, g, h)
@@ -76,13 +77,15 @@ class Attention(nnx.Module):
         v = self.v(x).reshape(b, t, kh, h)
         if layer_cache is None:  # cache-free forward (training, scoring): dense attention
             out = attend_dense(q, k, v, positions, window=self.window, segment_ids=segment_ids)
-        elif phase is Phase.PREFILL:
-            out = policy.prefill_attend(q, k, v, positions, layer=layer)
-            layer_cache = policy.prefill(layer_cache, q=q, k=k, v=v, positions=positions, layer=layer,
-                                         params=params)
         else:
-            out, layer_cache = policy.append(layer_cache, q=q, k=k, v=v, positions=positions, phase=phase,
-                                             layer=layer, params=params)
+            extra = {"inputs": LayerInput(x=x, inv_freq=inv_freq)} if policy.wants_layer_input else {}
+            if phase is Phase.PREFILL:
+                out = policy.prefill_attend(q, k, v, positions, layer=layer)
+                layer_cache = policy.prefill(layer_cache, q=q, k=k, v=v, positions=positions, layer=layer,
+                                             params=params, **extra)
+            else:
+                out, layer_cache = policy.append(layer_cache, q=q, k=k, v=v, positions=positions, phase=phase,
+                                                 layer=layer, params=params, **extra)
         return self.o(out.reshape(b, t, kh * g * h)), layer_cache
 
 
@@ -121,7 +124,8 @@ class LlamaForCausalLM(nnx.Module):
         if cache is not None and segment_ids is not None:
             raise UserError("segment_ids are for the cache-free forward of packed rows; "
                              "pass cache=None or drop segment_ids")
-        cos, sin = rope_angles(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        cos, sin = rope_angles(positions, inv_freq)
         # padding may hold any id (even out of range, which gathers NaN and would poison the row
         # through attention's zero weights): read id 0 there instead
         x = self.embed(jnp.where(positions >= 0, tokens, 0), compute_dtype)
@@ -139,7 +143,7 @@ class LlamaForCausalLM(nnx.Module):
                 layer_cache=None if cache is None else states[owner],
                 policy=None if cache is None else cache.policies[i],
                 params=None if cache is None else cache.params[i],
-                layer=spec, phase=phase, segment_ids=segment_ids,
+                layer=spec, phase=phase, segment_ids=segment_ids, inv_freq=inv_freq,
             )
             if cache is not None:
                 states[owner] = layer_cache

@@ -1,0 +1,367 @@
+"""``cskv``: CSKV — a channel-shrunk KV cache. Old tokens are stored as low-rank latents of the
+attention input, recent ones at full rank.
+
+Each layer's K and V projections ``W [K*H, D]`` are approximated by a low-rank product: the
+latent ``x @ down [D, r]`` is what the cache stores (pre-RoPE, ``r = density * K * H`` channels
+shared by all KV heads), and attention rebuilds ``k = latent @ up [r, K*H]`` (+ the projection's
+bias) with RoPE applied at each token's absolute position (``LayerInput.rope``), ``v`` likewise
+without RoPE. The bi-branch: the last ``window`` tokens are also kept exactly (post-RoPE, full
+rank) in a ring, and attention reads them from there; older tokens come from their latents. The
+two key sets are disjoint and merged by log-sum-exp. Bytes are real: per token ``(r_k + r_v)``
+values plus a position, plus the window's ``window`` full slots per KV head.
+
+Factors (``decomposition``):
+  ``svd``     data-free: the top-``r`` singular vectors of ``W^T`` (``svd_factors``);
+  ``asvd``    activation-aware: ``S = diag(mean|x| ** alpha)`` from calibration text (``jaxkv
+              calibrate cskv``), the SVD of ``S W^T``, ``down = S^-1 U sqrt(Sigma)``, ``up =
+              sqrt(Sigma) V^T`` (the paper's initialisation; needs ``calibration=FILE``);
+  ``random``  scaled Gaussian factors (the paper's failing baseline);
+a calibration file that holds trained factors (``jaxkv train cskv``) is used as it is.
+
+Deviations: the prompt's own attention is exact (the compressed keys serve later queries only,
+as every other policy here); an extend chunk longer than ``window`` reads its own earlier
+tokens from their latents; the latent is stored in the cache dtype (its optional low-bit
+quantization is a later step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxkv.attention import attend_with_lse, merge_attention
+from jaxkv.cache.kv import KVCache
+from jaxkv.cache.policy import CachePolicy, LayerInput, LayerSpec, check_ints, register_policy
+from jaxkv.errors import UserError
+from jaxkv.typing import Array
+
+__all__ = ["CSKVCache", "CSKVState", "CSKVFactors", "svd_factors", "init_factors", "rank_for",
+           "CALIBRATION_METHOD", "INITS"]
+
+CALIBRATION_METHOD = "cskv"
+INITS = ("svd", "asvd", "random")
+
+
+def rank_for(density: float, config) -> int:
+    """Latent channels for a density: ``round(density * K * H)``, at least 1."""
+    return max(1, int(round(density * config.num_kv_heads * config.head_dim)))
+
+
+def svd_factors(w: np.ndarray, rank: int, scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(down [D, r], up [r, out])`` with ``x @ down @ up ~= x @ w.T`` for a projection ``w [out,
+    D]``: the rank-``r`` SVD of ``diag(scale) @ w.T`` split as ``diag(1/scale) U sqrt(Sigma)`` and
+    ``sqrt(Sigma) V^T`` (ASVD); ``scale=None`` is the plain SVD. fp64 for the decomposition."""
+    wt = np.asarray(w, np.float64).T  # [D, out]
+    s = np.ones(wt.shape[0]) if scale is None else np.asarray(scale, np.float64)
+    if s.shape != (wt.shape[0],) or not np.all(np.isfinite(s)) or np.any(s <= 0):
+        raise UserError(f"cskv: the activation scale must be {wt.shape[0]} finite positive values")
+    u, sig, vt = np.linalg.svd(s[:, None] * wt, full_matrices=False)
+    r = min(rank, sig.shape[0])
+    root = np.sqrt(sig[:r])
+    down = (u[:, :r] * root) / s[:, None]
+    up = root[:, None] * vt[:r]
+    return down.astype(np.float32), up.astype(np.float32)
+
+
+def init_factors(params: dict, config, *, key_rank: int, value_rank: int, decomposition: str = "svd",
+                 scales: np.ndarray | None = None, alpha: float = 0.5, seed: int = 0) -> list[dict]:
+    """Per layer ``{"k_down", "k_up", "v_down", "v_up"}`` (fp32 numpy) for the model's K and V
+    projections. ``asvd`` needs ``scales [L, D]`` (mean |x| of each layer's attention input)."""
+    init = decomposition
+    if init not in INITS:
+        raise UserError(f"cskv: decomposition must be one of {', '.join(INITS)}, got {init!r}")
+    if init == "asvd" and scales is None:
+        raise UserError("cskv: decomposition='asvd' needs activation statistics: make them with `jaxkv calibrate cskv "
+                        "--model ... --out FILE` and pass calibration=FILE")
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(config.num_layers):
+        attn = params["layers"][i]["attn"]
+        layer = {}
+        for name, rank in (("k", key_rank), ("v", value_rank)):
+            w = np.asarray(attn[name]["kernel"], np.float32)
+            if init == "random":
+                d = w.shape[1]
+                down = rng.normal(size=(d, rank)).astype(np.float32) / np.sqrt(d)
+                up = rng.normal(size=(rank, w.shape[0])).astype(np.float32) * float(np.std(w)) * np.sqrt(d / rank)
+            else:
+                scale = None
+                if init == "asvd":
+                    scale = np.maximum(np.asarray(scales[i], np.float64), 1e-6) ** alpha
+                down, up = svd_factors(w, rank, scale)
+            layer[f"{name}_down"], layer[f"{name}_up"] = down, up
+        out.append(layer)
+    return out
+
+
+class CSKVFactors:
+    """Per-layer factors held by a prepared policy: compared and hashed by a digest of their
+    bytes, so a policy holding them stays a hashable, static jit argument."""
+
+    def __init__(self, layers: list[dict], source: str):
+        self.layers = [{k: np.asarray(v, np.float32) for k, v in layer.items()} for layer in layers]
+        h = hashlib.sha256()  # content only: the same factors from a file or a decomposition are equal
+        for layer in self.layers:
+            for k in sorted(layer):
+                h.update(k.encode())
+                h.update(np.ascontiguousarray(layer[k]).tobytes())
+        self.digest = h.hexdigest()[:16]
+        self.source = source
+
+    def __eq__(self, other):
+        return isinstance(other, CSKVFactors) and other.digest == self.digest
+
+    def __hash__(self):
+        return hash(self.digest)
+
+    def __repr__(self):
+        return f"CSKVFactors({self.source}, {self.digest})"
+
+
+@struct.dataclass
+class CSKVState:
+    """One layer: ``k_latent [B, S, r_k]``, ``v_latent [B, S, r_v]`` (slot = position),
+    ``positions [B, S]`` (-1: empty), ``recent`` the exact last ``window`` tokens (a ring,
+    ``KVCache [B, K, W, H]``)."""
+
+    k_latent: Array
+    v_latent: Array
+    positions: Array
+    recent: KVCache
+
+
+@register_policy
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CSKVCache(CachePolicy):
+    """CSKV (see the module docstring). Densities are shares of the ``K * H`` channels; the
+    paper's defaults are keys 0.25 and values 0.75 (keys tolerate lower density)."""
+
+    name = "cskv"
+    wants_layer_input = True
+    key_density: float = 0.5
+    value_density: float = 0.5
+    window: int = 32
+    decomposition: str | None = None  # svd | asvd | random; None: asvd with a statistics file, else svd
+    alpha: float = 0.5          # ASVD's exponent on mean |x|
+    calibration: str | None = None  # `jaxkv calibrate cskv` (statistics) or `jaxkv train cskv` (factors)
+    seed: int = 0
+    factors: CSKVFactors | None = None  # set by prepare
+
+    def __post_init__(self):
+        super().__post_init__()
+        for f in ("key_density", "value_density"):
+            d = getattr(self, f)
+            if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d <= 1:
+                raise UserError(f"cskv: {f} must be in (0, 1], got {d!r}")
+        check_ints("cskv", self, {"window": 1, "seed": 0})
+        if self.decomposition is not None and self.decomposition not in INITS:
+            raise UserError(f"cskv: decomposition must be one of {', '.join(INITS)}, got {self.decomposition!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 2:
+            raise UserError(f"cskv: alpha must be in [0, 2], got {self.alpha!r}")
+        if self.factors is not None and not isinstance(self.factors, CSKVFactors):
+            raise UserError("cskv: factors are set by prepare (or give calibration=FILE)")
+
+    @classmethod
+    def from_budget(cls, budget: float, context_len: int) -> "CSKVCache":
+        return cls(key_density=float(budget), value_density=float(budget))
+
+    def capacity(self, max_len: int) -> int:
+        return max_len
+
+    # ------------------------------------------------------------------ model level
+    def prepare(self, params: dict, config) -> "CSKVCache":
+        if self.factors is not None:
+            return self
+        rk, rv = rank_for(self.key_density, config), rank_for(self.value_density, config)
+        scales = None
+        if self.calibration is not None:
+            from jaxkv.calibration import load_calibration, model_fingerprint
+
+            tensors, meta = load_calibration(self.calibration, method=CALIBRATION_METHOD,
+                                             fingerprint=model_fingerprint(config, params))
+            if "layer0.k_down" in tensors:  # trained (or saved) factors: used as they are
+                layers = [{k: tensors[f"layer{i}.{k}"] for k in ("k_down", "k_up", "v_down", "v_up")}
+                          for i in range(config.num_layers)]
+                got = (layers[0]["k_down"].shape[1], layers[0]["v_down"].shape[1])
+                if got != (rk, rv):
+                    raise UserError(f"cskv: {self.calibration} holds factors of ranks {got} (key, value); "
+                                    f"key_density={self.key_density}, value_density={self.value_density} "
+                                    f"need {(rk, rv)}")
+                layers = _with_biases(layers, params, config)
+                return dataclasses.replace(self, factors=CSKVFactors(layers, f"file:{meta.get('model')}"))
+            if "scale" not in tensors:
+                raise UserError(f"cskv: {self.calibration} holds neither factors nor activation statistics")
+            scales = tensors["scale"]
+        init = self.decomposition or ("asvd" if scales is not None else "svd")
+        layers = init_factors(params, config, key_rank=rk, value_rank=rv, decomposition=init, scales=scales,
+                              alpha=self.alpha, seed=self.seed)
+        layers = _with_biases(layers, params, config)
+        return dataclasses.replace(self, factors=CSKVFactors(layers, f"{init}:{rk}/{rv}"))
+
+    def layer_params(self, layer: LayerSpec):
+        if self.factors is None:
+            raise UserError("cskv needs its factors: call policy.prepare(params, config) (generate and "
+                            "jaxkv eval do), or pass calibration=FILE")
+        return {k: jnp.asarray(v) for k, v in self.factors.layers[layer.index].items()}
+
+    # ------------------------------------------------------------------ layer level
+    def ranks(self, layer: LayerSpec) -> tuple[int, int]:
+        return rank_for(self.key_density, layer.config), rank_for(self.value_density, layer.config)
+
+    def init(self, *, batch, max_len, dtype, layer):
+        rk, rv = self.ranks(layer)
+        w = min(self.window, max_len)
+        return CSKVState(k_latent=jnp.zeros((batch, max_len, rk), dtype), v_latent=jnp.zeros((batch, max_len, rv), dtype),
+                         positions=jnp.full((batch, max_len), -1, jnp.int32),
+                         recent=KVCache.empty(batch=batch, num_kv_heads=layer.num_kv_heads, slots=w,
+                                              head_dim=layer.head_dim, dtype=dtype))
+
+    def expected_nbytes(self, *, batch, max_len, dtype, layer):
+        rk, rv = self.ranks(layer)
+        item = jnp.dtype(dtype).itemsize
+        w = min(self.window, max_len)
+        recent = batch * layer.num_kv_heads * w * (2 * layer.head_dim * item + 4)
+        return batch * max_len * ((rk + rv) * item + 4) + recent
+
+    def attended_keys(self, state):
+        return jnp.sum(state.positions >= 0, axis=1).astype(jnp.float32) * state.recent.k.shape[1]
+
+    def _write(self, state: CSKVState, k, v, positions, inputs: LayerInput, params) -> CSKVState:
+        if params is None or inputs is None:
+            raise UserError("cskv: the layer's factors and input are missing (make the cache with init_cache "
+                            "from a prepared cskv policy)")
+        s = state.positions.shape[1]
+        if k.shape[1] > s:
+            raise UserError(f"cskv: a chunk of {k.shape[1]} tokens does not fit a cache of {s} slots; make the "
+                            "cache at least as long as the prompt plus the tokens to generate (init_cache(max_len=...))")
+        x = inputs.x.astype(jnp.float32)
+        slots = jnp.where((positions >= 0) & (positions < s), positions, s)
+        b = jnp.arange(k.shape[0])[:, None]
+        k_lat = (x @ params["k_down"]).astype(state.k_latent.dtype)
+        v_lat = (x @ params["v_down"]).astype(state.v_latent.dtype)
+        state = state.replace(
+            k_latent=state.k_latent.at[b, slots].set(k_lat, mode="drop"),
+            v_latent=state.v_latent.at[b, slots].set(v_lat, mode="drop"),
+            positions=state.positions.at[b, slots].set(positions, mode="drop"))
+        # the exact ring: the chunk's last `window` tokens (earlier ones would collide in the ring)
+        w = state.recent.num_slots
+        last = jnp.max(positions, axis=1, keepdims=True)
+        keep = (positions >= 0) & (positions > last - w)
+        recent = state.recent.write(k, v, positions, state.recent.slot_or_drop(positions % w, keep))
+        lost = jnp.any(positions >= s, axis=1)  # a row that lost a token says so (NaN), as `full`
+        recent = recent.poison(lost)
+        return state.replace(recent=recent)
+
+    def prefill(self, state, *, q, k, v, positions, layer, params=None, inputs=None):
+        return self._write(state, k, v, positions, inputs, params)
+
+    def rebuild(self, state: CSKVState, layer: LayerSpec, inputs: LayerInput, params) -> tuple[Array, Array]:
+        """Keys and values of every slot from the latents, ``[B, K, S, H]`` (keys rotated to their
+        positions)."""
+        b, s, _ = state.k_latent.shape
+        kh, h = layer.num_kv_heads, layer.head_dim
+        k = (state.k_latent.astype(jnp.float32) @ params["k_up"]).reshape(b, s, kh, h)
+        v = (state.v_latent.astype(jnp.float32) @ params["v_up"]).reshape(b, s, kh, h)
+        attn = _bias(layer, params)
+        if attn is not None:
+            k, v = k + attn[0].reshape(kh, h), v + attn[1].reshape(kh, h)
+        k = inputs.rope(k, jnp.maximum(state.positions, 0))
+        dtype = state.recent.k.dtype
+        return k.astype(dtype).transpose(0, 2, 1, 3), v.astype(dtype).transpose(0, 2, 1, 3)
+
+    def append(self, state, *, q, k, v, positions, phase, layer, params=None, inputs=None):
+        state = self._write(state, k, v, positions, inputs, params)
+        k_old, v_old = self.rebuild(state, layer, inputs, params)
+        kh = layer.num_kv_heads
+        lat_pos = jnp.broadcast_to(state.positions[:, None, :], (state.positions.shape[0], kh, state.positions.shape[1]))
+        # old: every latent slot the exact ring does not hold
+        ring_start = jnp.min(jnp.where(state.recent.positions >= 0, state.recent.positions, jnp.iinfo(jnp.int32).max),
+                             axis=2, keepdims=True)  # [B, K, 1]
+        old = (lat_pos >= 0) & (lat_pos < ring_start)
+        w = layer.sliding_window
+        parts = [attend_with_lse(q, k_old, v_old, positions, lat_pos, window=w, visible=old),
+                 attend_with_lse(q, state.recent.k, state.recent.v, positions, state.recent.positions, window=w)]
+        return merge_attention(parts), state
+
+
+def _with_biases(layers: list[dict], params: dict, config) -> list[dict]:
+    """Each layer's factors plus its K/V projection biases where the model has them (Qwen2)."""
+    if not config.qkv_bias:
+        return layers
+    out = []
+    for i, layer in enumerate(layers):
+        attn = params["layers"][i]["attn"]
+        out.append({**layer, "k_bias": np.asarray(attn["k"]["bias"], np.float32),
+                    "v_bias": np.asarray(attn["v"]["bias"], np.float32)})
+    return out
+
+
+def _bias(layer: LayerSpec, params):
+    """The K and V projections' biases (Qwen2), carried in the layer's factor tree."""
+    if "k_bias" in params:
+        return params["k_bias"], params["v_bias"]
+    return None
+
+
+# ------------------------------------------------------------------ calibration: activation statistics
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _InputProbe(CachePolicy):
+    """Records, per layer, the sum of |x| over the real tokens of the attention input (what the
+    K/V projections read) and the count: ASVD's statistics. Attention stays exact (dense)."""
+
+    name = "_cskv_input_probe"
+    wants_layer_input = True
+
+    def capacity(self, max_len):
+        return 1
+
+    def init(self, *, batch, max_len, dtype, layer):
+        return (jnp.zeros((layer.config.hidden_size,), jnp.float32), jnp.zeros((), jnp.float32))
+
+    def prefill(self, state, *, q, k, v, positions, layer, params=None, inputs=None):
+        real = (positions >= 0).astype(jnp.float32)[..., None]
+        total, n = state
+        return total + jnp.sum(jnp.abs(inputs.x.astype(jnp.float32)) * real, axis=(0, 1)), n + jnp.sum(real)
+
+
+def activation_scales(params: dict, config, chunks: np.ndarray) -> np.ndarray:
+    """``[L, D]``: the mean |x| of each layer's attention input over the token ids ``chunks
+    [N, T]`` (one prefill per chunk)."""
+    import jax
+
+    from jaxkv.cache.policy import init_cache
+    from jaxkv.models.llama import forward
+
+    chunks = np.asarray(chunks, np.int32)
+    if chunks.ndim != 2 or chunks.shape[0] < 1 or chunks.shape[1] < 1:
+        raise UserError(f"cskv: calibration chunks must be [N, T] token ids, got shape {chunks.shape}")
+    probe = _InputProbe()
+    pos = jnp.arange(chunks.shape[1])[None]
+    run = jax.jit(lambda p, t, c: forward(p, t, pos, c, config=config, logits_at=jnp.zeros((1,), jnp.int32))[1])
+    total = np.zeros((config.num_layers, config.hidden_size))
+    count = 0.0
+    for row in chunks:
+        cache = run(params, jnp.asarray(row)[None], init_cache(config, probe, batch=1, max_len=1, dtype=jnp.float32))
+        total += np.stack([np.asarray(s[0]) for s in cache.layers])
+        count += float(cache.layers[0][1])
+    return (total / max(count, 1.0)).astype(np.float32)
+
+
+def calibration_chunks(tokenizer, *, n_tokens: int, seq_len: int, text: str | None = None) -> np.ndarray:
+    """``[N, seq_len]`` token ids of calibration text: ``text``, or Python's own reference
+    documentation (``pydoc_data.topics``, shipped with CPython) when None."""
+    if n_tokens < seq_len or seq_len < 2:
+        raise UserError(f"cskv: n_tokens ({n_tokens}) must be at least seq_len ({seq_len}), and seq_len >= 2")
+    if text is None:
+        from pydoc_data.topics import topics
+
+        text = "\n\n".join(topics[k] for k in sorted(topics))
+    ids = np.asarray(tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
+    n = min(n_tokens // seq_len, len(ids) // seq_len)
+    if n < 1:
+        raise UserError(f"cskv: the calibration text has {len(ids)} tokens, fewer than seq_len={seq_len}")
+    return ids[: n * seq_len].reshape(n, seq_len)
