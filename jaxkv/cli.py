@@ -9,6 +9,8 @@
   jaxkv analyze [--model M] --out DIR [--task T] [--length N]
   jaxkv train lm (--model-preset NAME | --model M) --data SRC... --out DIR [--seq-len N]
                  [--batch-size N] [--steps N] [--lr LR] [--seed S] [--save-every N] [--mesh d,f,t]
+  jaxkv train cskv [--model M] --out DIR [--key-density D] [--value-density D] [--calibration FILE]
+                   [--data SRC...] [--steps N] [--lr LR] ...
   jaxkv train default-model --out DIR [--seed S] [--scale F]
   jaxkv eval [--model M] [--methods a,b] [--budgets x,y] [--tasks t,u] [--lengths n,m]
              [--samples N] [--seed S] [--dtype float32|bfloat16] [--json F] [--plot F.png]
@@ -216,6 +218,44 @@ def _cmd_train_lm(args) -> int:
         print(f"step {last['step']}: loss {last['loss']:.4f}; run folder {result.out}")
     else:
         print(f"nothing to do: {result.out} is already at step {result.step} (--steps {args.steps})")
+    return 0
+
+
+def _cmd_train_cskv(args) -> int:
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxkv.checkpoints import load_checkpoint, load_tokenizer, resolve_model
+    from jaxkv.training.config import DataConfig, OptimConfig, TrainConfig
+    from jaxkv.training.cskv import FACTORS_FILE, train_cskv
+    from jaxkv.training.data import load_documents
+    from jaxkv.training.sharding import initialize_distributed, parse_mesh
+
+    initialize_distributed()
+    model = resolve_model(args.model)
+    config, params = load_checkpoint(model, dtype=jnp.float32)
+    tokenizer = load_tokenizer(model)
+    if args.data:
+        docs = load_documents(args.data, tokenizer=tokenizer, vocab_size=config.vocab_size, seed=args.seed)
+    else:  # Python's reference documentation, one document per topic
+        from pydoc_data.topics import topics
+
+        docs = [np.asarray(tokenizer.encode(topics[k]).ids, np.int32) for k in sorted(topics)]
+    result = train_cskv(
+        config, params, docs, key_density=args.key_density, value_density=args.value_density,
+        calibration=args.calibration,
+        optim=OptimConfig(lr=args.lr, schedule=args.schedule, warmup_steps=args.warmup, total_steps=args.steps,
+                          weight_decay=0.0),
+        data=DataConfig(seq_len=args.seq_len),
+        train=TrainConfig(batch_size=args.batch_size, grad_accum=args.grad_accum, steps=args.steps, seed=args.seed,
+                          save_every=args.save_every, keep=args.keep, compute_dtype=args.dtype,
+                          mesh=parse_mesh(args.mesh)),
+        out=args.out, extra_meta={"model": args.model, "data_source": list(args.data or ["pydoc_data.topics"])})
+    last = result.history[-1] if result.history else None
+    note = f"step {last['step']}: reconstruction loss {last['loss']:.5f}; " if last else "nothing to train; "
+    print(f"{note}factors in {result.out / FACTORS_FILE} (use --cache cskv --cache-arg "
+          f"calibration={result.out / FACTORS_FILE} --cache-arg key_density={args.key_density} "
+          f"--cache-arg value_density={args.value_density})")
     return 0
 
 
@@ -427,6 +467,31 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--save-every", type=_positive_int, default=100)
     lm.add_argument("--keep", type=_positive_int, default=3)
     lm.set_defaults(func=_cmd_train_lm, interrupted=lambda a: (
+        f"rerun the same command to resume from the last checkpoint in {a.out}/checkpoints"))
+    ck = tsub.add_parser("cskv", help="fit CSKV's low-rank K/V factors to a frozen model by layer-wise "
+                                      "reconstruction (resumes from --out)")
+    ck.add_argument("--model", default="default", help=MODEL_HELP)
+    ck.add_argument("--out", required=True, help="run folder: checkpoints, metrics, factors.safetensors")
+    ck.add_argument("--key-density", type=_positive_float, default=0.5, help="share of the K channels kept")
+    ck.add_argument("--value-density", type=_positive_float, default=0.5, help="share of the V channels kept")
+    ck.add_argument("--calibration", default=None,
+                    help="a `jaxkv calibrate cskv` file: start from ASVD (default: plain SVD)")
+    ck.add_argument("--data", nargs="+", default=None,
+                    help="text files / globs (default: Python's reference documentation)")
+    ck.add_argument("--seq-len", type=_positive_int, default=512)
+    ck.add_argument("--batch-size", type=_positive_int, default=8)
+    ck.add_argument("--grad-accum", type=_positive_int, default=1)
+    ck.add_argument("--steps", type=_positive_int, default=200)
+    ck.add_argument("--lr", type=float, default=5e-5, help="the paper's 5e-5")
+    ck.add_argument("--schedule", default="cosine", choices=["cosine", "wsd", "constant"])
+    ck.add_argument("--warmup", type=int, default=10)
+    ck.add_argument("--seed", type=_seed, default=0)
+    ck.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                    help="compute dtype of the frozen model")
+    ck.add_argument("--mesh", default="1,1,1", help="data,fsdp,tensor device counts")
+    ck.add_argument("--save-every", type=_positive_int, default=100)
+    ck.add_argument("--keep", type=_positive_int, default=3)
+    ck.set_defaults(func=_cmd_train_cskv, interrupted=lambda a: (
         f"rerun the same command to resume from the last checkpoint in {a.out}/checkpoints"))
     dmp = tsub.add_parser("default-model", help="the recipe of the embedded default model (tokenizer, data, "
                                                 "curriculum, export, scores, model card)")

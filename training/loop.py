@@ -28,7 +28,7 @@ from jaxkv.training.sharding import batch_sharding, make_mesh, state_shardings
 from jaxkv.training.state import TrainState, init_state
 from jaxkv.training.step import make_train_step
 
-__all__ = ["TrainingDiverged", "TrainResult", "train_lm"]
+__all__ = ["TrainingDiverged", "TrainResult", "train_lm", "run_meta", "open_run", "run_steps"]
 
 
 class TrainingDiverged(FloatingPointError):
@@ -52,51 +52,24 @@ def _global_batch(batch: dict, sharding) -> dict:
             for k, v in batch.items()}
 
 
-def train_lm(
-    model_config: LlamaConfig,
-    documents: Sequence[Sequence[int]],
-    *,
-    optim: OptimConfig,
-    data: DataConfig,
-    train: TrainConfig,
-    out: str | Path | None = None,
-    params: dict | None = None,
-    callbacks: Sequence[Callable[[int, dict], None]] = (),
-    extra_meta: dict | None = None,
-    tokenizer=None,
-) -> TrainResult:
-    """Train ``model_config`` on ``documents`` (lists of token ids).
+def run_meta(optim: OptimConfig, data: DataConfig, train: TrainConfig, documents) -> dict:
+    """The settings a run folder records and a resumed run must match (``steps`` may grow)."""
+    meta = {"optim": dataclasses.asdict(optim), "data": dataclasses.asdict(data), "train": dataclasses.asdict(train)}
+    meta["train"]["mesh"] = list(train.mesh)
+    meta["steps"] = meta["train"].pop("steps")
+    meta["optim"].pop("total_steps")
+    meta["data_fingerprint"] = data_fingerprint(documents)
+    return meta
 
-    ``params`` starts from given weights (e.g. a loaded checkpoint) instead of a random init.
-    With ``out``, checkpoints every ``train.save_every`` steps and resumes from the latest one;
-    writes ``metrics.jsonl``, ``metrics.png`` and, at the end, the final weights as an HF
-    checkpoint in ``out/hf`` (with ``tokenizer`` when given), ready for ``jaxkv generate``.
-    ``callbacks(step, metrics)`` run after each step's logging and checkpointing.
-    """
-    mesh = make_mesh(*train.mesh)
-    tx = make_optimizer(optim)
-    schedule = make_schedule(optim)
-    compute_dtype = jnp.bfloat16 if train.compute_dtype == "bfloat16" else jnp.float32
-    batches = Batches(pack_documents(documents, data), batch_size=train.batch_size,
-                      grad_accum=train.grad_accum, seed=train.seed)
 
-    def make_state():
-        p = params if params is not None else init_params(model_config, jax.random.key(train.seed))
-        return init_state(p, tx, train.seed)
-
+def open_run(make_state, *, tx, mesh, out, meta: dict | None, train: TrainConfig):
+    """``(state, start, run, shardings)``: the state sharded over ``mesh``, restored from the
+    latest checkpoint of the run folder ``out`` (locked, its ``meta`` checked) or made fresh
+    by ``make_state``. A run already at ``train.steps`` comes back closed, nothing to train."""
     abstract = jax.eval_shape(make_state)
     shardings = state_shardings(abstract, tx, mesh)
-    bsharding = batch_sharding(mesh)
-
-    run = None
-    start = 0
+    run, start, state = None, 0, None
     if out is not None:
-        meta = {"model": model_config.to_hf(), "optim": dataclasses.asdict(optim),
-                "data": dataclasses.asdict(data), "train": dataclasses.asdict(train), **(extra_meta or {})}
-        meta["train"]["mesh"] = list(train.mesh)
-        meta["steps"] = meta["train"].pop("steps")
-        meta["optim"].pop("total_steps")
-        meta["data_fingerprint"] = data_fingerprint(documents)
         run = RunDir(out, meta, keep=train.keep, may_change=("steps",))
         latest = run.latest_step()
         if latest is not None:
@@ -107,19 +80,22 @@ def train_lm(
     if start == 0:
         state = jax.jit(make_state, out_shardings=shardings)()
     if start >= train.steps:
-        # already trained this far: nothing to train, and run.json keeps the steps it records
+        # run.json keeps the steps it records
         run.close()
-        return TrainResult(state=state, history=[], out=Path(out), step=start)
+        return state, start, run, shardings
     if run is not None:
         run.write_meta()
+    return state, start, run, shardings
 
-    step_fn = jax.jit(make_train_step(model_config, tx, schedule, compute_dtype=compute_dtype),
-                      in_shardings=(shardings, bsharding), out_shardings=(shardings, None),
-                      donate_argnums=0)
+
+def run_steps(step_fn, state, *, start: int, batches: Batches, bsharding, mesh, train: TrainConfig,
+              run: RunDir | None, out, tokens_per_row: int, callbacks=()) -> tuple[TrainState, list[dict]]:
+    """Steps ``start .. train.steps`` of ``step_fn(state, batch) -> (state, metrics)``: logging
+    (``metrics.jsonl``, progress), the divergence check, checkpoints every ``save_every`` and
+    at the end, callbacks; the run folder is closed whatever happens. Shared by every recipe."""
     log = MetricsLog(Path(out) / "metrics.jsonl", resume_step=start) if out is not None else None
     progress = Progress(train.steps, start, enabled=jax.process_index() == 0)
     history: list[dict] = []
-    tokens_per_row = data.seq_len
     try:
         t_last = time.perf_counter()
         for step in range(start, train.steps):
@@ -155,6 +131,54 @@ def train_lm(
             log.close()
         if run is not None:
             run.close()
+    return state, history
+
+
+def train_lm(
+    model_config: LlamaConfig,
+    documents: Sequence[Sequence[int]],
+    *,
+    optim: OptimConfig,
+    data: DataConfig,
+    train: TrainConfig,
+    out: str | Path | None = None,
+    params: dict | None = None,
+    callbacks: Sequence[Callable[[int, dict], None]] = (),
+    extra_meta: dict | None = None,
+    tokenizer=None,
+) -> TrainResult:
+    """Train ``model_config`` on ``documents`` (lists of token ids).
+
+    ``params`` starts from given weights (e.g. a loaded checkpoint) instead of a random init.
+    With ``out``, checkpoints every ``train.save_every`` steps and resumes from the latest one;
+    writes ``metrics.jsonl``, ``metrics.png`` and, at the end, the final weights as an HF
+    checkpoint in ``out/hf`` (with ``tokenizer`` when given), ready for ``jaxkv generate``.
+    ``callbacks(step, metrics)`` run after each step's logging and checkpointing.
+    """
+    mesh = make_mesh(*train.mesh)
+    tx = make_optimizer(optim)
+    schedule = make_schedule(optim)
+    compute_dtype = jnp.bfloat16 if train.compute_dtype == "bfloat16" else jnp.float32
+    batches = Batches(pack_documents(documents, data), batch_size=train.batch_size,
+                      grad_accum=train.grad_accum, seed=train.seed)
+
+    def make_state():
+        p = params if params is not None else init_params(model_config, jax.random.key(train.seed))
+        return init_state(p, tx, train.seed)
+
+    meta = None
+    if out is not None:
+        meta = {"model": model_config.to_hf(), **run_meta(optim, data, train, documents), **(extra_meta or {})}
+    state, start, run, shardings = open_run(make_state, tx=tx, mesh=mesh, out=out, meta=meta, train=train)
+    if start >= train.steps:  # already trained this far: nothing to train
+        return TrainResult(state=state, history=[], out=Path(out), step=start)
+    bsharding = batch_sharding(mesh)
+
+    step_fn = jax.jit(make_train_step(model_config, tx, schedule, compute_dtype=compute_dtype),
+                      in_shardings=(shardings, bsharding), out_shardings=(shardings, None),
+                      donate_argnums=0)
+    state, history = run_steps(step_fn, state, start=start, batches=batches, bsharding=bsharding, mesh=mesh,
+                               train=train, run=run, out=out, tokens_per_row=data.seq_len, callbacks=callbacks)
     if out is not None and jax.process_index() == 0:
         plot_metrics(Path(out) / "metrics.jsonl", Path(out) / "metrics.png")
         save_checkpoint(Path(out) / "hf", model_config, jax.device_get(state.params),

@@ -35,25 +35,29 @@ def lm_loss(params, batch: dict, *, config: LlamaConfig, compute_dtype) -> tuple
 
 
 def make_train_step(config: LlamaConfig, tx: optax.GradientTransformation, schedule, *,
-                    compute_dtype=jnp.bfloat16):
-    """``step(state, batch) -> (state, metrics)``; ``batch`` arrays are ``[accum, b, T]``."""
+                    compute_dtype=jnp.bfloat16, loss=None):
+    """``step(state, batch, *frozen) -> (state, metrics)``; ``batch`` arrays are ``[accum, b, T]``.
 
-    def step(state: TrainState, batch: dict):
+    ``loss(params, micro_batch, *frozen) -> (sum, count)`` defaults to ``lm_loss``; ``frozen``
+    are arguments the loss reads but does not train (e.g. a frozen base model's weights)."""
+    if loss is None:
+        def loss(p, mb):
+            return lm_loss(p, mb, config=config, compute_dtype=compute_dtype)
+
+    def step(state: TrainState, batch: dict, *frozen):
         def micro(carry, mb):
-            grads, loss, count = carry
-            (l, n), g = jax.value_and_grad(
-                lambda p: lm_loss(p, mb, config=config, compute_dtype=compute_dtype), has_aux=True
-            )(state.params)
-            return (jax.tree.map(jnp.add, grads, g), loss + l, count + n), None
+            grads, loss_sum, count = carry
+            (l, n), g = jax.value_and_grad(lambda p: loss(p, mb, *frozen), has_aux=True)(state.params)
+            return (jax.tree.map(jnp.add, grads, g), loss_sum + l, count + n), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (grads, loss, count), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.float32(0)), batch)
+        (grads, loss_sum, count), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.float32(0)), batch)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
-        metrics = {"loss": loss / denom, "tokens": count, "grad_norm": optax.tree.norm(grads),
+        metrics = {"loss": loss_sum / denom, "tokens": count, "grad_norm": optax.tree.norm(grads),
                    "lr": schedule(state.step)}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
 

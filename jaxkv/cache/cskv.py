@@ -308,46 +308,33 @@ def _bias(layer: LayerSpec, params):
 
 
 # ------------------------------------------------------------------ calibration: activation statistics
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class _InputProbe(CachePolicy):
-    """Records, per layer, the sum of |x| over the real tokens of the attention input (what the
-    K/V projections read) and the count: ASVD's statistics. Attention stays exact (dense)."""
-
-    name = "_cskv_input_probe"
-    wants_layer_input = True
-
-    def capacity(self, max_len):
-        return 1
-
-    def init(self, *, batch, max_len, dtype, layer):
-        return (jnp.zeros((layer.config.hidden_size,), jnp.float32), jnp.zeros((), jnp.float32))
-
-    def prefill(self, state, *, q, k, v, positions, layer, params=None, inputs=None):
-        real = (positions >= 0).astype(jnp.float32)[..., None]
-        total, n = state
-        return total + jnp.sum(jnp.abs(inputs.x.astype(jnp.float32)) * real, axis=(0, 1)), n + jnp.sum(real)
-
-
-def activation_scales(params: dict, config, chunks: np.ndarray) -> np.ndarray:
-    """``[L, D]``: the mean |x| of each layer's attention input over the token ids ``chunks
-    [N, T]`` (one prefill per chunk)."""
+def activation_scales(params: dict, config, chunks: np.ndarray, *, batch: int = 4) -> np.ndarray:
+    """``[L, D]``: the mean |x| of each layer's attention input (``attention_inputs``) over the
+    token ids ``chunks [N, T]``."""
     import jax
 
-    from jaxkv.cache.policy import init_cache
-    from jaxkv.models.llama import forward
+    from jaxkv.models.llama import attention_inputs
 
     chunks = np.asarray(chunks, np.int32)
     if chunks.ndim != 2 or chunks.shape[0] < 1 or chunks.shape[1] < 1:
         raise UserError(f"cskv: calibration chunks must be [N, T] token ids, got shape {chunks.shape}")
-    probe = _InputProbe()
-    pos = jnp.arange(chunks.shape[1])[None]
-    run = jax.jit(lambda p, t, c: forward(p, t, pos, c, config=config, logits_at=jnp.zeros((1,), jnp.int32))[1])
-    total = np.zeros((config.num_layers, config.hidden_size))
-    count = 0.0
-    for row in chunks:
-        cache = run(params, jnp.asarray(row)[None], init_cache(config, probe, batch=1, max_len=1, dtype=jnp.float32))
-        total += np.stack([np.asarray(s[0]) for s in cache.layers])
-        count += float(cache.layers[0][1])
+    t = chunks.shape[1]
+
+    @jax.jit
+    def sums(tokens, positions):
+        real = (positions >= 0).astype(jnp.float32)[..., None]
+        xs = attention_inputs(params, tokens, positions, config=config, compute_dtype=jnp.float32)
+        return jnp.stack([jnp.sum(jnp.abs(x.astype(jnp.float32)) * real, axis=(0, 1)) for x in xs]), jnp.sum(real)
+
+    total, count = np.zeros((config.num_layers, config.hidden_size)), 0.0
+    for i in range(0, chunks.shape[0], batch):
+        rows = np.zeros((batch, t), np.int32)
+        part = chunks[i:i + batch]
+        rows[: len(part)] = part
+        pos = np.where(np.arange(batch)[:, None] < len(part), np.arange(t)[None], -1).astype(np.int32)
+        s, n = sums(jnp.asarray(rows), jnp.asarray(pos))
+        total += np.asarray(s)
+        count += float(n)
     return (total / max(count, 1.0)).astype(np.float32)
 
 

@@ -158,6 +158,23 @@ class LlamaForCausalLM(nnx.Module):
         return logits.astype(jnp.float32), cache
 
 
+def attention_inputs(params: dict, tokens: Array, positions: Array, *, config: LlamaConfig,
+                     segment_ids: Array | None = None, compute_dtype=None) -> list[Array]:
+    """Each layer's attention input ``[B, T, D]`` (the residual stream after ``attn_norm``: what
+    the q/k/v projections read) in a cache-free forward; what CSKV calibrates and trains on."""
+    if compute_dtype is None:
+        compute_dtype = params["embed"]["embedding"].dtype
+    model = nnx.merge(_graphdef(config), params)
+    cos, sin = rope_angles(positions, rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling))
+    x = model.embed(jnp.where(positions >= 0, tokens, 0), compute_dtype)
+    out = []
+    for layer in model.layers:
+        out.append(layer.attn_norm(x))
+        x, _ = layer(x, positions, cos, sin, layer_cache=None, policy=None, params=None, layer=None, phase=None,
+                     segment_ids=segment_ids)
+    return out
+
+
 @functools.lru_cache(maxsize=32)
 def _graphdef(config: LlamaConfig):
     model = nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
