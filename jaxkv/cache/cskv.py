@@ -261,29 +261,42 @@ class CSKVCache(CachePolicy):
 
     def rebuild(self, state: CSKVState, layer: LayerSpec, inputs: LayerInput, params) -> tuple[Array, Array]:
         """Keys and values of every slot from the latents, ``[B, K, S, H]`` (keys rotated to their
-        positions)."""
+        positions). Attention rebuilds only the keys (``append`` applies ``v_up`` after the
+        weighted sum); this is the reference of both."""
+        b, s, _ = state.k_latent.shape
+        kh, h = layer.num_kv_heads, layer.head_dim
+        v = (state.v_latent.astype(jnp.float32) @ params["v_up"]).reshape(b, s, kh, h)
+        if "v_bias" in params:
+            v = v + params["v_bias"].reshape(kh, h)
+        return self.rebuild_keys(state, layer, inputs, params), v.astype(state.recent.v.dtype).transpose(0, 2, 1, 3)
+
+    def rebuild_keys(self, state: CSKVState, layer: LayerSpec, inputs: LayerInput, params) -> Array:
         b, s, _ = state.k_latent.shape
         kh, h = layer.num_kv_heads, layer.head_dim
         k = (state.k_latent.astype(jnp.float32) @ params["k_up"]).reshape(b, s, kh, h)
-        v = (state.v_latent.astype(jnp.float32) @ params["v_up"]).reshape(b, s, kh, h)
-        attn = _bias(layer, params)
-        if attn is not None:
-            k, v = k + attn[0].reshape(kh, h), v + attn[1].reshape(kh, h)
+        if "k_bias" in params:
+            k = k + params["k_bias"].reshape(kh, h)
         k = inputs.rope(k, jnp.maximum(state.positions, 0))
-        dtype = state.recent.k.dtype
-        return k.astype(dtype).transpose(0, 2, 1, 3), v.astype(dtype).transpose(0, 2, 1, 3)
+        return k.astype(state.recent.k.dtype).transpose(0, 2, 1, 3)
 
     def append(self, state, *, q, k, v, positions, phase, layer, params=None, inputs=None):
         state = self._write(state, k, v, positions, inputs, params)
-        k_old, v_old = self.rebuild(state, layer, inputs, params)
-        kh = layer.num_kv_heads
-        lat_pos = jnp.broadcast_to(state.positions[:, None, :], (state.positions.shape[0], kh, state.positions.shape[1]))
+        kh, h = layer.num_kv_heads, layer.head_dim
+        b, s, rv = state.v_latent.shape
+        lat_pos = jnp.broadcast_to(state.positions[:, None, :], (b, kh, s))
         # old: every latent slot the exact ring does not hold
         ring_start = jnp.min(jnp.where(state.recent.positions >= 0, state.recent.positions, jnp.iinfo(jnp.int32).max),
                              axis=2, keepdims=True)  # [B, K, 1]
         old = (lat_pos >= 0) & (lat_pos < ring_start)
         w = layer.sliding_window
-        parts = [attend_with_lse(q, k_old, v_old, positions, lat_pos, window=w, visible=old),
+        # values stay latent through the weighted sum: sum_s p_s (lat_s @ up) = (sum_s p_s lat_s) @ up
+        lat_v = jnp.broadcast_to(state.v_latent[:, None], (b, kh, s, rv))
+        out_lat, lse = attend_with_lse(q, self.rebuild_keys(state, layer, inputs, params), lat_v, positions, lat_pos,
+                                       window=w, visible=old)
+        out_old = jnp.einsum("BTKGr,rKH->BTKGH", out_lat.astype(jnp.float32), params["v_up"].reshape(rv, kh, h))
+        if "v_bias" in params:
+            out_old = out_old + params["v_bias"].reshape(kh, h)
+        parts = [(out_old.astype(q.dtype), lse),
                  attend_with_lse(q, state.recent.k, state.recent.v, positions, state.recent.positions, window=w)]
         return merge_attention(parts), state
 
@@ -300,11 +313,6 @@ def _with_biases(layers: list[dict], params: dict, config) -> list[dict]:
     return out
 
 
-def _bias(layer: LayerSpec, params):
-    """The K and V projections' biases (Qwen2), carried in the layer's factor tree."""
-    if "k_bias" in params:
-        return params["k_bias"], params["v_bias"]
-    return None
 
 
 # ------------------------------------------------------------------ calibration: activation statistics
