@@ -191,9 +191,20 @@ def test_query_threshold_hand_worked_and_its_share():
             assert abs(passed / total - keep) < 0.01, (keep, passed / total)
 
 
+def test_global_threshold_is_numpys_quantile_over_the_valid_keys():
+    rng = np.random.default_rng(1)
+    est = [jnp.asarray(rng.random((2, 3, 17)), jnp.float32), jnp.asarray(rng.random((2, 3, 17)), jnp.float32)]
+    valid = [jnp.asarray(rng.random((2, 3, 17)) > 0.3), jnp.asarray(rng.random((2, 3, 17)) > 0.6)]
+    for keep in (0.1, 0.3, 0.5):
+        got = np.asarray(sq.global_threshold(est, valid, keep))
+        for row in range(2):
+            vals = np.concatenate([np.asarray(e[row])[np.asarray(v[row])] for e, v in zip(est, valid)])
+            assert got[row] == pytest.approx(np.quantile(vals, 1 - keep), rel=1e-6)
+
+
 def test_decode_steps_use_the_per_query_threshold(tiny_model):
-    """decode_calibration='query' (default) sets a decode threshold of its own; 'mean' reuses the
-    extend threshold; the transient calibration weights are gone after the prefill."""
+    """decode_calibration='query' sets a decode threshold of its own; 'mean' (the default, the
+    paper's) reuses the extend threshold; the transient calibration weights are gone after the prefill."""
     config, params = tiny_model
     n = 200
     tokens = jax.random.randint(jax.random.key(1), (1, n), 3, config.vocab_size)
