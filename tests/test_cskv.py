@@ -197,3 +197,54 @@ def test_training_lowers_the_loss_resumes_exactly_and_its_factors_load(tiny_mode
              "segment_ids": jnp.zeros((2, 16), jnp.int32)}
     total, n = reconstruction_loss({"layers": full.layers}, params, batch, config=config, compute_dtype=jnp.float32)
     assert float(n) == 32 and float(total) < 1e-8
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_quantized_latents_hold_their_analytic_bytes(tiny_model, bits):
+    from jaxkv.cache import LayerSpec
+
+    config, params = tiny_model
+    pol = CSKVCache(key_density=0.5, value_density=0.25, bits=bits, group=8, window=8).prepare(params, config)
+    for max_len in (40, 37):
+        cache = init_cache(config, pol, batch=2, max_len=max_len, dtype=jnp.bfloat16)
+        expected = sum(pol.expected_nbytes(batch=2, max_len=max_len, dtype=jnp.bfloat16, layer=LayerSpec(i, config))
+                       for i in range(config.num_layers))
+        leaves = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache.layers))
+        assert cache.nbytes == expected == leaves
+    plain = init_cache(config, dataclasses.replace(pol, bits=None), batch=2, max_len=40, dtype=jnp.bfloat16).nbytes
+    assert init_cache(config, pol, batch=2, max_len=40, dtype=jnp.bfloat16).nbytes < plain
+
+
+def test_quantized_latents_round_trip_within_half_a_step(parity_models):
+    """Prefill 12, extend 5, decode the rest (groups of 4 sealed in all three phases): every
+    sealed key group and every value of layer 0 (whose input both runs share) decodes within
+    half its step of the unquantized latents; 8-bit codes change the logits far less than 2-bit."""
+    config, params, e = parity_models["llama3"]
+    seq = _sequence(e)
+    base = CSKVCache(key_density=0.5, value_density=0.5, window=4, group=4).prepare(params, config)
+    ref, fp = _run(config, params, seq, base)
+    n = seq.shape[1]
+    from jaxkv.cache import LayerSpec
+
+    errs = {}
+    for bits in (8, 2):
+        pol = dataclasses.replace(base, bits=bits)
+        got, cache = _run(config, params, seq, pol)
+        for i in range(1):  # layer 0's input is the embedding: the same in both runs
+            spec = LayerSpec(i, config)
+            k, v = pol.latents(cache.layers[i], spec)
+            want_k, want_v = np.asarray(fp.layers[i].k_latent), np.asarray(fp.layers[i].v_latent)
+            kc, vc = cache.layers[i].k_latent, cache.layers[i].v_latent
+            sealed = (n // 4) * 4
+            k_step = np.repeat(np.asarray(kc.scale, np.float32), 4, axis=1)[:, :sealed]
+            assert np.all(np.abs(np.asarray(k)[:, :sealed] - want_k[:, :sealed]) <= k_step / 2 + 1e-3)
+            v_step = np.asarray(vc.scale, np.float32)[:, :n]
+            assert np.all(np.abs(np.asarray(v)[:, :n] - want_v[:, :n]) <= v_step / 2 + 1e-3)
+        errs[bits] = float(np.abs(np.asarray(got - ref))[0, 12:].max())
+    assert 0 < errs[8] < 0.1 * errs[2]  # 8-bit codes: 64x finer steps than 2-bit
+
+
+@pytest.mark.parametrize("kwargs, field", [({"bits": 5}, "bits"), ({"bits": 4, "group": 64}, "group")])
+def test_bad_quantization_settings_name_the_argument(kwargs, field):
+    with pytest.raises(UserError, match=field):
+        CSKVCache(**kwargs)

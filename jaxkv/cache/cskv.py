@@ -20,8 +20,11 @@ a calibration file that holds trained factors (``jaxkv train cskv``) is used as 
 
 Deviations: the prompt's own attention is exact (the compressed keys serve later queries only,
 as every other policy here); an extend chunk longer than ``window`` reads its own earlier
-tokens from their latents; the latent is stored in the cache dtype (its optional low-bit
-quantization is a later step).
+tokens from their latents.
+
+Quantization (``bits``): the latents as packed low-bit codes, keys per channel in groups of
+``group`` tokens (quantized once a group is complete; its tokens are read from the exact window
+until then), values per token, scales and zeros in fp16; real bytes, decoded at attention.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
@@ -36,10 +40,11 @@ from flax import struct
 from jaxkv.attention import attend_with_lse, merge_attention
 from jaxkv.cache.kv import KVCache
 from jaxkv.cache.policy import CachePolicy, LayerInput, LayerSpec, check_ints, register_policy
+from jaxkv.cache.quant import packed_length, quantize, unpack
 from jaxkv.errors import UserError
 from jaxkv.typing import Array
 
-__all__ = ["CSKVCache", "CSKVState", "CSKVFactors", "svd_factors", "init_factors", "rank_for",
+__all__ = ["CSKVCache", "CSKVState", "KeyCodes", "ValueCodes", "CSKVFactors", "svd_factors", "init_factors", "rank_for",
            "CALIBRATION_METHOD", "INITS"]
 
 CALIBRATION_METHOD = "cskv"
@@ -123,13 +128,37 @@ class CSKVFactors:
 
 
 @struct.dataclass
-class CSKVState:
-    """One layer: ``k_latent [B, S, r_k]``, ``v_latent [B, S, r_v]`` (slot = position),
-    ``positions [B, S]`` (-1: empty), ``recent`` the exact last ``window`` tokens (a ring,
-    ``KVCache [B, K, W, H]``)."""
+class KeyCodes:
+    """Key latents at ``bits`` bits, per channel in groups of ``group`` slots (KIVI's layout for
+    keys): ``codes [B, S, packed r_k]`` (uint8), ``scale, zero [B, S / group, r_k]`` (fp16).
+    A group is quantized once all its tokens are in (sealed); until then its latents wait in
+    ``tail [B, group, r_k]`` (slot = position % group). The unsealed slots are always inside the
+    exact window (``group <= window``), so attention never reads their codes."""
 
-    k_latent: Array
-    v_latent: Array
+    codes: Array
+    scale: Array
+    zero: Array
+    tail: Array
+
+
+@struct.dataclass
+class ValueCodes:
+    """Value latents at ``bits`` bits, per token: ``codes [B, S, packed r_v]``, ``scale, zero
+    [B, S, 1]`` (fp16)."""
+
+    codes: Array
+    scale: Array
+    zero: Array
+
+
+@struct.dataclass
+class CSKVState:
+    """One layer: ``k_latent [B, S, r_k]``, ``v_latent [B, S, r_v]`` (slot = position; with
+    ``bits``, ``KeyCodes`` and ``ValueCodes``), ``positions [B, S]`` (-1: empty), ``recent`` the
+    exact last ``window`` tokens (a ring, ``KVCache [B, K, W, H]``)."""
+
+    k_latent: "Array | KeyCodes"
+    v_latent: "Array | ValueCodes"
     positions: Array
     recent: KVCache
 
@@ -149,6 +178,8 @@ class CSKVCache(CachePolicy):
     alpha: float = 0.5          # ASVD's exponent on mean |x|
     calibration: str | None = None  # `jaxkv calibrate cskv` (statistics) or `jaxkv train cskv` (factors)
     seed: int = 0
+    bits: int | None = None     # 2/3/4/8: latents as packed codes (keys per channel, values per token)
+    group: int = 32             # with bits: tokens sharing a key scale (<= window)
     factors: CSKVFactors | None = None  # set by prepare
 
     def __post_init__(self):
@@ -157,7 +188,12 @@ class CSKVCache(CachePolicy):
             d = getattr(self, f)
             if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d <= 1:
                 raise UserError(f"cskv: {f} must be in (0, 1], got {d!r}")
-        check_ints("cskv", self, {"window": 1, "seed": 0})
+        check_ints("cskv", self, {"window": 1, "seed": 0, "group": 1})
+        if self.bits is not None and (isinstance(self.bits, bool) or self.bits not in (2, 3, 4, 8)):
+            raise UserError(f"cskv: bits must be 2, 3, 4 or 8, got {self.bits!r}")
+        if self.bits is not None and self.group > self.window:
+            raise UserError(f"cskv: group ({self.group}) must be at most window ({self.window}): a key group is "
+                            "quantized once complete, and until then its tokens are read from the exact window")
         if self.decomposition is not None and self.decomposition not in INITS:
             raise UserError(f"cskv: decomposition must be one of {', '.join(INITS)}, got {self.decomposition!r}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 2:
@@ -212,25 +248,92 @@ class CSKVCache(CachePolicy):
     def ranks(self, layer: LayerSpec) -> tuple[int, int]:
         return rank_for(self.key_density, layer.config), rank_for(self.value_density, layer.config)
 
+    def slots(self, max_len: int) -> int:
+        """Latent slots: ``max_len``, rounded up to whole key groups when quantized."""
+        return max_len if self.bits is None else -(-max_len // self.group) * self.group
+
     def init(self, *, batch, max_len, dtype, layer):
         rk, rv = self.ranks(layer)
-        w = min(self.window, max_len)
-        return CSKVState(k_latent=jnp.zeros((batch, max_len, rk), dtype), v_latent=jnp.zeros((batch, max_len, rv), dtype),
-                         positions=jnp.full((batch, max_len), -1, jnp.int32),
+        w, s = min(self.window, max_len), self.slots(max_len)
+        if self.bits is None:
+            k_lat, v_lat = jnp.zeros((batch, s, rk), dtype), jnp.zeros((batch, s, rv), dtype)
+        else:
+            n_g = s // self.group
+            k_lat = KeyCodes(codes=jnp.zeros((batch, s, packed_length(rk, self.bits)), jnp.uint8),
+                             scale=jnp.zeros((batch, n_g, rk), jnp.float16), zero=jnp.zeros((batch, n_g, rk), jnp.float16),
+                             tail=jnp.zeros((batch, self.group, rk), dtype))
+            v_lat = ValueCodes(codes=jnp.zeros((batch, s, packed_length(rv, self.bits)), jnp.uint8),
+                               scale=jnp.zeros((batch, s, 1), jnp.float16), zero=jnp.zeros((batch, s, 1), jnp.float16))
+        return CSKVState(k_latent=k_lat, v_latent=v_lat, positions=jnp.full((batch, s), -1, jnp.int32),
                          recent=KVCache.empty(batch=batch, num_kv_heads=layer.num_kv_heads, slots=w,
                                               head_dim=layer.head_dim, dtype=dtype))
 
     def expected_nbytes(self, *, batch, max_len, dtype, layer):
         rk, rv = self.ranks(layer)
         item = jnp.dtype(dtype).itemsize
-        w = min(self.window, max_len)
+        w, s = min(self.window, max_len), self.slots(max_len)
         recent = batch * layer.num_kv_heads * w * (2 * layer.head_dim * item + 4)
-        return batch * max_len * ((rk + rv) * item + 4) + recent
+        if self.bits is None:
+            return batch * s * ((rk + rv) * item + 4) + recent
+        keys = batch * (s * packed_length(rk, self.bits) + 2 * (s // self.group) * rk * 2 + self.group * rk * item)
+        values = batch * s * (packed_length(rv, self.bits) + 2 * 2)
+        return keys + values + batch * s * 4 + recent
 
     def attended_keys(self, state):
         return jnp.sum(state.positions >= 0, axis=1).astype(jnp.float32) * state.recent.k.shape[1]
 
-    def _write(self, state: CSKVState, k, v, positions, inputs: LayerInput, params) -> CSKVState:
+    def _seal_prompt(self, kc: KeyCodes, lat: Array, positions: Array) -> KeyCodes:
+        """A prompt's keys (positions 0, 1, ... per row): every group quantized per channel; the
+        group holding each row's next position (incomplete) also waits in the tail."""
+        b, t, r = lat.shape
+        g = self.group
+        tp = -(-t // g) * g
+        groups = jnp.pad(lat, ((0, 0), (0, tp - t), (0, 0))).reshape(b, tp // g, g, r)
+        q = quantize(groups, self.bits, axis=2)
+        codes = jax.lax.dynamic_update_slice(kc.codes, q.codes.reshape(b, tp, -1), (0, 0, 0))
+        scale = jax.lax.dynamic_update_slice(kc.scale, q.scale[:, :, 0], (0, 0, 0))
+        zero = jax.lax.dynamic_update_slice(kc.zero, q.zero[:, :, 0], (0, 0, 0))
+        n = jnp.sum(positions >= 0, axis=1)  # the next position per row
+        nxt = jnp.minimum(n // g, tp // g - 1)
+        tail = jnp.take_along_axis(groups, nxt[:, None, None, None], axis=1)[:, 0]
+        tail = jnp.where((n // g < tp // g)[:, None, None], tail, 0.0).astype(kc.tail.dtype)
+        return KeyCodes(codes=codes, scale=scale, zero=zero, tail=tail)
+
+    def _seal_chunk(self, kc: KeyCodes, lat: Array, positions: Array) -> KeyCodes:
+        """A chunk after the prompt, token by token (a scan: a group completes at most once per
+        token): each latent joins the tail; a tail that completes its group is quantized."""
+        s, g = kc.codes.shape[1], self.group
+        rows = jnp.arange(lat.shape[0])
+
+        def step(kc, xs):
+            lat_t, pos_t = xs  # [B, r], [B]
+            real = (pos_t >= 0) & (pos_t < s)
+            j = jnp.where(real, pos_t % g, g)
+            tail = kc.tail.at[rows, j].set(lat_t.astype(kc.tail.dtype), mode="drop")
+            seal = real & (pos_t % g == g - 1)
+            q = quantize(tail, self.bits, axis=1)  # [B, G, packed], scale [B, 1, r]
+            grp = jnp.where(seal, pos_t // g, s // g)
+            slot = jnp.where(seal[:, None], grp[:, None] * g + jnp.arange(g), s)
+            return KeyCodes(codes=kc.codes.at[rows[:, None], slot].set(q.codes, mode="drop"),
+                            scale=kc.scale.at[rows, grp].set(q.scale[:, 0], mode="drop"),
+                            zero=kc.zero.at[rows, grp].set(q.zero[:, 0], mode="drop"), tail=tail), None
+
+        kc, _ = jax.lax.scan(step, kc, (lat.transpose(1, 0, 2), positions.T))
+        return kc
+
+    def latents(self, state: CSKVState, layer: LayerSpec) -> tuple[Array, Array]:
+        """The stored key and value latents, ``[B, S, r]`` fp32 (decoded when quantized; the
+        codes of unsealed key groups are garbage, and never read: they are in the window)."""
+        if self.bits is None:
+            return state.k_latent.astype(jnp.float32), state.v_latent.astype(jnp.float32)
+        rk, rv = self.ranks(layer)
+        kc, vc = state.k_latent, state.v_latent
+        per_slot = lambda a: jnp.repeat(a.astype(jnp.float32), self.group, axis=1)  # noqa: E731
+        k = unpack(kc.codes, self.bits, rk).astype(jnp.float32) * per_slot(kc.scale) + per_slot(kc.zero)
+        v = unpack(vc.codes, self.bits, rv).astype(jnp.float32) * vc.scale.astype(jnp.float32) + vc.zero.astype(jnp.float32)
+        return k, v
+
+    def _write(self, state: CSKVState, k, v, positions, inputs: LayerInput, params, prefill: bool = False) -> CSKVState:
         if params is None or inputs is None:
             raise UserError("cskv: the layer's factors and input are missing (make the cache with init_cache "
                             "from a prepared cskv policy)")
@@ -241,39 +344,53 @@ class CSKVCache(CachePolicy):
         x = inputs.x.astype(jnp.float32)
         slots = jnp.where((positions >= 0) & (positions < s), positions, s)
         b = jnp.arange(k.shape[0])[:, None]
-        k_lat = (x @ params["k_down"]).astype(state.k_latent.dtype)
-        v_lat = (x @ params["v_down"]).astype(state.v_latent.dtype)
-        state = state.replace(
-            k_latent=state.k_latent.at[b, slots].set(k_lat, mode="drop"),
-            v_latent=state.v_latent.at[b, slots].set(v_lat, mode="drop"),
-            positions=state.positions.at[b, slots].set(positions, mode="drop"))
+        k_lat, v_lat = x @ params["k_down"], x @ params["v_down"]
+        if self.bits is None:
+            k_store = state.k_latent.at[b, slots].set(k_lat.astype(state.k_latent.dtype), mode="drop")
+            v_store = state.v_latent.at[b, slots].set(v_lat.astype(state.v_latent.dtype), mode="drop")
+        else:
+            qv = quantize(v_lat, self.bits, axis=-1)  # per token
+            vc = state.v_latent
+            v_store = ValueCodes(codes=vc.codes.at[b, slots].set(qv.codes, mode="drop"),
+                                 scale=vc.scale.at[b, slots].set(qv.scale, mode="drop"),
+                                 zero=vc.zero.at[b, slots].set(qv.zero, mode="drop"))
+            k_store = (self._seal_prompt if prefill else self._seal_chunk)(state.k_latent, k_lat, positions)
+        state = state.replace(k_latent=k_store, v_latent=v_store,
+                              positions=state.positions.at[b, slots].set(positions, mode="drop"))
+        if self.bits is not None and prefill:  # the prompt's key groups are cut by index
+            from jaxkv.attention import contiguous_layout
+
+            starts = jnp.all((positions[:, 0] == 0) | (positions[:, 0] < 0))
+            lost_layout = ~(contiguous_layout(positions) & starts)
+        else:
+            lost_layout = False
         # the exact ring: the chunk's last `window` tokens (earlier ones would collide in the ring)
         w = state.recent.num_slots
         last = jnp.max(positions, axis=1, keepdims=True)
         keep = (positions >= 0) & (positions > last - w)
         recent = state.recent.write(k, v, positions, state.recent.slot_or_drop(positions % w, keep))
-        lost = jnp.any(positions >= s, axis=1)  # a row that lost a token says so (NaN), as `full`
+        lost = jnp.any(positions >= s, axis=1) | lost_layout  # a row that lost a token says so (NaN), as `full`
         recent = recent.poison(lost)
         return state.replace(recent=recent)
 
     def prefill(self, state, *, q, k, v, positions, layer, params=None, inputs=None):
-        return self._write(state, k, v, positions, inputs, params)
+        return self._write(state, k, v, positions, inputs, params, prefill=True)
 
     def rebuild(self, state: CSKVState, layer: LayerSpec, inputs: LayerInput, params) -> tuple[Array, Array]:
         """Keys and values of every slot from the latents, ``[B, K, S, H]`` (keys rotated to their
         positions). Attention rebuilds only the keys (``append`` applies ``v_up`` after the
         weighted sum); this is the reference of both."""
-        b, s, _ = state.k_latent.shape
+        b, s = state.positions.shape
         kh, h = layer.num_kv_heads, layer.head_dim
-        v = (state.v_latent.astype(jnp.float32) @ params["v_up"]).reshape(b, s, kh, h)
+        v = (self.latents(state, layer)[1] @ params["v_up"]).reshape(b, s, kh, h)
         if "v_bias" in params:
             v = v + params["v_bias"].reshape(kh, h)
         return self.rebuild_keys(state, layer, inputs, params), v.astype(state.recent.v.dtype).transpose(0, 2, 1, 3)
 
     def rebuild_keys(self, state: CSKVState, layer: LayerSpec, inputs: LayerInput, params) -> Array:
-        b, s, _ = state.k_latent.shape
+        b, s = state.positions.shape
         kh, h = layer.num_kv_heads, layer.head_dim
-        k = (state.k_latent.astype(jnp.float32) @ params["k_up"]).reshape(b, s, kh, h)
+        k = (self.latents(state, layer)[0] @ params["k_up"]).reshape(b, s, kh, h)
         if "k_bias" in params:
             k = k + params["k_bias"].reshape(kh, h)
         k = inputs.rope(k, jnp.maximum(state.positions, 0))
@@ -282,7 +399,8 @@ class CSKVCache(CachePolicy):
     def append(self, state, *, q, k, v, positions, phase, layer, params=None, inputs=None):
         state = self._write(state, k, v, positions, inputs, params)
         kh, h = layer.num_kv_heads, layer.head_dim
-        b, s, rv = state.v_latent.shape
+        v_latent = self.latents(state, layer)[1]
+        b, s, rv = v_latent.shape
         lat_pos = jnp.broadcast_to(state.positions[:, None, :], (b, kh, s))
         # old: every latent slot the exact ring does not hold
         ring_start = jnp.min(jnp.where(state.recent.positions >= 0, state.recent.positions, jnp.iinfo(jnp.int32).max),
@@ -290,7 +408,7 @@ class CSKVCache(CachePolicy):
         old = (lat_pos >= 0) & (lat_pos < ring_start)
         w = layer.sliding_window
         # values stay latent through the weighted sum: sum_s p_s (lat_s @ up) = (sum_s p_s lat_s) @ up
-        lat_v = jnp.broadcast_to(state.v_latent[:, None], (b, kh, s, rv))
+        lat_v = jnp.broadcast_to(v_latent.astype(state.recent.v.dtype)[:, None], (b, kh, s, rv))
         out_lat, lse = attend_with_lse(q, self.rebuild_keys(state, layer, inputs, params), lat_v, positions, lat_pos,
                                        window=w, visible=old)
         out_old = jnp.einsum("BTKGr,rKH->BTKGH", out_lat.astype(jnp.float32), params["v_up"].reshape(rv, kh, h))
@@ -319,8 +437,6 @@ def _with_biases(layers: list[dict], params: dict, config) -> list[dict]:
 def activation_scales(params: dict, config, chunks: np.ndarray, *, batch: int = 4) -> np.ndarray:
     """``[L, D]``: the mean |x| of each layer's attention input (``attention_inputs``) over the
     token ids ``chunks [N, T]``."""
-    import jax
-
     from jaxkv.models.llama import attention_inputs
 
     chunks = np.asarray(chunks, np.int32)
