@@ -33,9 +33,14 @@ class CalibrationError(UserError):
 
 def model_fingerprint(config, params) -> str:
     """A short hash of the architecture and the embedding weights: two checkpoints share it only
-    if they are the same model (fine-tunes change the embeddings too)."""
+    if they are the same model (fine-tunes change the embeddings too). The weights are hashed at
+    bfloat16 precision, so one model loaded in float32 or bfloat16 has one fingerprint (a
+    calibration made at one dtype serves the other)."""
+    import jax.numpy as jnp
+
     h = hashlib.sha256(json.dumps(config.to_hf(), sort_keys=True).encode())
-    h.update(np.ascontiguousarray(np.asarray(params["embed"]["embedding"], np.float32)).tobytes())
+    emb = jnp.asarray(params["embed"]["embedding"]).astype(jnp.bfloat16)
+    h.update(np.ascontiguousarray(np.asarray(emb).view(np.uint16)).tobytes())
     return h.hexdigest()[:32]
 
 

@@ -248,3 +248,14 @@ def test_quantized_latents_round_trip_within_half_a_step(parity_models):
 def test_bad_quantization_settings_name_the_argument(kwargs, field):
     with pytest.raises(UserError, match=field):
         CSKVCache(**kwargs)
+
+
+def test_a_calibration_serves_the_model_at_either_dtype(tiny_model):
+    from jaxkv.calibration import model_fingerprint
+
+    config, params = tiny_model
+    bf16 = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), params)
+    assert model_fingerprint(config, params) == model_fingerprint(config, bf16)
+    other = jax.tree.map(lambda a: a, params)
+    other["embed"]["embedding"] = params["embed"]["embedding"] * 1.01
+    assert model_fingerprint(config, other) != model_fingerprint(config, params)
