@@ -25,6 +25,8 @@ tokens from their latents.
 Quantization (``bits``): the latents as packed low-bit codes, keys per channel in groups of
 ``group`` tokens (quantized once a group is complete; its tokens are read from the exact window
 until then), values per token, scales and zeros in fp16; real bytes, decoded at attention.
+A quantized prompt must sit at positions 0, 1, ... per row (padding at the end, as ``generate``
+lays it out): its key groups are cut by index, and any other layout comes back as NaN.
 """
 
 from __future__ import annotations
