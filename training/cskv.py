@@ -83,7 +83,7 @@ def train_cskv(config, params: dict, documents: Sequence, *, key_density: float,
 
     fingerprint = model_fingerprint(config, params)
     meta = {"recipe": "cskv", "model_fingerprint": fingerprint, "key_density": key_density,
-            "value_density": value_density, "start": "asvd" if calibration else "svd",
+            "value_density": value_density, "start": init.source,
             **run_meta(optim, data, train, documents), **(extra_meta or {})}
     state, start, run, shardings = open_run(make_state, tx=tx, mesh=mesh, out=out, meta=meta, train=train)
     history = []
