@@ -89,12 +89,12 @@ def load_calibration(path: str | os.PathLike, *, method: str, fingerprint: str |
 
 
 def calibrate(method: str, params: dict, config, out: str | os.PathLike, *, tokenizer=None, text: str | None = None,
-              **settings) -> Path:
+              text_name: str = "user text", **settings) -> Path:
     """Run ``method``'s calibration on the model and write its file (``jaxkv calibrate``).
 
     ``razor``: data-free head scores (``n_tokens``, ``seed``). ``cskv``: ASVD's activation
-    statistics (mean |x| of each layer's attention input) over ``n_tokens`` of ``text`` (default:
-    Python's reference documentation) in ``seq_len``-token chunks; needs the ``tokenizer``."""
+    statistics (mean |x| of each layer's attention input) over ``n_tokens`` of ``text`` (recorded
+    as ``text_name``) in ``seq_len``-token chunks; needs the ``tokenizer``."""
     if method == "razor":
         from jaxkv.cache.razor import head_scores
 
@@ -104,14 +104,14 @@ def calibrate(method: str, params: dict, config, out: str | os.PathLike, *, toke
     elif method == "cskv":
         from jaxkv.cache.cskv import activation_scales, calibration_chunks
 
-        if tokenizer is None:
-            raise UserError("cskv calibration needs the model's tokenizer")
+        if tokenizer is None or text is None:
+            raise UserError("cskv calibration needs the model's tokenizer and a calibration text")
         settings = {"n_tokens": 8192, "seq_len": 512, **settings}
         settings.pop("seed", None)
         chunks = calibration_chunks(tokenizer, n_tokens=settings["n_tokens"], seq_len=settings["seq_len"], text=text)
         tensors = {"scale": activation_scales(params, config, chunks)}
         settings["tokens_used"] = int(chunks.size)
-        settings["text"] = "pydoc_data.topics" if text is None else "user text"
+        settings["text"] = text_name
     else:
         raise UserError(f"unknown method to calibrate {method!r}; methods with a calibration: "
                         f"{', '.join(CALIBRATED_METHODS)}")

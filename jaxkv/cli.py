@@ -108,8 +108,13 @@ def _cmd_calibrate(args) -> int:
     from jaxkv.fileio import check_output_path
 
     check_output_path(args.out, "--out")
-    text = None
+    text, text_name = None, "pydoc_data.topics"
+    if args.method == "cskv" and args.text is None:
+        from jaxkv.training.default_model import ordinary_text
+
+        text = "\n\n".join(ordinary_text())
     if args.text is not None:
+        text_name = "user text"
         if args.method != "cskv":
             raise UserError("--text is cskv's calibration text; razor's calibration is data-free")
         try:
@@ -123,7 +128,8 @@ def _cmd_calibrate(args) -> int:
     if args.method == "razor":
         settings["seed"] = args.seed
     tokenizer = load_tokenizer(path) if args.method == "cskv" else None
-    out = calibrate(args.method, params, config, args.out, tokenizer=tokenizer, text=text, **settings)
+    out = calibrate(args.method, params, config, args.out, tokenizer=tokenizer, text=text, text_name=text_name,
+                    **settings)
     print(f"wrote {out}")
     return 0
 
@@ -237,10 +243,10 @@ def _cmd_train_cskv(args) -> int:
     tokenizer = load_tokenizer(model)
     if args.data:
         docs = load_documents(args.data, tokenizer=tokenizer, vocab_size=config.vocab_size, seed=args.seed)
-    else:  # Python's reference documentation, one document per topic
-        from pydoc_data.topics import topics
+    else:  # Python's reference documentation, one document per topic (the default model's text)
+        from jaxkv.training.default_model import ordinary_text
 
-        docs = [np.asarray(tokenizer.encode(topics[k]).ids, np.int32) for k in sorted(topics)]
+        docs = [np.asarray(tokenizer.encode(t).ids, np.int32) for t in ordinary_text()]
     result = train_cskv(
         config, params, docs, key_density=args.key_density, value_density=args.value_density,
         calibration=args.calibration,

@@ -464,15 +464,11 @@ def activation_scales(params: dict, config, chunks: np.ndarray, *, batch: int = 
     return (total / max(count, 1.0)).astype(np.float32)
 
 
-def calibration_chunks(tokenizer, *, n_tokens: int, seq_len: int, text: str | None = None) -> np.ndarray:
-    """``[N, seq_len]`` token ids of calibration text: ``text``, or Python's own reference
-    documentation (``pydoc_data.topics``, shipped with CPython) when None."""
+def calibration_chunks(tokenizer, *, n_tokens: int, seq_len: int, text: str) -> np.ndarray:
+    """``[N, seq_len]`` token ids of the calibration ``text`` (``jaxkv calibrate cskv`` passes
+    Python's reference documentation unless given ``--text``)."""
     if n_tokens < seq_len or seq_len < 2:
         raise UserError(f"cskv: n_tokens ({n_tokens}) must be at least seq_len ({seq_len}), and seq_len >= 2")
-    if text is None:
-        from pydoc_data.topics import topics
-
-        text = "\n\n".join(topics[k] for k in sorted(topics))
     ids = np.asarray(tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
     n = min(n_tokens // seq_len, len(ids) // seq_len)
     if n < 1:

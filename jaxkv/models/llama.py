@@ -168,10 +168,11 @@ def attention_inputs(params: dict, tokens: Array, positions: Array, *, config: L
     cos, sin = rope_angles(positions, rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling))
     x = model.embed(jnp.where(positions >= 0, tokens, 0), compute_dtype)
     out = []
-    for layer in model.layers:
+    for i, layer in enumerate(model.layers):
         out.append(layer.attn_norm(x))
-        x, _ = layer(x, positions, cos, sin, layer_cache=None, policy=None, params=None, layer=None, phase=None,
-                     segment_ids=segment_ids)
+        if i + 1 < len(model.layers):  # the last layer's own output feeds nothing asked for
+            x, _ = layer(x, positions, cos, sin, layer_cache=None, policy=None, params=None, layer=None, phase=None,
+                         segment_ids=segment_ids)
     return out
 
 
