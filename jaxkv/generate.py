@@ -68,19 +68,54 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: jax.Array, top
     return jax.lax.cond(temperature > 0, nucleus, greedy, None)
 
 
-@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
-def prefill(params, tokens, positions, lengths, cache: ModelCache, *, config: LlamaConfig):
-    """Run the prompt through the model; returns the logits of each row's last real token and
-    the prefilled cache."""
-    logits, cache = forward(params, tokens, positions, cache, config=config, logits_at=lengths - 1)
+# The cache's buffers are donated to the jitted prefill and decode, so that a long context's
+# cache is not held twice; its small leaves (thresholds, lengths, counters: under
+# SMALL_LEAF_BYTES) are not. With every leaf donated, XLA on the GPU (jax 0.11.2) returned some
+# copies of a value held in several leaves (Squeezed's global threshold, one per layer) as the
+# donated input's zeros, silently; tests/test_policy_conformance.py checks every policy on the GPU.
+SMALL_LEAF_BYTES = 1 << 16
+
+
+def split_donated(cache: ModelCache):
+    """``(big, small, treedef)``: the cache's leaves of at least ``SMALL_LEAF_BYTES`` (donated)
+    and the rest, each a tuple with None in the other's places; ``join_donated`` inverts it."""
+    leaves, tree = jax.tree.flatten(cache)
+    big = tuple(x if x.size * x.dtype.itemsize >= SMALL_LEAF_BYTES else None for x in leaves)
+    return big, tuple(x if b is None else None for x, b in zip(leaves, big)), tree
+
+
+def join_donated(big, small, tree) -> ModelCache:
+    return jax.tree.unflatten(tree, [s if b is None else b for b, s in zip(big, small)])
+
+
+@functools.partial(jax.jit, static_argnames=("config", "tree"), donate_argnames=("big",))
+def _prefill(params, tokens, positions, lengths, big, small, *, config: LlamaConfig, tree):
+    logits, cache = forward(params, tokens, positions, join_donated(big, small, tree), config=config,
+                            logits_at=lengths - 1)
     return logits[:, 0], cache
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens"), donate_argnames=("cache",))
+def prefill(params, tokens, positions, lengths, cache: ModelCache, *, config: LlamaConfig):
+    """Run the prompt through the model; returns the logits of each row's last real token and
+    the prefilled cache (jitted; the cache's large buffers are donated: do not reuse ``cache``)."""
+    big, small, tree = split_donated(cache)
+    return _prefill(params, tokens, positions, lengths, big, small, config=config, tree=tree)
+
+
 def decode(params, cache: ModelCache, first_logits, lengths, key, temperature, top_p, stop_tokens,
            *, config: LlamaConfig, max_new_tokens: int):
     """Sample up to ``max_new_tokens`` tokens per row; returns ``(tokens [B, N], cache)`` with -1
-    after a row's stop token (the stop token itself is kept)."""
+    after a row's stop token (the stop token itself is kept). Jitted, one compile per shape; the
+    cache's large buffers are donated."""
+    big, small, tree = split_donated(cache)
+    return _decode(params, big, small, first_logits, lengths, key, temperature, top_p, stop_tokens,
+                   config=config, max_new_tokens=max_new_tokens, tree=tree)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "tree"), donate_argnames=("big",))
+def _decode(params, big, small, first_logits, lengths, key, temperature, top_p, stop_tokens,
+            *, config: LlamaConfig, max_new_tokens: int, tree):
+    cache = join_donated(big, small, tree)
     b = first_logits.shape[0]
 
     def pick(logits, step):

@@ -137,3 +137,19 @@ def test_forward_logits_at_is_those_rows_of_the_full_logits(tiny_model):
     np.testing.assert_allclose(np.asarray(at), want, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="logits_at must be"):
         forward(params, tokens, positions, config=config, logits_at=np.array([1, 2, 3]))
+
+
+def test_only_the_large_leaves_of_a_cache_are_donated():
+    """split_donated puts leaves of at least SMALL_LEAF_BYTES in the donated half and the rest
+    in the other; join_donated gives the same tree back."""
+    from jaxkv.generate import SMALL_LEAF_BYTES, join_donated, split_donated
+
+    tree = {"k": jnp.ones((SMALL_LEAF_BYTES // 4,), jnp.float32), "t": jnp.full((2,), 3.0),
+            "n": [jnp.arange(3), jnp.ones((SMALL_LEAF_BYTES // 2 - 1,), jnp.bfloat16)]}
+    big, small, treedef = split_donated(tree)
+    assert [x is not None for x in big] == [True, False, False, False]  # leaves in key order: k, n[0], n[1], t
+    assert [x is not None for x in small] == [False, True, True, True]
+    back = join_donated(big, small, treedef)
+    assert jax.tree.structure(back) == jax.tree.structure(tree)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(tree)):
+        assert a is b

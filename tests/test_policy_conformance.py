@@ -184,3 +184,30 @@ def test_traced_layer_params_hook_and_phases(parity_models):
     assert method.calls.count("after_prefill") == 1
     assert method.calls.count(Phase.EXTEND) == config.num_layers
     assert method.calls.count(Phase.DECODE) == config.num_layers
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="buffer donation is a no-op on the CPU")
+@pytest.mark.parametrize("name", POLICIES)
+def test_the_donating_prefill_returns_the_cache_a_plain_jit_does(name):
+    """`generate.prefill` donates the cache's large buffers; every leaf it returns equals a jit
+    that donates nothing. A 24-layer model: with every leaf donated, Squeezed's global threshold
+    (one value in 24 leaves) came back as zeros in some layers on the GPU."""
+    from jaxkv.config import LlamaConfig
+    from jaxkv.generate import _prefill, split_donated
+    from jaxkv.models.llama import init_params
+
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=24, num_heads=4,
+                         num_kv_heads=2, head_dim=16, max_position_embeddings=512)
+    params = init_params(config, jax.random.key(0), dtype=jnp.float32)
+    n = 160
+    seq = jax.random.randint(jax.random.key(1), (1, n), 0, 64)
+    policy = policy_for(name, 0.3, n).prepare(params, config)
+    pos = jnp.arange(n)[None]
+    lengths = jnp.asarray([n], jnp.int32)
+    fresh = lambda: init_cache(config, policy, batch=1, max_len=n + 4, dtype=jnp.float32)  # noqa: E731
+    plain = jax.jit(_prefill.__wrapped__, static_argnames=("config", "tree"))
+    _, want = plain(params, seq, pos, lengths, *split_donated(fresh())[:2], config=config, tree=split_donated(fresh())[2])
+    _, got = prefill(params, seq, pos, lengths, fresh(), config=config)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))

@@ -186,7 +186,8 @@ class SqueezedState:
     """One layer: ``kv`` every token at slot = position; the index of the context's keys:
     ``labels [B, K, S]`` (-1: not indexed), ``centroids [B, K, C, H]`` (fp32 means of the
     unnormalised keys), ``counts [B, K, C]``, ``estimate [B, K, S]`` (calibration weights);
-    ``threshold [B]`` (extend chunks), ``decode_threshold [B]`` (decode steps), ``context_len
+    ``threshold [B]`` (extend chunks; decode steps too unless ``decode_calibration="query"``, whose
+    own ``decode_threshold [B]`` is held only then), ``context_len
     [B]``, ``attended [B]`` (last step's attended keys); ``calibration [B, K, Q, C]`` the
     calibration queries' own cluster weights, only between a layer's prefill and the
     after-prefill hook, which consumes them (None otherwise: never held)."""
@@ -199,7 +200,7 @@ class SqueezedState:
     threshold: Array
     context_len: Array
     attended: Array
-    decode_threshold: Array
+    decode_threshold: "Array | None" = None  # decode_calibration="query" only
     coarse: "CoarseIndex | None" = None  # levels=2 only
     calibration: "tuple[Array, Array] | None" = None  # (weights, q_real), transient
 
@@ -266,7 +267,10 @@ class SqueezedLayer(_IndexSettings):
             labels=jnp.full((batch, k, max_len), -1, jnp.int32), centroids=jnp.zeros((batch, k, c, h), jnp.float32),
             counts=jnp.zeros((batch, k, c), jnp.float32), estimate=jnp.zeros((batch, k, max_len), jnp.float32),
             threshold=jnp.zeros((batch,), jnp.float32), context_len=jnp.zeros((batch,), jnp.int32),
-            attended=jnp.zeros((batch,), jnp.float32), decode_threshold=jnp.zeros((batch,), jnp.float32),
+            attended=jnp.zeros((batch,), jnp.float32),
+            # held only when it differs from `threshold`: one value in two leaves of a donated cache
+            # came back from the jitted prefill as zeros on the GPU (XLA 0.11.2)
+            decode_threshold=jnp.zeros((batch,), jnp.float32) if self.decode_calibration == "query" else None,
             coarse=None if self.levels == 1 else CoarseIndex(
                 parent=jnp.zeros((batch, k, c), jnp.int32),
                 centroids=jnp.zeros((batch, k, self.coarse_clusters(max_len), h), jnp.float32),
@@ -280,7 +284,7 @@ class SqueezedLayer(_IndexSettings):
         if self.levels == 2:
             cc = self.coarse_clusters(max_len)
             index += batch * k * (c * 4 + cc * (h * 4 + 4) + max_len * 4) + batch * 4
-        return kv + index + batch * 16
+        return kv + index + batch * (16 if self.decode_calibration == "query" else 12)
 
     def prefill(self, state, *, q, k, v, positions, layer, params=None):
         FullCache._check_fits(state.kv, k.shape[1])
@@ -303,7 +307,7 @@ class SqueezedLayer(_IndexSettings):
         estimate = jnp.where(valid, jnp.take_along_axis(weights, jnp.maximum(labels, 0), axis=2), 0.0)
         context_len = jnp.max(positions, axis=1) + 1
         threshold = global_threshold([estimate], [valid], self.keep)  # this layer's; the hook makes it global
-        calibration, decode_threshold = None, threshold
+        calibration, decode_threshold = None, None
         if self.decode_calibration == "query":
             per_query = cluster_weights(q_obs, centroids, counts, real, per_query=True)  # [B, K, Q, C]
             decode_threshold = query_threshold([per_query], [counts], real, self.keep)
@@ -334,7 +338,7 @@ class SqueezedLayer(_IndexSettings):
         threshold, the decode threshold for a decode step, plus the context's last ``window``
         tokens)."""
         weights = cluster_weights(q, state.centroids, state.counts, positions >= 0)
-        threshold = state.decode_threshold if decode else state.threshold
+        threshold = state.decode_threshold if decode and state.decode_threshold is not None else state.threshold
         kept = weights >= threshold[:, None, None]  # [B, K, C]
         if state.coarse is not None:  # only fine clusters under a coarse cluster that passes
             c = state.coarse
@@ -392,9 +396,7 @@ class SqueezedCache(_IndexSettings):
         if self.decode_calibration == "query":
             td = query_threshold([s.calibration[0] for s in layers], [s.counts for s in layers],
                                  layers[0].calibration[1], self.keep)
-        else:
-            td = t
-        layers = tuple(s.replace(decode_threshold=td, calibration=None) for s in layers)
+            layers = tuple(s.replace(decode_threshold=td, calibration=None) for s in layers)
         if self.levels == 2:
             tc = global_threshold([s.coarse.estimate for s in layers], valid, self.coarse_keep)
             layers = tuple(s.replace(coarse=s.coarse.replace(threshold=tc)) for s in layers)
