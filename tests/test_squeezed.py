@@ -89,7 +89,7 @@ def test_the_global_threshold_keeps_the_requested_share(tiny_model):
     n = 200
     tokens = jax.random.randint(jax.random.key(0), (2, n), 3, config.vocab_size)
     run = jax.jit(lambda c: forward(params, tokens, jnp.broadcast_to(jnp.arange(n), (2, n)), c, config=config)[1])
-    for keep in (0.5, 0.3, 0.1):
+    for keep in (0.3, 0.1):
         cache = run(init_cache(config, SqueezedCache(keep=keep, centroid_share=0.1), batch=2, max_len=n,
                                dtype=jnp.float32))
         est = np.stack([np.asarray(s.estimate) for s in cache.layers])  # [L, B, K, S]
@@ -99,7 +99,7 @@ def test_the_global_threshold_keeps_the_requested_share(tiny_model):
             share = (est[:, row] >= thr[row]).mean()
             assert abs(share - keep) < 0.05, (keep, share)  # ties between a cluster's keys: coarse
         per_layer = [(est[i, 0] >= thr[0]).mean() for i in range(est.shape[0])]
-        assert max(per_layer) - min(per_layer) > 0 or keep == 0.5  # sparsity may differ per layer
+        assert max(per_layer) - min(per_layer) > 0  # sparsity may differ per layer
 
 
 def test_one_index_answers_several_questions(parity_models, monkeypatch):

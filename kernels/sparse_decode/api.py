@@ -1,0 +1,82 @@
+"""``sparse_decode``: the one entry point; picks the implementation and checks the arguments."""
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+
+from jaxkv.kernels.sparse_decode.reference import sparse_decode_reference
+
+Array = jax.Array
+IMPLEMENTATIONS = ("pallas_gpu", "reference")
+
+
+def _check(q, k, v, lengths, block_indices, block_counts, block_size):
+    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
+        raise ValueError(f"q must be [B, K, G, H] and k, v one [B, K, S, H] shape; got q {q.shape}, k {k.shape}, "
+                         f"v {v.shape}")
+    b, kh, _, h = q.shape
+    if k.shape[0] != b or k.shape[1] != kh or k.shape[3] != h:
+        raise ValueError(f"k {k.shape} does not match q {q.shape} in batch, KV heads or head dim")
+    if lengths.shape != (b,):
+        raise ValueError(f"lengths must be [B] = [{b}], got {lengths.shape}")
+    if block_indices.ndim != 3 or block_indices.shape[:2] != (b, kh):
+        raise ValueError(f"block_indices must be [B, K, M] = [{b}, {kh}, M], got {block_indices.shape}")
+    if block_counts.shape != (b, kh):
+        raise ValueError(f"block_counts must be [B, K] = [{b}, {kh}], got {block_counts.shape}")
+    if not isinstance(block_size, int) or block_size < 1 or k.shape[2] % block_size:
+        raise ValueError(f"block_size must be a positive int dividing the cache's {k.shape[2]} slots, "
+                         f"got {block_size!r}")
+
+
+def _pallas_gpu_ok(q, block_size) -> str | None:
+    """Why the Pallas GPU kernel cannot run here, or None."""
+    if jax.default_backend() != "gpu":
+        return f"the backend is {jax.default_backend()}, not gpu"
+    h = q.shape[-1]
+    if h & (h - 1) or block_size & (block_size - 1) or block_size < 16:
+        return f"head_dim ({h}) and block_size ({block_size}) must be powers of two, block_size >= 16"
+    return None
+
+
+def sparse_decode(q: Array, k: Array, v: Array, lengths: Array, block_indices: Array, block_counts: Array, *,
+                  block_size: int, scale: float | None = None, implementation: str | None = None,
+                  **kernel_options) -> tuple[Array, Array]:
+    """Attention of one new token per row over the listed KV blocks of a head-major cache:
+    ``(out [B, K, G, H], lse [B, K, G])``. ``q [B, K, G, H]`` (the query heads of each KV head),
+    ``k, v [B, K, S, H]``, ``lengths [B]`` (slots ``< lengths`` hold tokens), ``block_indices [B,
+    K, M]`` blocks of ``block_size`` slots, the first ``block_counts [B, K]`` of them real and
+    none listed twice. ``implementation``: ``"pallas_gpu"`` or ``"reference"``; an explicit one
+    that cannot run raises; None takes the first that can (the kernel on a GPU) and warns when
+    it falls back. ``kernel_options`` (``blocks_per_split``, ``num_warps``, ``num_stages``,
+    ``interpret``) go to the kernel."""
+    _check(q, k, v, lengths, block_indices, block_counts, block_size)
+    if implementation not in (None,) + IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
+    interpret = bool(kernel_options.get("interpret"))
+    if implementation in (None, "pallas_gpu"):
+        why = None if interpret else _pallas_gpu_ok(q, block_size)
+        if why is None:
+            from jaxkv.kernels.sparse_decode.pallas_gpu import sparse_decode_pallas_gpu
+
+            return sparse_decode_pallas_gpu(q, k, v, lengths, block_indices, block_counts, block_size=block_size,
+                                            scale=scale, **kernel_options)
+        if implementation == "pallas_gpu":
+            raise ValueError(f"implementation='pallas_gpu' cannot run: {why}")
+        warnings.warn(f"sparse_decode: the Pallas GPU kernel cannot run ({why}); using the jnp reference",
+                      stacklevel=2)
+    if kernel_options:
+        raise ValueError(f"kernel options {sorted(kernel_options)} need a kernel, not the reference")
+    return sparse_decode_reference(q, k, v, lengths, block_indices, block_counts, block_size=block_size,
+                                   scale=scale)
+
+
+def dense_decode(q: Array, k: Array, v: Array, lengths: Array, *, block_size: int = 64, **options
+                 ) -> tuple[Array, Array]:
+    """Sparse decode with every block a row reaches: dense decode over a head-major cache."""
+    from jaxkv.kernels.sparse_decode.reference import dense_blocks
+
+    idx, counts = dense_blocks(jnp.asarray(lengths), num_kv_heads=k.shape[1], num_slots=k.shape[2],
+                               block_size=block_size)
+    return sparse_decode(q, k, v, lengths, idx, counts, block_size=block_size, **options)

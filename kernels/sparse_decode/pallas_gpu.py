@@ -1,0 +1,107 @@
+"""Sparse decode attention on the GPU: Pallas with its Triton lowering (flash-decoding).
+
+Grid ``(B, K, splits)``: each program takes one (row, KV head) and a contiguous share of its
+listed blocks (``blocks_per_split`` of them, split-K), loads each block's ``block_size`` keys
+and values once for all ``G`` query heads of the KV head (GQA packed: the queries padded to 16
+rows so the scores are one ``dot``), keeps an online softmax, and writes its normalised partial
+output and log-sum-exp; a log-sum-exp merge over the splits follows in jnp. Same signature and
+result as ``reference.sparse_decode_reference`` plus the block sizes and ``interpret``.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+Array = jax.Array
+_NEG = -1e30  # masked scores: finite, so that a program with nothing visible makes no NaN
+_MIN_ROWS = 16  # tl.dot's smallest M
+
+
+def _kernel(lengths_ref, counts_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_size: int,
+            blocks_per_split: int, scale: float, exact: bool):
+    split = pl.program_id(2)
+    length = lengths_ref[0]
+    first = split * blocks_per_split
+    last = jnp.minimum(first + blocks_per_split, counts_ref[0])
+    q = q_ref[...]  # [Gp, H]
+    rows, h = q.shape
+    allow_tf32 = False if exact else None
+
+    def body(j, carry):
+        acc, m, l = carry
+        start = pl.multiple_of(idx_ref[j] * block_size, block_size)
+        kb = k_ref[pl.ds(start, block_size), :]  # [bs, H]
+        s = plgpu.dot(q, kb, trans_b=True, allow_tf32=allow_tf32).astype(jnp.float32) * scale  # [Gp, bs]
+        seen = (start + jnp.arange(block_size) < length)[None, :]
+        s = jnp.where(seen, s, _NEG)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        p = jnp.where(seen, jnp.exp(s - m_new[:, None]), 0.0)
+        alpha = jnp.exp(m - m_new)
+        vb = v_ref[pl.ds(start, block_size), :]
+        pv = plgpu.dot(p.astype(vb.dtype), vb, allow_tf32=allow_tf32).astype(jnp.float32)
+        return alpha[:, None] * acc + pv, m_new, alpha * l + jnp.sum(p, axis=1)
+
+    init = (jnp.zeros((rows, h), jnp.float32), jnp.full((rows,), _NEG, jnp.float32), jnp.zeros((rows,), jnp.float32))
+    acc, m, l = jax.lax.fori_loop(first, jnp.maximum(last, first), body, init)
+    some = l > 0
+    o_ref[...] = jnp.where(some[:, None], acc / jnp.where(some, l, 1.0)[:, None], 0.0)
+    lse_ref[...] = jnp.where(some, m + jnp.log(jnp.where(some, l, 1.0)), -jnp.inf)
+
+
+def default_blocks_per_split(batch: int, num_kv_heads: int, max_blocks: int, *, programs: int = 512) -> int:
+    """Enough splits that about ``programs`` programs run (a few per SM of an H100/H200)."""
+    return max(1, math.ceil(max_blocks * batch * num_kv_heads / programs))
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "blocks_per_split", "scale", "num_warps", "num_stages",
+                                             "interpret"))
+def sparse_decode_pallas_gpu(q: Array, k: Array, v: Array, lengths: Array, block_indices: Array, block_counts: Array,
+                             *, block_size: int, scale: float | None = None, blocks_per_split: int | None = None,
+                             num_warps: int = 4, num_stages: int = 2, interpret: bool = False) -> tuple[Array, Array]:
+    """``(out [B, K, G, H], lse [B, K, G])``: see ``reference.sparse_decode_reference``."""
+    b, kh, g, h = q.shape
+    s_len = k.shape[2]
+    m = block_indices.shape[-1]
+    scale = h ** -0.5 if scale is None else float(scale)
+    per = blocks_per_split or default_blocks_per_split(b, kh, m)
+    splits = max(1, -(-m // per))
+    rows = max(_MIN_ROWS, 1 << (g - 1).bit_length())
+    qp = jnp.pad(q, ((0, 0), (0, 0), (0, rows - g), (0, 0)))
+    m_pad = 1 << max(m - 1, 0).bit_length()  # the block list padded to a power of two (never read past counts)
+    idx = jnp.pad(block_indices.astype(jnp.int32), ((0, 0), (0, 0), (0, m_pad - m)))
+    kernel = functools.partial(_kernel, block_size=block_size, blocks_per_split=per, scale=scale,
+                               exact=q.dtype == jnp.float32)
+    o, lse = pl.pallas_call(
+        kernel,
+        grid=(b, kh, splits),
+        in_specs=[
+            pl.BlockSpec((1,), lambda i, j, s: (i,)),  # lengths
+            pl.BlockSpec((None, None, 1), lambda i, j, s: (i, j, 0)),  # counts
+            pl.BlockSpec((None, None, m_pad), lambda i, j, s: (i, j, 0)),  # block indices
+            pl.BlockSpec((None, None, rows, h), lambda i, j, s: (i, j, 0, 0)),  # q
+            pl.BlockSpec((None, None, s_len, h), lambda i, j, s: (i, j, 0, 0)),  # k: the row's head, sliced by block
+            pl.BlockSpec((None, None, s_len, h), lambda i, j, s: (i, j, 0, 0)),  # v
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, rows, h), lambda i, j, s: (i, j, s, 0, 0)),
+            pl.BlockSpec((None, None, None, rows), lambda i, j, s: (i, j, s, 0)),
+        ],
+        out_shape=[jax.ShapeDtypeStruct((b, kh, splits, rows, h), jnp.float32),
+                   jax.ShapeDtypeStruct((b, kh, splits, rows), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="jaxkv_sparse_decode",
+    )(lengths.astype(jnp.int32), block_counts.astype(jnp.int32)[:, :, None], idx, qp, k, v)
+    # the log-sum-exp merge of the splits
+    top = jnp.max(lse, axis=2, keepdims=True)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    w = jnp.exp(lse - top)  # 0 for a split that saw nothing
+    total = jnp.sum(w, axis=2)
+    out = jnp.sum(w[..., None] * o, axis=2) / jnp.where(total > 0, total, 1.0)[..., None]
+    lse_out = jnp.where(total > 0, top[:, :, 0] + jnp.log(jnp.where(total > 0, total, 1.0)), -jnp.inf)
+    return out[:, :, :g].astype(q.dtype), lse_out[:, :, :g]

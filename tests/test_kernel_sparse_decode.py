@@ -1,0 +1,121 @@
+"""sparse_decode: the reference against hand-worked cases and a numpy softmax, and every
+backend against the reference through one shared test base (interpret mode on the CPU)."""
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jaxkv.kernels.sparse_decode import dense_blocks, dense_decode, sparse_decode, sparse_decode_reference
+
+# absolute tolerance per dtype for unit-variance values, scaled by sqrt(keys attended) below
+TOL = {jnp.float32: 2e-6, jnp.bfloat16: 2e-2}
+
+
+def _case(rng, b, kh, g, h, s, bs, lengths, m, dtype):
+    q = jnp.asarray(rng.normal(size=(b, kh, g, h)), dtype)
+    k = jnp.asarray(rng.normal(size=(b, kh, s, h)), dtype)
+    v = jnp.asarray(rng.normal(size=(b, kh, s, h)), dtype)
+    n = s // bs
+    idx = np.stack([np.stack([rng.permutation(n)[:m] for _ in range(kh)]) for _ in range(b)]).astype(np.int32)
+    counts = rng.integers(0, m + 1, (b, kh)).astype(np.int32)
+    counts[0, 0] = m  # at least one (row, head) with every listed block
+    return q, k, v, jnp.asarray(lengths, jnp.int32), jnp.asarray(idx), jnp.asarray(counts)
+
+
+def test_reference_hand_worked():
+    """Equal scores: the output is the mean of the visible values; blocks not listed, slots past
+    the length and padding entries of the list are not read; nothing visible gives 0 and -inf."""
+    q = jnp.zeros((1, 1, 2, 2))
+    k = jnp.ones((1, 1, 8, 2))
+    v = jnp.arange(16.0).reshape(1, 1, 8, 2)
+    idx = jnp.asarray([[[3, 1, 0]]])  # blocks of 2: slots 6-7, 2-3, (0-1: padding, count 2)
+    out, lse = sparse_decode_reference(q, k, v, jnp.asarray([7]), idx, jnp.asarray([[2]]), block_size=2)
+    # visible slots 2, 3, 6 (7 is past the length): values (4,5), (6,7), (12,13)
+    np.testing.assert_allclose(np.asarray(out)[0, 0], [[22 / 3, 25 / 3]] * 2, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(lse)[0, 0], [np.log(3)] * 2, rtol=1e-6)
+    out, lse = sparse_decode_reference(q, k, v, jnp.asarray([7]), idx, jnp.asarray([[0]]), block_size=2)
+    assert np.all(np.asarray(out) == 0) and np.all(np.asarray(lse) == -np.inf)
+
+
+def test_reference_equals_a_numpy_softmax_over_the_chosen_slots():
+    rng = np.random.default_rng(1)
+    q, k, v, lengths, idx, counts = _case(rng, 2, 2, 3, 8, 48, 8, [40, 13], 4, jnp.float32)
+    out, lse = sparse_decode_reference(q, k, v, lengths, idx, counts, block_size=8)
+    for b in range(2):
+        for h in range(2):
+            slots = sorted(s for blk in np.asarray(idx)[b, h, :int(counts[b, h])] for s in range(blk * 8, blk * 8 + 8)
+                           if s < int(lengths[b]))
+            if not slots:
+                assert np.all(np.asarray(lse)[b, h] == -np.inf)
+                continue
+            sc = np.asarray(q)[b, h] @ np.asarray(k)[b, h, slots].T / np.sqrt(8)
+            p = np.exp(sc - sc.max(-1, keepdims=True))
+            np.testing.assert_allclose(np.asarray(out)[b, h], (p / p.sum(-1, keepdims=True)) @ np.asarray(v)[b, h, slots],
+                                       atol=1e-5)
+            np.testing.assert_allclose(np.asarray(lse)[b, h], np.log(p.sum(-1)) + sc.max(-1), atol=1e-5)
+
+
+class SparseDecodeBase:
+    """Every backend subclasses this with its ``implementation`` and options."""
+
+    implementation: str
+    options: dict = {}
+
+    @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+    @pytest.mark.parametrize("b,kh,g,h,s,bs,lengths,m,per", [
+        (2, 2, 4, 32, 96, 16, [70, 5], 3, 1),     # ragged lengths, not block multiples; split per block
+        (1, 1, 1, 16, 64, 16, [64], 4, 3),         # one query head; splits of 3 blocks (the last short)
+        (3, 2, 8, 64, 128, 32, [128, 33, 1], 4, 2),
+    ])
+    def test_matches_the_reference(self, dtype, b, kh, g, h, s, bs, lengths, m, per):
+        rng = np.random.default_rng(b * 100 + g)
+        q, k, v, lengths, idx, counts = _case(rng, b, kh, g, h, s, bs, lengths, m, dtype)
+        want = sparse_decode_reference(q, k, v, lengths, idx, counts, block_size=bs)
+        got = sparse_decode(q, k, v, lengths, idx, counts, block_size=bs, implementation=self.implementation,
+                            **self.options, **({"blocks_per_split": per} if self.options else {}))
+        tol = TOL[dtype] * np.sqrt(m * bs)
+        np.testing.assert_allclose(np.asarray(got[0], np.float32), np.asarray(want[0], np.float32), atol=tol)
+        assert got[0].dtype == q.dtype
+        np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), atol=tol)  # -inf where empty
+
+    def test_dense_decode_equals_attention_over_every_real_slot(self):
+        rng = np.random.default_rng(7)
+        q, k, v, lengths, _, _ = _case(rng, 2, 2, 4, 32, 64, 16, [64, 21], 1, jnp.float32)
+        out, _ = dense_decode(q, k, v, lengths, block_size=16, implementation=self.implementation, **self.options)
+        sc = jnp.einsum("bkgh,bksh->bkgs", q, k) / np.sqrt(32)
+        sc = jnp.where(jnp.arange(64)[None, None, None] < lengths[:, None, None, None], sc, -jnp.inf)
+        want = jnp.einsum("bkgs,bksh->bkgh", jax.nn.softmax(sc, -1), v)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=1e-5)
+
+
+class TestReference(SparseDecodeBase):
+    implementation = "reference"
+
+
+class TestPallasGpuInterpret(SparseDecodeBase):
+    implementation = "pallas_gpu"
+    options = {"interpret": True}
+
+
+def test_bad_arguments_name_themselves():
+    q, k = jnp.zeros((1, 2, 4, 16)), jnp.zeros((1, 2, 32, 16))
+    lengths, idx, counts = jnp.asarray([3]), jnp.zeros((1, 2, 2), jnp.int32), jnp.ones((1, 2), jnp.int32)
+    with pytest.raises(ValueError, match="block_size"):
+        sparse_decode(q, k, k, lengths, idx, counts, block_size=12)
+    with pytest.raises(ValueError, match="lengths"):
+        sparse_decode(q, k, k, jnp.asarray([3, 4]), idx, counts, block_size=16)
+    with pytest.raises(ValueError, match="block_counts"):
+        sparse_decode(q, k, k, lengths, idx, counts[:, :1], block_size=16)
+    with pytest.raises(ValueError, match="implementation"):
+        sparse_decode(q, k, k, lengths, idx, counts, block_size=16, implementation="cuda")
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="pallas_gpu"):
+            sparse_decode(q, k, k, lengths, idx, counts, block_size=16, implementation="pallas_gpu")
+        with pytest.warns(UserWarning, match="reference"):
+            sparse_decode(q, k, k, lengths, idx, counts, block_size=16)
+
+
+def test_dense_blocks_cover_each_rows_length():
+    idx, counts = dense_blocks(jnp.asarray([0, 1, 16, 17, 64]), num_kv_heads=2, num_slots=64, block_size=16)
+    assert idx.shape == (5, 2, 4)
+    np.testing.assert_array_equal(np.asarray(counts), [[0, 0], [1, 1], [1, 1], [2, 2], [4, 4]])
