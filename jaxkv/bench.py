@@ -18,7 +18,7 @@ import statistics
 import time
 from jaxkv.errors import UserError
 
-__all__ = ["main", "measure_read_bandwidth", "bench_decode"]
+__all__ = ["main", "measure_read_bandwidth", "bench_decode", "bench_kernels"]
 
 
 def _block(x):
@@ -167,7 +167,124 @@ def bench_train(args) -> dict:
             "device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
 
 
+def _time(f, *xs, repeats: int) -> float:
+    """Median seconds of ``f(*xs)`` after one compile-and-warm call."""
+    _block(f(*xs))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _block(f(*xs))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_kernels(*, batch: int = 4, num_heads: int = 32, num_kv_heads: int = 8, head_dim: int = 128,
+                  context: int = 131072, budget: int = 4096, block_size: int = 64, repeats: int = 20,
+                  interpret: bool = False, seed: int = 0) -> list[dict]:
+    """Decode-attention kernels against their baselines in one process: dense decode over a
+    head-major bf16 cache (the Pallas kernel, XLA on the jnp reference, and cuDNN on its own
+    sequence-major layout where there is a GPU), then sparse decode of ``budget`` tokens chosen
+    per (row, KV head) by page scores from per-block key min/max (selection timed with it and
+    alone). Each row: seconds, KV bytes it must read, bytes/s, and its largest deviation from
+    the reference. ``interpret`` runs the Pallas kernel in interpret mode (a CPU check of the
+    bench itself; its times mean nothing)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxkv.kernels.sparse_decode import dense_blocks, sparse_decode, sparse_decode_reference
+
+    if num_heads % num_kv_heads or context % block_size or budget % block_size or not 0 < budget <= context:
+        raise UserError("num_heads must be a multiple of num_kv_heads, context and budget multiples of "
+                        f"block_size ({block_size}), 0 < budget <= context")
+    b, kh, g, h, s = batch, num_kv_heads, num_heads // num_kv_heads, head_dim, context
+    ks = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(ks[0], (b, kh, g, h), jnp.bfloat16)
+    k = jax.random.normal(ks[1], (b, kh, s, h), jnp.bfloat16)
+    v = jax.random.normal(ks[2], (b, kh, s, h), jnp.bfloat16)
+    lengths = jnp.full((b,), s, jnp.int32)
+    itemsize = 2
+    impl = {"implementation": "pallas_gpu", "interpret": True} if interpret else {"implementation": "pallas_gpu"}
+    all_idx, all_counts = dense_blocks(lengths, num_kv_heads=kh, num_slots=s, block_size=block_size)
+    ref = jax.jit(lambda q, k, v: sparse_decode_reference(q, k, v, lengths, all_idx, all_counts,
+                                                          block_size=block_size))
+    want = ref(q, k, v)[0].astype(jnp.float32)
+    rows = []
+
+    def row(name, seconds, nbytes, out=None, against=want, **extra):
+        err = None if out is None else float(jnp.max(jnp.abs(out.astype(jnp.float32) - against)))
+        r = {"kernel": name, "batch": b, "heads": f"{num_heads}/{kh}", "head_dim": h, "context": s,
+             "seconds": seconds, "kv_bytes": nbytes, "bytes_per_s": nbytes / seconds, "max_abs_err": err,
+             "device": jax.devices()[0].device_kind, "jax": jax.__version__, **extra}
+        rows.append(r)
+        return r
+
+    dense_bytes = 2 * b * kh * s * h * itemsize
+    dense = jax.jit(lambda q, k, v: sparse_decode(q, k, v, lengths, all_idx, all_counts, block_size=block_size,
+                                                  **impl))
+    row("dense decode, pallas_gpu", _time(dense, q, k, v, repeats=repeats), dense_bytes, dense(q, k, v)[0])
+    row("dense decode, XLA (jnp reference)", _time(ref, q, k, v, repeats=repeats), dense_bytes, want)
+    if jax.default_backend() == "gpu":
+        ks_, vs_ = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, S, K, H]: cuDNN's own layout
+        qs = q.reshape(b, 1, num_heads, h)
+        cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
+        out = cudnn(qs, ks_, vs_).reshape(b, kh, g, h)
+        row("dense decode, cuDNN (sequence-major)", _time(cudnn, qs, ks_, vs_, repeats=repeats), dense_bytes, out)
+        del ks_, vs_
+    # sparse: the top budget/block_size blocks by a Quest-style bound from each block's key min/max
+    nb, pick = s // block_size, budget // block_size
+    kb = k.reshape(b, kh, nb, block_size, h)
+    kmin, kmax = jnp.min(kb, axis=3), jnp.max(kb, axis=3)  # kept current by the cache, not timed
+
+    def select(q, kmin, kmax):
+        qf = q.astype(jnp.float32)[:, :, :, None, :]
+        bound = jnp.maximum(qf * kmin.astype(jnp.float32)[:, :, None], qf * kmax.astype(jnp.float32)[:, :, None])
+        scores = jnp.sum(bound, axis=(2, 4))  # [B, K, nb]
+        return jax.lax.top_k(scores, pick)[1].astype(jnp.int32)
+
+    counts = jnp.full((b, kh), pick, jnp.int32)
+    sel = jax.jit(select)
+    idx = sel(q, kmin, kmax)
+    sparse = jax.jit(lambda q, k, v, idx: sparse_decode(q, k, v, lengths, idx, counts, block_size=block_size, **impl))
+    both = jax.jit(lambda q, k, v, kmin, kmax: sparse_decode(q, k, v, lengths, select(q, kmin, kmax), counts,
+                                                             block_size=block_size, **impl))
+    sparse_want = sparse_decode_reference(q, k, v, lengths, idx, counts, block_size=block_size)[0].astype(jnp.float32)
+    sparse_bytes = 2 * b * kh * budget * h * itemsize
+    bound_bytes = 2 * b * kh * nb * h * itemsize
+    row(f"sparse decode {budget} tokens, pallas_gpu", _time(sparse, q, k, v, idx, repeats=repeats), sparse_bytes,
+        sparse(q, k, v, idx)[0], against=sparse_want)
+    row(f"sparse decode {budget} tokens + selection, pallas_gpu",
+        _time(both, q, k, v, kmin, kmax, repeats=repeats), sparse_bytes + bound_bytes,
+        both(q, k, v, kmin, kmax)[0], against=sparse_want)
+    row("selection alone (block bounds, top-k)", _time(sel, q, kmin, kmax, repeats=repeats), bound_bytes)
+    return rows
+
+
+def _main_kernels(args) -> int:
+    heads = args.heads.split("/")
+    try:
+        num_heads, num_kv = int(heads[0]), int(heads[1])
+    except (ValueError, IndexError):
+        raise UserError(f"--heads must look like 32/8 (query/KV heads), got {args.heads!r}") from None
+    rows = bench_kernels(batch=args.batch, num_heads=num_heads, num_kv_heads=num_kv, head_dim=args.head_dim,
+                         context=args.context, budget=args.budget, block_size=args.block_size,
+                         repeats=args.repeats)
+    r0 = rows[0]
+    print(f"device {r0['device']}, jax {r0['jax']}; batch {r0['batch']}, heads {r0['heads']}, head dim "
+          f"{r0['head_dim']}, context {r0['context']}, bf16")
+    print(f"{'kernel':<48} {'us':>10} {'KV MiB':>9} {'TB/s':>7} {'max err':>9}")
+    for r in rows:
+        err = "-" if r["max_abs_err"] is None else f"{r['max_abs_err']:.1e}"
+        print(f"{r['kernel']:<48} {r['seconds'] * 1e6:>10.1f} {r['kv_bytes'] / 2**20:>9.1f} "
+              f"{r['bytes_per_s'] / 1e12:>7.2f} {err:>9}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
 def main(args) -> int:
+    if args.bench == "kernels":
+        return _main_kernels(args)
     if args.bench == "train":
         row = bench_train(args)
         print(f"{row['devices']} x {row['device']} (mesh {args.mesh}): {row['tokens_per_s']:,.0f} tokens/s "

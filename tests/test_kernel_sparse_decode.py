@@ -60,6 +60,7 @@ class SparseDecodeBase:
 
     implementation: str
     options: dict = {}
+    kernel = False  # takes kernel options (split sizes)
 
     @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
     @pytest.mark.parametrize("b,kh,g,h,s,bs,lengths,m,per", [
@@ -72,7 +73,7 @@ class SparseDecodeBase:
         q, k, v, lengths, idx, counts = _case(rng, b, kh, g, h, s, bs, lengths, m, dtype)
         want = sparse_decode_reference(q, k, v, lengths, idx, counts, block_size=bs)
         got = sparse_decode(q, k, v, lengths, idx, counts, block_size=bs, implementation=self.implementation,
-                            **self.options, **({"blocks_per_split": per} if self.options else {}))
+                            **self.options, **({"blocks_per_split": per} if self.kernel else {}))
         tol = TOL[dtype] * np.sqrt(m * bs)
         np.testing.assert_allclose(np.asarray(got[0], np.float32), np.asarray(want[0], np.float32), atol=tol)
         assert got[0].dtype == q.dtype
@@ -95,6 +96,14 @@ class TestReference(SparseDecodeBase):
 class TestPallasGpuInterpret(SparseDecodeBase):
     implementation = "pallas_gpu"
     options = {"interpret": True}
+    kernel = True
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+class TestPallasGpu(SparseDecodeBase):
+    implementation = "pallas_gpu"
+    kernel = True
 
 
 def test_bad_arguments_name_themselves():
@@ -119,3 +128,18 @@ def test_dense_blocks_cover_each_rows_length():
     idx, counts = dense_blocks(jnp.asarray([0, 1, 16, 17, 64]), num_kv_heads=2, num_slots=64, block_size=16)
     assert idx.shape == (5, 2, 4)
     np.testing.assert_array_equal(np.asarray(counts), [[0, 0], [1, 1], [1, 1], [2, 2], [4, 4]])
+
+
+def test_bench_kernels_on_a_tiny_shape():
+    """`jaxkv bench kernels` end to end (interpret mode): every row's kernel output agrees with
+    the reference it is timed against."""
+    from jaxkv.bench import bench_kernels
+
+    rows = bench_kernels(batch=1, num_heads=4, num_kv_heads=2, head_dim=16, context=256, budget=64, block_size=16,
+                         repeats=1, interpret=True)
+    names = [r["kernel"] for r in rows]
+    assert names[0] == "dense decode, pallas_gpu" and any(n.startswith("sparse decode 64 tokens +") for n in names)
+    for r in rows:
+        assert r["seconds"] > 0 and r["kv_bytes"] > 0
+        if r["max_abs_err"] is not None:
+            assert r["max_abs_err"] < 2e-2, r
