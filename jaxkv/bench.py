@@ -185,7 +185,8 @@ def bench_kernels(*, batch: int = 4, num_heads: int = 32, num_kv_heads: int = 8,
     head-major bf16 cache (the Pallas kernel, XLA on the jnp reference, and cuDNN on its own
     sequence-major layout where there is a GPU), then sparse decode of ``budget`` tokens chosen
     per (row, KV head) by page scores from per-block key min/max (selection timed with it and
-    alone). Each row: seconds, KV bytes it must read, bytes/s, and its largest deviation from
+    alone), and Squeezed's centroid scoring (one cluster per 20 keys, fused with its threshold).
+    Each row: seconds, KV bytes it must read, bytes/s, and its largest deviation from
     the reference. ``interpret`` runs the Pallas kernel in interpret mode (a CPU check of the
     bench itself; its times mean nothing)."""
     import jax
@@ -256,6 +257,22 @@ def bench_kernels(*, batch: int = 4, num_heads: int = 32, num_kv_heads: int = 8,
         _time(both, q, k, v, kmin, kmax, repeats=repeats), sparse_bytes + bound_bytes,
         both(q, k, v, kmin, kmax)[0], against=sparse_want)
     row("selection alone (block bounds, top-k)", _time(sel, q, kmin, kmax, repeats=repeats), bound_bytes)
+    # Squeezed's centroid lookup: one cluster per 20 keys (its default centroid_share 0.05)
+    from jaxkv.kernels.centroid_scores import centroid_scores, centroid_scores_reference
+
+    n_c = max(1, s // 20)
+    kc = jax.random.split(ks[0], 2)
+    cent = jax.random.normal(kc[0], (b, kh, n_c, h), jnp.float32)
+    counts = jax.random.randint(kc[1], (b, kh, n_c), 0, 40).astype(jnp.float32)
+    thr = jnp.full((b,), 1.0 / s, jnp.float32)
+    cs = jax.jit(lambda q, c, n: centroid_scores(q, c, n, thr, **impl))
+    cs_ref = jax.jit(lambda q, c, n: centroid_scores_reference(q, c, n, thr))
+    w_want = cs_ref(q, cent, counts)[0]
+    cent_bytes = b * kh * n_c * (h + 1) * 4
+    row(f"centroid scores + threshold, {n_c} clusters, pallas_gpu", _time(cs, q, cent, counts, repeats=repeats),
+        cent_bytes, cs(q, cent, counts)[0], against=w_want)
+    row(f"centroid scores + threshold, {n_c} clusters, XLA (jnp reference)",
+        _time(cs_ref, q, cent, counts, repeats=repeats), cent_bytes, w_want, against=w_want)
     return rows
 
 

@@ -1,0 +1,56 @@
+"""``centroid_scores``: the one entry point; picks the implementation and checks the arguments."""
+from __future__ import annotations
+
+import warnings
+
+import jax
+
+from jaxkv.kernels.centroid_scores.reference import centroid_scores_reference
+
+Array = jax.Array
+IMPLEMENTATIONS = ("pallas_gpu", "reference")
+
+
+def _check(q, centroids, counts, threshold):
+    if q.ndim != 4 or centroids.ndim != 4:
+        raise ValueError(f"q must be [B, K, G, H] and centroids [B, K, C, H]; got q {q.shape}, "
+                         f"centroids {centroids.shape}")
+    b, kh, _, h = q.shape
+    if centroids.shape[:2] != (b, kh) or centroids.shape[3] != h:
+        raise ValueError(f"centroids {centroids.shape} do not match q {q.shape} in batch, KV heads or head dim")
+    if counts.shape != centroids.shape[:3]:
+        raise ValueError(f"counts must be [B, K, C] = {list(centroids.shape[:3])}, got {list(counts.shape)}")
+    if threshold.shape != (b,):
+        raise ValueError(f"threshold must be [B] = [{b}], got {list(threshold.shape)}")
+
+
+def centroid_scores(q: Array, centroids: Array, counts: Array, threshold: Array, *, scale: float | None = None,
+                    implementation: str | None = None, **kernel_options) -> tuple[Array, Array]:
+    """Each cluster's estimated attention weight for one decode query per row, and whether it
+    passes ``threshold [B]``: ``(weights [B, K, C] fp32, kept [B, K, C] bool)`` from ``q [B, K,
+    G, H]``, ``centroids [B, K, C, H]``, ``counts [B, K, C]`` (see ``reference``).
+    ``implementation``: ``"pallas_gpu"`` or ``"reference"``; explicit ones that cannot run raise,
+    None takes the kernel on a GPU and otherwise warns and runs the reference. ``kernel_options``
+    (``block_c``, ``num_warps``, ``num_stages``, ``interpret``) go to the kernel."""
+    _check(q, centroids, counts, threshold)
+    if implementation not in (None,) + IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
+    if implementation in (None, "pallas_gpu"):
+        h = q.shape[-1]
+        why = None
+        if not kernel_options.get("interpret"):
+            if jax.default_backend() != "gpu":
+                why = f"the backend is {jax.default_backend()}, not gpu"
+            elif h & (h - 1):
+                why = f"head_dim ({h}) must be a power of two"
+        if why is None:
+            from jaxkv.kernels.centroid_scores.pallas_gpu import centroid_scores_pallas_gpu
+
+            return centroid_scores_pallas_gpu(q, centroids, counts, threshold, scale=scale, **kernel_options)
+        if implementation == "pallas_gpu":
+            raise ValueError(f"implementation='pallas_gpu' cannot run: {why}")
+        warnings.warn(f"centroid_scores: the Pallas GPU kernel cannot run ({why}); using the jnp reference",
+                      stacklevel=2)
+    if kernel_options:
+        raise ValueError(f"kernel options {sorted(kernel_options)} need a kernel, not the reference")
+    return centroid_scores_reference(q, centroids, counts, threshold, scale=scale)
