@@ -144,3 +144,35 @@ def test_bench_kernels_on_a_tiny_shape():
         assert r["seconds"] > 0 and r["kv_bytes"] > 0
         if r["max_abs_err"] is not None:
             assert r["max_abs_err"] < 2e-2, r
+
+
+def test_full_decodes_through_the_kernel_as_without_it(parity_models):
+    """full[decode_kernel=...]: a prefill, then decode steps of a ragged batch (one row ends
+    early) through the dispatch; the logits equal plain `full`'s."""
+    from jaxkv.cache import FullCache, init_cache
+    from jaxkv.models.llama import forward
+
+    config, params, e = parity_models["llama3"]
+    seq = jnp.asarray(np.concatenate([e["prompt_a"], e["greedy_a"]]))[None][:, :20]
+    seq = jnp.concatenate([seq, seq[:, ::-1]], axis=0)
+    n = seq.shape[1]
+    pos = jnp.broadcast_to(jnp.arange(n), seq.shape)
+    pos = pos.at[1, 17:].set(-1)  # row 1 stops after 17 tokens
+    step = jax.jit(forward, static_argnames=("config",))
+
+    def run(policy):
+        cache = init_cache(config, policy, batch=2, max_len=32, dtype=jnp.float32)
+        out, cache = forward(params, seq[:, :12], pos[:, :12], cache, config=config)
+        outs = [out]
+        for t in range(12, n):
+            out, cache = step(params, seq[:, t:t + 1], pos[:, t:t + 1], cache, config=config)
+            outs.append(out)
+        return np.asarray(jnp.concatenate(outs, axis=1))
+
+    want = run(FullCache())
+    real = np.asarray(pos) >= 0
+    for policy in (FullCache(decode_kernel="reference"), FullCache(decode_kernel="pallas_gpu", kernel_interpret=True)):
+        got = run(policy)
+        np.testing.assert_allclose(got[real], want[real], atol=2e-5, err_msg=policy.decode_kernel)
+    with pytest.raises(Exception, match="decode_kernel"):
+        FullCache(decode_kernel="cudnn")

@@ -4,6 +4,10 @@ Slot ``s`` holds the token at position ``s``; padding (position -1) is dropped. 
 cannot lose a token quietly: a prompt chunk longer than its slots is refused at trace time, and
 a position at or beyond ``max_len`` (known only at run time, under jit) turns that row's
 attention output, and so its logits, into NaN instead of a wrong number.
+
+``decode_kernel="pallas_gpu"`` (or ``"reference"``) sends decode steps through
+``jaxkv.kernels.sparse_decode.dense_decode`` (every block of the head-major cache); prefill,
+extend chunks, sliding-window layers and low-bit storage keep the jnp attention.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from jaxkv.cache.kv import KVCache
-from jaxkv.cache.policy import CachePolicy, register_policy
+from jaxkv.cache.policy import CachePolicy, Phase, register_policy
 from jaxkv.errors import UserError
 
 __all__ = ["FullCache"]
@@ -23,6 +27,15 @@ __all__ = ["FullCache"]
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FullCache(CachePolicy):
     name = "full"
+    decode_kernel: str | None = None  # "pallas_gpu" | "reference": decode steps through the kernel dispatch
+    kernel_interpret: bool = False    # run that kernel in Pallas interpret mode (a CPU check; slow)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.decode_kernel not in (None, "pallas_gpu", "reference"):
+            raise UserError(f"full: decode_kernel must be pallas_gpu or reference, got {self.decode_kernel!r}")
+        if not isinstance(self.kernel_interpret, bool):
+            raise UserError(f"full: kernel_interpret must be true or false, got {self.kernel_interpret!r}")
 
     def capacity(self, max_len: int) -> int:
         return max_len
@@ -51,6 +64,25 @@ class FullCache(CachePolicy):
     def append(self, state, *, q, k, v, positions, phase, layer, params=None):
         self._check_fits(state, k.shape[1])
         state = state.write(k, v, positions, state.slot_or_drop(positions))
-        out = self.attend(state, q, positions, layer)
+        if self.decode_kernel is not None and phase is Phase.DECODE and layer.sliding_window is None \
+                and not self.quantized:
+            out = self._kernel_decode(state, q, positions)
+        else:
+            out = self.attend(state, q, positions, layer)
         lost = self._overflow(state, positions).reshape((-1,) + (1,) * (out.ndim - 1))
         return jnp.where(lost, jnp.nan, out).astype(out.dtype), state
+
+    def _kernel_decode(self, state: KVCache, q, positions):
+        """One new token per row over slots ``0..position`` (slot = position; a row whose position
+        is -1 sees nothing and gets 0) through the kernel dispatch; ``q [B, 1, K, G, H]``."""
+        from jaxkv.kernels.sparse_decode import dense_decode
+
+        slots = state.num_slots
+        block = next((b for b in (64, 32, 16) if slots % b == 0), None)
+        if block is None:
+            raise UserError(f"full[decode_kernel={self.decode_kernel}]: the cache's {slots} slots must be a "
+                            "multiple of 16 (init_cache(max_len=...))")
+        options = {"interpret": True} if self.kernel_interpret and self.decode_kernel == "pallas_gpu" else {}
+        out, _ = dense_decode(q[:, 0], state.k, state.v, jnp.maximum(positions[:, 0] + 1, 0), block_size=block,
+                              implementation=self.decode_kernel, **options)
+        return out[:, None]
