@@ -434,5 +434,6 @@ def test_smollm2_greedy_chat_equals_transformers(smollm2):
 @pytest.mark.slow
 def test_smollm2_cli_chat_answers(capsys):
     _smollm2_or_skip()
-    assert main(["generate", "--model", "smollm2", "--chat", "--prompt", "What is the capital of France?"]) == 0
+    assert main(["generate", "--model", "smollm2", "--chat", "--prompt", "What is the capital of France?",
+                 "--max-new-tokens", "16"]) == 0
     assert "Paris" in capsys.readouterr().out

@@ -50,7 +50,9 @@ def _run(config, params, seq, policy, prefill_len=12, extend_len=5):
 
 @pytest.mark.parametrize("name", POLICIES)
 def test_a_budget_that_keeps_everything_equals_full(parity_models, name):
-    for fam in ("llama3", "mistral"):  # mistral: the model's sliding window on top of the policy
+    # mistral: the model's sliding window on top of the policy (a composition's low-bit storage
+    # does not change how its policy windows, so compositions run llama3 only)
+    for fam in ("llama3",) if "+" in name else ("llama3", "mistral"):
         config, params, e = parity_models[fam]
         seq = _sequence(e)
         got_policy = policy_for(name, 1.0, seq.shape[1]).prepare(params, config)
