@@ -1,14 +1,13 @@
 """``centroid_scores``: the one entry point; picks the implementation and checks the arguments."""
 from __future__ import annotations
 
-import warnings
-
 import jax
 
 from jaxkv.kernels.centroid_scores.reference import centroid_scores_reference
+from jaxkv.kernels.dispatch import IMPLEMENTATIONS, use_kernel
 
 Array = jax.Array
-IMPLEMENTATIONS = ("pallas_gpu", "reference")
+__all__ = ["IMPLEMENTATIONS", "centroid_scores"]
 
 
 def _check(q, centroids, counts, threshold):
@@ -33,24 +32,15 @@ def centroid_scores(q: Array, centroids: Array, counts: Array, threshold: Array,
     None takes the kernel on a GPU and otherwise warns and runs the reference. ``kernel_options``
     (``block_c``, ``num_warps``, ``num_stages``, ``interpret``) go to the kernel."""
     _check(q, centroids, counts, threshold)
-    if implementation not in (None,) + IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
-    if implementation in (None, "pallas_gpu"):
-        h = q.shape[-1]
-        why = None
-        if not kernel_options.get("interpret"):
-            if jax.default_backend() != "gpu":
-                why = f"the backend is {jax.default_backend()}, not gpu"
-            elif h & (h - 1):
-                why = f"head_dim ({h}) must be a power of two"
-        if why is None:
-            from jaxkv.kernels.centroid_scores.pallas_gpu import centroid_scores_pallas_gpu
 
-            return centroid_scores_pallas_gpu(q, centroids, counts, threshold, scale=scale, **kernel_options)
-        if implementation == "pallas_gpu":
-            raise ValueError(f"implementation='pallas_gpu' cannot run: {why}")
-        warnings.warn(f"centroid_scores: the Pallas GPU kernel cannot run ({why}); using the jnp reference",
-                      stacklevel=2)
-    if kernel_options:
-        raise ValueError(f"kernel options {sorted(kernel_options)} need a kernel, not the reference")
+    def why_not():
+        h = q.shape[-1]
+        if jax.default_backend() != "gpu":
+            return f"the backend is {jax.default_backend()}, not gpu"
+        return f"head_dim ({h}) must be a power of two" if h & (h - 1) else None
+
+    if use_kernel("centroid_scores", implementation, kernel_options, why_not):
+        from jaxkv.kernels.centroid_scores.pallas_gpu import centroid_scores_pallas_gpu
+
+        return centroid_scores_pallas_gpu(q, centroids, counts, threshold, scale=scale, **kernel_options)
     return centroid_scores_reference(q, centroids, counts, threshold, scale=scale)

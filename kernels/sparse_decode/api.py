@@ -1,15 +1,14 @@
 """``sparse_decode``: the one entry point; picks the implementation and checks the arguments."""
 from __future__ import annotations
 
-import warnings
-
 import jax
 import jax.numpy as jnp
 
+from jaxkv.kernels.dispatch import IMPLEMENTATIONS, use_kernel
 from jaxkv.kernels.sparse_decode.reference import sparse_decode_reference
 
 Array = jax.Array
-IMPLEMENTATIONS = ("pallas_gpu", "reference")
+__all__ = ["IMPLEMENTATIONS", "dense_decode", "sparse_decode"]
 
 
 def _check(q, k, v, lengths, block_indices, block_counts, block_size):
@@ -52,22 +51,11 @@ def sparse_decode(q: Array, k: Array, v: Array, lengths: Array, block_indices: A
     it falls back. ``kernel_options`` (``blocks_per_split``, ``num_warps``, ``num_stages``,
     ``interpret``) go to the kernel."""
     _check(q, k, v, lengths, block_indices, block_counts, block_size)
-    if implementation not in (None,) + IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
-    interpret = bool(kernel_options.get("interpret"))
-    if implementation in (None, "pallas_gpu"):
-        why = None if interpret else _pallas_gpu_ok(q, block_size)
-        if why is None:
-            from jaxkv.kernels.sparse_decode.pallas_gpu import sparse_decode_pallas_gpu
+    if use_kernel("sparse_decode", implementation, kernel_options, lambda: _pallas_gpu_ok(q, block_size)):
+        from jaxkv.kernels.sparse_decode.pallas_gpu import sparse_decode_pallas_gpu
 
-            return sparse_decode_pallas_gpu(q, k, v, lengths, block_indices, block_counts, block_size=block_size,
-                                            scale=scale, **kernel_options)
-        if implementation == "pallas_gpu":
-            raise ValueError(f"implementation='pallas_gpu' cannot run: {why}")
-        warnings.warn(f"sparse_decode: the Pallas GPU kernel cannot run ({why}); using the jnp reference",
-                      stacklevel=2)
-    if kernel_options:
-        raise ValueError(f"kernel options {sorted(kernel_options)} need a kernel, not the reference")
+        return sparse_decode_pallas_gpu(q, k, v, lengths, block_indices, block_counts, block_size=block_size,
+                                        scale=scale, **kernel_options)
     return sparse_decode_reference(q, k, v, lengths, block_indices, block_counts, block_size=block_size,
                                    scale=scale)
 
