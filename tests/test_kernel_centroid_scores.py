@@ -44,7 +44,8 @@ class CentroidScoresBase:
     @pytest.mark.parametrize("b,kh,g,h,c,block_c", [
         (2, 2, 4, 32, 100, 32),  # clusters not a block multiple
         (1, 3, 1, 16, 64, 16),   # one query head
-        (3, 1, 8, 64, 20, 64),   # fewer clusters than one block
+        (3, 1, 8, 64, 20, 64),   # fewer clusters than one block: the last block overlaps the one before
+        (1, 2, 4, 32, 10, 64),   # fewer clusters than the smallest block (padded)
     ])
     def test_matches_the_reference(self, dtype, b, kh, g, h, c, block_c):
         rng = np.random.default_rng(c + g)

@@ -24,7 +24,12 @@ def centroid_scores_reference(q: Array, centroids: Array, counts: Array, thresho
                               scale: float | None = None) -> tuple[Array, Array]:
     """``(weights [B, K, C] fp32, kept [B, K, C] bool)``; see the module docstring."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = jnp.einsum("BKGH,BKCH->BKGC", q.astype(jnp.float32), centroids.astype(jnp.float32)) * scale
+    s = jnp.einsum("BKGH,BKCH->BKGC", q.astype(jnp.float32), centroids.astype(jnp.float32), precision="highest") * scale
+    return weights_from_scores(s, counts, threshold)
+
+
+def weights_from_scores(s: Array, counts: Array, threshold: Array) -> tuple[Array, Array]:
+    """Steps 2-3 from step 1's scaled scores ``s [B, K, G, C]`` (fp32)."""
     has = counts[:, :, None, :] > 0
     s = jnp.where(has, s, -jnp.inf)
     log_z = jax.nn.logsumexp(s + jnp.log(jnp.maximum(counts, 1e-30))[:, :, None, :], axis=-1, keepdims=True)

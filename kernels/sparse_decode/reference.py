@@ -39,11 +39,11 @@ def sparse_decode_reference(q: Array, k: Array, v: Array, lengths: Array, block_
     s_len, h = k.shape[2], q.shape[-1]
     scale = h ** -0.5 if scale is None else scale
     vis = visible_slots(block_indices, block_counts, lengths, num_slots=s_len, block_size=block_size)
-    scores = jnp.einsum("BKGH,BKSH->BKGS", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+    scores = jnp.einsum("BKGH,BKSH->BKGS", q.astype(jnp.float32), k.astype(jnp.float32), precision="highest") * scale
     scores = jnp.where(vis[:, :, None, :], scores, -jnp.inf)
     lse = jax.nn.logsumexp(scores, axis=-1)
     p = jnp.where(vis[:, :, None, :], jnp.exp(scores - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None]), 0.0)
-    out = jnp.einsum("BKGS,BKSH->BKGH", p, v.astype(jnp.float32))
+    out = jnp.einsum("BKGS,BKSH->BKGH", p, v.astype(jnp.float32), precision="highest")
     return out.astype(q.dtype), lse
 
 
