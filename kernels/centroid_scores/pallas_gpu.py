@@ -41,7 +41,7 @@ def _block_c(num_c: int, block_c: int) -> int:
 
 @functools.partial(jax.jit, static_argnames=("scale", "block_c", "num_warps", "num_stages", "interpret"))
 def centroid_scores_pallas_gpu(q: Array, centroids: Array, counts: Array, threshold: Array, *,
-                               scale: float | None = None, block_c: int = 64, num_warps: int = 4,
+                               scale: float | None = None, block_c: int = 32, num_warps: int = 4,
                                num_stages: int = 1, interpret: bool = False) -> tuple[Array, Array]:
     """``(weights [B, K, C], kept [B, K, C])``, in fp32 throughout (no TF32: the threshold
     compares small weights)."""
