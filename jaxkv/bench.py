@@ -225,6 +225,9 @@ def bench_kernels(*, batch: int = 4, num_heads: int = 32, num_kv_heads: int = 8,
     want = ref(q, k, v)[0].astype(jnp.float32)
     rows = []
 
+    def timed(f, *xs, repeats):  # interpret mode checks the bench itself: one round is enough
+        return _time_on_device(f, *xs, repeats=repeats, rounds=1 if interpret else 3)
+
     def row(name, seconds, nbytes, out=None, against=want, **extra):
         err = None if out is None else float(jnp.max(jnp.abs(out.astype(jnp.float32) - against)))
         r = {"kernel": name, "batch": b, "heads": f"{num_heads}/{kh}", "head_dim": h, "context": s,
@@ -236,15 +239,32 @@ def bench_kernels(*, batch: int = 4, num_heads: int = 32, num_kv_heads: int = 8,
     dense_bytes = 2 * b * kh * s * h * itemsize
     dense = jax.jit(lambda q, k, v: sparse_decode(q, k, v, lengths, all_idx, all_counts, block_size=block_size,
                                                   **impl))
-    row("dense decode, pallas_gpu", _time_on_device(dense, q, k, v, repeats=repeats), dense_bytes, dense(q, k, v)[0])
-    row("dense decode, XLA (jnp reference)", _time_on_device(ref, q, k, v, repeats=repeats), dense_bytes, want)
+    row("dense decode, pallas_gpu", timed(dense, q, k, v, repeats=repeats), dense_bytes, dense(q, k, v)[0])
+    row("dense decode, XLA (jnp reference)", timed(ref, q, k, v, repeats=repeats), dense_bytes, want)
     if jax.default_backend() == "gpu":
         ks_, vs_ = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, S, K, H]: cuDNN's own layout
         qs = q.reshape(b, 1, num_heads, h)
         cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
         out = cudnn(qs, ks_, vs_).reshape(b, kh, g, h)
-        row("dense decode, cuDNN (sequence-major)", _time_on_device(cudnn, qs, ks_, vs_, repeats=repeats), dense_bytes, out)
+        row("dense decode, cuDNN (sequence-major)", timed(cudnn, qs, ks_, vs_, repeats=repeats), dense_bytes, out)
         del ks_, vs_
+    # quantized: the same cache as per-token packed INT4 / INT2 codes (MiKV's low tier), read packed
+    from jaxkv.cache.quant import quantize
+    from jaxkv.kernels.quantized_decode import quantized_decode, quantized_decode_reference
+
+    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, kh, s))
+    for bits in (4, 2):
+        qk, qv = quantize(k, bits), quantize(v, bits)
+        packed = (qk.codes, qk.scale[..., 0], qk.zero[..., 0], qv.codes, qv.scale[..., 0], qv.zero[..., 0], positions)
+        q_ref = jax.jit(lambda q, *c: quantized_decode_reference(q, *c, bits=bits))
+        q_kernel = jax.jit(lambda q, *c: quantized_decode(q, *c, bits=bits, block_size=block_size, **impl))
+        q_want = q_ref(q, *packed)[0].astype(jnp.float32)
+        nbytes = sum(int(a.size) * a.dtype.itemsize for a in packed)
+        r = row(f"quantized decode INT{bits}, pallas_gpu", timed(q_kernel, q, *packed, repeats=repeats),
+                nbytes, q_kernel(q, *packed)[0], against=q_want)
+        r["bytes_ratio_vs_dense"] = nbytes / dense_bytes
+        r["time_ratio_vs_dense"] = r["seconds"] / rows[0]["seconds"]
+        del qk, qv, packed
     # sparse: the top budget/block_size blocks by a Quest-style bound from each block's key min/max
     nb, pick = s // block_size, budget // block_size
     kb = k.reshape(b, kh, nb, block_size, h)
@@ -265,12 +285,12 @@ def bench_kernels(*, batch: int = 4, num_heads: int = 32, num_kv_heads: int = 8,
     sparse_want = sparse_decode_reference(q, k, v, lengths, idx, counts, block_size=block_size)[0].astype(jnp.float32)
     sparse_bytes = 2 * b * kh * budget * h * itemsize
     bound_bytes = 2 * b * kh * nb * h * itemsize
-    row(f"sparse decode {budget} tokens, pallas_gpu", _time_on_device(sparse, q, k, v, idx, repeats=repeats), sparse_bytes,
+    row(f"sparse decode {budget} tokens, pallas_gpu", timed(sparse, q, k, v, idx, repeats=repeats), sparse_bytes,
         sparse(q, k, v, idx)[0], against=sparse_want)
     row(f"sparse decode {budget} tokens + selection, pallas_gpu",
-        _time_on_device(both, q, k, v, kmin, kmax, repeats=repeats), sparse_bytes + bound_bytes,
+        timed(both, q, k, v, kmin, kmax, repeats=repeats), sparse_bytes + bound_bytes,
         both(q, k, v, kmin, kmax)[0], against=sparse_want)
-    row("selection alone (block bounds, top-k)", _time_on_device(sel, q, kmin, kmax, repeats=repeats), bound_bytes)
+    row("selection alone (block bounds, top-k)", timed(sel, q, kmin, kmax, repeats=repeats), bound_bytes)
     # Squeezed's centroid lookup: one cluster per 20 keys (its default centroid_share 0.05)
     from jaxkv.kernels.centroid_scores import centroid_scores, centroid_scores_reference
 
@@ -283,10 +303,10 @@ def bench_kernels(*, batch: int = 4, num_heads: int = 32, num_kv_heads: int = 8,
     cs_ref = jax.jit(lambda q, c, n: centroid_scores_reference(q, c, n, thr))
     w_want = cs_ref(q, cent, counts)[0]
     cent_bytes = b * kh * n_c * (h + 1) * 4
-    row(f"centroid scores + threshold, {n_c} clusters, pallas_gpu", _time_on_device(cs, q, cent, counts, repeats=repeats),
+    row(f"centroid scores + threshold, {n_c} clusters, pallas_gpu", timed(cs, q, cent, counts, repeats=repeats),
         cent_bytes, cs(q, cent, counts)[0], against=w_want)
     row(f"centroid scores + threshold, {n_c} clusters, XLA (jnp reference)",
-        _time_on_device(cs_ref, q, cent, counts, repeats=repeats), cent_bytes, w_want, against=w_want)
+        timed(cs_ref, q, cent, counts, repeats=repeats), cent_bytes, w_want, against=w_want)
     return rows
 
 

@@ -120,10 +120,10 @@ def test_default_model_retrieves_and_streaming_loses_needles_outside_its_window(
     config, params = load_checkpoint(path, dtype=jnp.float32)
     tokenizer = load_tokenizer(path)
     assert config.num_kv_heads < config.num_heads  # GQA
-    # two samples, needles at depths 0.25 and 0.75 of a 2,048-token prompt; a window of about
-    # 200 tokens (budget 0.1) sees neither
+    # two samples, needles at depths 0.25 and 0.75 of a 1,024-token prompt; a window of about
+    # 100 tokens (budget 0.1) sees neither
     rows = evaluate(params, config, tokenizer, EvalConfig(methods=("full", "streaming"), budgets=(0.1,),
-                                                          lengths=(2048,), samples=2, seed=5))
+                                                          lengths=(1024,), samples=2, seed=5))
     by = {r.method: r for r in rows}
     assert by["full"].accuracy == 1.0
     assert by["streaming"].accuracy == 0.0 and by["streaming"].kl > 0.5

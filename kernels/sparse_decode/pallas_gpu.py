@@ -4,7 +4,7 @@ Grid ``(B, K, splits)``: each program takes one (row, KV head) and a contiguous 
 listed blocks (``blocks_per_split`` of them, split-K), loads each block's ``block_size`` keys
 and values once for all ``G`` query heads of the KV head (GQA packed: the queries padded to 16
 rows so the scores are one ``dot``), keeps an online softmax, and writes its normalised partial
-output and log-sum-exp; a log-sum-exp merge over the splits follows in jnp. Same signature and
+output and log-sum-exp; a log-sum-exp merge over the splits follows in jnp (``splitk.merge_splits``). Same signature and
 result as ``reference.sparse_decode_reference`` plus the block sizes and ``interpret``.
 """
 from __future__ import annotations
@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from jaxkv.kernels.splitk import merge_splits
 
 Array = jax.Array
 _NEG = -1e30  # masked scores: finite, so that a program with nothing visible makes no NaN
@@ -97,11 +99,5 @@ def sparse_decode_pallas_gpu(q: Array, k: Array, v: Array, lengths: Array, block
         interpret=interpret,
         name="jaxkv_sparse_decode",
     )(lengths.astype(jnp.int32), block_counts.astype(jnp.int32)[:, :, None], idx, qp, k, v)
-    # the log-sum-exp merge of the splits
-    top = jnp.max(lse, axis=2, keepdims=True)
-    top = jnp.where(jnp.isfinite(top), top, 0.0)
-    w = jnp.exp(lse - top)  # 0 for a split that saw nothing
-    total = jnp.sum(w, axis=2)
-    out = jnp.sum(w[..., None] * o, axis=2) / jnp.where(total > 0, total, 1.0)[..., None]
-    lse_out = jnp.where(total > 0, top[:, :, 0] + jnp.log(jnp.where(total > 0, total, 1.0)), -jnp.inf)
+    out, lse_out = merge_splits(o, lse)
     return out[:, :, :g].astype(q.dtype), lse_out[:, :, :g]

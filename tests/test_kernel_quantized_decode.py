@@ -1,0 +1,114 @@
+"""quantized_decode: the reference against attention over the dequantized cache (numpy) and
+against sparse_decode's reference on the same values; every backend against the reference
+through one shared test base (interpret mode on the CPU, compiled under the gpu marker)."""
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jaxkv.cache.quant import dequantize, quantize
+from jaxkv.kernels.quantized_decode import quantized_decode, quantized_decode_reference
+from jaxkv.kernels.sparse_decode import dense_decode
+
+
+def _case(rng, b, kh, g, h, s, bits, dtype, lengths, hidden=0.2):
+    """Random q and a quantized cache; slots past a row's length and a share of the rest hidden."""
+    q = jnp.asarray(rng.normal(size=(b, kh, g, h)), dtype)
+    k = jnp.asarray(rng.normal(size=(b, kh, s, h)) * 2 + rng.normal(size=(1, 1, 1, h)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(b, kh, s, h)), jnp.float32)
+    qk, qv = quantize(k, bits), quantize(v, bits)
+    pos = np.broadcast_to(np.arange(s), (b, kh, s)).copy()
+    pos[np.broadcast_to(np.arange(s)[None, None, :] >= np.asarray(lengths)[:, None, None], pos.shape)] = -1
+    pos[rng.random((b, kh, s)) < hidden] = -1
+    args = (q, qk.codes, qk.scale[..., 0], qk.zero[..., 0], qv.codes, qv.scale[..., 0], qv.zero[..., 0],
+            jnp.asarray(pos, jnp.int32))
+    return args, dequantize(qk), dequantize(qv)
+
+
+def test_reference_is_attention_over_the_dequantized_tokens():
+    rng = np.random.default_rng(0)
+    args, k, v = _case(rng, 2, 2, 3, 16, 40, 4, jnp.float32, [40, 17])
+    out, lse = quantized_decode_reference(*args, bits=4)
+    q, pos = np.asarray(args[0], np.float64), np.asarray(args[-1])
+    s = np.einsum("bkgh,bksh->bkgs", q, np.asarray(k, np.float64)) / 4.0
+    s = np.where(pos[:, :, None, :] >= 0, s, -np.inf)
+    m = s.max(-1, keepdims=True)
+    p = np.exp(s - m)
+    want = np.einsum("bkgs,bksh->bkgh", p / p.sum(-1, keepdims=True), np.asarray(v, np.float64))
+    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(lse), (m[..., 0] + np.log(p.sum(-1))), rtol=1e-6)
+
+
+def test_reference_equals_dense_decode_on_the_same_values():
+    """Every slot visible up to the length: quantized decode = dense decode over k, v dequantized."""
+    rng = np.random.default_rng(1)
+    args, k, v = _case(rng, 2, 2, 4, 32, 64, 2, jnp.float32, [64, 30], hidden=0.0)
+    lengths = jnp.asarray([64, 30], jnp.int32)
+    got, got_lse = quantized_decode_reference(*args, bits=2)
+    want, want_lse = dense_decode(args[0], k, v, lengths, block_size=16, implementation="reference")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got_lse), np.asarray(want_lse), rtol=1e-6)
+
+
+class QuantizedDecodeBase:
+    implementation: str
+    options: dict = {}
+    kernel = False
+
+    @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+    @pytest.mark.parametrize("b,kh,g,h,s,bits,block,lengths,per_split", [
+        (2, 2, 4, 64, 96, 4, 16, [96, 37], 2),     # ragged; splits of 2 blocks, the last short
+        (1, 1, 1, 64, 64, 2, 32, [64], 1),         # one query head, 2-bit
+        (3, 2, 8, 128, 128, 8, 64, [128, 5, 0], None),  # 8-bit, a row with nothing visible
+        (2, 1, 4, 64, 64, 3, 16, [64, 50], 3),     # 3-bit (two codes a byte)
+    ])
+    def test_matches_the_reference(self, dtype, b, kh, g, h, s, bits, block, lengths, per_split):
+        rng = np.random.default_rng(s + bits)
+        args, _, _ = _case(rng, b, kh, g, h, s, bits, dtype, lengths)
+        want, want_lse = quantized_decode_reference(*args, bits=bits)
+        opts = dict(self.options, block_size=block, blocks_per_split=per_split) if self.kernel else self.options
+        got, got_lse = quantized_decode(*args, bits=bits, implementation=self.implementation, **opts)
+        assert got.shape == want.shape and got.dtype == args[0].dtype
+        tol = 2e-5 if dtype == jnp.float32 else 3e-2
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol, rtol=tol)
+        np.testing.assert_allclose(np.asarray(got_lse), np.asarray(want_lse), atol=tol * 10, rtol=tol)
+        if 0 in lengths:  # nothing visible: out 0, lse -inf
+            row = lengths.index(0)
+            assert not np.asarray(got)[row].any() and np.isneginf(np.asarray(got_lse)[row]).all()
+
+
+class TestReference(QuantizedDecodeBase):
+    implementation = "reference"
+
+
+class TestPallasGpuInterpret(QuantizedDecodeBase):
+    implementation = "pallas_gpu"
+    options = {"interpret": True}
+    kernel = True
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+class TestPallasGpu(QuantizedDecodeBase):
+    implementation = "pallas_gpu"
+    kernel = True
+
+
+def test_bad_arguments_name_themselves():
+    rng = np.random.default_rng(2)
+    args, _, _ = _case(rng, 1, 2, 2, 32, 32, 4, jnp.float32, [32])
+    with pytest.raises(ValueError, match="bits must be one of"):
+        quantized_decode(*args, bits=5, implementation="reference")
+    with pytest.raises(ValueError, match="k_codes must be"):
+        quantized_decode(*args, bits=2, implementation="reference")  # 4-bit codes read as 2-bit
+    bad = list(args)
+    bad[2] = bad[2][:, :, :5]
+    with pytest.raises(ValueError, match="k_scale must be"):
+        quantized_decode(*bad, bits=4, implementation="reference")
+    with pytest.raises(ValueError, match="block_size .* must divide"):
+        quantized_decode(*args, bits=4, implementation="pallas_gpu", interpret=True, block_size=64)
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="cannot run"):
+            quantized_decode(*args, bits=4, implementation="pallas_gpu")
+        with pytest.warns(UserWarning, match="using the jnp reference"):
+            quantized_decode(*args, bits=4)
