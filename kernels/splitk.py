@@ -1,10 +1,17 @@
-"""Split-K flash decoding's last step, shared by the decode kernels: merge per-split partials."""
+"""Split-K flash decoding, shared by the decode kernels: how many splits, and the merge of their partials."""
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
 
 Array = jax.Array
+
+
+def default_blocks_per_split(batch: int, num_kv_heads: int, n_blocks: int, *, programs: int = 512) -> int:
+    """Enough splits that about ``programs`` programs run (a few per SM of an H100/H200)."""
+    return max(1, math.ceil(n_blocks * batch * num_kv_heads / programs))
 
 
 def merge_splits(o: Array, lse: Array) -> tuple[Array, Array]:

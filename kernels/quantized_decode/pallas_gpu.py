@@ -17,14 +17,13 @@ each ``codes_i = (byte >> i * bits) & mask`` a shift and a mask in registers and
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxkv.kernels.splitk import merge_splits
+from jaxkv.kernels.splitk import default_blocks_per_split, merge_splits
 
 Array = jax.Array
 _NEG = -1e30  # finite: a program with nothing visible makes no NaN
@@ -80,11 +79,6 @@ def _kernel(q_ref, qsum_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, pos
     for i in range(per):
         o_ref[i] = jnp.where(some[:, None], (accs[i] + zacc[:, None]) * inv[:, None], 0.0)
     lse_ref[...] = jnp.where(some, m + jnp.log(jnp.where(some, l, 1.0)), -jnp.inf)
-
-
-def default_blocks_per_split(batch: int, num_kv_heads: int, n_blocks: int, *, programs: int = 512) -> int:
-    """Enough splits that about ``programs`` programs run (a few per SM of an H100/H200)."""
-    return max(1, math.ceil(n_blocks * batch * num_kv_heads / programs))
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "block_size", "scale", "blocks_per_split", "num_warps",

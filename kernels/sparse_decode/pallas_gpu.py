@@ -10,14 +10,13 @@ result as ``reference.sparse_decode_reference`` plus the block sizes and ``inter
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxkv.kernels.splitk import merge_splits
+from jaxkv.kernels.splitk import default_blocks_per_split, merge_splits
 
 Array = jax.Array
 _NEG = -1e30  # masked scores: finite, so that a program with nothing visible makes no NaN
@@ -53,11 +52,6 @@ def _kernel(lengths_ref, counts_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_re
     some = l > 0
     o_ref[...] = jnp.where(some[:, None], acc / jnp.where(some, l, 1.0)[:, None], 0.0)
     lse_ref[...] = jnp.where(some, m + jnp.log(jnp.where(some, l, 1.0)), -jnp.inf)
-
-
-def default_blocks_per_split(batch: int, num_kv_heads: int, max_blocks: int, *, programs: int = 512) -> int:
-    """Enough splits that about ``programs`` programs run (a few per SM of an H100/H200)."""
-    return max(1, math.ceil(max_blocks * batch * num_kv_heads / programs))
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "blocks_per_split", "scale", "num_warps", "num_stages",
