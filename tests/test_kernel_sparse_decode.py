@@ -147,9 +147,11 @@ def test_bench_kernels_on_a_tiny_shape():
             assert r["max_abs_err"] < 2e-2, r
 
 
-def test_full_decodes_through_the_kernel_as_without_it(parity_models):
+@pytest.mark.parametrize("kv_bits", [None, 4], ids=["dense", "int4"])
+def test_full_decodes_through_the_kernel_as_without_it(parity_models, kv_bits):
     """full[decode_kernel=...]: a prefill, then decode steps of a ragged batch (one row ends
-    early) through the dispatch; the logits equal plain `full`'s."""
+    early) through the dispatch; the logits equal plain `full`'s. In INT4 storage (`full+mikv`)
+    the steps go through quantized_decode, over the packed codes."""
     from jaxkv.cache import FullCache, init_cache
     from jaxkv.models.llama import forward
 
@@ -170,9 +172,10 @@ def test_full_decodes_through_the_kernel_as_without_it(parity_models):
             outs.append(out)
         return np.asarray(jnp.concatenate(outs, axis=1))
 
-    want = run(FullCache())
+    want = run(FullCache(kv_bits=kv_bits))
     real = np.asarray(pos) >= 0
-    for policy in (FullCache(decode_kernel="reference"), FullCache(decode_kernel="pallas_gpu", kernel_interpret=True)):
+    for policy in (FullCache(kv_bits=kv_bits, decode_kernel="reference"),
+                   FullCache(kv_bits=kv_bits, decode_kernel="pallas_gpu", kernel_interpret=True)):
         got = run(policy)
         np.testing.assert_allclose(got[real], want[real], atol=2e-5, err_msg=policy.decode_kernel)
     with pytest.raises(Exception, match="decode_kernel"):

@@ -6,8 +6,9 @@ a position at or beyond ``max_len`` (known only at run time, under jit) turns th
 attention output, and so its logits, into NaN instead of a wrong number.
 
 ``decode_kernel="pallas_gpu"`` (or ``"reference"``) sends decode steps through
-``jaxkv.kernels.sparse_decode.dense_decode`` (every block of the head-major cache); prefill,
-extend chunks, sliding-window layers and low-bit storage keep the jnp attention.
+``jaxkv.kernels.sparse_decode.dense_decode`` (every block of the head-major cache), or, in
+low-bit storage (``full+mikv``), through ``jaxkv.kernels.quantized_decode``, which reads the
+packed codes; prefill, extend chunks and sliding-window layers keep the jnp attention.
 """
 
 from __future__ import annotations
@@ -64,8 +65,7 @@ class FullCache(CachePolicy):
     def append(self, state, *, q, k, v, positions, phase, layer, params=None):
         self._check_fits(state, k.shape[1])
         state = state.write(k, v, positions, state.slot_or_drop(positions))
-        if self.decode_kernel is not None and phase is Phase.DECODE and layer.sliding_window is None \
-                and not self.quantized:
+        if self.decode_kernel is not None and phase is Phase.DECODE and layer.sliding_window is None:
             out = self._kernel_decode(state, q, positions)
         else:
             out = self.attend(state, q, positions, layer)
@@ -83,6 +83,17 @@ class FullCache(CachePolicy):
             raise UserError(f"full[decode_kernel={self.decode_kernel}]: the cache's {slots} slots must be a "
                             "multiple of 16 (init_cache(max_len=...))")
         options = {"interpret": True} if self.kernel_interpret and self.decode_kernel == "pallas_gpu" else {}
+        if self.quantized:  # packed codes, read as they are stored
+            from jaxkv.kernels.quantized_decode import quantized_decode
+
+            if self.decode_kernel == "pallas_gpu":
+                options["block_size"] = block
+            seen = jnp.arange(slots)[None, None, :] <= positions[:, :1, None]  # [B, 1, S]: slots up to the token
+            qk, qv = state.qk, state.qv
+            out, _ = quantized_decode(q[:, 0], qk.codes, qk.scale[..., 0], qk.zero[..., 0], qv.codes,
+                                      qv.scale[..., 0], qv.zero[..., 0], jnp.where(seen, state.positions, -1),
+                                      bits=qk.bits, implementation=self.decode_kernel, **options)
+            return out[:, None].astype(jnp.dtype(state.dtype))
         out, _ = dense_decode(q[:, 0], state.k, state.v, jnp.maximum(positions[:, 0] + 1, 0), block_size=block,
                               implementation=self.decode_kernel, **options)
         return out[:, None]
