@@ -197,9 +197,11 @@ def bench_kernels(*, batch: int = 4, num_heads: int = 32, num_kv_heads: int = 8,
                   interpret: bool = False, seed: int = 0) -> list[dict]:
     """Decode-attention kernels against their baselines in one process: dense decode over a
     head-major bf16 cache (the Pallas kernel, XLA on the jnp reference, and cuDNN on its own
-    sequence-major layout where there is a GPU), then sparse decode of ``budget`` tokens chosen
-    per (row, KV head) by page scores from per-block key min/max (selection timed with it and
-    alone), and Squeezed's centroid scoring (one cluster per 20 keys, fused with its threshold).
+    sequence-major layout where there is a GPU), quantized decode over the same cache as packed
+    per-token INT4 and INT2 codes (bytes and time also as ratios to the dense kernel's), then
+    sparse decode of ``budget`` tokens chosen per (row, KV head) by page scores from per-block key
+    min/max (selection timed with it and alone), and Squeezed's centroid scoring (one cluster per
+    20 keys, with its threshold).
     Each row: seconds, KV bytes it must read, bytes/s, and its largest deviation from
     the reference. ``interpret`` runs the Pallas kernel in interpret mode (a CPU check of the
     bench itself; its times mean nothing)."""
