@@ -117,7 +117,8 @@ def cluster_weights(q: Array, centroids: Array, counts: Array, q_real: Array, *,
     of each KV head: ``q [B, T, K, G, H]``, ``centroids [B, K, C, H]``, ``counts [B, K, C]`` ->
     ``[B, K, C]``; ``per_query``: averaged over the query heads only, ``[B, K, T, C]`` (0 for a
     query that is not real)."""
-    s = jnp.einsum("BTKGH,BKCH->BKGTC", q.astype(jnp.float32), centroids.astype(jnp.float32), precision="highest") * q.shape[-1] ** -0.5
+    s = jnp.einsum("BTKGH,BKCH->BKGTC", q.astype(jnp.float32), centroids.astype(jnp.float32),
+                   precision="highest") * q.shape[-1] ** -0.5  # fp32, not TF32 on a GPU: small weights compared
     s = jnp.where(counts[:, :, None, None, :] > 0, s, -jnp.inf)
     log_z = jax.nn.logsumexp(s + jnp.log(jnp.maximum(counts, 1e-30))[:, :, None, None, :], axis=-1, keepdims=True)
     p = jnp.exp(s - log_z)  # [B, K, G, T, C]
