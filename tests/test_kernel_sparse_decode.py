@@ -147,12 +147,14 @@ def test_bench_kernels_on_a_tiny_shape():
             assert r["max_abs_err"] < 2e-2, r
 
 
-@pytest.mark.parametrize("kv_bits", [None, 4], ids=["dense", "int4"])
-def test_full_decodes_through_the_kernel_as_without_it(parity_models, kv_bits):
-    """full[decode_kernel=...]: a prefill, then decode steps of a ragged batch (one row ends
-    early) through the dispatch; the logits equal plain `full`'s. In INT4 storage (`full+mikv`)
-    the steps go through quantized_decode, over the packed codes."""
-    from jaxkv.cache import FullCache, init_cache
+@pytest.mark.parametrize("name,settings", [("full", {}), ("full", {"kv_bits": 4}), ("mikv", {"important": 0.3, "recent": 1, "bits": 4})],
+                         ids=["full", "full+mikv", "mikv"])
+def test_decode_steps_through_the_kernels_as_without_them(parity_models, name, settings):
+    """POLICY[decode_kernel=...]: a prefill, then decode steps of a ragged batch (one row ends
+    early) through the dispatch; the logits equal the policy's own jnp path. `full` goes through
+    dense_decode; in INT4 storage (`full+mikv`) through quantized_decode over the packed codes;
+    `mikv` sends its low tier through quantized_decode and merges its full-precision tier."""
+    from jaxkv.cache import init_cache, make_policy
     from jaxkv.models.llama import forward
 
     config, params, e = parity_models["llama3"]
@@ -172,11 +174,10 @@ def test_full_decodes_through_the_kernel_as_without_it(parity_models, kv_bits):
             outs.append(out)
         return np.asarray(jnp.concatenate(outs, axis=1))
 
-    want = run(FullCache(kv_bits=kv_bits))
+    want = run(make_policy(name, **settings))
     real = np.asarray(pos) >= 0
-    for policy in (FullCache(kv_bits=kv_bits, decode_kernel="reference"),
-                   FullCache(kv_bits=kv_bits, decode_kernel="pallas_gpu", kernel_interpret=True)):
-        got = run(policy)
-        np.testing.assert_allclose(got[real], want[real], atol=2e-5, err_msg=policy.decode_kernel)
+    for kernel in ({"decode_kernel": "reference"}, {"decode_kernel": "pallas_gpu", "kernel_interpret": True}):
+        got = run(make_policy(name, **settings, **kernel))
+        np.testing.assert_allclose(got[real], want[real], atol=2e-5, err_msg=kernel["decode_kernel"])
     with pytest.raises(Exception, match="decode_kernel"):
-        FullCache(decode_kernel="cudnn")
+        make_policy(name, **settings, decode_kernel="cudnn")

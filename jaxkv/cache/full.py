@@ -18,7 +18,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from jaxkv.cache.kv import KVCache
-from jaxkv.cache.policy import CachePolicy, Phase, register_policy
+from jaxkv.cache.policy import CachePolicy, Phase, check_decode_kernel, kernel_block, register_policy
 from jaxkv.errors import UserError
 
 __all__ = ["FullCache"]
@@ -33,10 +33,7 @@ class FullCache(CachePolicy):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.decode_kernel not in (None, "pallas_gpu", "reference"):
-            raise UserError(f"full: decode_kernel must be pallas_gpu or reference, got {self.decode_kernel!r}")
-        if not isinstance(self.kernel_interpret, bool):
-            raise UserError(f"full: kernel_interpret must be true or false, got {self.kernel_interpret!r}")
+        check_decode_kernel(self.name, self.decode_kernel, self.kernel_interpret)
 
     def capacity(self, max_len: int) -> int:
         return max_len
@@ -78,10 +75,7 @@ class FullCache(CachePolicy):
         from jaxkv.kernels.sparse_decode import dense_decode
 
         slots = state.num_slots
-        block = next((b for b in (64, 32, 16) if slots % b == 0), None)
-        if block is None:
-            raise UserError(f"full[decode_kernel={self.decode_kernel}]: the cache's {slots} slots must be a "
-                            "multiple of 16 (init_cache(max_len=...))")
+        block = kernel_block(self.name, self.decode_kernel, slots)
         options = {"interpret": True} if self.kernel_interpret and self.decode_kernel == "pallas_gpu" else {}
         if self.quantized:  # packed codes, read as they are stored
             from jaxkv.kernels.quantized_decode import quantized_decode

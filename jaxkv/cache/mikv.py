@@ -19,6 +19,10 @@ State per layer (every token at its slot = position in the low tier, so nothing 
    ``hi`` plus the low tier's dequantized tokens not in ``hi``; the attention each ``hi`` token
    gets is added to its score (importance updated during decode, H2O-style).
 
+``decode_kernel="pallas_gpu"`` (or ``"reference"``) runs a decode step's low tier through
+``jaxkv.kernels.quantized_decode`` over the packed codes and merges it with the hi tier (jnp)
+by their log-sum-exps; prefill, extend chunks and sliding-window layers keep the jnp path.
+
 ``bits=0`` keeps no low tier: the tokens outside ``hi`` are evicted (H2O with an observation
 window), the baseline the paper's "drop vs keep at low precision" check compares against.
 
@@ -38,7 +42,7 @@ from flax import struct
 
 from jaxkv.attention import attention_weights
 from jaxkv.cache.kv import KVCache
-from jaxkv.cache.policy import CachePolicy, register_policy
+from jaxkv.cache.policy import CachePolicy, Phase, check_decode_kernel, kernel_block, register_policy
 from jaxkv.cache.storage import DenseStorage, QuantizedKV, QuantizedStorage
 from jaxkv.errors import UserError
 from jaxkv.typing import Array
@@ -65,6 +69,8 @@ class MiKVCache(CachePolicy):
     obs_window: int = 32
     budget: float | None = None  # set by from_budget: prepare sizes `important` to the bytes
     context_len: int | None = None
+    decode_kernel: str | None = None  # "pallas_gpu" | "reference": the low tier's decode via quantized_decode
+    kernel_interpret: bool = False    # run that kernel in Pallas interpret mode (a CPU check; slow)
 
     def __post_init__(self):
         super().__post_init__()
@@ -80,6 +86,7 @@ class MiKVCache(CachePolicy):
             raise UserError(f"mikv: bits must be 2, 3, 4 or 8 (or 0: evict the rest), got {self.bits!r}")
         if not isinstance(self.balancer, bool):
             raise UserError(f"mikv: balancer must be true or false, got {self.balancer!r}")
+        check_decode_kernel(self.name, self.decode_kernel, self.kernel_interpret)
 
     @property
     def quantized(self) -> bool:  # its low tier rounds to codes (see the conformance test)
@@ -179,7 +186,11 @@ class MiKVCache(CachePolicy):
             return self._admit(st, *token), None
 
         state, _ = jax.lax.scan(admit, state, (kb.swapaxes(0, 1), v.swapaxes(0, 1), positions.swapaxes(0, 1)))
-        out, p_hi = self._attend(state, q, positions, layer)
+        if self.decode_kernel is not None and phase is Phase.DECODE and layer.sliding_window is None \
+                and state.lo is not None:
+            out, p_hi = self._kernel_attend(state, q, positions)
+        else:
+            out, p_hi = self._attend(state, q, positions, layer)
         return out, state.replace(score=state.score + p_hi)
 
     def attended_keys(self, state):  # every token (hi, and the low copies of the rest)
@@ -198,6 +209,49 @@ class MiKVCache(CachePolicy):
                         v=jnp.where(onehot[..., None], v[:, :, None].astype(hi.v.dtype), hi.v),
                         positions=jnp.where(onehot, pos[:, None, None], hi.positions))
         return state.replace(hi=hi, score=jnp.where(onehot, 0.0, state.score))
+
+    def _kernel_attend(self, state, q, positions):
+        """``_attend`` for one decode token per row (``q [B, 1, K, G, H]``): the hi tier in jnp,
+        the low tier through ``jaxkv.kernels.quantized_decode`` over its packed codes, merged by
+        their log-sum-exps; the probabilities on hi are against the merged normaliser."""
+        from jaxkv.kernels.quantized_decode import quantized_decode
+
+        hi, lo = state.hi, state.lo
+        qb = q[:, 0].astype(jnp.float32) / state.balance[:, :, None, :]  # [B, K, G, H]
+        pos = positions[:, 0]  # [B]
+        # the hi tier: its own scores, softmax and log-sum-exp
+        s_hi = jnp.einsum("BKGH,BKSH->BKGS", qb, hi.k.astype(jnp.float32)) * qb.shape[-1] ** -0.5
+        seen_hi = ((hi.positions >= 0) & (hi.positions <= pos[:, None, None]) & (pos >= 0)[:, None, None])
+        s_hi = jnp.where(seen_hi[:, :, None], s_hi, -jnp.inf)
+        lse_hi = jax.nn.logsumexp(s_hi, axis=-1)  # [B, K, G]
+        p_loc = jnp.where(seen_hi[:, :, None], jnp.exp(s_hi - jnp.where(jnp.isfinite(lse_hi), lse_hi, 0.0)[..., None]),
+                          0.0)
+        out_hi = jnp.einsum("BKGS,BKSH->BKGH", p_loc, hi.v.astype(jnp.float32))
+        # the low tier: every token up to this one whose full-precision copy is not in hi
+        s_lo = lo.num_slots
+        b = jnp.arange(q.shape[0])[:, None, None]
+        kk = jnp.arange(hi.k.shape[1])[None, :, None]
+        in_hi = jnp.zeros(lo.positions.shape[:2] + (s_lo + 1,), bool)
+        in_hi = in_hi.at[b, kk, jnp.where(hi.positions >= 0, jnp.minimum(hi.positions, s_lo), s_lo)].set(True)
+        upto = jnp.arange(s_lo)[None, None, :] <= pos[:, None, None]
+        kv_pos = jnp.where(in_hi[..., :s_lo] | ~upto, -1, lo.positions)
+        options = {}
+        if self.decode_kernel == "pallas_gpu":
+            options["block_size"] = kernel_block(self.name, self.decode_kernel, s_lo)
+            if self.kernel_interpret:
+                options["interpret"] = True
+        qk, qv = lo.qk, lo.qv
+        out_lo, lse_lo = quantized_decode(qb, qk.codes, qk.scale[..., 0], qk.zero[..., 0], qv.codes, qv.scale[..., 0],
+                                          qv.zero[..., 0], kv_pos, bits=qk.bits, implementation=self.decode_kernel,
+                                          **options)
+        # the merge
+        lse = jnp.logaddexp(lse_hi, lse_lo)
+        finite = jnp.isfinite(lse)
+        w_hi = jnp.where(finite, jnp.exp(lse_hi - jnp.where(finite, lse, 0.0)), 0.0)
+        w_lo = jnp.where(finite, jnp.exp(lse_lo - jnp.where(finite, lse, 0.0)), 0.0)
+        out = w_hi[..., None] * out_hi + w_lo[..., None] * out_lo.astype(jnp.float32)
+        p_hi = jnp.sum(p_loc * w_hi[..., None], axis=2)  # [B, K, Sh]
+        return out[:, None].astype(hi.v.dtype), p_hi
 
     def _attend(self, state, q, positions, layer):
         """Attention over hi + the low tier's tokens not in hi; also the probabilities on hi."""

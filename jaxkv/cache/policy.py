@@ -65,7 +65,8 @@ from jaxkv.errors import UserError
 from jaxkv.typing import Array
 
 __all__ = ["Phase", "LayerSpec", "LayerInput", "CachePolicy", "register_policy", "make_policy", "parse_policy_spec",
-           "split_policy_list", "check_ints", "check_shares", "available_policies", "init_cache"]
+           "split_policy_list", "check_ints", "check_shares", "check_decode_kernel", "kernel_block", "available_policies",
+           "init_cache"]
 
 _REGISTRY: dict[str, type["CachePolicy"]] = {}
 
@@ -259,6 +260,24 @@ def register_policy(cls: type[CachePolicy]) -> type[CachePolicy]:
         raise ValueError(f"a cache policy named {cls.name!r} is already registered")
     _REGISTRY[cls.name] = cls
     return cls
+
+def check_decode_kernel(name: str, decode_kernel, kernel_interpret) -> None:
+    """The ``decode_kernel`` / ``kernel_interpret`` settings a policy that decodes through
+    ``jaxkv.kernels`` takes: None (jnp attention), ``"pallas_gpu"`` or ``"reference"``."""
+    if decode_kernel not in (None, "pallas_gpu", "reference"):
+        raise UserError(f"{name}: decode_kernel must be pallas_gpu or reference, got {decode_kernel!r}")
+    if not isinstance(kernel_interpret, bool):
+        raise UserError(f"{name}: kernel_interpret must be true or false, got {kernel_interpret!r}")
+
+
+def kernel_block(name: str, decode_kernel: str, slots: int) -> int:
+    """The KV block a decode kernel walks a cache of ``slots`` slots in: 64, 32 or 16."""
+    block = next((b for b in (64, 32, 16) if slots % b == 0), None)
+    if block is None:
+        raise UserError(f"{name}[decode_kernel={decode_kernel}]: the cache's {slots} slots must be a "
+                        "multiple of 16 (init_cache(max_len=...))")
+    return block
+
 
 
 STORAGES = {"mikv": 4}  # a storage name usable after "+" -> its default bits
