@@ -10,8 +10,8 @@ from pathlib import Path
 # XLA's persistent compilation cache, shared by the test workers and the subprocesses the tests
 # start: many tests build the same small programs through fresh jit wrappers (every CLI call, every
 # subprocess), and loading them instead of compiling them again takes a third off the suite's time.
-# Entries are keyed by the program and the jax/XLA versions, so a stale entry is never used. The
-# compile-counting tests count a load from this cache as a compile.
+# Entries are keyed by the program and the jax/XLA versions, so a stale entry is never used. jax
+# records its backend-compile event for a load from this cache too, so the compile counts hold.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), f"jaxkv-tests-xla-cache-{getpass.getuser()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")

@@ -210,6 +210,17 @@ class MiKVCache(CachePolicy):
                         positions=jnp.where(onehot, pos[:, None, None], hi.positions))
         return state.replace(hi=hi, score=jnp.where(onehot, 0.0, state.score))
 
+    @staticmethod
+    def _in_hi(state) -> Array:
+        """``[B, K, S]``: the low-tier slots (slot = position) whose token is also in ``hi``, so
+        that its low copy is masked at attention."""
+        hi, s_lo = state.hi, state.lo.num_slots
+        b = jnp.arange(hi.positions.shape[0])[:, None, None]
+        kk = jnp.arange(hi.positions.shape[1])[None, :, None]
+        in_hi = jnp.zeros(hi.positions.shape[:2] + (s_lo + 1,), bool)
+        in_hi = in_hi.at[b, kk, jnp.where(hi.positions >= 0, jnp.minimum(hi.positions, s_lo), s_lo)].set(True)
+        return in_hi[..., :s_lo]
+
     def _kernel_attend(self, state, q, positions):
         """``_attend`` for one decode token per row (``q [B, 1, K, G, H]``): the hi tier in jnp,
         the low tier through ``jaxkv.kernels.quantized_decode`` over its packed codes, merged by
@@ -229,12 +240,8 @@ class MiKVCache(CachePolicy):
         out_hi = jnp.einsum("BKGS,BKSH->BKGH", p_loc, hi.v.astype(jnp.float32))
         # the low tier: every token up to this one whose full-precision copy is not in hi
         s_lo = lo.num_slots
-        b = jnp.arange(q.shape[0])[:, None, None]
-        kk = jnp.arange(hi.k.shape[1])[None, :, None]
-        in_hi = jnp.zeros(lo.positions.shape[:2] + (s_lo + 1,), bool)
-        in_hi = in_hi.at[b, kk, jnp.where(hi.positions >= 0, jnp.minimum(hi.positions, s_lo), s_lo)].set(True)
         upto = jnp.arange(s_lo)[None, None, :] <= pos[:, None, None]
-        kv_pos = jnp.where(in_hi[..., :s_lo] | ~upto, -1, lo.positions)
+        kv_pos = jnp.where(self._in_hi(state) | ~upto, -1, lo.positions)
         options = {}
         if self.decode_kernel == "pallas_gpu":
             options["block_size"] = kernel_block(self.name, self.decode_kernel, s_lo)
@@ -261,12 +268,7 @@ class MiKVCache(CachePolicy):
         qb = q.astype(jnp.float32) / state.balance[:, None, :, None, :]
         keys, values, kpos = hi.k.astype(jnp.float32), hi.v.astype(jnp.float32), hi.positions
         if lo is not None:
-            b = jnp.arange(q.shape[0])[:, None, None]
-            kk = jnp.arange(hi.k.shape[1])[None, :, None]
-            s_lo = lo.num_slots  # slot = position: mask the low copy of every token that is in hi
-            in_hi = jnp.zeros(lo.positions.shape[:2] + (s_lo + 1,), bool)
-            in_hi = in_hi.at[b, kk, jnp.where(hi.positions >= 0, jnp.minimum(hi.positions, s_lo), s_lo)].set(True)
-            in_hi = in_hi[..., :s_lo]
+            in_hi = self._in_hi(state)
             keys = jnp.concatenate([keys, lo.k.astype(jnp.float32)], axis=2)  # balanced keys
             values = jnp.concatenate([values, lo.v.astype(jnp.float32)], axis=2)
             kpos = jnp.concatenate([kpos, jnp.where(in_hi, -1, lo.positions)], axis=2)

@@ -261,6 +261,7 @@ def register_policy(cls: type[CachePolicy]) -> type[CachePolicy]:
     _REGISTRY[cls.name] = cls
     return cls
 
+
 def check_decode_kernel(name: str, decode_kernel, kernel_interpret) -> None:
     """The ``decode_kernel`` / ``kernel_interpret`` settings a policy that decodes through
     ``jaxkv.kernels`` takes: None (jnp attention), ``"pallas_gpu"`` or ``"reference"``."""
@@ -277,7 +278,6 @@ def kernel_block(name: str, decode_kernel: str, slots: int) -> int:
         raise UserError(f"{name}[decode_kernel={decode_kernel}]: the cache's {slots} slots must be a "
                         "multiple of 16 (init_cache(max_len=...))")
     return block
-
 
 
 STORAGES = {"mikv": 4}  # a storage name usable after "+" -> its default bits
