@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxkv.attention import attention_weights
+from jaxkv.attention import attention_weights, merge_attention, visibility_mask
 from jaxkv.cache.kv import KVCache
 from jaxkv.cache.policy import CachePolicy, Phase, check_decode_kernel, kernel_block, register_policy
 from jaxkv.cache.storage import DenseStorage, QuantizedKV, QuantizedStorage
@@ -232,7 +232,7 @@ class MiKVCache(CachePolicy):
         pos = positions[:, 0]  # [B]
         # the hi tier: its own scores, softmax and log-sum-exp
         s_hi = jnp.einsum("BKGH,BKSH->BKGS", qb, hi.k.astype(jnp.float32)) * qb.shape[-1] ** -0.5
-        seen_hi = ((hi.positions >= 0) & (hi.positions <= pos[:, None, None]) & (pos >= 0)[:, None, None])
+        seen_hi = visibility_mask(positions, hi.positions)[:, :, 0]  # [B, K, Sh]: the attention contract's rule
         s_hi = jnp.where(seen_hi[:, :, None], s_hi, -jnp.inf)
         lse_hi = jax.nn.logsumexp(s_hi, axis=-1)  # [B, K, G]
         p_loc = jnp.where(seen_hi[:, :, None], jnp.exp(s_hi - jnp.where(jnp.isfinite(lse_hi), lse_hi, 0.0)[..., None]),
@@ -251,14 +251,13 @@ class MiKVCache(CachePolicy):
         out_lo, lse_lo = quantized_decode(qb, qk.codes, qk.scale[..., 0], qk.zero[..., 0], qv.codes, qv.scale[..., 0],
                                           qv.zero[..., 0], kv_pos, bits=qk.bits, implementation=self.decode_kernel,
                                           **options)
-        # the merge
+        # the merge (attention.merge_attention), and hi's probabilities against the merged normaliser
+        out = merge_attention([(out_hi[:, None], lse_hi[..., None]), (out_lo[:, None].astype(jnp.float32),
+                                                                        lse_lo[..., None])])
         lse = jnp.logaddexp(lse_hi, lse_lo)
-        finite = jnp.isfinite(lse)
-        w_hi = jnp.where(finite, jnp.exp(lse_hi - jnp.where(finite, lse, 0.0)), 0.0)
-        w_lo = jnp.where(finite, jnp.exp(lse_lo - jnp.where(finite, lse, 0.0)), 0.0)
-        out = w_hi[..., None] * out_hi + w_lo[..., None] * out_lo.astype(jnp.float32)
+        w_hi = jnp.where(jnp.isfinite(lse_hi), jnp.exp(lse_hi - jnp.where(jnp.isfinite(lse), lse, 0.0)), 0.0)
         p_hi = jnp.sum(p_loc * w_hi[..., None], axis=2)  # [B, K, Sh]
-        return out[:, None].astype(hi.v.dtype), p_hi
+        return out.astype(hi.v.dtype), p_hi
 
     def _attend(self, state, q, positions, layer):
         """Attention over hi + the low tier's tokens not in hi; also the probabilities on hi."""
