@@ -147,17 +147,22 @@ def test_bench_kernels_on_a_tiny_shape():
             assert r["max_abs_err"] < 2e-2, r
 
 
-@pytest.mark.parametrize("name,settings", [("full", {}), ("full", {"kv_bits": 4}), ("mikv", {"important": 0.3, "recent": 1, "bits": 4})],
-                         ids=["full", "full+mikv", "mikv"])
+@pytest.mark.parametrize("name,settings", [("full", {}), ("full", {"kv_bits": 4}),
+                                           ("mikv", {"important": 0.3, "recent": 1, "bits": 4}),
+                                           ("lserve", {"page": 16, "logical_page": 4, "token_budget": 16, "reuse": 2})],
+                         ids=["full", "full+mikv", "mikv", "lserve"])
 def test_decode_steps_through_the_kernels_as_without_them(parity_models, name, settings):
     """POLICY[decode_kernel=...]: a prefill, then decode steps of a ragged batch (one row ends
     early) through the dispatch; the logits equal the policy's own jnp path. `full` goes through
     dense_decode; in INT4 storage (`full+mikv`) through quantized_decode over the packed codes;
-    `mikv` sends its low tier through quantized_decode and merges its full-precision tier."""
+    `mikv` sends its low tier through quantized_decode and merges its full-precision tier;
+    `lserve` attends its chosen pages (one page of the two, plus the newest) through sparse_decode."""
     from jaxkv.cache import init_cache, make_policy
     from jaxkv.models.llama import forward
 
     config, params, e = parity_models["llama3"]
+    if name == "lserve":  # KV head 0 of every layer paged, the rest streaming
+        settings = {**settings, "heads": tuple((0,) for _ in range(config.num_layers))}
     seq = jnp.asarray(np.concatenate([e["prompt_a"], e["greedy_a"]]))[None][:, :20]
     seq = jnp.concatenate([seq, seq[:, ::-1]], axis=0)
     n = seq.shape[1]

@@ -109,6 +109,30 @@ def test_decode_attends_the_top_pages_and_the_newest(parity_models):
         assert float(counted[0]) == attended < config.num_kv_heads * (t + 1)  # each key counted once
 
 
+@pytest.mark.parametrize("kernel", [{"decode_kernel": "reference"},
+                                    {"decode_kernel": "pallas_gpu", "kernel_interpret": True}],
+                         ids=["reference", "pallas_gpu"])
+def test_decode_through_the_sparse_kernel_equals_the_jnp_path(parity_models, kernel):
+    """decode_kernel: the chosen pages attended in place by ``sparse_decode`` (the newest page
+    among them or not, reused selections) give the jnp path's outputs, selections and counts."""
+    config = parity_models["llama3"][0]
+    settings = dict(dense_heads=(0, 1), token_budget=32, page=16, logical_page=4, reuse=2)
+    _, _, _, want = _drive(config, LServeLayer(**settings), prompt_len=70, steps=6)
+    _, _, _, got = _drive(config, LServeLayer(**settings, **kernel), prompt_len=70, steps=6)
+    for (_, o1, _, sel1, n1), (_, o2, _, sel2, n2) in zip(want, got):
+        np.testing.assert_array_equal(np.asarray(sel2), np.asarray(sel1))
+        np.testing.assert_allclose(np.asarray(o2), np.asarray(o1), atol=2e-5)
+        np.testing.assert_array_equal(np.asarray(n2), np.asarray(n1))
+    assert float(want[-1][4][0]) < config.num_kv_heads * 76  # the budget really left pages out
+
+
+def test_decode_kernel_refuses_low_bit_pages():
+    with pytest.raises(UserError, match="decode_kernel"):
+        make_policy("lserve+mikv", heads=((0,),), decode_kernel="reference")
+    with pytest.raises(UserError, match="decode_kernel"):
+        make_policy("lserve", decode_kernel="triton")
+
+
 def test_streaming_heads_keep_sinks_and_window(parity_models):
     """Head 1 streaming: it stores sinks + window slots only; in prefill (prefill_window smaller
     than the prompt) and decode it attends exactly the sinks and the local window."""

@@ -15,6 +15,9 @@
    pages are attended, plus always the page of the newest token; the selection is reused for
    ``reuse`` decode steps. With fewer pages than the budget every page is attended (dense).
    An extend chunk (``T > 1``) attends every page and makes the next decode step select anew.
+   ``decode_kernel="pallas_gpu"`` (or ``"reference"``) runs that attention through
+   ``jaxkv.kernels.sparse_decode`` over the chosen pages in place (no gather into a copy);
+   the jnp path gathers them first.
 
 Deviations: the head split comes from Razor-style induction scores, a training-free proxy for
 DuoAttention's optimised gates (the paper's source); the prompt's own attention is dense for
@@ -35,7 +38,8 @@ from flax import struct
 from jaxkv.attention import attend_dense, attend_reference, attend_sinks_window
 from jaxkv.cache.full import FullCache
 from jaxkv.cache.kv import KVCache
-from jaxkv.cache.policy import CachePolicy, LayerSpec, Phase, check_ints, check_shares, register_policy
+from jaxkv.cache.policy import (CachePolicy, LayerSpec, Phase, check_decode_kernel, check_ints, check_shares,
+                                register_policy)
 from jaxkv.cache.razor import check_heads, normalize_heads, retrieval_scores, select_heads, split_heads
 from jaxkv.cache.streaming import StreamingCache
 from jaxkv.errors import UserError
@@ -93,9 +97,15 @@ class _Paging(CachePolicy):
     page: int = 64             # physical page, tokens
     logical_page: int = 16     # logical page (its key min/max is kept), tokens
     reuse: int = 4             # decode steps a page selection serves
+    decode_kernel: str | None = None  # "pallas_gpu" | "reference": decode over the pages via sparse_decode
+    kernel_interpret: bool = False    # run that kernel in Pallas interpret mode (a CPU check; slow)
 
     def __post_init__(self):
         super().__post_init__()
+        check_decode_kernel("lserve", self.decode_kernel, self.kernel_interpret)
+        if self.decode_kernel is not None and self.quantized:
+            raise UserError("lserve: decode_kernel reads full-precision pages; with low-bit storage (lserve+mikv) "
+                            "leave decode_kernel unset (the jnp path dequantizes the chosen pages)")
         check_ints("lserve", self, {"sinks": 0, "window": 1, "prefill_window": 1, "token_budget": 1, "page": 1,
                                     "logical_page": 1, "reuse": 1})
         if self.page % self.logical_page:
@@ -231,6 +241,31 @@ class LServeLayer(_Paging):
         out = attend_reference(q, gather(dense.k), gather(dense.v), positions, kp, window=layer.sliding_window)
         return out, jnp.sum(kp >= 0, axis=(1, 2)).astype(jnp.float32)
 
+    def _kernel_pages(self, state, q, positions):
+        """``_attend_pages`` through ``jaxkv.kernels.sparse_decode``: the selected pages plus the
+        newest token's, deduplicated and sorted (memory order), as the kernel's block list; slot =
+        position, so the row's length is its newest position + 1 (a row at position -1 sees nothing)."""
+        from jaxkv.kernels.sparse_decode import sparse_decode
+
+        dense = state.dense
+        b, kd, s, _ = dense.k.shape
+        pp = s // self.page
+        newest_pos = jnp.max(positions, axis=1)  # [B]
+        newest = jnp.where(newest_pos >= 0, newest_pos // self.page, -1)
+        sel = state.selected
+        pages = jnp.concatenate([jnp.where(sel == newest[:, None, None], -1, sel),
+                                 jnp.broadcast_to(newest[:, None, None], (b, kd, 1))], -1)
+        real = pages >= 0
+        order = jnp.sort(jnp.where(real, pages, pp), axis=-1)
+        counts = jnp.sum(real, axis=-1).astype(jnp.int32)
+        idx = jnp.where(order < pp, order, 0).astype(jnp.int32)
+        lengths = jnp.maximum(newest_pos + 1, 0).astype(jnp.int32)
+        options = {"interpret": True} if self.kernel_interpret and self.decode_kernel == "pallas_gpu" else {}
+        out, _ = sparse_decode(q[:, 0], dense.k, dense.v, lengths, idx, counts, block_size=self.page,
+                               implementation=self.decode_kernel, **options)
+        filled = jnp.clip(lengths[:, None, None] - order * self.page, 0, self.page)  # tokens per listed page
+        return out[:, None], jnp.sum(jnp.where(order < pp, filled, 0), axis=(1, 2)).astype(jnp.float32)
+
     def append(self, state, *, q, k, v, positions, phase, layer, params=None):
         d, rest = self._split(layer)
         out = jnp.zeros(q.shape, v.dtype)
@@ -242,7 +277,10 @@ class LServeLayer(_Paging):
                 selected = jax.lax.cond(state.since % self.reuse == 0, lambda: self._select(state, qd),
                                         lambda: state.selected)
                 state = state.replace(selected=selected, since=state.since + 1)
-                o, n = self._attend_pages(state, qd, positions, layer)
+                if self.decode_kernel is not None and layer.sliding_window is None:
+                    o, n = self._kernel_pages(state, qd, positions)
+                else:
+                    o, n = self._attend_pages(state, qd, positions, layer)
             else:  # a multi-token chunk attends every page; the next decode step selects anew
                 state = state.replace(since=jnp.zeros((), jnp.int32))
                 o = self.attend(state.dense, qd, positions, layer)

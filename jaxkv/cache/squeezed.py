@@ -32,6 +32,9 @@ its own threshold (``coarse_keep`` of the keys) prunes fine clusters before thei
 but the pure-jnp path still scores every fine centroid (the saving is the kernel's);
 attention over the kept keys is a masked pure-jnp pass (the centroid-attention kernel is a later
 step), so reads are saved only in what ``attended_keys`` counts.
+
+``decode_kernel="pallas_gpu"`` (or ``"reference"``) scores a decode step's clusters (both levels)
+and applies the threshold through ``jaxkv.kernels.centroid_scores``; the attention stays jnp.
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ from flax import struct
 from jaxkv.attention import attend_with_lse, merge_attention
 from jaxkv.cache.full import FullCache
 from jaxkv.cache.kv import KVCache
-from jaxkv.cache.policy import CachePolicy, LayerSpec, Phase, check_ints, check_shares, register_policy
+from jaxkv.cache.policy import (CachePolicy, LayerSpec, Phase, check_decode_kernel, check_ints, check_shares,
+                                register_policy)
 from jaxkv.errors import UserError
 from jaxkv.typing import Array
 
@@ -234,9 +238,12 @@ class _IndexSettings(CachePolicy):
     coarse_share: float = 0.1  # levels=2: coarse clusters per fine cluster
     coarse_keep: float = 0.3   # levels=2: share of keys the coarse level lets through (paper: 0.7 quantile)
     decode_calibration: str = "mean"  # decode steps' threshold: the paper's one ("mean"), or per calibration query
+    decode_kernel: str | None = None  # "pallas_gpu" | "reference": decode steps' scores via centroid_scores
+    kernel_interpret: bool = False    # run that kernel in Pallas interpret mode (a CPU check; slow)
 
     def __post_init__(self):
         super().__post_init__()
+        check_decode_kernel("squeezed", self.decode_kernel, self.kernel_interpret)
         check_shares("squeezed", self, ("keep", "centroid_share", "coarse_share", "coarse_keep"), zero_ok=False)
         check_ints("squeezed", self, {"max_iters": 1, "calib_queries": 1, "window": 0, "seed": 0})
         if self.levels not in (1, 2) or isinstance(self.levels, bool):
@@ -338,17 +345,32 @@ class SqueezedLayer(_IndexSettings):
         """``[B, K, S]``: the context slots the chunk ``q`` attends (clusters at or above the
         threshold, the decode threshold for a decode step, plus the context's last ``window``
         tokens)."""
-        weights = cluster_weights(q, state.centroids, state.counts, positions >= 0)
         threshold = state.decode_threshold if decode and state.decode_threshold is not None else state.threshold
-        kept = weights >= threshold[:, None, None]  # [B, K, C]
+        kept = self._kept(q, state.centroids, state.counts, threshold, positions, decode)  # [B, K, C]
         if state.coarse is not None:  # only fine clusters under a coarse cluster that passes
             c = state.coarse
-            coarse_kept = cluster_weights(q, c.centroids, c.counts, positions >= 0) >= c.threshold[:, None, None]
+            coarse_kept = self._kept(q, c.centroids, c.counts, c.threshold, positions, decode)
             kept &= jnp.take_along_axis(coarse_kept, c.parent, axis=2)
         pos = state.kv.positions
         ctx = state.context_len[:, None, None]
         by_cluster = jnp.take_along_axis(kept, jnp.maximum(state.labels, 0), axis=2) & (state.labels >= 0)
         return (pos >= 0) & (pos < ctx) & (by_cluster | (pos >= ctx - self.window))
+
+    def _kept(self, q, centroids, counts, threshold, positions, decode):
+        """``[B, K, C]`` the clusters whose estimated weight reaches ``threshold [B]``: through
+        the ``centroid_scores`` dispatch for a decode step when ``decode_kernel`` is set (a row at
+        position -1 weighs every cluster 0, as ``cluster_weights`` does), else ``cluster_weights``."""
+        real = positions >= 0
+        if decode and self.decode_kernel is not None:
+            from jaxkv.kernels.centroid_scores import centroid_scores
+
+            options = {"interpret": True} if self.kernel_interpret and self.decode_kernel == "pallas_gpu" else {}
+            weights, _ = centroid_scores(q[:, 0], centroids, counts, threshold, implementation=self.decode_kernel,
+                                         **options)
+            weights = jnp.where(real[:, :1, None], weights, 0.0)
+        else:
+            weights = cluster_weights(q, centroids, counts, real)
+        return weights >= threshold[:, None, None]
 
     def append(self, state, *, q, k, v, positions, phase, layer, params=None):
         FullCache._check_fits(state.kv, k.shape[1])
