@@ -17,6 +17,7 @@ garbage by design and callers ignore it.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import jax
@@ -126,11 +127,19 @@ def merge_attention(parts: list[tuple[Array, Array]]) -> Array:
     return out.astype(parts[0][0].dtype)
 
 
-DENSE_IMPLEMENTATIONS = ("reference", "cudnn")
+DENSE_IMPLEMENTATIONS = ("reference", "cudnn", "pallas_gpu")
 
 
-def _default_dense_implementation(dtype) -> str:
+def _default_dense_implementation(dtype, packed: bool, head_dim: int) -> str:
+    """cuDNN on a GPU for 16-bit inputs, except for packed rows (segment ids) on one device,
+    which go to the block-sparse kernel: cuDNN would need the dense ``[B, 1, T, T]`` mask (6x
+    slower forward + backward at 8k, BENCHMARKS.md). Under a mesh the kernel, which has no
+    partitioning rule, is not the default."""
     if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        mesh = jax.sharding.get_abstract_mesh()
+        one_device = mesh.empty or math.prod(mesh.axis_sizes) == 1
+        if packed and head_dim >= 16 and not head_dim & (head_dim - 1) and one_device:
+            return "pallas_gpu"
         return "cudnn"
     return "reference"
 
@@ -148,14 +157,26 @@ def attend_dense(
     """Self-attention of a chunk over itself: ``q [B,T,K,G,H]``, ``k, v [B,T,K,H]`` (token-major,
     as projected). The mask follows the module rules (positions, window, segments).
 
-    ``implementation``: ``'reference'`` (plain jnp, any backend) or ``'cudnn'`` (fused flash
-    attention through ``jax.nn.dot_product_attention``; GPU, bf16/fp16). ``None`` picks cudnn on
-    a GPU for 16-bit inputs and the reference otherwise; an explicit request that cannot run
-    fails loudly.
+    ``implementation``: ``'reference'`` (plain jnp, any backend), ``'cudnn'`` (fused flash
+    attention through ``jax.nn.dot_product_attention``; GPU, bf16/fp16) or ``'pallas_gpu'`` (the
+    block-sparse kernel, ``jaxkv.kernels.block_sparse_attention``: segment ids and windows from
+    the positions, never a dense mask; forward and backward). ``None`` picks the kernel on a GPU
+    for 16-bit packed rows on one device, cudnn for other 16-bit inputs on a GPU, and the
+    reference otherwise; an explicit request that cannot run fails loudly. (A query that sees
+    nothing, padding, gets 0 from the kernel and a uniform average from the others: garbage
+    either way, ignored by callers.)
     """
     if implementation is not None and implementation not in DENSE_IMPLEMENTATIONS:
         raise UserError(f"implementation must be one of {DENSE_IMPLEMENTATIONS}, got {implementation!r}")
-    impl = implementation or _default_dense_implementation(q.dtype)
+    impl = implementation or _default_dense_implementation(q.dtype, segment_ids is not None, q.shape[-1])
+    if impl == "pallas_gpu":
+        from jaxkv.kernels.block_sparse_attention import MaskSpec, block_sparse_attention
+
+        b, t, kh, g, h = q.shape
+        out = block_sparse_attention(q.reshape(b, t, kh * g, h), k, v, positions, positions,
+                                     mask=MaskSpec(window=window), q_segments=segment_ids, k_segments=segment_ids,
+                                     implementation="pallas_gpu")
+        return out.reshape(b, t, kh, g, h)
     if impl == "cudnn":
         if jax.default_backend() != "gpu":
             raise UserError("implementation='cudnn' needs a GPU backend")

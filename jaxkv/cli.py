@@ -538,6 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--grad-accum", type=_positive_int, default=1)
     t.add_argument("--steps", type=_positive_int, default=10)
     t.add_argument("--mesh", default="1,1,1", help="data,fsdp,tensor device counts (batch-size is global)")
+    t.add_argument("--attention", default="auto", choices=("auto", "cudnn", "pallas_gpu", "reference"),
+                   help="the step's attention (auto: the block-sparse kernel for packed rows on one GPU)")
     t.add_argument("--peak-tflops", type=_positive_float, default=989.0,
                    help="dense bf16 peak of the card (H100/H200 SXM: 989)")
     t.add_argument("--json", default=None)

@@ -72,6 +72,26 @@ def test_attend_dense_reference_is_attend_reference():
     if jax.default_backend() != "gpu":
         with pytest.raises(ValueError, match="needs a GPU"):
             attend_dense(q, k, v, pos, implementation="cudnn")
+        with pytest.raises(ValueError, match="pallas_gpu"):
+            attend_dense(q, k, v, pos, segment_ids=seg, implementation="pallas_gpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+@pytest.mark.parametrize("window", [None, 50])
+def test_attend_dense_pallas_matches_reference_on_gpu(window):
+    """The block-sparse kernel (the default for packed 16-bit rows on one GPU) equals the
+    reference on packed, restarted and padded rows, and the default picks it."""
+    from jaxkv.attention import _default_dense_implementation, attend_dense
+
+    q, k, v, pos, seg = _random_chunk(jnp.bfloat16, t=128, h=64)
+    want = attend_dense(q, k, v, pos, window=window, segment_ids=seg, implementation="reference")
+    got = attend_dense(q, k, v, pos, window=window, segment_ids=seg, implementation="pallas_gpu")
+    real = np.asarray(pos)[:, :, None, None, None] >= 0
+    np.testing.assert_allclose(np.where(real, np.asarray(got, np.float32), 0),
+                               np.where(real, np.asarray(want, np.float32), 0), atol=2e-2)
+    assert _default_dense_implementation(jnp.bfloat16, True, 64) == "pallas_gpu"
+    assert _default_dense_implementation(jnp.bfloat16, False, 64) == "cudnn"
 
 
 @pytest.mark.gpu

@@ -197,7 +197,7 @@ class BlockSparseAttentionBase:
         if b > 1:  # a ragged batch: row 1 shorter, right-padded
             kp = kp.at[1, s - 9:].set(-1)
             qp = qp.at[1, t - 9:].set(-1)
-        kw = dict(mask=spec, block_q=bq, block_k=bk)
+        kw = dict(mask=spec, block_q=bq, block_k=bk, backward_blocks=(bk, bq))  # the backward in other blocks
         if docs:
             seg = _segments(rng, b, s, docs)
             kw.update(q_segments=seg[:, s - t:], k_segments=seg)

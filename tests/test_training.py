@@ -50,6 +50,24 @@ def test_pack_documents_hand_worked():
         pack_documents([[5], [6, 7, 8, 9, 10]], DataConfig(seq_len=4, split_documents=False))
 
 
+def test_the_chunked_loss_equals_the_whole_one_and_its_gradients(tiny_model):
+    """Chunks of 1, 3 (not dividing the row: padded) and the whole row give one loss and one
+    gradient: the chunking only bounds the logits held at once."""
+    from jaxkv.training.step import loss_chunk
+
+    config, params = tiny_model
+    rows = pack_documents([list(range(5, 17)), list(range(20, 29)), [3, 4, 5]], DataConfig(seq_len=16))
+    batch = {k: jnp.asarray(getattr(rows, k)) for k in ("tokens", "positions", "segment_ids")}
+    f = lambda p, c: lm_loss(p, batch, config=config, compute_dtype=jnp.float32, chunk=c)[0]  # noqa: E731
+    want, want_g = jax.value_and_grad(f)(params, 15)
+    for c in (1, 3):
+        got, got_g = jax.value_and_grad(f)(params, c)
+        np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    assert loss_chunk(4, 8191, 128256) == 256 and loss_chunk(1, 100, 50) == 100 and loss_chunk(64, 4096, 2 ** 20) == 16
+
+
 def test_batches_are_a_function_of_the_step_and_cover_each_epoch():
     rows = pack_documents(COUNT, DataConfig(seq_len=64))
     b1 = Batches(rows, batch_size=8, grad_accum=2, seed=3)

@@ -15,34 +15,66 @@ import jax.numpy as jnp
 import optax
 
 from jaxkv.config import LlamaConfig
-from jaxkv.models.llama import forward
+from jaxkv.models.llama import forward, lm_head
 from jaxkv.training.state import TrainState
 
-__all__ = ["lm_loss", "make_train_step"]
+__all__ = ["lm_loss", "loss_chunk", "make_train_step", "LOGITS_CHUNK_BYTES"]
 
 
-def lm_loss(params, batch: dict, *, config: LlamaConfig, compute_dtype) -> tuple[jax.Array, jax.Array]:
-    """``(sum of token NLL, number of valid targets)`` for one batch of ``[b, T]`` rows."""
+LOGITS_CHUNK_BYTES = 512 * 2 ** 20  # fp32 logits held at once by the chunked loss (and recomputed in the backward)
+
+
+def loss_chunk(batch: int, seq_len: int, vocab_size: int) -> int:
+    """Tokens per row whose logits one chunk of the loss computes: a power of two such that
+    ``batch x chunk x vocab`` fp32 logits fit ``LOGITS_CHUNK_BYTES`` (at least 16, at most the row)."""
+    c = max(16, 1 << max(0, (LOGITS_CHUNK_BYTES // (4 * batch * vocab_size)).bit_length() - 1))
+    return min(c, seq_len)
+
+
+def lm_loss(params, batch: dict, *, config: LlamaConfig, compute_dtype, chunk: int | None = None,
+            attention_implementation: str | None = None) -> tuple[jax.Array, jax.Array]:
+    """``(sum of token NLL, number of valid targets)`` for one batch of ``[b, T]`` rows.
+
+    Chunked cross-entropy: the LM head and the log-softmax run on ``chunk`` tokens at a time
+    (default ``loss_chunk``) under ``jax.checkpoint``, so the ``[b, T, V]`` fp32 logits are never
+    held whole, forward or backward (16 GiB at 4 x 8k tokens and a 128k vocabulary)."""
     tokens, positions, segments = batch["tokens"], batch["positions"], batch["segment_ids"]
-    logits, _ = forward(params, tokens, positions, config=config, segment_ids=segments,
-                        compute_dtype=compute_dtype)
+    hidden, _ = forward(params, tokens, positions, config=config, segment_ids=segments,
+                        compute_dtype=compute_dtype, hidden_only=True,
+                        attention_implementation=attention_implementation)
     valid = (positions[:, 1:] >= 0) & (positions[:, :-1] >= 0) & (segments[:, 1:] == segments[:, :-1])
     if "loss_mask" in batch:
         valid &= batch["loss_mask"][:, 1:]
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid).astype(jnp.float32)
+    b, t1 = valid.shape
+    c = chunk or loss_chunk(b, t1, config.vocab_size)
+    n = -(-t1 // c)
+    pad = n * c - t1
+    h = jnp.pad(hidden[:, :-1], ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, pad)))
+    valid = jnp.pad(valid, ((0, 0), (0, pad)))
+    chunks = lambda x: jnp.moveaxis(x.reshape((b, n, c) + x.shape[2:]), 1, 0)  # noqa: E731  [n, b, c, ...]
+
+    @jax.checkpoint
+    def one(total, xs):
+        hc, tc, vc = xs
+        logp = jax.nn.log_softmax(lm_head(params, hc, config=config), axis=-1)
+        nll = -jnp.take_along_axis(logp, tc[..., None], axis=-1)[..., 0]
+        return total + jnp.sum(jnp.where(vc, nll, 0.0)), None
+
+    total, _ = jax.lax.scan(one, jnp.float32(0), (chunks(h), chunks(targets), chunks(valid)))
+    return total, jnp.sum(valid).astype(jnp.float32)
 
 
 def make_train_step(config: LlamaConfig, tx: optax.GradientTransformation, schedule, *,
-                    compute_dtype=jnp.bfloat16, loss=None):
+                    compute_dtype=jnp.bfloat16, loss=None, attention_implementation: str | None = None):
     """``step(state, batch, *frozen) -> (state, metrics)``; ``batch`` arrays are ``[accum, b, T]``.
 
     ``loss(params, micro_batch, *frozen) -> (sum, count)`` defaults to ``lm_loss``; ``frozen``
     are arguments the loss reads but does not train (e.g. a frozen base model's weights)."""
     if loss is None:
         def loss(p, mb):
-            return lm_loss(p, mb, config=config, compute_dtype=compute_dtype)
+            return lm_loss(p, mb, config=config, compute_dtype=compute_dtype,
+                           attention_implementation=attention_implementation)
 
     def step(state: TrainState, batch: dict, *frozen):
         def micro(carry, mb):

@@ -69,14 +69,15 @@ class Attention(nnx.Module):
         self.window = config.sliding_window
 
     def __call__(self, x, positions, cos, sin, *, layer_cache, policy, phase, layer, params, segment_ids,
-                 inv_freq=None):
+                 inv_freq=None, attention_implementation=None):
         b, t, _ = x.shape
         kh, g, h = self.num_kv_heads, self.group, self.head_dim
         q = apply_rope(self.q(x).reshape(b, t, kh * g, h), cos, sin).reshape(b, t, kh, g, h)
         k = apply_rope(self.k(x).reshape(b, t, kh, h), cos, sin)
         v = self.v(x).reshape(b, t, kh, h)
         if layer_cache is None:  # cache-free forward (training, scoring): dense attention
-            out = attend_dense(q, k, v, positions, window=self.window, segment_ids=segment_ids)
+            out = attend_dense(q, k, v, positions, window=self.window, segment_ids=segment_ids,
+                               implementation=attention_implementation)
         else:
             extra = {"inputs": LayerInput(x=x, inv_freq=inv_freq)} if policy.wants_layer_input else {}
             if phase is Phase.PREFILL:
@@ -119,7 +120,8 @@ class LlamaForCausalLM(nnx.Module):
         )
 
     def __call__(self, tokens, positions, cache: ModelCache | None = None, *,
-                 segment_ids=None, compute_dtype=jnp.float32, logits_at=None):
+                 segment_ids=None, compute_dtype=jnp.float32, logits_at=None, hidden_only=False,
+                 attention_implementation=None):
         cfg = self.config
         if cache is not None and segment_ids is not None:
             raise UserError("segment_ids are for the cache-free forward of packed rows; "
@@ -144,12 +146,15 @@ class LlamaForCausalLM(nnx.Module):
                 policy=None if cache is None else cache.policies[i],
                 params=None if cache is None else cache.params[i],
                 layer=spec, phase=phase, segment_ids=segment_ids, inv_freq=inv_freq,
+                attention_implementation=attention_implementation,
             )
             if cache is not None:
                 states[owner] = layer_cache
         if logits_at is not None:
             x = jnp.take_along_axis(x, jnp.asarray(logits_at, jnp.int32)[:, None, None], axis=1)
         x = self.norm(x)
+        if hidden_only:  # the LM head's input; cache-free only (checked in `forward`)
+            return x, None
         logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
         if cache is not None:
             cache = cache.replace(layers=tuple(states), prefilled=True)
@@ -198,12 +203,17 @@ def abstract_params(config: LlamaConfig, dtype=jnp.float32) -> dict:
 
 def forward(params: dict, tokens: Array, positions: Array, cache: ModelCache | None = None, *,
             config: LlamaConfig, segment_ids: Array | None = None, compute_dtype=None,
-            logits_at: Array | None = None):
+            logits_at: Array | None = None, hidden_only: bool = False, attention_implementation: str | None = None):
     """``(logits [B, T, V] float32, cache)``; pure and jit-able (``config`` is static).
 
     ``logits_at [B]`` (token indices): run the LM head only there and return ``[B, 1, V]`` (a
     prefill needs one row's logits, not ``T x V`` of them: 16 GiB at 32k tokens and a 128k
     vocabulary).
+
+    ``hidden_only``: return the final norm's output ``[B, T, D]`` (compute dtype) instead of
+    logits, for a loss that applies the head in chunks (``lm_head``); cache-free forwards only.
+    ``attention_implementation``: the cache-free attention's (``attention.attend_dense``; None: its
+    default).
 
     ``compute_dtype`` defaults to the dtype of the embedding parameters. Token ids outside the
     vocabulary are refused with ``UserError`` when ``tokens`` is concrete; under a caller's jit
@@ -222,7 +232,17 @@ def forward(params: dict, tokens: Array, positions: Array, cache: ModelCache | N
                             f"e.g. {int(ids[bad & (np.asarray(positions) >= 0)][0])}")
     if logits_at is not None and jnp.shape(logits_at) != tokens.shape[:1]:
         raise UserError(f"logits_at must be [B] token indices; got shape {jnp.shape(logits_at)} for B={tokens.shape[0]}")
+    if hidden_only and (cache is not None or logits_at is not None):
+        raise UserError("hidden_only is for the cache-free forward of every token: drop cache and logits_at")
     if compute_dtype is None:
         compute_dtype = params["embed"]["embedding"].dtype
     model = nnx.merge(_graphdef(config), params)
-    return model(tokens, positions, cache, segment_ids=segment_ids, compute_dtype=compute_dtype, logits_at=logits_at)
+    return model(tokens, positions, cache, segment_ids=segment_ids, compute_dtype=compute_dtype, logits_at=logits_at,
+                 hidden_only=hidden_only, attention_implementation=attention_implementation)
+
+
+def lm_head(params: dict, hidden: Array, *, config: LlamaConfig) -> Array:
+    """Logits ``[..., V]`` float32 of ``hidden [..., D]`` (``forward(hidden_only=True)``'s output)."""
+    model = nnx.merge(_graphdef(config), params)
+    logits = model.embed.attend(hidden) if model.lm_head is None else model.lm_head(hidden)
+    return logits.astype(jnp.float32)

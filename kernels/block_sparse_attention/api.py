@@ -53,8 +53,9 @@ def block_sparse_attention(q: Array, k: Array, v: Array, q_positions: Array, k_p
                            mask: MaskSpec = MaskSpec(), q_segments: Array | None = None,
                            k_segments: Array | None = None, block_mask: Array | None = None,
                            mask_block: int | None = None, scale: float | None = None,
-                           implementation: str | None = None, block_q: int = 64, block_k: int = 64,
-                           return_lse: bool = False, **kernel_options):
+                           implementation: str | None = None, block_q: int = 128, block_k: int = 64,
+                           backward_blocks: tuple[int, int] | None = (64, 64), return_lse: bool = False,
+                           **kernel_options):
     """Attention of ``q [B, T, N, H]`` over ``k, v [B, S, K, H]`` (GQA: query head ``n`` reads KV
     head ``n // (N / K)``) under ``mask`` (a ``MaskSpec``), the positions ``[B, T]`` / ``[B, S]``
     (-1: padding), optional segment ids and an optional selection ``block_mask [B, 1|K|N,
@@ -62,12 +63,15 @@ def block_sparse_attention(q: Array, k: Array, v: Array, q_positions: Array, k_p
     the log-sum-exp ``[B, N, T]`` fp32, not differentiated). Differentiable in ``q, k, v``.
 
     ``implementation``: ``"pallas_gpu"`` (blocks of ``block_q x block_k``, powers of two >= 16,
-    at most ``mask_block``; empty blocks skipped) or ``"reference"`` (dense jnp); an explicit one
+    at most ``mask_block``; empty blocks skipped; the backward in blocks of ``backward_blocks``,
+    None: the forward's) or ``"reference"`` (dense jnp); an explicit one
     that cannot run raises, None takes the kernel on a GPU and otherwise warns and runs the
     reference. ``kernel_options`` (``num_warps``, ``num_stages``, ``interpret``) go to the kernel."""
     _check(q, k, v, q_positions, k_positions, mask, q_segments, k_segments, block_mask, mask_block)
+    backward_blocks = (block_q, block_k) if backward_blocks is None else tuple(backward_blocks)
     if mask_block is not None:
         block_q, block_k = min(block_q, mask_block), min(block_k, mask_block)
+        backward_blocks = tuple(min(x, mask_block) for x in backward_blocks)
 
     def why_not():
         if jax.default_backend() != "gpu":
@@ -78,11 +82,13 @@ def block_sparse_attention(q: Array, k: Array, v: Array, q_positions: Array, k_p
 
     if not (_pow2(block_q) and _pow2(block_k)):
         raise ValueError(f"block_q and block_k must be powers of two >= 16, got {block_q!r} and {block_k!r}")
+    if len(backward_blocks) != 2 or not all(_pow2(x) for x in backward_blocks):
+        raise ValueError(f"backward_blocks must be two powers of two >= 16, got {backward_blocks!r}")
     if use_kernel("block_sparse_attention", implementation, kernel_options, why_not):
         from jaxkv.kernels.block_sparse_attention.pallas_gpu import block_sparse_attention_pallas_gpu
 
         t, s = q.shape[1], k.shape[1]
-        pt, ps = -t % block_q, -s % block_k
+        pt, ps = -t % max(block_q, backward_blocks[0]), -s % max(block_k, backward_blocks[1])
         pad = lambda x, n, value: jnp.pad(x, ((0, 0), (0, n)) + ((0, 0),) * (x.ndim - 2),  # noqa: E731
                                          constant_values=value)
         qp, kp = pad(q_positions, pt, -1), pad(k_positions, ps, -1)
@@ -90,9 +96,13 @@ def block_sparse_attention(q: Array, k: Array, v: Array, q_positions: Array, k_p
         ks = None if k_segments is None else pad(k_segments, ps, 0)
         plan = block_plan(mask, qp, kp, block_q=block_q, block_k=block_k, q_segments=qs, k_segments=ks,
                           block_mask=block_mask, mask_block=mask_block)
+        backward_plan = None
+        if backward_blocks != (block_q, block_k):
+            backward_plan = block_plan(mask, qp, kp, block_q=backward_blocks[0], block_k=backward_blocks[1],
+                                       q_segments=qs, k_segments=ks, block_mask=block_mask, mask_block=mask_block)
         out, lse = block_sparse_attention_pallas_gpu(pad(q, pt, 0), pad(k, ps, 0), pad(v, ps, 0), qp, kp, plan,
                                                      mask=mask, q_segments=qs, k_segments=ks, scale=scale,
-                                                     **kernel_options)
+                                                     backward_plan=backward_plan, **kernel_options)
         out, lse = out[:, :t], lse[:, :, :t]
     else:
         out, lse = block_sparse_attention_reference(q, k, v, q_positions, k_positions, mask=mask,

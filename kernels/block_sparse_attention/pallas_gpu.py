@@ -27,6 +27,7 @@ from jaxkv.kernels.block_sparse_attention.mask import BlockPlan, MaskSpec, visib
 
 Array = jax.Array
 _NEG = -1e30  # masked scores: finite, so a row with nothing visible makes no NaN
+_LOG2E = 1.4426950408889634  # scores are kept in base 2 inside the kernels (exp2 is the native instruction)
 
 __all__ = ["block_sparse_attention_pallas_gpu", "Config"]
 
@@ -45,7 +46,8 @@ class Config:
 
 
 def _scores(q, k, scale, exact):
-    return plgpu.dot(q, k, trans_b=True, allow_tf32=False if exact else None).astype(jnp.float32) * scale
+    """``q . k * scale * log2(e)``: scores in base 2."""
+    return plgpu.dot(q, k, trans_b=True, allow_tf32=False if exact else None).astype(jnp.float32) * (scale * _LOG2E)
 
 
 def _tile_mask(spec, qp, qs, kp_ref, ks_ref, start, block_k):
@@ -72,10 +74,10 @@ def _fwd_kernel(kvb_ref, nf_ref, np_ref, qp_ref, qs_ref, kp_ref, ks_ref, q_ref, 
             vis = _tile_mask(cfg.spec, qp, qs, kp_ref, ks_ref, start, bk)
             s = jnp.where(vis, s, _NEG)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        p = jnp.exp(s - m_new[:, None])
+        p = jnp.exp2(s - m_new[:, None])
         if masked:
             p = jnp.where(vis, p, 0.0)
-        alpha = jnp.exp(m - m_new)
+        alpha = jnp.exp2(m - m_new)
         vb = v_ref[pl.ds(start, bk), :]
         pv = plgpu.dot(p.astype(vb.dtype), vb, allow_tf32=False if exact else None).astype(jnp.float32)
         return alpha[:, None] * acc + pv, m_new, alpha * l + jnp.sum(p, axis=1)
@@ -85,7 +87,7 @@ def _fwd_kernel(kvb_ref, nf_ref, np_ref, qp_ref, qs_ref, kp_ref, ks_ref, q_ref, 
     acc, m, l = jax.lax.fori_loop(nf, nf + npart, functools.partial(step, masked=True), carry)
     some = l > 0
     o_ref[...] = jnp.where(some[:, None], acc / jnp.where(some, l, 1.0)[:, None], 0.0).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(some, m + jnp.log(jnp.where(some, l, 1.0)), -jnp.inf)
+    lse_ref[...] = jnp.where(some, (m + jnp.log2(jnp.where(some, l, 1.0))) / _LOG2E, -jnp.inf)  # natural log
 
 
 def _dq_kernel(kvb_ref, nf_ref, np_ref, qp_ref, qs_ref, kp_ref, ks_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
@@ -99,7 +101,7 @@ def _dq_kernel(kvb_ref, nf_ref, np_ref, qp_ref, qs_ref, kp_ref, ks_ref, q_ref, k
     def step(j, dq, masked):
         start = pl.multiple_of(kvb_ref[j] * bk, bk)
         kb, vb = k_ref[pl.ds(start, bk), :], v_ref[pl.ds(start, bk), :]
-        p = jnp.exp(_scores(q, kb, cfg.scale, exact) - lse[:, None])
+        p = jnp.exp2(_scores(q, kb, cfg.scale, exact) - lse[:, None])
         if masked:
             p = jnp.where(_tile_mask(cfg.spec, qp, qs, kp_ref, ks_ref, start, bk), p, 0.0)
         dp = plgpu.dot(do, vb, trans_b=True, allow_tf32=tf32).astype(jnp.float32)
@@ -127,7 +129,7 @@ def _dkv_kernel(qb_ref, nf_ref, np_ref, qp_ref, qs_ref, kp_ref, ks_ref, q_ref, k
         start = pl.multiple_of(qb_ref[i] * bq, bq)
         q, do = q_ref[pl.ds(start, bq), :], do_ref[pl.ds(start, bq), :]
         lse, delta = lse_ref[pl.ds(start, bq)], delta_ref[pl.ds(start, bq)]
-        p = jnp.exp(_scores(q, kb, cfg.scale, exact) - lse[:, None])  # [bq, bk]
+        p = jnp.exp2(_scores(q, kb, cfg.scale, exact) - lse[:, None])  # [bq, bk]
         if masked:
             qp, qs = qp_ref[pl.ds(start, bq)], qs_ref[pl.ds(start, bq)]
             p = jnp.where(visible(cfg.spec, qp[:, None], kp[None, :], qs[:, None], ks[None, :], k_index), p, 0.0)
@@ -188,14 +190,15 @@ def _forward(cfg: Config, q, k, v, qp, qs, kp, ks, plan: BlockPlan):
 
 
 def _backward(cfg: Config, res, cotangents):
-    q, k, v, qp, qs, kp, ks, plan, out, lse = res
+    q, k, v, qp, qs, kp, ks, plan, out, lse = res  # `plan`: the backward's own (its blocks may differ)
+    cfg = dataclasses.replace(cfg, block_q=plan.block_q, block_k=plan.block_k)
     do = cotangents[0].astype(q.dtype)
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
     hm = plan.kv_blocks.shape[1]
     exact = q.dtype == jnp.float32
     delta = jnp.einsum("BTNH,BTNH->BNT", out.astype(jnp.float32), do.astype(jnp.float32))
-    lse = jnp.where(jnp.isfinite(lse), lse, 0.0)  # rows that see nothing: every p is masked to 0 anyway
+    lse = jnp.where(jnp.isfinite(lse), lse * _LOG2E, 0.0)  # base 2; rows that see nothing: every p is masked to 0
     extra = [pl.BlockSpec((None, cfg.block_q, None, h), lambda i, j, x: (i, x, j, 0)),  # do
              pl.BlockSpec((None, None, cfg.block_q), lambda i, j, x: (i, j, x)),  # lse
              pl.BlockSpec((None, None, cfg.block_q), lambda i, j, x: (i, j, x))]  # delta
@@ -217,17 +220,17 @@ def _backward(cfg: Config, res, cotangents):
     g = n // kh
     dk = dk.reshape(b, s, kh, g, h).sum(3).astype(k.dtype)
     dv = dv.reshape(b, s, kh, g, h).sum(3).astype(v.dtype)
-    return dq.astype(q.dtype), dk, dv, None, None, None, None, None
+    return dq.astype(q.dtype), dk, dv, None, None, None, None, None, None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(cfg, q, k, v, qp, qs, kp, ks, plan):
+def _attention(cfg, q, k, v, qp, qs, kp, ks, plan, plan_bwd):
     return tuple(_forward(cfg, q, k, v, qp, qs, kp, ks, plan))
 
 
-def _attention_fwd(cfg, q, k, v, qp, qs, kp, ks, plan):
+def _attention_fwd(cfg, q, k, v, qp, qs, kp, ks, plan, plan_bwd):
     out, lse = _forward(cfg, q, k, v, qp, qs, kp, ks, plan)
-    return (out, lse), (q, k, v, qp, qs, kp, ks, plan, out, lse)
+    return (out, lse), (q, k, v, qp, qs, kp, ks, plan_bwd, out, lse)
 
 
 _attention.defvjp(_attention_fwd, _backward)
@@ -236,10 +239,11 @@ _attention.defvjp(_attention_fwd, _backward)
 def block_sparse_attention_pallas_gpu(q: Array, k: Array, v: Array, q_positions: Array, k_positions: Array,
                                       plan: BlockPlan, *, mask: MaskSpec, q_segments: Array | None = None,
                                       k_segments: Array | None = None, scale: float | None = None,
-                                      num_warps: int = 4, num_stages: int = 2, interpret: bool = False
-                                      ) -> tuple[Array, Array]:
+                                      backward_plan: BlockPlan | None = None, num_warps: int = 4,
+                                      num_stages: int = 3, interpret: bool = False) -> tuple[Array, Array]:
     """``(out [B, T, N, H], lse [B, N, T])`` over a ``plan`` made for these positions and segment
-    ids with the same ``mask``; ``T`` and ``S`` multiples of the plan's blocks (``api`` pads)."""
+    ids with the same ``mask`` (and ``backward_plan``, the same mask in the backward's blocks;
+    default: ``plan``); ``T`` and ``S`` multiples of both plans' blocks (``api`` pads)."""
     h = q.shape[-1]
     cfg = Config(spec=mask, scale=h ** -0.5 if scale is None else float(scale), block_q=plan.block_q,
                  block_k=plan.block_k, num_warps=num_warps, num_stages=num_stages, interpret=interpret)
@@ -248,4 +252,5 @@ def block_sparse_attention_pallas_gpu(q: Array, k: Array, v: Array, q_positions:
     if q_segments is None and mask.anchor:  # without documents the anchor adds nothing
         mask = dataclasses.replace(mask, anchor=False)
         cfg = dataclasses.replace(cfg, spec=mask)
-    return _attention(cfg, q, k, v, q_positions.astype(jnp.int32), qs, k_positions.astype(jnp.int32), ks, plan)
+    return _attention(cfg, q, k, v, q_positions.astype(jnp.int32), qs, k_positions.astype(jnp.int32), ks, plan,
+                      plan if backward_plan is None else backward_plan)
