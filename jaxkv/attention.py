@@ -17,6 +17,7 @@ garbage by design and callers ignore it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -27,7 +28,7 @@ from jaxkv.typing import Array
 from jaxkv.errors import UserError
 
 __all__ = ["visibility_mask", "attention_weights", "attend_reference", "attend_with_lse", "merge_attention",
-           "contiguous_layout", "attend_sinks_window"]
+           "contiguous_layout", "attend_sinks_window", "attend_dense", "same_sharding", "AttentionSharding"]
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -153,6 +154,7 @@ def attend_dense(
     window: int | None = None,
     segment_ids: Array | None = None,
     implementation: str | None = None,
+    sharding: AttentionSharding | None = None,
 ) -> Array:
     """Self-attention of a chunk over itself: ``q [B,T,K,G,H]``, ``k, v [B,T,K,H]`` (token-major,
     as projected). The mask follows the module rules (positions, window, segments).
@@ -164,7 +166,8 @@ def attend_dense(
     for 16-bit packed rows on one device, cudnn for other 16-bit inputs on a GPU, and the
     reference otherwise; an explicit request that cannot run fails loudly. (A query that sees
     nothing, padding, gets 0 from the kernel and a uniform average from the others: garbage
-    either way, ignored by callers.)
+    either way, ignored by callers.) ``sharding``: the mesh axes cuDNN's inputs are constrained
+    to under a mesh (``same_sharding``).
     """
     if implementation is not None and implementation not in DENSE_IMPLEMENTATIONS:
         raise UserError(f"implementation must be one of {DENSE_IMPLEMENTATIONS}, got {implementation!r}")
@@ -181,7 +184,7 @@ def attend_dense(
         if jax.default_backend() != "gpu":
             raise UserError("implementation='cudnn' needs a GPU backend")
         try:
-            return _attend_dense_cudnn(q, k, v, positions, window, segment_ids)
+            return _attend_dense_cudnn(q, k, v, positions, window, segment_ids, sharding)
         except Exception as e:  # shapes or dtypes cuDNN does not take: fall back, loudly
             if implementation == "cudnn":
                 raise
@@ -190,25 +193,34 @@ def attend_dense(
                             window=window, q_segments=segment_ids, k_segments=segment_ids)
 
 
-def same_sharding(q: Array, k: Array, v: Array, mask: Array) -> tuple[Array, Array, Array, Array]:
+@dataclasses.dataclass(frozen=True)
+class AttentionSharding:
+    """The mesh axes attention's inputs are laid out over (the caller's names): rows over
+    ``batch_axes``, heads over ``head_axis``."""
+
+    batch_axes: tuple[str, ...] = ()
+    head_axis: str | None = None
+
+
+def same_sharding(q: Array, k: Array, v: Array, mask: Array, sharding: AttentionSharding | None = None
+                  ) -> tuple[Array, Array, Array, Array]:
     """Under a mesh (``jax.set_mesh``), give ``q [B,T,N,H]``, ``k, v [B,T,K,H]`` and ``mask
-    [B,1,T,S]`` one layout: batch over the mesh's ``data``/``fsdp`` axes, heads over ``tensor``
-    when both head counts divide. cuDNN's partitioner refuses inputs sharded differently, which
-    sharding propagation produces under FSDP (q and k/v come from differently shaped weights).
-    Without a mesh in context the arrays pass through unchanged."""
+    [B,1,T,S]`` one layout: batch over ``sharding.batch_axes``, heads over ``sharding.head_axis``
+    when both head counts divide (axes the mesh lacks or of size 1 are skipped). cuDNN's
+    partitioner refuses inputs sharded differently, which sharding propagation produces under
+    FSDP (q and k/v come from differently shaped weights). Without a mesh in context, or without
+    ``sharding``, the arrays pass through unchanged."""
     from jax.sharding import PartitionSpec as P
 
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
+    if mesh.empty or sharding is None:
         return q, k, v, mask
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-    batch = tuple(a for a in ("data", "fsdp") if sizes.get(a, 1) > 1)
-    n_batch = 1
-    for a in batch:
-        n_batch *= sizes[a]
+    batch = tuple(a for a in sharding.batch_axes if sizes.get(a, 1) > 1)
+    n_batch = math.prod(sizes[a] for a in batch)
     batch_spec = batch if batch and q.shape[0] % n_batch == 0 else None
-    tp = sizes.get("tensor", 1)
-    heads = "tensor" if tp > 1 and q.shape[2] % tp == 0 and k.shape[2] % tp == 0 else None
+    tp = sizes.get(sharding.head_axis, 1) if sharding.head_axis else 1
+    heads = sharding.head_axis if tp > 1 and q.shape[2] % tp == 0 and k.shape[2] % tp == 0 else None
     qkv = P(batch_spec, None, heads, None)
     q, k, v = (jax.lax.with_sharding_constraint(x, qkv) for x in (q, k, v))
     mask = jax.lax.with_sharding_constraint(mask, P(batch_spec, None, None, None))
@@ -228,7 +240,7 @@ def contiguous_layout(positions: Array) -> Array:
     return jnp.all(prefix & run)
 
 
-def _attend_dense_cudnn(q, k, v, positions, window, segment_ids):
+def _attend_dense_cudnn(q, k, v, positions, window, segment_ids, sharding):
     b, t, kh, g, h = q.shape
     q2 = q.reshape(b, t, kh * g, h)
 
@@ -241,7 +253,7 @@ def _attend_dense_cudnn(q, k, v, positions, window, segment_ids):
         # position and segment), so the rows that see nothing are exactly the padding queries.
         pad_rows = (positions < 0)[:, None, :, None]
         mask = mask | (pad_rows & jnp.eye(t, dtype=bool))
-        q2, k, v, mask = same_sharding(q2, k, v, mask)
+        q2, k, v, mask = same_sharding(q2, k, v, mask, sharding)
         return jax.nn.dot_product_attention(q2, k, v, mask=mask, implementation="cudnn")
 
     if segment_ids is not None:

@@ -315,8 +315,8 @@ def bench_kernels(*, batch: int = 4, num_heads: int = 32, num_kv_heads: int = 8,
 
 def bench_prefill(*, batch: int = 1, num_heads: int = 32, num_kv_heads: int = 8, head_dim: int = 128,
                   lengths: tuple[int, ...] = (8192, 32768), densities: tuple[float, ...] = (0.5, 0.25, 0.1),
-                  documents: int = 8, block_q: int = 128, block_k: int = 64, num_warps: int = 8,
-                  num_stages: int = 2, mask_block: int = 128, repeats: int = 5, interpret: bool = False,
+                  documents: int = 8, block_q: int = 128, block_k: int = 64, num_warps: int = 4,
+                  num_stages: int = 3, mask_block: int = 128, repeats: int = 5, interpret: bool = False,
                   seed: int = 0) -> list[dict]:
     """Prefill attention (``jaxkv.kernels.block_sparse_attention``) against cuDNN in one process,
     bf16, token-major ``[B, T, N, H]``: (1) dense causal forward at each length; (2) block-sparse

@@ -244,17 +244,21 @@ _SHARDED = textwrap.dedent("""
     # cuDNN attention needs q, k, v of one sharding: same_sharding imposes it under a mesh
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
+    import functools
     from jaxkv.attention import same_sharding
-    from jaxkv.training.sharding import make_mesh
+    from jaxkv.training.sharding import ATTENTION_SHARDING, make_mesh
     m = make_mesh(2, 2, 2)
     q, k, v = jnp.ones((4, 16, 8, 32)), jnp.ones((4, 16, 2, 32)), jnp.ones((4, 16, 2, 32))
     mask = jnp.ones((4, 1, 16, 16), bool)
     shard = lambda x, spec: jax.device_put(x, NamedSharding(m, spec))
     args = (shard(q, P(None, None, None, "fsdp")), shard(k, P()), shard(v, P("tensor")), shard(mask, P()))
+    impose = jax.jit(functools.partial(same_sharding, sharding=ATTENTION_SHARDING))
     with jax.set_mesh(m):
-        res = jax.jit(same_sharding)(*args)
+        res = impose(*args)
+        unnamed = jax.jit(same_sharding)(*args)
     out["same_sharding"] = [str(x.sharding.spec) for x in res]
-    out["no_mesh"] = [str(x.sharding.spec) for x in jax.jit(same_sharding)(*args)]
+    out["no_names"] = [str(x.sharding.spec) for x in unnamed]
+    out["no_mesh"] = [str(x.sharding.spec) for x in impose(*args)]
     print(json.dumps(out))
 """)
 
@@ -272,6 +276,7 @@ def test_data_fsdp_tensor_mesh_on_8_cpu_devices_matches_one_device():
     assert len(set(qkv)) == 1 and "('data', 'fsdp')" in qkv[0] and "'tensor'" in qkv[0], qkv
     assert "('data', 'fsdp')" in mask and "tensor" not in mask
     assert len(set(out["no_mesh"][:3])) > 1  # without a mesh in context nothing is imposed
+    assert len(set(out["no_names"][:3])) > 1  # nor without the axis names: attention names none itself
 
 
 _PROCESS = textwrap.dedent("""

@@ -20,12 +20,15 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxkv.attention import AttentionSharding
 from jaxkv.training.config import TrainConfigError
 from jaxkv.errors import UserError
 
 __all__ = ["parse_mesh", "make_mesh", "param_specs", "state_shardings", "batch_sharding", "initialize_distributed"]
 
 AXES = ("data", "fsdp", "tensor")
+# attention's inputs under these meshes: rows over data and fsdp, heads over tensor
+ATTENTION_SHARDING = AttentionSharding(batch_axes=("data", "fsdp"), head_axis="tensor")
 
 
 def parse_mesh(text: str) -> tuple[int, int, int]:

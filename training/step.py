@@ -16,6 +16,7 @@ import optax
 
 from jaxkv.config import LlamaConfig
 from jaxkv.models.llama import forward, lm_head
+from jaxkv.training.sharding import ATTENTION_SHARDING
 from jaxkv.training.state import TrainState
 
 __all__ = ["lm_loss", "loss_chunk", "make_train_step", "LOGITS_CHUNK_BYTES"]
@@ -32,7 +33,8 @@ def loss_chunk(batch: int, seq_len: int, vocab_size: int) -> int:
 
 
 def lm_loss(params, batch: dict, *, config: LlamaConfig, compute_dtype, chunk: int | None = None,
-            attention_implementation: str | None = None) -> tuple[jax.Array, jax.Array]:
+            attention_implementation: str | None = None, attention_sharding=ATTENTION_SHARDING
+            ) -> tuple[jax.Array, jax.Array]:
     """``(sum of token NLL, number of valid targets)`` for one batch of ``[b, T]`` rows.
 
     Chunked cross-entropy: the LM head and the log-softmax run on ``chunk`` tokens at a time
@@ -41,7 +43,7 @@ def lm_loss(params, batch: dict, *, config: LlamaConfig, compute_dtype, chunk: i
     tokens, positions, segments = batch["tokens"], batch["positions"], batch["segment_ids"]
     hidden, _ = forward(params, tokens, positions, config=config, segment_ids=segments,
                         compute_dtype=compute_dtype, hidden_only=True,
-                        attention_implementation=attention_implementation)
+                        attention_implementation=attention_implementation, attention_sharding=attention_sharding)
     valid = (positions[:, 1:] >= 0) & (positions[:, :-1] >= 0) & (segments[:, 1:] == segments[:, :-1])
     if "loss_mask" in batch:
         valid &= batch["loss_mask"][:, 1:]

@@ -69,7 +69,7 @@ class Attention(nnx.Module):
         self.window = config.sliding_window
 
     def __call__(self, x, positions, cos, sin, *, layer_cache, policy, phase, layer, params, segment_ids,
-                 inv_freq=None, attention_implementation=None):
+                 inv_freq=None, attention_implementation=None, attention_sharding=None):
         b, t, _ = x.shape
         kh, g, h = self.num_kv_heads, self.group, self.head_dim
         q = apply_rope(self.q(x).reshape(b, t, kh * g, h), cos, sin).reshape(b, t, kh, g, h)
@@ -77,7 +77,7 @@ class Attention(nnx.Module):
         v = self.v(x).reshape(b, t, kh, h)
         if layer_cache is None:  # cache-free forward (training, scoring): dense attention
             out = attend_dense(q, k, v, positions, window=self.window, segment_ids=segment_ids,
-                               implementation=attention_implementation)
+                               implementation=attention_implementation, sharding=attention_sharding)
         else:
             extra = {"inputs": LayerInput(x=x, inv_freq=inv_freq)} if policy.wants_layer_input else {}
             if phase is Phase.PREFILL:
@@ -121,7 +121,7 @@ class LlamaForCausalLM(nnx.Module):
 
     def __call__(self, tokens, positions, cache: ModelCache | None = None, *,
                  segment_ids=None, compute_dtype=jnp.float32, logits_at=None, hidden_only=False,
-                 attention_implementation=None):
+                 attention_implementation=None, attention_sharding=None):
         cfg = self.config
         if cache is not None and segment_ids is not None:
             raise UserError("segment_ids are for the cache-free forward of packed rows; "
@@ -146,7 +146,7 @@ class LlamaForCausalLM(nnx.Module):
                 policy=None if cache is None else cache.policies[i],
                 params=None if cache is None else cache.params[i],
                 layer=spec, phase=phase, segment_ids=segment_ids, inv_freq=inv_freq,
-                attention_implementation=attention_implementation,
+                attention_implementation=attention_implementation, attention_sharding=attention_sharding,
             )
             if cache is not None:
                 states[owner] = layer_cache
@@ -203,7 +203,8 @@ def abstract_params(config: LlamaConfig, dtype=jnp.float32) -> dict:
 
 def forward(params: dict, tokens: Array, positions: Array, cache: ModelCache | None = None, *,
             config: LlamaConfig, segment_ids: Array | None = None, compute_dtype=None,
-            logits_at: Array | None = None, hidden_only: bool = False, attention_implementation: str | None = None):
+            logits_at: Array | None = None, hidden_only: bool = False, attention_implementation: str | None = None,
+            attention_sharding=None):
     """``(logits [B, T, V] float32, cache)``; pure and jit-able (``config`` is static).
 
     ``logits_at [B]`` (token indices): run the LM head only there and return ``[B, 1, V]`` (a
@@ -212,8 +213,8 @@ def forward(params: dict, tokens: Array, positions: Array, cache: ModelCache | N
 
     ``hidden_only``: return the final norm's output ``[B, T, D]`` (compute dtype) instead of
     logits, for a loss that applies the head in chunks (``lm_head``); cache-free forwards only.
-    ``attention_implementation``: the cache-free attention's (``attention.attend_dense``; None: its
-    default).
+    ``attention_implementation``, ``attention_sharding``: the cache-free attention's
+    (``attention.attend_dense``'s ``implementation`` and ``sharding``; None: its defaults).
 
     ``compute_dtype`` defaults to the dtype of the embedding parameters. Token ids outside the
     vocabulary are refused with ``UserError`` when ``tokens`` is concrete; under a caller's jit
@@ -238,7 +239,8 @@ def forward(params: dict, tokens: Array, positions: Array, cache: ModelCache | N
         compute_dtype = params["embed"]["embedding"].dtype
     model = nnx.merge(_graphdef(config), params)
     return model(tokens, positions, cache, segment_ids=segment_ids, compute_dtype=compute_dtype, logits_at=logits_at,
-                 hidden_only=hidden_only, attention_implementation=attention_implementation)
+                 hidden_only=hidden_only, attention_implementation=attention_implementation,
+                 attention_sharding=attention_sharding)
 
 
 def lm_head(params: dict, hidden: Array, *, config: LlamaConfig) -> Array:
