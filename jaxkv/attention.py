@@ -273,7 +273,7 @@ def _attend_dense_cudnn(q, k, v, positions, window, segment_ids, sharding):
 
 
 def attend_sinks_window(q: Array, k: Array, v: Array, positions: Array, *, sinks: int, window: int,
-                        block: int | None = None) -> Array:
+                        block: int | None = None, implementation: str | None = None) -> Array:
     """Causal self-attention of a chunk where each query sees only the keys at positions below
     ``sinks`` and its last ``window`` positions (StreamingLLM's Lambda mask): ``q [B,T,K,G,H]``,
     ``k, v [B,T,K,H]`` (token-major, as projected) -> ``[B,T,K,G,H]``.
@@ -282,8 +282,21 @@ def attend_sinks_window(q: Array, k: Array, v: Array, positions: Array, *, sinks
     their own and the previous key block, so memory is ``O(T * (sinks + 2 * block))``, not
     ``O(T^2)``. Exact on the layout ``contiguous_layout`` accepts; any other layout comes back
     as NaN (loudly wrong, never silently), since a far key's index would not be in the blocks.
+
+    ``implementation``: ``"reference"`` (this blocked jnp pass) or ``"pallas_gpu"`` (the
+    block-sparse kernel with ``MaskSpec(window=window, sinks=sinks)``: exact on any layout, only
+    the sink and local blocks read); None takes the kernel where ``attend_dense`` would (16-bit,
+    one GPU).
     """
+    if implementation not in (None, "reference", "pallas_gpu"):
+        raise UserError(f"implementation must be reference or pallas_gpu, got {implementation!r}")
     b, t, kh, g, h = q.shape
+    if (implementation or _default_dense_implementation(q.dtype, True, h)) == "pallas_gpu":
+        from jaxkv.kernels.block_sparse_attention import MaskSpec, block_sparse_attention
+
+        out = block_sparse_attention(q.reshape(b, t, kh * g, h), k, v, positions, positions,
+                                     mask=MaskSpec(window=window, sinks=sinks), implementation="pallas_gpu")
+        return out.reshape(b, t, kh, g, h)
     blk = int(window if block is None else block)
     if blk < window:
         raise UserError(f"attend_sinks_window: block ({blk}) must be at least window ({window})")

@@ -163,3 +163,20 @@ def test_attend_sinks_window_equals_the_masked_reference(sinks, window, block, t
     # a layout the blocks cannot honour is refused as NaN, not answered wrongly
     bad = attend_sinks_window(q, k, v, pos[:, ::-1], sinks=sinks, window=window, block=block)
     assert np.isnan(np.asarray(bad)).all()
+    with pytest.raises(ValueError, match="implementation"):
+        attend_sinks_window(q, k, v, pos, sinks=sinks, window=window, implementation="cudnn")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+def test_attend_sinks_window_through_the_kernel_on_gpu():
+    """bf16 on a GPU: the default is the block-sparse kernel; it equals the blocked jnp pass."""
+    from jaxkv.attention import attend_sinks_window
+
+    q, k, v, pos, _ = _random_chunk(jnp.bfloat16, t=256, h=64)
+    pos = jnp.broadcast_to(jnp.arange(256), pos.shape).at[1, 240:].set(-1)
+    want = attend_sinks_window(q, k, v, pos, sinks=16, window=64, implementation="reference")
+    got = attend_sinks_window(q, k, v, pos, sinks=16, window=64)
+    real = np.asarray(pos)[:, :, None, None, None] >= 0
+    np.testing.assert_allclose(np.where(real, np.asarray(got, np.float32), 0),
+                               np.where(real, np.asarray(want, np.float32), 0), atol=2e-2)

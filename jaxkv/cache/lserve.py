@@ -21,8 +21,9 @@
 
 Deviations: the head split comes from Razor-style induction scores, a training-free proxy for
 DuoAttention's optimised gates (the paper's source); the prompt's own attention is dense for
-dense heads and sinks + ``prefill_window`` for streaming heads through a masked reference path
-(the block-sparse prefill kernel is a later step); pages are slices of one slot array (slot =
+dense heads and sinks + ``prefill_window`` for streaming heads (``attention.attend_sinks_window``:
+the block-sparse kernel on a GPU in 16 bits, reading only the sink and local blocks, else a
+blocked jnp pass); pages are slices of one slot array (slot =
 position) rather than a page table, since the cache's shapes are fixed per request.
 """
 
