@@ -40,7 +40,7 @@ from jaxkv.fileio import read_json_object, replace_folder
 from jaxkv.config import ConfigError, LlamaConfig
 from jaxkv.models.llama import abstract_params
 
-__all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint", "load_tokenizer", "load_chat_template",
+__all__ = ["CheckpointError", "load_checkpoint", "load_mamba2_checkpoint", "save_checkpoint", "load_tokenizer", "load_chat_template",
            "hf_name_map", "resolve_model", "MODEL_NAMES", "check_float_dtype"]
 
 CONFIG_FILE = "config.json"
@@ -165,6 +165,91 @@ def check_float_dtype(dtype):
     return d
 
 
+def _stored_shape(want: tuple, kind) -> tuple:
+    """The shape a tensor has in the file, for a parameter of shape ``want`` (see ``_to_param``)."""
+    if kind == "conv":  # torch Conv1d weight [C, 1, K] <- ours [K, C]
+        return (want[1], 1, want[0])
+    return want[::-1] if kind else want
+
+
+def _to_param(array: np.ndarray, kind) -> np.ndarray:
+    if kind == "conv":
+        return array[:, 0, :].T
+    return array.T if kind else array
+
+
+def _read_params(folder: Path, files: dict[str, Path], present: set, expected: dict, abstract: dict, what: str,
+                 dtype) -> dict:
+    """Check every name, shape and dtype against ``expected`` (HF name -> (tree path, kind)) and
+    ``abstract``, then read, lay out (``_to_param``) and cast; nothing is built before all checks pass."""
+    missing = sorted(set(expected) - present)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{folder}: tensor {missing[0]!r} is missing{more}")
+    unexpected = sorted(present - set(expected))
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise CheckpointError(f"{folder}: unexpected tensor {unexpected[0]!r} for {what}{more}")
+
+    # Pass 1: headers only. Shapes and dtypes of every tensor, before reading any data.
+    by_file: dict[Path, list[str]] = {}
+    for name in expected:
+        by_file.setdefault(files[name], []).append(name)
+    for f, names in by_file.items():
+        with _open(f) as st:
+            available = set(st.keys())
+            for name in names:
+                if name not in available:
+                    raise CheckpointError(f"{f.name}: the index says it holds {name!r}, but it does not")
+                sl = st.get_slice(name)
+                tdtype, shape = sl.get_dtype(), tuple(sl.get_shape())
+                if tdtype not in _FLOAT_DTYPES:
+                    raise CheckpointError(f"{f.name}: tensor {name!r} has dtype {tdtype}; "
+                                          f"expected one of {sorted(_FLOAT_DTYPES)}")
+                tree_path, kind = expected[name]
+                want = _stored_shape(tuple(_get(abstract, tree_path).shape), kind)
+                if shape != want:
+                    raise CheckpointError(f"{f.name}: tensor {name!r} has shape {list(shape)}, "
+                                          f"config.json implies {list(want)}")
+
+    # Pass 2: read, lay out, cast.
+    params: dict[str, Any] = {}
+    for f, names in by_file.items():
+        with _open(f) as st:
+            for name in names:
+                tree_path, kind = expected[name]
+                array = _to_param(st.get_tensor(name), kind)
+                if not np.isfinite(array.astype(np.float32)).all():
+                    raise CheckpointError(f"{f.name}: tensor {name!r} holds NaN or infinite values")
+                _set(params, tree_path, jnp.asarray(array, dtype=dtype if dtype is not None else array.dtype))
+    return params
+
+
+def load_mamba2_checkpoint(path: str | os.PathLike, *, dtype=None):
+    """``(Mamba2Config, params)`` from an HF Mamba-2 folder (``Mamba2ForCausalLM``, safetensors),
+    checked as ``load_checkpoint`` checks (names, shapes, dtypes, finite values) before anything
+    is built."""
+    from jaxkv.models import mamba2
+
+    if dtype is not None:
+        dtype = check_float_dtype(dtype)
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {os.fspath(path)!r} does not exist or is not a folder")
+    try:
+        config = mamba2.Mamba2Config.from_json(folder / CONFIG_FILE)
+    except ConfigError as e:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: {e}") from None
+    files = _weight_files(folder)
+    if not files:
+        files = {name: folder / SINGLE_FILE for name in _header_names(folder / SINGLE_FILE)}
+    present = set(files)
+    if config.tie_word_embeddings:
+        present.discard("lm_head.weight")  # save_pretrained may store the tied copy
+    return config, _read_params(folder, files, present, mamba2.hf_name_map(config), mamba2.abstract_params(config),
+                                f"Mamba-2 with {config.num_layers} layers", dtype)
+
+
 def load_checkpoint(path: str | os.PathLike, *, dtype=None) -> tuple[LlamaConfig, dict]:
     """Load ``(config, params)`` from an HF checkpoint folder or a ``.gguf`` file.
 
@@ -190,57 +275,12 @@ def load_checkpoint(path: str | os.PathLike, *, dtype=None) -> tuple[LlamaConfig
         files = {name: folder / SINGLE_FILE for name in _header_names(folder / SINGLE_FILE)}
 
     expected = hf_name_map(config)
-    abstract = abstract_params(config)
     present = set(files)
     stored_head = config.tie_word_embeddings and "lm_head.weight" in present
     if stored_head:
         present.discard("lm_head.weight")  # some tied checkpoints store a copy; checked below
-    missing = sorted(set(expected) - present)
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"{folder}: tensor {missing[0]!r} is missing{more}")
-    unexpected = sorted(present - set(expected))
-    if unexpected:
-        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-        raise CheckpointError(f"{folder}: unexpected tensor {unexpected[0]!r} for {config.family} "
-                              f"with {config.num_layers} layers{more}")
-
-    # Pass 1: headers only. Shapes and dtypes of every tensor, before reading any data.
-    by_file: dict[Path, list[str]] = {}
-    for name in expected:
-        by_file.setdefault(files[name], []).append(name)
-    for f, names in by_file.items():
-        with _open(f) as st:
-            available = set(st.keys())
-            for name in names:
-                if name not in available:
-                    raise CheckpointError(f"{f.name}: the index says it holds {name!r}, but it does not")
-                sl = st.get_slice(name)
-                tdtype, shape = sl.get_dtype(), tuple(sl.get_shape())
-                if tdtype not in _FLOAT_DTYPES:
-                    raise CheckpointError(f"{f.name}: tensor {name!r} has dtype {tdtype}; "
-                                          f"expected one of {sorted(_FLOAT_DTYPES)}")
-                tree_path, transpose = expected[name]
-                want = tuple(_get(abstract, tree_path).shape)
-                if transpose:
-                    want = want[::-1]
-                if shape != want:
-                    raise CheckpointError(f"{f.name}: tensor {name!r} has shape {list(shape)}, "
-                                          f"config.json implies {list(want)}")
-
-    # Pass 2: read, transpose, cast.
-    params: dict[str, Any] = {}
-    for f, names in by_file.items():
-        with _open(f) as st:
-            for name in names:
-                array = st.get_tensor(name)
-                tree_path, transpose = expected[name]
-                if transpose:
-                    array = array.T
-                if not np.isfinite(array.astype(np.float32)).all():
-                    raise CheckpointError(f"{f.name}: tensor {name!r} holds NaN or infinite values")
-                out = jnp.asarray(array, dtype=dtype if dtype is not None else array.dtype)
-                _set(params, tree_path, out)
+    params = _read_params(folder, files, present, expected, abstract_params(config),
+                          f"{config.family} with {config.num_layers} layers", dtype)
     if stored_head:
         with _open(files["lm_head.weight"]) as st:
             head = st.get_tensor("lm_head.weight")

@@ -1,0 +1,173 @@
+"""Mamba-2: the chunked SSD against the recurrence, the model against transformers' logits and
+greedy tokens (committed fixtures, tests/fixtures/make_mamba2_fixtures.py), prefill + recurrent
+decode against one forward, padding, the gated norm both ways, the state's bytes, bad input."""
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxkv.checkpoints import CheckpointError, load_mamba2_checkpoint
+from jaxkv.config import ConfigError
+from jaxkv.kernels.ssd import segsum, ssd_chunked, ssd_recurrent
+from jaxkv.models import mamba2
+from jaxkv.models.mamba2 import Mamba2Config, forward, init_params, init_state
+
+FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures" / "mamba2"
+NAMES = ["groups1_chunk8", "groups2_chunk5_bias_tied", "groups4_chunk16"]
+_STEP = jax.jit(forward, static_argnames=("config", "chunk_size"))
+
+
+def _ssd_inputs(rng, b, t, h, p, g, n):
+    r = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)  # noqa: E731
+    return (r(b, t, h, p), jax.nn.softplus(r(b, t, h)), -jnp.exp(r(h)), r(b, t, g, n), r(b, t, g, n),
+            r(b, h, p, n))
+
+
+def test_segsum_hand_worked():
+    out = np.asarray(segsum(jnp.asarray([1.0, 2.0, 4.0])))
+    want = np.array([[0, -np.inf, -np.inf], [2, 0, -np.inf], [6, 4, 0]])
+    np.testing.assert_array_equal(out, want)
+
+
+@pytest.mark.parametrize("b,t,h,p,g,n", [(2, 37, 4, 8, 2, 16), (1, 64, 2, 4, 1, 8), (3, 9, 6, 2, 3, 4)])
+@pytest.mark.parametrize("chunk", [1, 5, 16, 64])
+def test_chunked_ssd_equals_the_recurrence(b, t, h, p, g, n, chunk):
+    x, dt, a, bb, cc, s0 = _ssd_inputs(np.random.default_rng(t + chunk), b, t, h, p, g, n)
+    for init in (None, s0):
+        y1, f1 = ssd_recurrent(x, dt, a, bb, cc, init)
+        y2, f2 = ssd_chunked(x, dt, a, bb, cc, init, chunk_size=chunk)
+        scale = float(jnp.abs(y1).max())
+        np.testing.assert_allclose(np.asarray(y2), np.asarray(y1), atol=1e-5 * max(1.0, scale))
+        np.testing.assert_allclose(np.asarray(f2), np.asarray(f1), atol=1e-5 * max(1.0, float(jnp.abs(f1).max())))
+
+
+def test_the_recurrence_hand_worked():
+    """One head, P = N = 1: h_t = exp(dt A) h_{t-1} + dt x B, y = C h."""
+    x = jnp.asarray([1.0, 2.0]).reshape(1, 2, 1, 1)
+    dt = jnp.asarray([0.5, 1.0]).reshape(1, 2, 1)
+    a = jnp.asarray([-np.log(2.0)])
+    b = jnp.ones((1, 2, 1, 1))
+    c = jnp.asarray([3.0, 1.0]).reshape(1, 2, 1, 1)
+    y, final = ssd_recurrent(x, dt, a, b, c)
+    h1 = 0.5 * 1.0
+    h2 = 2 ** -1.0 * h1 + 1.0 * 2.0
+    np.testing.assert_allclose(np.asarray(y).ravel(), [3 * h1, h2], rtol=1e-6)
+    np.testing.assert_allclose(float(final.ravel()[0]), h2, rtol=1e-6)
+
+
+# ------------------------------------------------------------------ transformers parity
+@pytest.mark.parametrize("name", NAMES)
+def test_logits_and_greedy_tokens_match_transformers(name):
+    config, params = load_mamba2_checkpoint(FIXTURES / name)
+    e = np.load(FIXTURES / name / "expected.npz")
+    prompt = jnp.asarray(e["prompt"])[None]
+    logits, state = forward(params, prompt, config=config)
+    np.testing.assert_allclose(np.asarray(logits[0]), e["logits"], atol=1e-4)
+    # greedy: the chunked prefill, then recurrent steps (one compile), as transformers' generate
+    tokens, lg = [], logits[:, -1:]
+    for _ in range(len(e["greedy"])):
+        nxt = jnp.argmax(lg[:, -1], axis=-1)[:, None]
+        tokens.append(int(nxt[0, 0]))
+        lg, state = _STEP(params, nxt, None, state, config=config)
+    np.testing.assert_array_equal(tokens, e["greedy"])
+    full, _ = forward(params, jnp.concatenate([prompt, jnp.asarray(e["greedy"])[None]], 1), config=config)
+    np.testing.assert_allclose(np.asarray(full[0]), e["full_logits"], atol=1e-4)
+
+
+def test_prefill_then_decode_equals_one_forward_with_a_dt_limit():
+    """Any split of the sequence (chunked extend, then recurrent steps) gives the logits and the
+    state of one forward; here with a finite time_step_limit, so the clamp runs in both forms."""
+    import dataclasses
+
+    base, p = load_mamba2_checkpoint(FIXTURES / NAMES[1])  # two groups, chunk 5, biases
+    c = dataclasses.replace(base, time_step_limit=(0.0, 0.05))
+    tok = jax.random.randint(jax.random.key(1), (2, 21), 0, c.vocab_size)
+    full, st = forward(p, tok, config=c)
+    lg, s = forward(p, tok[:, :7], config=c)
+    outs = [lg]
+    lg, s = forward(p, tok[:, 7:12], None, s, config=c, chunk_size=3)
+    outs.append(lg)
+    for t in range(12, 21):
+        lg, s = _STEP(p, tok[:, t:t + 1], None, s, config=c)
+        outs.append(lg)
+    np.testing.assert_allclose(np.asarray(jnp.concatenate(outs, 1)), np.asarray(full), atol=1e-5)
+    for a, b in zip(jax.tree.leaves(s), jax.tree.leaves(st)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    assert float(jnp.abs(forward(p, tok, config=base)[0] - full).max()) > 1e-2  # the limit bites
+
+
+def test_left_padding_is_exact():
+    config, params = load_mamba2_checkpoint(FIXTURES / NAMES[1])
+    e = np.load(FIXTURES / NAMES[1] / "expected.npz")
+    prompt = jnp.asarray(e["prompt"])
+    t = prompt.shape[0]
+    padded = jnp.concatenate([jnp.full((4,), 99), prompt])[None]
+    pos = jnp.concatenate([jnp.full((4,), -1), jnp.arange(t)])[None]
+    logits, _ = forward(params, padded, pos, config=config)
+    np.testing.assert_allclose(np.asarray(logits[0, 4:]), e["logits"], atol=1e-4)
+
+
+def test_the_gated_norm_both_ways():
+    """norm_before_gate=False (transformers): norm(y * silu(z)) per group; True (mamba_ssm's
+    option, which transformers ignores): norm(y) * silu(z)."""
+    rng = np.random.default_rng(0)
+    y, z = rng.normal(size=(2, 3, 8)), rng.normal(size=(2, 3, 8))
+    w = rng.normal(size=8)
+    silu = z / (1 + np.exp(-z))
+
+    def norm(v):  # two groups of 4
+        g = v.reshape(2, 3, 2, 4)
+        return (g / np.sqrt((g ** 2).mean(-1, keepdims=True) + 1e-5)).reshape(2, 3, 8)
+
+    for before, want in ((False, w * norm(y * silu)), (True, w * norm(y) * silu)):
+        c = Mamba2Config(vocab_size=8, hidden_size=4, num_layers=1, num_heads=2, head_dim=4, n_groups=2,
+                         norm_before_gate=before)
+        got = mamba2._gated_norm(jnp.asarray(y, jnp.float32), jnp.asarray(z, jnp.float32),
+                                 jnp.asarray(w, jnp.float32), c)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_state_is_its_analytic_size_whatever_the_context():
+    c = Mamba2Config(vocab_size=50, hidden_size=32, num_layers=3, num_heads=4, head_dim=16, state_size=8, n_groups=2)
+    p = init_params(c, jax.random.key(0))
+    sizes = set()
+    for t in (5, 40):
+        _, s = forward(p, jnp.zeros((2, t), jnp.int32), config=c)
+        sizes.add(s.nbytes)
+    assert sizes == {init_state(c, batch=2).nbytes}
+    assert sizes.pop() == 3 * 2 * ((c.conv_kernel - 1) * c.conv_dim * 4 + 4 * 16 * 8 * 4)
+    assert c.state_elements == 3 * 4 * 16 * 8
+
+
+# ------------------------------------------------------------------ bad input
+def test_config_errors_name_the_field():
+    base = dict(vocab_size=50, hidden_size=32, num_layers=1, num_heads=4, head_dim=16)
+    for kwargs, field in [({"head_dim": 8}, "head_dim"), ({"n_groups": 3}, "n_groups"),
+                          ({"time_step_limit": (1.0, 0.5)}, "time_step_limit"), ({"state_size": 0}, "state_size")]:
+        with pytest.raises(ConfigError, match=field):
+            Mamba2Config(**{**base, **kwargs})
+    hf = json.loads((FIXTURES / NAMES[0] / "config.json").read_text())
+    assert Mamba2Config.from_hf(hf).time_step_limit == (0.0, float("inf"))  # transformers' {"__float__": ...}
+    with pytest.raises(ConfigError, match="num_heads"):
+        Mamba2Config.from_hf({k: v for k, v in hf.items() if k != "num_heads"})
+
+
+def test_a_broken_checkpoint_is_refused_by_name(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    bad = tmp_path / "m"
+    shutil.copytree(FIXTURES / NAMES[0], bad)
+    tensors = load_file(bad / "model.safetensors")
+    short = dict(tensors)
+    del short["backbone.layers.1.mixer.A_log"]
+    save_file(short, bad / "model.safetensors")
+    with pytest.raises(CheckpointError, match="A_log"):
+        load_mamba2_checkpoint(bad)
+    wrong = dict(tensors)
+    wrong["backbone.layers.0.mixer.conv1d.weight"] = wrong["backbone.layers.0.mixer.conv1d.weight"][:, :, :3]
+    save_file(wrong, bad / "model.safetensors")
+    with pytest.raises(CheckpointError, match="conv1d.weight"):
+        load_mamba2_checkpoint(bad)
