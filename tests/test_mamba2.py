@@ -11,7 +11,7 @@ import pytest
 
 from jaxkv.checkpoints import CheckpointError, load_mamba2_checkpoint
 from jaxkv.config import ConfigError
-from jaxkv.kernels.ssd import segsum, ssd_chunked, ssd_recurrent
+from jaxkv.kernels.ssd import segsum, ssd_chunked, ssd_recurrent, ssd_windowed
 from jaxkv.models import mamba2
 from jaxkv.models.mamba2 import Mamba2Config, forward, init_params, init_state
 
@@ -171,3 +171,61 @@ def test_a_broken_checkpoint_is_refused_by_name(tmp_path):
     save_file(wrong, bad / "model.safetensors")
     with pytest.raises(CheckpointError, match="conv1d.weight"):
         load_mamba2_checkpoint(bad)
+
+
+@pytest.mark.parametrize("window", [1, 6])
+def test_the_windowed_state_equals_a_fresh_scan_over_the_last_tokens(window):
+    """Mitigation 3: the state difference gives, at every step, what a scan started afresh
+    ``window`` tokens back gives."""
+    x, dt, a, bb, cc, _ = _ssd_inputs(np.random.default_rng(window), 2, 18, 3, 4, 1, 8)
+    y = np.asarray(ssd_windowed(x, dt, a, bb, cc, window=window))
+    for t in range(18):
+        lo = max(0, t - window + 1)
+        fresh, _ = ssd_recurrent(x[:, lo:t + 1], dt[:, lo:t + 1], a, bb[:, lo:t + 1], cc[:, lo:t + 1])
+        np.testing.assert_allclose(y[:, t], np.asarray(fresh)[:, -1], atol=2e-5, err_msg=f"t={t}")
+
+
+def test_the_norm_cap_bounds_every_state_and_per_step_decay_matches():
+    x, dt, a, bb, cc, _ = _ssd_inputs(np.random.default_rng(5), 1, 25, 2, 4, 1, 8)
+    _, free = ssd_recurrent(x, dt, a, bb, cc)
+    cap = 0.5 * jnp.sqrt(jnp.sum(free * free, axis=(2, 3)))[0]  # [H], below the uncapped norms
+    states = [ssd_recurrent(x[:, :t], dt[:, :t], a, bb[:, :t], cc[:, :t], norm_cap=cap)[1] for t in (5, 15, 25)]
+    for s in states:
+        assert (np.sqrt((np.asarray(s) ** 2).sum(axis=(2, 3)))[0] <= np.asarray(cap) * (1 + 1e-5)).all()
+    # A per step [b, T, H]: the chunked and recurrent forms still agree
+    a_t = a[None, None] + 0.1 * jnp.asarray(np.random.default_rng(6).normal(size=dt.shape), jnp.float32)
+    y1, f1 = ssd_recurrent(x, dt, a_t, bb, cc)
+    y2, f2 = ssd_chunked(x, dt, a_t, bb, cc, chunk_size=7)
+    np.testing.assert_allclose(np.asarray(y2), np.asarray(y1), atol=1e-4)
+
+
+def test_mitigations_in_the_model():
+    """Through ``forward``: λ = γ = 1 changes nothing; λ < 1 equals a hand-scaled A in the SSD;
+    a window as long as the row equals no window; a shorter one changes the late outputs only;
+    caps at the calibrated norms leave the calibration prompt unchanged, tighter caps do not."""
+    from jaxkv.models.mamba2 import StateMitigation, calibrate_norm_cap
+    from jaxkv.errors import UserError
+
+    config, params = load_mamba2_checkpoint(FIXTURES / NAMES[0])
+    tok = jax.random.randint(jax.random.key(3), (1, 24), 3, config.vocab_size)
+    base, _ = forward(params, tok, config=config)
+    same, _ = forward(params, tok, config=config, mitigation=StateMitigation())
+    np.testing.assert_allclose(np.asarray(same), np.asarray(base), atol=1e-6)
+    lam, _ = forward(params, tok, config=config, mitigation=StateMitigation(decay_scale=0.9, input_scale=0.75))
+    assert float(jnp.abs(lam - base).max()) > 1e-3
+    whole, _ = forward(params, tok, config=config, mitigation=StateMitigation(window=24))
+    np.testing.assert_allclose(np.asarray(whole), np.asarray(base), atol=1e-4)
+    short, _ = forward(params, tok, config=config, mitigation=StateMitigation(window=6))
+    np.testing.assert_allclose(np.asarray(short[:, :6]), np.asarray(base[:, :6]), atol=1e-4)
+    assert float(jnp.abs(short[:, 12:] - base[:, 12:]).max()) > 1e-3
+    caps = calibrate_norm_cap(params, tok, config=config)
+    assert caps.shape == (config.num_layers, config.num_heads)
+    # the running norm can exceed the final one mid-row, so cap at the row's largest: nothing changes
+    loose, _ = forward(params, tok, config=config, mitigation=StateMitigation(norm_cap=caps * 1e3))
+    np.testing.assert_allclose(np.asarray(loose), np.asarray(base), atol=1e-4)
+    tight, _ = forward(params, tok, config=config, mitigation=StateMitigation(norm_cap=caps * 0.1))
+    assert float(jnp.abs(tight - base).max()) > 1e-3
+    with pytest.raises(UserError, match="decay_scale"):
+        StateMitigation(decay_scale=1.5)
+    with pytest.raises(UserError, match="norm_cap"):
+        forward(params, tok, config=config, mitigation=StateMitigation(norm_cap=caps[:1]))

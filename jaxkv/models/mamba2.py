@@ -33,11 +33,11 @@ from flax import struct
 from jaxkv.config import ConfigError
 from jaxkv.errors import UserError
 from jaxkv.fileio import read_json_object
-from jaxkv.kernels.ssd import ssd_chunked, ssd_recurrent
+from jaxkv.kernels.ssd import ssd_chunked, ssd_recurrent, ssd_windowed
 from jaxkv.typing import Array
 
 __all__ = ["Mamba2Config", "Mamba2State", "Mamba2LayerState", "init_params", "abstract_params", "forward",
-           "init_state", "hf_name_map", "HF_ARCHITECTURE"]
+           "init_state", "hf_name_map", "HF_ARCHITECTURE", "StateMitigation", "calibrate_norm_cap"]
 
 HF_ARCHITECTURE = "Mamba2ForCausalLM"
 
@@ -266,6 +266,44 @@ def init_state(config: Mamba2Config, *, batch: int, dtype=jnp.float32) -> Mamba2
     return Mamba2State(layers=tuple(one() for _ in range(config.num_layers)))
 
 
+# ------------------------------------------------------------------ state-collapse mitigations
+@struct.dataclass
+class StateMitigation:
+    """Stuffed Mamba's training-free mitigations of state collapse, for ``forward``:
+
+    1. ``decay_scale`` λ and ``input_scale`` γ: forget more, remember less, a_t <- λ a_t and
+       B_t <- γ B_t (the paper's example: λ = 0.9999, γ = 0.75);
+    2. ``norm_cap [L, H]``: after every step a head whose state norm exceeds its cap is divided
+       by norm / cap (``calibrate_norm_cap`` measures the caps on a prompt; the public code
+       multiplies instead, which inverts it: not copied); the scan runs step by step then;
+    3. ``window`` r: each output reads the state of only the last r tokens, by state difference
+       (``kernels.ssd.ssd_windowed``: exact, r states held); a whole-sequence forward only.
+    """
+
+    decay_scale: float = struct.field(pytree_node=False, default=1.0)
+    input_scale: float = struct.field(pytree_node=False, default=1.0)
+    window: int | None = struct.field(pytree_node=False, default=None)
+    norm_cap: Array | None = None
+
+    def __post_init__(self):
+        if not 0 < self.decay_scale <= 1:
+            raise UserError(f"decay_scale must be in (0, 1], got {self.decay_scale!r}")
+        if not self.input_scale > 0:
+            raise UserError(f"input_scale must be > 0, got {self.input_scale!r}")
+        if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int)
+                                        or self.window < 1):
+            raise UserError(f"window must be None or a positive int, got {self.window!r}")
+
+
+def calibrate_norm_cap(params: dict, tokens: Array, *, config: Mamba2Config) -> Array:
+    """``[L, H]``: each head's final-state norm after ``tokens [B, T]`` (the largest over the
+    rows): mitigation 2's caps, measured on a prompt the model handles (e.g. of its training
+    length)."""
+    _, state = forward(params, tokens, config=config)
+    norms = [jnp.max(jnp.sqrt(jnp.sum(s.ssm * s.ssm, axis=(2, 3))), axis=0) for s in state.layers]
+    return jnp.stack(norms)
+
+
 # ------------------------------------------------------------------ forward
 def _rmsnorm(x, w, eps):
     xf = x.astype(jnp.float32)
@@ -291,7 +329,8 @@ def _gated_norm(y, z, w, c: Mamba2Config):
     return (w * out.astype(y.dtype)) if not c.norm_before_gate else (w * out).astype(y.dtype)
 
 
-def _mixer(p, x, real, state: Mamba2LayerState, c: Mamba2Config, chunk_size: int):
+def _mixer(p, x, real, state: Mamba2LayerState, c: Mamba2Config, chunk_size: int,
+           mitigation: StateMitigation | None = None, norm_cap: Array | None = None):
     """``x [B, T, D]`` -> ``([B, T, D], new state)``; T == 1 with a state takes the recurrent step."""
     b, t, _ = x.shape
     i, h, hd, n, g = c.intermediate_size, c.num_heads, c.head_dim, c.state_size, c.n_groups
@@ -314,8 +353,15 @@ def _mixer(p, x, real, state: Mamba2LayerState, c: Mamba2Config, chunk_size: int
     lo, hi = c.time_step_limit
     dt = jnp.clip(jax.nn.softplus(dt.astype(jnp.float32) + p["dt_bias"].astype(jnp.float32)), lo, hi)
     A = -jnp.exp(p["A_log"].astype(jnp.float32))
-    if t == 1:
-        y, ssm = ssd_recurrent(xs, dt, A, B, C, state.ssm)
+    m = mitigation
+    if m is not None and m.decay_scale != 1.0:  # dt * A' = dt * A + log(lambda): a per-step A
+        A = A + math.log(m.decay_scale) / jnp.maximum(dt, 1e-30)
+    if m is not None and m.input_scale != 1.0:
+        B = B * m.input_scale
+    if m is not None and m.window is not None:
+        y, ssm = ssd_windowed(xs, dt, A, B, C, window=m.window), state.ssm  # no state carried on
+    elif t == 1 or norm_cap is not None:
+        y, ssm = ssd_recurrent(xs, dt, A, B, C, state.ssm, norm_cap=norm_cap)
     else:
         y, ssm = ssd_chunked(xs, dt, A, B, C, state.ssm, chunk_size=chunk_size)
     y = y + xs.astype(jnp.float32) * p["D"].astype(jnp.float32)[:, None]
@@ -324,11 +370,19 @@ def _mixer(p, x, real, state: Mamba2LayerState, c: Mamba2Config, chunk_size: int
 
 
 def forward(params: dict, tokens: Array, positions: Array | None = None, state: Mamba2State | None = None, *,
-            config: Mamba2Config, compute_dtype=None, chunk_size: int | None = None
-            ) -> tuple[Array, Mamba2State]:
+            config: Mamba2Config, compute_dtype=None, chunk_size: int | None = None,
+            mitigation: StateMitigation | None = None) -> tuple[Array, Mamba2State]:
     """``(logits [B, T, V] float32, state)`` after ``tokens [B, T]`` from ``state`` (zeros if
     None). ``positions [B, T]`` only mark padding (-1); a Mamba has no positional encoding.
-    ``chunk_size`` overrides the config's SSD chunk. Pure and jit-able (``config`` static)."""
+    ``chunk_size`` overrides the config's SSD chunk; ``mitigation`` applies Stuffed Mamba's
+    state-collapse mitigations (``StateMitigation``). Pure and jit-able (``config`` static)."""
+    if mitigation is not None and mitigation.window is not None and state is not None:
+        raise UserError("mitigation.window reads each output from the last window tokens of this call: "
+                        "run the whole sequence in one forward, without a state")
+    if mitigation is not None and mitigation.norm_cap is not None \
+            and tuple(mitigation.norm_cap.shape) != (config.num_layers, config.num_heads):
+        raise UserError(f"mitigation.norm_cap must be [L, H] = [{config.num_layers}, {config.num_heads}], "
+                        f"got {list(mitigation.norm_cap.shape)}")
     if tokens.ndim != 2:
         raise UserError(f"tokens must be [B, T], got {tokens.shape}")
     if positions is not None and positions.shape != tokens.shape:
@@ -347,7 +401,9 @@ def forward(params: dict, tokens: Array, positions: Array | None = None, state: 
     for li in range(config.num_layers):
         p = params["layers"][str(li)]
         hdn = _rmsnorm(x.astype(compute_dtype), p["norm"]["weight"].astype(compute_dtype), config.layer_norm_epsilon)
-        out, st = _mixer(p["mixer"], hdn, real, state.layers[li], config, chunk_size or config.chunk_size)
+        cap = None if mitigation is None or mitigation.norm_cap is None else mitigation.norm_cap[li]
+        out, st = _mixer(p["mixer"], hdn, real, state.layers[li], config, chunk_size or config.chunk_size,
+                         mitigation, cap)
         x = x + out.astype(x.dtype)
         layers.append(st)
     x = _rmsnorm(x.astype(compute_dtype), params["norm_f"]["weight"].astype(compute_dtype), config.layer_norm_epsilon)

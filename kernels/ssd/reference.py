@@ -14,7 +14,8 @@ group, ``G`` groups), for t = 1..T::
   2. each chunk's own final state from its inputs;
   3. the recurrence over chunk boundaries, from ``initial_state``;
   4. each chunk's start state read out through C and the decay since the chunk's start.
-Both take ``x [b, T, H, P]``, ``dt [b, T, H]`` (positive, after softplus), ``A [H]``, ``B, C
+Both take ``x [b, T, H, P]``, ``dt [b, T, H]`` (positive, after softplus), ``A [H]`` (or per step
+``[b, T, H]``), ``B, C
 [b, T, G, N]``, ``initial_state [b, H, P, N]`` (zeros if None) and return ``(y [b, T, H, P],
 final_state [b, H, P, N])`` in fp32. T need not be a multiple of the chunk (the tail is padded
 with dt = 0: no decay, no input).
@@ -25,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 Array = jax.Array
-__all__ = ["ssd_chunked", "ssd_recurrent", "segsum"]
+__all__ = ["ssd_chunked", "ssd_recurrent", "ssd_windowed", "segsum"]
 _HI = jax.lax.Precision.HIGHEST
 
 
@@ -43,23 +44,62 @@ def segsum(x: Array) -> Array:
     return jnp.where(i >= j, jnp.cumsum(xx, axis=-2), -jnp.inf)
 
 
-def ssd_recurrent(x: Array, dt: Array, A: Array, B: Array, C: Array, initial_state: Array | None = None
-                  ) -> tuple[Array, Array]:
-    """The recurrence, one step at a time (``jax.lax.scan`` over T)."""
+def ssd_recurrent(x: Array, dt: Array, A: Array, B: Array, C: Array, initial_state: Array | None = None, *,
+                  norm_cap: Array | None = None) -> tuple[Array, Array]:
+    """The recurrence, one step at a time (``jax.lax.scan`` over T). ``A`` is ``[H]`` or per
+    step ``[b, T, H]``. ``norm_cap [H]`` (Stuffed Mamba's state normalisation): after each step a
+    head whose state's Frobenius norm exceeds its cap is divided by ``norm / cap``."""
     b, t, h, p = x.shape
     n = B.shape[-1]
-    x, dt, A = x.astype(jnp.float32), dt.astype(jnp.float32), A.astype(jnp.float32)
+    x, dt = x.astype(jnp.float32), dt.astype(jnp.float32)
+    A = jnp.broadcast_to(A.astype(jnp.float32), dt.shape)
     B, C = _heads(B.astype(jnp.float32), h), _heads(C.astype(jnp.float32), h)
     s0 = jnp.zeros((b, h, p, n), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
 
     def step(s, inp):
-        xt, dtt, bt, ct = inp  # [b, H, P], [b, H], [b, H, N], [b, H, N]
-        s = jnp.exp(dtt * A)[..., None, None] * s + (dtt[..., None] * xt)[..., None] * bt[:, :, None, :]
+        xt, dtt, at, bt, ct = inp  # [b, H, P], [b, H], [b, H], [b, H, N], [b, H, N]
+        s = jnp.exp(dtt * at)[..., None, None] * s + (dtt[..., None] * xt)[..., None] * bt[:, :, None, :]
+        if norm_cap is not None:
+            norm = jnp.sqrt(jnp.sum(s * s, axis=(2, 3)))  # [b, H]
+            s = s / jnp.maximum(norm / norm_cap.astype(jnp.float32), 1.0)[..., None, None]
         return s, jnp.einsum("bhpn,bhn->bhp", s, ct, precision=_HI)
 
-    final, y = jax.lax.scan(step, s0, (jnp.moveaxis(x, 1, 0), jnp.moveaxis(dt, 1, 0), jnp.moveaxis(B, 1, 0),
-                                       jnp.moveaxis(C, 1, 0)))
+    final, y = jax.lax.scan(step, s0, tuple(jnp.moveaxis(v, 1, 0) for v in (x, dt, A, B, C)))
     return jnp.moveaxis(y, 0, 1), final
+
+
+def ssd_windowed(x: Array, dt: Array, A: Array, B: Array, C: Array, *, window: int) -> Array:
+    """Stuffed Mamba's sliding window by state difference: ``y_t`` read from the state of only
+    the last ``window`` inputs, ``h_t^(r) = h_t - (prod_{k=t-r+1..t} a_k) h_{t-r}`` (exact by
+    linearity), from a scan carrying the full state, the last ``window`` full states and their
+    log-decays (a ring; the window's decay is the sum of its log-decays, not a difference of
+    running sums, so it does not lose precision as the context grows). Memory: ``window``
+    states. Returns ``y [b, T, H, P]`` fp32 (from a zero state)."""
+    b, t, h, p = x.shape
+    n = B.shape[-1]
+    r = int(window)
+    if r < 1:
+        raise ValueError(f"window must be a positive int, got {window!r}")
+    x, dt = x.astype(jnp.float32), dt.astype(jnp.float32)
+    A = jnp.broadcast_to(A.astype(jnp.float32), dt.shape)
+    B, C = _heads(B.astype(jnp.float32), h), _heads(C.astype(jnp.float32), h)
+    init = (jnp.zeros((b, h, p, n), jnp.float32), jnp.zeros((r, b, h, p, n), jnp.float32),
+            jnp.zeros((r, b, h), jnp.float32), jnp.zeros((), jnp.int32))
+
+    def step(carry, inp):
+        s, ring, logs, i = carry
+        xt, dtt, at, bt, ct = inp
+        la = dtt * at
+        s = jnp.exp(la)[..., None, None] * s + (dtt[..., None] * xt)[..., None] * bt[:, :, None, :]
+        slot = i % r
+        logs = logs.at[slot].set(la)  # the ring now holds the log-decays of steps t-r+1..t
+        old = ring[slot]  # h_{t-r} (zeros while t < r)
+        windowed = s - jnp.exp(jnp.sum(logs, axis=0))[..., None, None] * old
+        ring = ring.at[slot].set(s)
+        return (s, ring, logs, i + 1), jnp.einsum("bhpn,bhn->bhp", windowed, ct, precision=_HI)
+
+    _, y = jax.lax.scan(step, init, tuple(jnp.moveaxis(v, 1, 0) for v in (x, dt, A, B, C)))
+    return jnp.moveaxis(y, 0, 1)
 
 
 def ssd_chunked(x: Array, dt: Array, A: Array, B: Array, C: Array, initial_state: Array | None = None, *,
@@ -76,7 +116,8 @@ def ssd_chunked(x: Array, dt: Array, A: Array, B: Array, C: Array, initial_state
     dt = f32(dt)
     X = (f32(x) * dt[..., None]).reshape(b, c, q, h, p)  # discretized input dt * x
     Bh, Ch = f32(_heads(B, h)).reshape(b, c, q, h, n), f32(_heads(C, h)).reshape(b, c, q, h, n)
-    a = jnp.moveaxis((dt * A.astype(jnp.float32)).reshape(b, c, q, h), 3, 1)  # log-decay [b, H, c, q]
+    A = jnp.pad(jnp.broadcast_to(A.astype(jnp.float32), (b, t, h)), ((0, 0), (0, pad), (0, 0)))  # [H] or [b, T, H]
+    a = jnp.moveaxis((dt * A).reshape(b, c, q, h), 3, 1)  # log-decay [b, H, c, q]
     a_cum = jnp.cumsum(a, axis=-1)
     # 1. within chunks
     L = jnp.exp(segsum(a))  # [b, H, c, q, q]
