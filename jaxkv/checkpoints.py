@@ -178,6 +178,13 @@ def _to_param(array: np.ndarray, kind) -> np.ndarray:
     return array.T if kind else array
 
 
+def _from_param(array: np.ndarray, kind) -> np.ndarray:
+    """``_to_param``'s inverse: a parameter as the HF file stores it."""
+    if kind == "conv":
+        return array.T[:, None, :]
+    return array.T if kind else array
+
+
 def _read_params(folder: Path, files: dict[str, Path], present: set, expected: dict, abstract: dict, what: str,
                  dtype) -> dict:
     """Check every name, shape and dtype against ``expected`` (HF name -> (tree path, kind)) and
@@ -315,10 +322,12 @@ def is_checkpoint_file(name: str) -> bool:
     return name in CHECKPOINT_FILES or bool(_SHARD.fullmatch(name))
 
 
-def save_checkpoint(path: str | os.PathLike, config: LlamaConfig, params: dict, *,
+def save_checkpoint(path: str | os.PathLike, config, params: dict, *,
                     max_shard_bytes: int | None = None, tokenizer=None,
                     extra_files: dict[str, str] | None = None, overwrite: bool = False) -> Path:
-    """Write an HF checkpoint folder (config.json, safetensors, optional tokenizer.json).
+    """Write an HF checkpoint folder (config.json, safetensors, optional tokenizer.json) for a
+    ``LlamaConfig`` or a ``Mamba2Config`` (read back by ``load_checkpoint`` /
+    ``load_mamba2_checkpoint``).
 
     ``extra_files`` maps further file names (``tokenizer_config.json``, ...) to their text.
 
@@ -339,10 +348,14 @@ def save_checkpoint(path: str | os.PathLike, config: LlamaConfig, params: dict, 
                                   "overwrite replaces only a checkpoint folder, so choose another folder")
     if max_shard_bytes is not None and max_shard_bytes <= 0:
         raise CheckpointError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-    names = hf_name_map(config)
-    abstract = abstract_params(config)
+    from jaxkv.models import mamba2
+
+    if isinstance(config, mamba2.Mamba2Config):
+        names, abstract = mamba2.hf_name_map(config), mamba2.abstract_params(config)
+    else:
+        names, abstract = hf_name_map(config), abstract_params(config)
     tensors: dict[str, np.ndarray] = {}
-    for name, (tree_path, transpose) in names.items():
+    for name, (tree_path, kind) in names.items():
         try:
             value = _get(params, tree_path)
         except (KeyError, IndexError, TypeError):
@@ -352,7 +365,7 @@ def save_checkpoint(path: str | os.PathLike, config: LlamaConfig, params: dict, 
             raise CheckpointError(f"params {'/'.join(map(str, tree_path))} has shape {list(value.shape)}, "
                                   f"config implies {list(want)}")
         array = np.asarray(jax.device_get(value))
-        tensors[name] = np.ascontiguousarray(array.T if transpose else array)
+        tensors[name] = np.ascontiguousarray(_from_param(array, kind))
 
     # Group tensors into shards in a stable order.
     shards: list[dict[str, np.ndarray]] = [{}]
