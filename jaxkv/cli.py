@@ -11,6 +11,8 @@
                  [--batch-size N] [--steps N] [--lr LR] [--seed S] [--save-every N] [--mesh d,f,t]
   jaxkv train cskv [--model M] --out DIR [--key-density D] [--value-density D] [--calibration FILE]
                    [--data SRC...] [--steps N] [--lr LR] ...
+  jaxkv train mamba --data SRC... --out DIR [--model DIR | --hidden-size D --layers L --state-size N]
+                    [--seq-len N] [--segment-len T_TRAIN] [--tokenizer M] ...
   jaxkv train default-model --out DIR [--seed S] [--scale F]
   jaxkv eval [--model M] [--methods a,b] [--budgets x,y] [--tasks t,u] [--lengths n,m]
              [--samples N] [--seed S] [--dtype float32|bfloat16] [--json F] [--plot F.png]
@@ -224,6 +226,47 @@ def _cmd_train_lm(args) -> int:
     last = result.history[-1] if result.history else None
     if last is not None:
         print(f"step {last['step']}: loss {last['loss']:.4f}; run folder {result.out}")
+    else:
+        print(f"nothing to do: {result.out} is already at step {result.step} (--steps {args.steps})")
+    return 0
+
+
+def _cmd_train_mamba(args) -> int:
+    from jaxkv.checkpoints import load_mamba2_checkpoint, load_tokenizer, resolve_model
+    from jaxkv.models.mamba2 import Mamba2Config
+    from jaxkv.training.config import DataConfig, OptimConfig, TrainConfig
+    from jaxkv.training.data import load_documents
+    from jaxkv.training.mamba import train_mamba
+    from jaxkv.training.sharding import initialize_distributed, parse_mesh
+
+    initialize_distributed()
+    segment = args.segment_len or args.seq_len
+    if args.seq_len % segment:
+        raise UserError(f"--seq-len ({args.seq_len}) must be a multiple of --segment-len ({segment})")
+    tokenizer = load_tokenizer(resolve_model(args.tokenizer)) if args.tokenizer else None
+    params = None
+    if args.model is not None:
+        config, params = load_mamba2_checkpoint(args.model)
+    else:
+        vocab = args.vocab_size or (tokenizer.get_vocab_size() if tokenizer is not None else 512)
+        heads = 2 * args.hidden_size // args.head_dim
+        config = Mamba2Config(vocab_size=vocab, hidden_size=args.hidden_size, num_layers=args.layers, num_heads=heads,
+                              head_dim=args.head_dim, state_size=args.state_size, n_groups=args.n_groups,
+                              chunk_size=min(256, segment))
+    docs = load_documents(args.data, tokenizer=tokenizer, vocab_size=config.vocab_size, seed=args.seed)
+    result = train_mamba(
+        config, docs, segment_len=segment, params=params, out=args.out,
+        optim=OptimConfig(lr=args.lr, schedule=args.schedule, warmup_steps=args.warmup, total_steps=args.steps,
+                          weight_decay=args.weight_decay),
+        data=DataConfig(seq_len=args.seq_len),
+        train=TrainConfig(batch_size=args.batch_size, grad_accum=args.grad_accum, steps=args.steps, seed=args.seed,
+                          save_every=args.save_every, keep=args.keep, compute_dtype=args.dtype,
+                          mesh=parse_mesh(args.mesh)),
+        extra_meta={"data_source": list(args.data), "init": args.model or "random"})
+    last = result.history[-1] if result.history else None
+    if last is not None:
+        print(f"step {last['step']}: loss {last['loss']:.4f}; {config.state_elements:,} state elements; "
+              f"run folder {result.out}")
     else:
         print(f"nothing to do: {result.out} is already at step {result.step} (--steps {args.steps})")
     return 0
@@ -475,6 +518,38 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--save-every", type=_positive_int, default=100)
     lm.add_argument("--keep", type=_positive_int, default=3)
     lm.set_defaults(func=_cmd_train_lm, interrupted=lambda a: (
+        f"rerun the same command to resume from the last checkpoint in {a.out}/checkpoints"))
+    mb = tsub.add_parser("mamba", help="Mamba-2 length training: truncated BPTT with the state passed across "
+                                       "segments (resumes from --out)")
+    mb.add_argument("--model", default=None, help="an HF Mamba-2 folder to continue from (default: random init)")
+    mb.add_argument("--hidden-size", type=_positive_int, default=64, help="random init: model width D")
+    mb.add_argument("--layers", type=_positive_int, default=2, help="random init: layers")
+    mb.add_argument("--head-dim", type=_positive_int, default=32, help="random init: P (heads = 2 D / P)")
+    mb.add_argument("--state-size", type=_positive_int, default=16, help="random init: N")
+    mb.add_argument("--n-groups", type=_positive_int, default=1, help="random init: B/C groups")
+    mb.add_argument("--vocab-size", type=_positive_int, default=None,
+                    help="random init: vocabulary (default: the tokenizer's, else 512)")
+    mb.add_argument("--tokenizer", default=None, help="tokenizer for text data: " + MODEL_HELP)
+    mb.add_argument("--data", nargs="+", required=True,
+                    help="text files / globs (with --tokenizer) or synthetic:count / synthetic:copy")
+    mb.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per row (one stream)")
+    mb.add_argument("--segment-len", type=_positive_int, default=None,
+                    help="T_train: the row runs in segments of this many tokens, the state passed on and the "
+                         "gradient cut at each boundary (default: the whole row)")
+    mb.add_argument("--batch-size", type=_positive_int, default=8)
+    mb.add_argument("--grad-accum", type=_positive_int, default=1)
+    mb.add_argument("--steps", type=_positive_int, default=1000)
+    mb.add_argument("--lr", type=float, default=1e-3)
+    mb.add_argument("--schedule", default="wsd", choices=["cosine", "wsd", "constant"])
+    mb.add_argument("--warmup", type=int, default=100)
+    mb.add_argument("--weight-decay", type=float, default=0.1)
+    mb.add_argument("--seed", type=_seed, default=0)
+    mb.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="compute dtype")
+    mb.add_argument("--mesh", default="1,1,1", help="data,fsdp,tensor device counts")
+    mb.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, metrics.png, hf/")
+    mb.add_argument("--save-every", type=_positive_int, default=100)
+    mb.add_argument("--keep", type=_positive_int, default=3)
+    mb.set_defaults(func=_cmd_train_mamba, interrupted=lambda a: (
         f"rerun the same command to resume from the last checkpoint in {a.out}/checkpoints"))
     ck = tsub.add_parser("cskv", help="fit CSKV's low-rank K/V factors to a frozen model by layer-wise "
                                       "reconstruction (resumes from --out)")
