@@ -317,5 +317,5 @@ def test_train_mamba_command(tmp_path, capsys):
     assert "state elements" in capsys.readouterr().out
     config, _ = load_mamba2_checkpoint(out / "hf")
     assert (config.hidden_size, config.num_heads, config.state_size) == (32, 4, 8)
-    assert main(argv[:6] + ["60"] + argv[7:]) == 2  # a row that is not whole segments
+    assert main(argv[:5] + ["60"] + argv[6:]) == 2  # a row that is not whole segments
     assert "multiple of --segment-len" in capsys.readouterr().err
