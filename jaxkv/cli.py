@@ -7,6 +7,7 @@
   jaxkv calibrate razor [--model M] --out FILE [--n-tokens N] [--seed S]
   jaxkv calibrate cskv [--model M] --out FILE [--n-tokens N] [--text FILE]
   jaxkv analyze [--model M] --out DIR [--task T] [--length N]
+  jaxkv analyze mamba-states --model DIR --train-len T --out DIR [--length N] [--data SRC | --tokenizer M]
   jaxkv train lm (--model-preset NAME | --model M) --data SRC... --out DIR [--seq-len N]
                  [--batch-size N] [--steps N] [--lr LR] [--seed S] [--save-every N] [--mesh d,f,t]
   jaxkv train cskv [--model M] --out DIR [--key-density D] [--value-density D] [--calibration FILE]
@@ -138,9 +139,58 @@ def _cmd_calibrate(args) -> int:
     return 0
 
 
+def _cmd_analyze_mamba_states(args) -> int:
+    import numpy as np
+
+    from jaxkv.checkpoints import load_mamba2_checkpoint, load_tokenizer, resolve_model
+    from jaxkv.eval.mamba_states import analyze_mamba_states
+    from jaxkv.models.mamba2 import StateMitigation, calibrate_norm_cap
+    from jaxkv.training.data import load_documents
+
+    if args.train_len is None:
+        raise UserError("analyze mamba-states needs --train-len (the length the model was trained at)")
+    if args.model == "default":
+        raise UserError("analyze mamba-states needs a Mamba-2 folder: --model DIR (e.g. a `jaxkv train mamba` "
+                        "run's hf/ folder)")
+    config, params = load_mamba2_checkpoint(args.model)
+    tokenizer = load_tokenizer(resolve_model(args.tokenizer)) if args.tokenizer else None
+    if args.data:
+        docs = load_documents(args.data, tokenizer=tokenizer, vocab_size=config.vocab_size, seed=args.seed)
+    elif tokenizer is not None:  # Python's reference documentation, as `jaxkv train cskv` reads by default
+        from jaxkv.training.default_model import ordinary_text
+
+        docs = [np.asarray(tokenizer.encode(t).ids, np.int32) for t in ordinary_text()]
+    else:
+        raise UserError("give --data (synthetic:count, or text files with --tokenizer) or --tokenizer")
+    stream = np.concatenate([np.asarray(d, np.int32) for d in docs])
+    if len(stream) < args.length:
+        stream = np.tile(stream, -(-args.length // max(len(stream), 1)))
+    stream = stream[:args.length]
+    if int(stream.max()) >= config.vocab_size:
+        raise UserError(f"the data holds token id {int(stream.max())}, outside the model's vocabulary of "
+                        f"{config.vocab_size}")
+    caps = calibrate_norm_cap(params, stream[None, :args.train_len], config=config)
+    mitigations = {f"scale (λ {args.decay_scale}, γ {args.input_scale})":
+                   StateMitigation(decay_scale=args.decay_scale, input_scale=args.input_scale),
+                   "norm cap": StateMitigation(norm_cap=caps),
+                   f"window {args.window or args.train_len}": StateMitigation(window=args.window or args.train_len)}
+    report = analyze_mamba_states(params, config, stream, args.out, train_len=args.train_len, chunk=args.chunk,
+                                  mitigations=mitigations)
+    print(f"{len(stream):,} tokens, T_train {args.train_len}; mean next-token loss at 1x / 4x / 16x T_train:")
+    for name, at in report["loss_at"].items():
+        cells = " / ".join("-" if v is None else f"{v:.3f}" for v in at.values())
+        print(f"  {name:<28} {cells}")
+    print(f"heads with cumulative decay > 0.997 over the stream: {report['heads_retaining_the_first_token']}")
+    print(f"wrote {args.out}/mamba_states.json and {args.out}/mamba_states.png")
+    return 0
+
+
 def _cmd_analyze(args) -> int:
     import jax.numpy as jnp
     import numpy as np
+
+    if args.kind == "mamba-states":
+        return _cmd_analyze_mamba_states(args)
 
     from jaxkv.checkpoints import load_checkpoint, load_tokenizer, resolve_model
     from jaxkv.eval.analyze import analyze
@@ -463,10 +513,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     an = sub.add_parser("analyze", help="adjacent-layer KV similarity (MiniCache) and retrieval-head scores "
                                         "(RazorAttention) of a model, as JSON + PNG")
+    an.add_argument("kind", nargs="?", default="cache", choices=["cache", "mamba-states"],
+                    help="cache (default): layer similarity and retrieval heads of a transformer; mamba-states: "
+                         "Stuffed Mamba's per-position loss, state norms and decay of a Mamba-2 (--model DIR)")
     an.add_argument("--model", default="default", help=MODEL_HELP)
-    an.add_argument("--out", required=True, help="folder for analysis.json and analysis.png")
+    an.add_argument("--out", required=True, help="folder for the JSON and the PNG")
     an.add_argument("--task", default="niah_single", help="the harness task whose prompt is read")
-    an.add_argument("--length", type=_positive_int, default=2048, help="prompt length in tokens")
+    an.add_argument("--length", type=_positive_int, default=2048, help="prompt (stream) length in tokens")
+    an.add_argument("--train-len", type=_positive_int, default=None, help="mamba-states: the model's T_train")
+    an.add_argument("--chunk", type=_positive_int, default=512, help="mamba-states: tokens per forward")
+    an.add_argument("--data", nargs="+", default=None,
+                    help="mamba-states: synthetic:count / text files (default: Python's docs with --tokenizer)")
+    an.add_argument("--tokenizer", default=None, help="mamba-states: tokenizer for text data: " + MODEL_HELP)
+    an.add_argument("--decay-scale", type=float, default=0.9999, help="mamba-states: mitigation 1's λ")
+    an.add_argument("--input-scale", type=float, default=0.75, help="mamba-states: mitigation 1's γ")
+    an.add_argument("--window", type=_positive_int, default=None, help="mamba-states: mitigation 3's r "
+                                                                      "(default: --train-len)")
     an.add_argument("--n-tokens", type=_positive_int, default=512, help="razor calibration: random ids repeated 4x")
     an.add_argument("--seed", type=_seed, default=0)
     an.set_defaults(func=_cmd_analyze)

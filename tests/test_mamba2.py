@@ -319,3 +319,29 @@ def test_train_mamba_command(tmp_path, capsys):
     assert (config.hidden_size, config.num_heads, config.state_size) == (32, 4, 8)
     assert main(argv[:5] + ["60"] + argv[6:]) == 2  # a row that is not whole segments
     assert "multiple of --segment-len" in capsys.readouterr().err
+
+
+def test_analyze_mamba_states(tmp_path):
+    """The chunked stream's losses equal one forward's; the report holds every run at 1x/4x
+    T_train (16x past the stream: None), one norm per chunk, layer and head, and the decays."""
+    from jaxkv.cli import main
+    from jaxkv.eval.mamba_states import analyze_mamba_states, stream_nll
+    from jaxkv.models.mamba2 import StateMitigation
+
+    config, params = load_mamba2_checkpoint(FIXTURES / NAMES[0])
+    tokens = np.asarray(jax.random.randint(jax.random.key(0), (100,), 3, config.vocab_size))
+    nll = stream_nll(params, config, tokens, chunk=32)
+    logits, _ = forward(params, jnp.asarray(tokens)[None], config=config)
+    want = -np.asarray(jnp.take_along_axis(jax.nn.log_softmax(logits[0, :-1], -1), jnp.asarray(tokens)[1:, None],
+                                           -1)[:, 0])
+    np.testing.assert_allclose(nll, want, atol=1e-4)
+    report = analyze_mamba_states(params, config, tokens, tmp_path, train_len=20, chunk=32,
+                                  mitigations={"window": StateMitigation(window=20)})
+    assert set(report["loss_at"]) == {"none", "window"}
+    assert report["loss_at"]["none"]["4x"] == pytest.approx(float(nll[60:79].mean()), rel=1e-5)
+    assert report["loss_at"]["none"]["16x"] is None
+    assert np.array(report["state_norms"]["norms"]).shape == (4, config.num_layers, config.num_heads)
+    decay = np.array(report["cumulative_decay"])
+    assert decay.shape == (config.num_layers, config.num_heads) and ((0 <= decay) & (decay <= 1)).all()
+    assert (tmp_path / "mamba_states.png").stat().st_size > 0
+    assert main(["analyze", "mamba-states", "--model", str(FIXTURES / NAMES[0]), "--out", str(tmp_path / "x")]) == 2

@@ -366,16 +366,19 @@ def _mixer(p, x, real, state: Mamba2LayerState, c: Mamba2Config, chunk_size: int
         y, ssm = ssd_chunked(xs, dt, A, B, C, state.ssm, chunk_size=chunk_size)
     y = y + xs.astype(jnp.float32) * p["D"].astype(jnp.float32)[:, None]
     y = _gated_norm(y.reshape(b, t, i).astype(x.dtype), z, p["norm"]["weight"].astype(x.dtype), c)
-    return _linear(y, p["out_proj"]), Mamba2LayerState(conv=new_conv.astype(state.conv.dtype), ssm=ssm)
+    log_decay = jnp.sum(jnp.where(real[..., None], dt * A, 0.0), axis=1)  # [B, H]: log prod of this call's a_t
+    return _linear(y, p["out_proj"]), Mamba2LayerState(conv=new_conv.astype(state.conv.dtype), ssm=ssm), log_decay
 
 
 def forward(params: dict, tokens: Array, positions: Array | None = None, state: Mamba2State | None = None, *,
             config: Mamba2Config, compute_dtype=None, chunk_size: int | None = None,
-            mitigation: StateMitigation | None = None) -> tuple[Array, Mamba2State]:
+            mitigation: StateMitigation | None = None, return_log_decay: bool = False):
     """``(logits [B, T, V] float32, state)`` after ``tokens [B, T]`` from ``state`` (zeros if
     None). ``positions [B, T]`` only mark padding (-1); a Mamba has no positional encoding.
     ``chunk_size`` overrides the config's SSD chunk; ``mitigation`` applies Stuffed Mamba's
-    state-collapse mitigations (``StateMitigation``). Pure and jit-able (``config`` static)."""
+    state-collapse mitigations (``StateMitigation``). ``return_log_decay`` adds a third output,
+    ``[L, B, H]``: each head's log cumulative decay over this call's real tokens, ``sum_t dt_t A``
+    (what Stuffed Mamba reads state retention from). Pure and jit-able (``config`` static)."""
     if mitigation is not None and mitigation.window is not None and state is not None:
         raise UserError("mitigation.window reads each output from the last window tokens of this call: "
                         "run the whole sequence in one forward, without a state")
@@ -397,16 +400,19 @@ def forward(params: dict, tokens: Array, positions: Array | None = None, state: 
     x = jnp.take(emb, jnp.where(real, tokens, 0), axis=0).astype(compute_dtype)
     if config.residual_in_fp32:  # the residual stream stays fp32 from the first block on (as HF's)
         x = x.astype(jnp.float32)
-    layers = []
+    layers, decays = [], []
     for li in range(config.num_layers):
         p = params["layers"][str(li)]
         hdn = _rmsnorm(x.astype(compute_dtype), p["norm"]["weight"].astype(compute_dtype), config.layer_norm_epsilon)
         cap = None if mitigation is None or mitigation.norm_cap is None else mitigation.norm_cap[li]
-        out, st = _mixer(p["mixer"], hdn, real, state.layers[li], config, chunk_size or config.chunk_size,
-                         mitigation, cap)
+        out, st, decay = _mixer(p["mixer"], hdn, real, state.layers[li], config, chunk_size or config.chunk_size,
+                                mitigation, cap)
         x = x + out.astype(x.dtype)
         layers.append(st)
+        decays.append(decay)
     x = _rmsnorm(x.astype(compute_dtype), params["norm_f"]["weight"].astype(compute_dtype), config.layer_norm_epsilon)
     head = emb.T if config.tie_word_embeddings else params["lm_head"]["kernel"]
-    logits = x @ head.astype(compute_dtype)
-    return logits.astype(jnp.float32), Mamba2State(layers=tuple(layers))
+    logits = (x @ head.astype(compute_dtype)).astype(jnp.float32)
+    if return_log_decay:
+        return logits, Mamba2State(layers=tuple(layers)), jnp.stack(decays)
+    return logits, Mamba2State(layers=tuple(layers))
