@@ -303,7 +303,17 @@ def _cmd_train_mamba(args) -> int:
         config = Mamba2Config(vocab_size=vocab, hidden_size=args.hidden_size, num_layers=args.layers, num_heads=heads,
                               head_dim=args.head_dim, state_size=args.state_size, n_groups=args.n_groups,
                               chunk_size=min(256, segment))
-    docs = load_documents(args.data, tokenizer=tokenizer, vocab_size=config.vocab_size, seed=args.seed)
+    if args.data:
+        docs = load_documents(args.data, tokenizer=tokenizer, vocab_size=config.vocab_size, seed=args.seed)
+    elif tokenizer is not None:  # Python's reference documentation, one document per topic
+        import numpy as np
+
+        from jaxkv.training.default_model import ordinary_text
+
+        docs = [np.asarray(tokenizer.encode(t).ids, np.int32) for t in ordinary_text()]
+    else:
+        raise UserError("give --data (synthetic:count, or text files with --tokenizer) or --tokenizer alone "
+                        "(Python's reference documentation)")
     result = train_mamba(
         config, docs, segment_len=segment, params=params, out=args.out,
         optim=OptimConfig(lr=args.lr, schedule=args.schedule, warmup_steps=args.warmup, total_steps=args.steps,
@@ -312,7 +322,7 @@ def _cmd_train_mamba(args) -> int:
         train=TrainConfig(batch_size=args.batch_size, grad_accum=args.grad_accum, steps=args.steps, seed=args.seed,
                           save_every=args.save_every, keep=args.keep, compute_dtype=args.dtype,
                           mesh=parse_mesh(args.mesh)),
-        extra_meta={"data_source": list(args.data), "init": args.model or "random"})
+        extra_meta={"data_source": list(args.data or ["pydoc_data.topics"]), "init": args.model or "random"})
     last = result.history[-1] if result.history else None
     if last is not None:
         print(f"step {last['step']}: loss {last['loss']:.4f}; {config.state_elements:,} state elements; "
@@ -592,8 +602,9 @@ def build_parser() -> argparse.ArgumentParser:
     mb.add_argument("--vocab-size", type=_positive_int, default=None,
                     help="random init: vocabulary (default: the tokenizer's, else 512)")
     mb.add_argument("--tokenizer", default=None, help="tokenizer for text data: " + MODEL_HELP)
-    mb.add_argument("--data", nargs="+", required=True,
-                    help="text files / globs (with --tokenizer) or synthetic:count / synthetic:copy")
+    mb.add_argument("--data", nargs="+", default=None,
+                    help="text files / globs (with --tokenizer) or synthetic:count / synthetic:copy (default, "
+                         "with --tokenizer: Python's reference documentation)")
     mb.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per row (one stream)")
     mb.add_argument("--segment-len", type=_positive_int, default=None,
                     help="T_train: the row runs in segments of this many tokens, the state passed on and the "
