@@ -133,10 +133,8 @@ def test_the_gated_norm_both_ways():
 def test_the_state_is_its_analytic_size_whatever_the_context():
     c = Mamba2Config(vocab_size=50, hidden_size=32, num_layers=3, num_heads=4, head_dim=16, state_size=8, n_groups=2)
     p = init_params(c, jax.random.key(0))
-    sizes = set()
-    for t in (5, 40):
-        _, s = forward(p, jnp.zeros((2, t), jnp.int32), config=c)
-        sizes.add(s.nbytes)
+    run = jax.jit(lambda p, x: forward(p, x, config=c)[1])
+    sizes = {run(p, jnp.zeros((2, t), jnp.int32)).nbytes for t in (5, 40)}
     assert sizes == {init_state(c, batch=2).nbytes}
     assert sizes.pop() == 3 * 2 * ((c.conv_kernel - 1) * c.conv_dim * 4 + 4 * 16 * 8 * 4)
     assert c.state_elements == 3 * 4 * 16 * 8
@@ -310,9 +308,9 @@ def test_train_mamba_command(tmp_path, capsys):
     from jaxkv.cli import main
 
     out = tmp_path / "run"
-    argv = ["train", "mamba", "--data", "synthetic:count", "--seq-len", "64", "--segment-len", "32", "--steps", "3",
+    argv = ["train", "mamba", "--data", "synthetic:count", "--seq-len", "64", "--segment-len", "32", "--steps", "1",
             "--warmup", "1", "--hidden-size", "32", "--head-dim", "16", "--state-size", "8", "--dtype", "float32",
-            "--batch-size", "4", "--out", str(out)]
+            "--batch-size", "2", "--layers", "1", "--out", str(out)]
     assert main(argv) == 0
     assert "state elements" in capsys.readouterr().out
     config, _ = load_mamba2_checkpoint(out / "hf")

@@ -221,10 +221,7 @@ def test_decode_steps_use_the_per_query_threshold(tiny_model):
         SqueezedCache(decode_calibration="median")
 
 
-@pytest.mark.parametrize("kernel", [{"decode_kernel": "reference"},
-                                    {"decode_kernel": "pallas_gpu", "kernel_interpret": True}],
-                         ids=["reference", "pallas_gpu"])
-def test_decode_scores_through_the_centroid_kernel_as_without_it(parity_models, kernel):
+def test_decode_scores_through_the_centroid_kernel_as_without_it(parity_models):
     """decode_kernel: each decode step's clusters (fine and coarse) scored and thresholded by
     ``centroid_scores`` give the jnp path's logits and attended keys, at a share that prunes."""
     from jaxkv.eval.harness import attended_fraction
@@ -236,7 +233,7 @@ def test_decode_scores_through_the_centroid_kernel_as_without_it(parity_models, 
     for base in (dict(keep=0.3, centroid_share=0.3, window=1),
                  dict(keep=0.5, centroid_share=0.4, window=1, levels=2, coarse_keep=0.3, coarse_share=0.3)):
         want, c1 = _run(config, params, seq, SqueezedCache(**base))
-        got, c2 = _run(config, params, seq, SqueezedCache(**base, **kernel))
+        got, c2 = _run(config, params, seq, SqueezedCache(**base, decode_kernel="pallas_gpu", kernel_interpret=True))
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
         assert attended_fraction(c2, n, config) == attended_fraction(c1, n, config) < 1
     with pytest.raises(UserError, match="decode_kernel"):
