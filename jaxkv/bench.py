@@ -434,15 +434,22 @@ def bench_prefill(*, batch: int = 1, num_heads: int = 32, num_kv_heads: int = 8,
     return rows
 
 
-def _main_prefill(args) -> int:
-    heads = args.heads.split("/")
+def _parse_heads(text: str) -> tuple[int, int]:
+    heads = text.split("/")
     try:
-        num_heads, num_kv = int(heads[0]), int(heads[1])
+        return int(heads[0]), int(heads[1])
+    except (ValueError, IndexError):
+        raise UserError(f"--heads must look like 32/8 (query/KV heads), got {text!r}") from None
+
+
+def _main_prefill(args) -> int:
+    num_heads, num_kv = _parse_heads(args.heads)
+    try:
         lengths = tuple(int(x) for x in args.lengths.split(","))
         densities = tuple(float(x) for x in args.densities.split(","))
     except (ValueError, IndexError):
-        raise UserError(f"--heads must look like 32/8, --lengths like 8192,32768 and --densities like 0.5,0.1; got "
-                        f"{args.heads!r}, {args.lengths!r}, {args.densities!r}") from None
+        raise UserError(f"--lengths must look like 8192,32768 and --densities like 0.5,0.1; got "
+                        f"{args.lengths!r}, {args.densities!r}") from None
     rows = bench_prefill(batch=args.batch, num_heads=num_heads, num_kv_heads=num_kv, head_dim=args.head_dim,
                          lengths=lengths, densities=densities, documents=args.documents, block_q=args.block_q,
                          block_k=args.block_k, num_warps=args.num_warps, num_stages=args.num_stages,
@@ -461,11 +468,7 @@ def _main_prefill(args) -> int:
 
 
 def _main_kernels(args) -> int:
-    heads = args.heads.split("/")
-    try:
-        num_heads, num_kv = int(heads[0]), int(heads[1])
-    except (ValueError, IndexError):
-        raise UserError(f"--heads must look like 32/8 (query/KV heads), got {args.heads!r}") from None
+    num_heads, num_kv = _parse_heads(args.heads)
     rows = bench_kernels(batch=args.batch, num_heads=num_heads, num_kv_heads=num_kv, head_dim=args.head_dim,
                          context=args.context, budget=args.budget, block_size=args.block_size,
                          repeats=args.repeats)

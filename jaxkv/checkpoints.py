@@ -232,6 +232,22 @@ def _read_params(folder: Path, files: dict[str, Path], present: set, expected: d
     return params
 
 
+def _open_folder(path, config_cls):
+    """``(folder, config, files)``: the folder checked, its ``config.json`` read as ``config_cls``
+    and the map from tensor names to the safetensors files holding them."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {os.fspath(path)!r} does not exist or is not a folder")
+    try:
+        config = config_cls.from_json(folder / CONFIG_FILE)
+    except ConfigError as e:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: {e}") from None
+    files = _weight_files(folder)
+    if not files:
+        files = {name: folder / SINGLE_FILE for name in _header_names(folder / SINGLE_FILE)}
+    return folder, config, files
+
+
 def load_mamba2_checkpoint(path: str | os.PathLike, *, dtype=None):
     """``(Mamba2Config, params)`` from an HF Mamba-2 folder (``Mamba2ForCausalLM``, safetensors),
     checked as ``load_checkpoint`` checks (names, shapes, dtypes, finite values) before anything
@@ -240,16 +256,7 @@ def load_mamba2_checkpoint(path: str | os.PathLike, *, dtype=None):
 
     if dtype is not None:
         dtype = check_float_dtype(dtype)
-    folder = Path(path)
-    if not folder.is_dir():
-        raise CheckpointError(f"checkpoint folder {os.fspath(path)!r} does not exist or is not a folder")
-    try:
-        config = mamba2.Mamba2Config.from_json(folder / CONFIG_FILE)
-    except ConfigError as e:
-        raise CheckpointError(f"{folder / CONFIG_FILE}: {e}") from None
-    files = _weight_files(folder)
-    if not files:
-        files = {name: folder / SINGLE_FILE for name in _header_names(folder / SINGLE_FILE)}
+    folder, config, files = _open_folder(path, mamba2.Mamba2Config)
     present = set(files)
     if config.tie_word_embeddings:
         present.discard("lm_head.weight")  # save_pretrained may store the tied copy
@@ -270,17 +277,7 @@ def load_checkpoint(path: str | os.PathLike, *, dtype=None) -> tuple[LlamaConfig
     if is_gguf(path):
         model = read_gguf(path)
         return model.config, model.params(dtype)
-    folder = Path(path)
-    if not folder.is_dir():
-        raise CheckpointError(f"checkpoint folder {os.fspath(path)!r} does not exist or is not a folder")
-    try:
-        config = LlamaConfig.from_json(folder / CONFIG_FILE)
-    except ConfigError as e:
-        raise CheckpointError(f"{folder / CONFIG_FILE}: {e}") from None
-    files = _weight_files(folder)
-    if not files:
-        files = {name: folder / SINGLE_FILE for name in _header_names(folder / SINGLE_FILE)}
-
+    folder, config, files = _open_folder(path, LlamaConfig)
     expected = hf_name_map(config)
     present = set(files)
     stored_head = config.tie_word_embeddings and "lm_head.weight" in present

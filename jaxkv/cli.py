@@ -576,21 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="text files / globs (blank lines split documents) or synthetic:count / synthetic:copy")
     lm.add_argument("--seq-len", type=_positive_int, default=512)
     lm.add_argument("--position-mode", default="document", choices=["document", "continuous"])
-    lm.add_argument("--batch-size", type=_positive_int, default=8)
-    lm.add_argument("--grad-accum", type=_positive_int, default=1)
-    lm.add_argument("--steps", type=_positive_int, default=1000)
-    lm.add_argument("--lr", type=float, default=3e-4)
-    lm.add_argument("--schedule", default="cosine", choices=["cosine", "wsd", "constant"])
-    lm.add_argument("--warmup", type=int, default=100)
-    lm.add_argument("--weight-decay", type=float, default=0.1)
-    lm.add_argument("--seed", type=_seed, default=0)
-    lm.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="compute dtype")
-    lm.add_argument("--mesh", default="1,1,1", help="data,fsdp,tensor device counts")
-    lm.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, metrics.png")
-    lm.add_argument("--save-every", type=_positive_int, default=100)
-    lm.add_argument("--keep", type=_positive_int, default=3)
-    lm.set_defaults(func=_cmd_train_lm, interrupted=lambda a: (
-        f"rerun the same command to resume from the last checkpoint in {a.out}/checkpoints"))
+    _add_run_arguments(lm, lr=3e-4, schedule="cosine", out_help="run folder: checkpoints, metrics.jsonl, metrics.png")
+    lm.set_defaults(func=_cmd_train_lm, interrupted=_resume_hint)
     mb = tsub.add_parser("mamba", help="Mamba-2 length training: truncated BPTT with the state passed across "
                                        "segments (resumes from --out)")
     mb.add_argument("--model", default=None, help="an HF Mamba-2 folder to continue from (default: random init)")
@@ -609,21 +596,8 @@ def build_parser() -> argparse.ArgumentParser:
     mb.add_argument("--segment-len", type=_positive_int, default=None,
                     help="T_train: the row runs in segments of this many tokens, the state passed on and the "
                          "gradient cut at each boundary (default: the whole row)")
-    mb.add_argument("--batch-size", type=_positive_int, default=8)
-    mb.add_argument("--grad-accum", type=_positive_int, default=1)
-    mb.add_argument("--steps", type=_positive_int, default=1000)
-    mb.add_argument("--lr", type=float, default=1e-3)
-    mb.add_argument("--schedule", default="wsd", choices=["cosine", "wsd", "constant"])
-    mb.add_argument("--warmup", type=int, default=100)
-    mb.add_argument("--weight-decay", type=float, default=0.1)
-    mb.add_argument("--seed", type=_seed, default=0)
-    mb.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="compute dtype")
-    mb.add_argument("--mesh", default="1,1,1", help="data,fsdp,tensor device counts")
-    mb.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, metrics.png, hf/")
-    mb.add_argument("--save-every", type=_positive_int, default=100)
-    mb.add_argument("--keep", type=_positive_int, default=3)
-    mb.set_defaults(func=_cmd_train_mamba, interrupted=lambda a: (
-        f"rerun the same command to resume from the last checkpoint in {a.out}/checkpoints"))
+    _add_run_arguments(mb, lr=1e-3, schedule="wsd", out_help="run folder: checkpoints, metrics.jsonl, metrics.png, hf/")
+    mb.set_defaults(func=_cmd_train_mamba, interrupted=_resume_hint)
     ck = tsub.add_parser("cskv", help="fit CSKV's low-rank K/V factors to a frozen model by layer-wise "
                                       "reconstruction (resumes from --out)")
     ck.add_argument("--model", default="default", help=MODEL_HELP)
@@ -715,6 +689,27 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--json", default=None)
     b.set_defaults(func=_cmd_bench)
     return parser
+
+
+def _add_run_arguments(p, *, lr: float, schedule: str, out_help: str) -> None:
+    """The options every next-token training recipe takes (batch, steps, optimiser, run folder)."""
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--grad-accum", type=_positive_int, default=1)
+    p.add_argument("--steps", type=_positive_int, default=1000)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--schedule", default=schedule, choices=["cosine", "wsd", "constant"])
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="compute dtype")
+    p.add_argument("--mesh", default="1,1,1", help="data,fsdp,tensor device counts")
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--save-every", type=_positive_int, default=100)
+    p.add_argument("--keep", type=_positive_int, default=3)
+
+
+def _resume_hint(args) -> str:
+    return f"rerun the same command to resume from the last checkpoint in {args.out}/checkpoints"
 
 
 def _reported_in_one_line(error: BaseException) -> bool:
