@@ -326,7 +326,7 @@ def _gated_norm(y, z, w, c: Mamba2Config):
     out = g.reshape(shape)
     if c.norm_before_gate:
         out = out * jax.nn.silu(zf)
-    return (w * out.astype(y.dtype)) if not c.norm_before_gate else (w * out).astype(y.dtype)
+    return w * out.astype(y.dtype)
 
 
 def _mixer(p, x, real, state: Mamba2LayerState, c: Mamba2Config, chunk_size: int,
