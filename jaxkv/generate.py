@@ -184,12 +184,20 @@ def generate(
     top_p: float = 1.0,
     key: jax.Array | None = None,
     stop_tokens: Sequence[int] | None = None,
+    prepack: bool | str = False,
+    hold_out_last: bool = False,
 ) -> GenerationResult:
     """Generate continuations of ``prompts`` (lists of token ids, any lengths).
 
     ``policy`` is a policy object or a registered name (``jaxkv.cache.available_policies()``)
     constructed with ``policy_params``. ``stop_tokens`` default to the config's EOS ids.
     ``key`` is required when ``temperature > 0``.
+
+    ``prepack``: prefill the prompts packed into rows instead of padded (``jaxkv.prepack``;
+    ``True`` or ``'greedy'``: bin packing by decreasing length, ``'exact'``: an integer program);
+    the cache and the tokens are those of the padded run. ``hold_out_last`` (with ``prepack``):
+    leave each prompt's last token out of the rows and feed it as the first decode input (the
+    paper's form; a compressing policy then compresses all but that token).
     """
     prompts = _validate_prompts(prompts, config.vocab_size)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -212,13 +220,23 @@ def generate(
         if not 0 <= int(t) < config.vocab_size:
             raise UserError(f"stop token {t} is outside [0, {config.vocab_size})")
 
+    if prepack not in (False, True, "greedy", "exact"):
+        raise UserError(f"prepack must be False, True, 'greedy' or 'exact', got {prepack!r}")
+    if hold_out_last and not prepack:
+        raise UserError("hold_out_last is a prepacking option: pass prepack=True with it")
     tokens, positions, lengths = pad_prompts(prompts)
     b, t = tokens.shape
     dtype = params["embed"]["embedding"].dtype
     cache = init_cache(config, policy, batch=b, max_len=t + max_new_tokens, dtype=dtype)
     nbytes = cache.nbytes
 
-    last, cache = prefill(params, tokens, positions, lengths, cache, config=config)
+    if prepack:
+        from jaxkv.prepack import pack_prompts, prepacked_prefill
+
+        packing = pack_prompts(prompts, method="greedy" if prepack is True else prepack, hold_out_last=hold_out_last)
+        last, cache = prepacked_prefill(params, packing, prompts, cache, config=config)
+    else:
+        last, cache = prefill(params, tokens, positions, lengths, cache, config=config)
     key = jax.random.key(0) if key is None else key
     stop_arr = np.array(stop if stop else (-2,), np.int32)  # -2 never matches a sampled id
     out, _ = decode(params, cache, last, lengths, key, np.float32(temperature), np.float32(top_p),

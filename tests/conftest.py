@@ -46,3 +46,11 @@ def tiny_model():
 
     config = preset("tiny")
     return config, init_params(config, jax.random.key(0))
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The embedded default model (config, params), loaded once per session."""
+    from jaxkv.checkpoints import load_checkpoint, resolve_model
+
+    return load_checkpoint(resolve_model("default"))

@@ -37,7 +37,7 @@ from flax import nnx
 
 from jaxkv.attention import attend_dense
 from jaxkv.cache.kv import ModelCache
-from jaxkv.cache.policy import LayerInput, LayerSpec, Phase
+from jaxkv.cache.policy import CachePolicy, LayerInput, LayerSpec, Phase
 from jaxkv.config import LlamaConfig
 from jaxkv.models.layers import MLP, Linear, RMSNorm, apply_rope, rope_angles, rope_inv_freq
 from jaxkv.typing import Array
@@ -69,7 +69,7 @@ class Attention(nnx.Module):
         self.window = config.sliding_window
 
     def __call__(self, x, positions, cos, sin, *, layer_cache, policy, phase, layer, params, segment_ids,
-                 inv_freq=None, attention_implementation=None, attention_sharding=None):
+                 inv_freq=None, attention_implementation=None, attention_sharding=None, packing=None):
         b, t, _ = x.shape
         kh, g, h = self.num_kv_heads, self.group, self.head_dim
         q = apply_rope(self.q(x).reshape(b, t, kh * g, h), cos, sin).reshape(b, t, kh, g, h)
@@ -78,6 +78,18 @@ class Attention(nnx.Module):
         if layer_cache is None:  # cache-free forward (training, scoring): dense attention
             out = attend_dense(q, k, v, positions, window=self.window, segment_ids=segment_ids,
                                implementation=attention_implementation, sharding=attention_sharding)
+        elif packing is not None:  # a packed prefill (jaxkv.prepack): rows hold several prompts
+            if type(policy).prefill_attend is CachePolicy.prefill_attend:  # dense causal: within segments
+                out = attend_dense(q, k, v, positions, window=self.window, segment_ids=packing.segment_ids,
+                                   implementation=attention_implementation)
+            else:  # the policy's own prompt attention, on each prompt alone
+                out = packing.pack(policy.prefill_attend(packing.unpack(q), packing.unpack(k), packing.unpack(v),
+                                                         packing.positions, layer=layer))
+            # the policy sees each prompt's own Q/K/V, as if it had been prefilled alone
+            extra = ({"inputs": LayerInput(x=packing.unpack(x), inv_freq=inv_freq)} if policy.wants_layer_input
+                     else {})
+            layer_cache = policy.prefill(layer_cache, q=packing.unpack(q), k=packing.unpack(k), v=packing.unpack(v),
+                                         positions=packing.positions, layer=layer, params=params, **extra)
         else:
             extra = {"inputs": LayerInput(x=x, inv_freq=inv_freq)} if policy.wants_layer_input else {}
             if phase is Phase.PREFILL:
@@ -121,11 +133,14 @@ class LlamaForCausalLM(nnx.Module):
 
     def __call__(self, tokens, positions, cache: ModelCache | None = None, *,
                  segment_ids=None, compute_dtype=jnp.float32, logits_at=None, hidden_only=False,
-                 attention_implementation=None, attention_sharding=None):
+                 attention_implementation=None, attention_sharding=None, packing=None):
         cfg = self.config
         if cache is not None and segment_ids is not None:
             raise UserError("segment_ids are for the cache-free forward of packed rows; "
-                             "pass cache=None or drop segment_ids")
+                             "pass cache=None or drop segment_ids (a packed prefill takes packing=)")
+        if packing is not None and (cache is None or cache.prefilled or logits_at is not None):
+            raise UserError("packing is for the prefill of an empty cache (jaxkv.prepack): pass a fresh cache "
+                            "and no logits_at (the logits come at each prompt's last token)")
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         cos, sin = rope_angles(positions, inv_freq)
         # padding may hold any id (even out of range, which gathers NaN and would poison the row
@@ -147,9 +162,12 @@ class LlamaForCausalLM(nnx.Module):
                 params=None if cache is None else cache.params[i],
                 layer=spec, phase=phase, segment_ids=segment_ids, inv_freq=inv_freq,
                 attention_implementation=attention_implementation, attention_sharding=attention_sharding,
+                packing=packing,
             )
             if cache is not None:
                 states[owner] = layer_cache
+        if packing is not None:
+            x = packing.last_hidden(x)  # [P, 1, D]: one row per prompt from here on
         if logits_at is not None:
             x = jnp.take_along_axis(x, jnp.asarray(logits_at, jnp.int32)[:, None, None], axis=1)
         x = self.norm(x)
@@ -204,7 +222,7 @@ def abstract_params(config: LlamaConfig, dtype=jnp.float32) -> dict:
 def forward(params: dict, tokens: Array, positions: Array, cache: ModelCache | None = None, *,
             config: LlamaConfig, segment_ids: Array | None = None, compute_dtype=None,
             logits_at: Array | None = None, hidden_only: bool = False, attention_implementation: str | None = None,
-            attention_sharding=None):
+            attention_sharding=None, packing=None):
     """``(logits [B, T, V] float32, cache)``; pure and jit-able (``config`` is static).
 
     ``logits_at [B]`` (token indices): run the LM head only there and return ``[B, 1, V]`` (a
@@ -215,6 +233,11 @@ def forward(params: dict, tokens: Array, positions: Array, cache: ModelCache | N
     logits, for a loss that applies the head in chunks (``lm_head``); cache-free forwards only.
     ``attention_implementation``, ``attention_sharding``: the cache-free attention's
     (``attention.attend_dense``'s ``implementation`` and ``sharding``; None: its defaults).
+
+    ``packing``: a ``jaxkv.prepack.PackedLayout`` for a packed prefill: ``tokens, positions`` are
+    the packed rows ``[R, C]``, ``cache`` an empty cache with one row per prompt; returns the
+    logits at each prompt's last token ``[P, 1, V]`` and the cache filled as if each prompt had
+    been prefilled alone.
 
     ``compute_dtype`` defaults to the dtype of the embedding parameters. Token ids outside the
     vocabulary are refused with ``UserError`` when ``tokens`` is concrete; under a caller's jit
@@ -240,7 +263,7 @@ def forward(params: dict, tokens: Array, positions: Array, cache: ModelCache | N
     model = nnx.merge(_graphdef(config), params)
     return model(tokens, positions, cache, segment_ids=segment_ids, compute_dtype=compute_dtype, logits_at=logits_at,
                  hidden_only=hidden_only, attention_implementation=attention_implementation,
-                 attention_sharding=attention_sharding)
+                 attention_sharding=attention_sharding, packing=packing)
 
 
 def lm_head(params: dict, hidden: Array, *, config: LlamaConfig) -> Array:
