@@ -9,7 +9,8 @@ Masking is by absolute position, never by slot index: a key is visible to a quer
   1. the key slot is filled (``k_pos >= 0``) and the query is real (``q_pos >= 0``);
   2. causal: ``k_pos <= q_pos``;
   3. window (Mistral): ``q_pos - k_pos < window``;
-  4. packed rows: the segment ids are equal.
+  4. packed rows: the segment ids are equal, or, with ``anchor`` (AnchorAttention), the key is
+     the row's first slot: one shared anchor token every document sees.
 
 A query that sees no key (padding) gets a uniform average instead of NaN; its output is
 garbage by design and callers ignore it.
@@ -40,6 +41,7 @@ def visibility_mask(
     window: int | None = None,
     q_segments: Array | None = None,
     k_segments: Array | None = None,
+    anchor: bool = False,
 ) -> Array:
     """Boolean mask ``[B, K or 1, T, S]``: which key each query may attend to (rules above)."""
     if k_positions.ndim == 2:
@@ -51,15 +53,20 @@ def visibility_mask(
         mask &= qp - kp < window
     if (q_segments is None) != (k_segments is None):
         raise UserError("q_segments and k_segments must be given together")
+    if anchor and q_segments is None:
+        raise UserError("anchor needs segment ids: it opens the row's first key to every document")
     if q_segments is not None:
-        mask &= q_segments[:, None, :, None] == k_segments[:, None, None, :]
+        same = q_segments[:, None, :, None] == k_segments[:, None, None, :]
+        if anchor:
+            same |= (jnp.arange(kp.shape[-1]) == 0)[None, None, None, :]
+        mask &= same
     return mask
 
 
 def attention_weights(q: Array, k: Array, q_positions: Array, k_positions: Array, *,
                       window: int | None = None, q_segments: Array | None = None,
                       k_segments: Array | None = None, scale: float | None = None,
-                      k_bias: Array | None = None) -> Array:
+                      k_bias: Array | None = None, anchor: bool = False) -> Array:
     """Softmax weights ``[B,K,G,T,S]`` (fp32) of ``q [B,T,K,G,H]`` over ``k [B,K,S,H]``, masked by
     the rules above. ``k_bias [B,K,S]`` is added to every query's score of a slot (a slot that
     stands for ``n`` tokens, such as a compensation token, carries ``log n``)."""
@@ -72,7 +79,7 @@ def attention_weights(q: Array, k: Array, q_positions: Array, k_positions: Array
         s = s + k_bias[:, :, None, None, :].astype(jnp.float32)
     # 2. mask by position (and segment)
     mask = visibility_mask(q_positions, k_positions, window=window,
-                           q_segments=q_segments, k_segments=k_segments)
+                           q_segments=q_segments, k_segments=k_segments, anchor=anchor)
     s = jnp.where(mask[:, :, None], s, _MASKED)
     # 3. softmax in fp32
     return jax.nn.softmax(s, axis=-1)
@@ -90,6 +97,7 @@ def attend_reference(
     k_segments: Array | None = None,
     scale: float | None = None,
     k_bias: Array | None = None,
+    anchor: bool = False,
 ) -> Array:
     """Softmax attention of ``q [B,T,K,G,H]`` over ``k, v [B,K,S,H]``; returns ``[B,T,K,G,H]``.
 
@@ -99,7 +107,7 @@ def attend_reference(
     if q.ndim != 5 or k.ndim != 4 or v.shape != k.shape:
         raise UserError(f"expected q [B,T,K,G,H] and k, v [B,K,S,H]; got {q.shape}, {k.shape}, {v.shape}")
     p = attention_weights(q, k, q_positions, k_positions, window=window, q_segments=q_segments,
-                          k_segments=k_segments, scale=scale, k_bias=k_bias).astype(v.dtype)
+                          k_segments=k_segments, scale=scale, k_bias=k_bias, anchor=anchor).astype(v.dtype)
     return jnp.einsum("BKGTS,BKSH->BTKGH", p, v)
 
 
@@ -155,6 +163,7 @@ def attend_dense(
     segment_ids: Array | None = None,
     implementation: str | None = None,
     sharding: AttentionSharding | None = None,
+    anchor: bool = False,
 ) -> Array:
     """Self-attention of a chunk over itself: ``q [B,T,K,G,H]``, ``k, v [B,T,K,H]`` (token-major,
     as projected). The mask follows the module rules (positions, window, segments).
@@ -167,8 +176,11 @@ def attend_dense(
     reference otherwise; an explicit request that cannot run fails loudly. (A query that sees
     nothing, padding, gets 0 from the kernel and a uniform average from the others: garbage
     either way, ignored by callers.) ``sharding``: the mesh axes cuDNN's inputs are constrained
-    to under a mesh (``same_sharding``).
+    to under a mesh (``same_sharding``). ``anchor`` (with ``segment_ids``): every document also
+    sees the row's first token (AnchorAttention's shared anchor).
     """
+    if anchor and segment_ids is None:
+        raise UserError("anchor needs segment_ids: it opens the row's first key to every document")
     if implementation is not None and implementation not in DENSE_IMPLEMENTATIONS:
         raise UserError(f"implementation must be one of {DENSE_IMPLEMENTATIONS}, got {implementation!r}")
     impl = implementation or _default_dense_implementation(q.dtype, segment_ids is not None, q.shape[-1])
@@ -177,20 +189,20 @@ def attend_dense(
 
         b, t, kh, g, h = q.shape
         out = block_sparse_attention(q.reshape(b, t, kh * g, h), k, v, positions, positions,
-                                     mask=MaskSpec(window=window), q_segments=segment_ids, k_segments=segment_ids,
+                                     mask=MaskSpec(window=window, anchor=anchor), q_segments=segment_ids, k_segments=segment_ids,
                                      implementation="pallas_gpu")
         return out.reshape(b, t, kh, g, h)
     if impl == "cudnn":
         if jax.default_backend() != "gpu":
             raise UserError("implementation='cudnn' needs a GPU backend")
         try:
-            return _attend_dense_cudnn(q, k, v, positions, window, segment_ids, sharding)
+            return _attend_dense_cudnn(q, k, v, positions, window, segment_ids, sharding, anchor)
         except Exception as e:  # shapes or dtypes cuDNN does not take: fall back, loudly
             if implementation == "cudnn":
                 raise
             warnings.warn(f"cuDNN attention unavailable for q {q.shape} {q.dtype} ({e}); using the reference")
     return attend_reference(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions, positions,
-                            window=window, q_segments=segment_ids, k_segments=segment_ids)
+                            window=window, q_segments=segment_ids, k_segments=segment_ids, anchor=anchor)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,13 +252,14 @@ def contiguous_layout(positions: Array) -> Array:
     return jnp.all(prefix & run)
 
 
-def _attend_dense_cudnn(q, k, v, positions, window, segment_ids, sharding):
+def _attend_dense_cudnn(q, k, v, positions, window, segment_ids, sharding, anchor=False):
     b, t, kh, g, h = q.shape
     q2 = q.reshape(b, t, kh * g, h)
 
     def masked(q2, k, v):
         # explicit [B, 1, T, T] mask: any layout, packed segments
-        mask = visibility_mask(positions, positions, window=window, q_segments=segment_ids, k_segments=segment_ids)
+        mask = visibility_mask(positions, positions, window=window, q_segments=segment_ids, k_segments=segment_ids,
+                               anchor=anchor)
         # A query that sees nothing (padding) attends to itself: a fully masked row may come back
         # as NaN from a fused kernel, and NaN in a padding row's values would reach real rows
         # (0 * NaN) in the next layer. In self-attention a real query always sees itself (same

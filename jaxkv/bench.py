@@ -136,7 +136,9 @@ def bench_train(args) -> dict:
         n = int(rng.integers(args.seq_len // 16, args.seq_len))
         docs.append(rng.integers(3, config.vocab_size, n).astype(np.int32))
         total += n
-    batches = Batches(pack_documents(docs, DataConfig(seq_len=args.seq_len)), batch_size=args.batch_size,
+    mode = getattr(args, "mode", "reset")
+    batches = Batches(pack_documents(docs, DataConfig(seq_len=args.seq_len, attention=mode),
+                                     anchor_id=config.bos_token_id), batch_size=args.batch_size,
                       grad_accum=args.grad_accum, seed=0)
     mesh_shape = parse_mesh(args.mesh)
     mesh = make_mesh(*mesh_shape)
@@ -144,7 +146,8 @@ def bench_train(args) -> dict:
     shardings = state_shardings(jax.eval_shape(make, jax.random.key(0)), tx, mesh)
     state = jax.jit(make, out_shardings=shardings)(jax.random.key(0))
     attention = None if args.attention == "auto" else args.attention
-    step = jax.jit(make_train_step(config, tx, schedule, compute_dtype=jnp.bfloat16, attention_implementation=attention),
+    step = jax.jit(make_train_step(config, tx, schedule, compute_dtype=jnp.bfloat16, attention_implementation=attention,
+                                   attention=mode),
                    in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, None),
                    donate_argnums=0)
     batch = {k: jax.device_put(v, batch_sharding(mesh)) for k, v in batches.get(0).items()}
@@ -165,7 +168,7 @@ def bench_train(args) -> dict:
             "batch_size": args.batch_size, "grad_accum": args.grad_accum, "step_s": seconds,
             "tokens_per_s": tokens / seconds, "model_tflops": flops / 1e12,
             "mfu": flops / (n_dev * args.peak_tflops * 1e12), "loss": float(m["loss"]),
-            "attention": args.attention, "device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
+            "attention": args.attention, "mode": mode, "device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
 
 
 def _time_on_device(f, *xs, repeats: int, rounds: int = 3) -> float:
@@ -500,7 +503,7 @@ def main(args) -> int:
         print(f"{row['devices']} x {row['device']} (mesh {args.mesh}): {row['tokens_per_s']:,.0f} tokens/s "
               f"({row['tokens_per_s_per_device']:,.0f} per device), step {row['step_s'] * 1e3:.1f} ms, "
               f"{row['model_tflops']:.0f} model TFLOP/s, MFU {row['mfu']:.1%} "
-              f"(loss {row['loss']:.3f}; attention {row['attention']})")
+              f"(loss {row['loss']:.3f}; attention {row['attention']}, mode {row['mode']})")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump([row], f, indent=2)
@@ -508,7 +511,9 @@ def main(args) -> int:
     return _main_decode(args)
 
 
-def _main_decode(args) -> int:
+def bench_model(args):
+    """``(name, config, params)`` of a bench command's ``--model`` (real weights) or ``--preset``
+    (random weights), in ``--dtype``."""
     import jax
     import jax.numpy as jnp
 
@@ -516,20 +521,23 @@ def _main_decode(args) -> int:
     from jaxkv.config import preset as get_preset
     from jaxkv.models.llama import init_params
 
+    jdtype = jnp.dtype(args.dtype)
+    if args.model is not None:
+        return str(args.model), *load_checkpoint(resolve_model(args.model), dtype=jdtype)
+    config = get_preset(args.preset)
+    return f"preset:{args.preset}", config, jax.jit(lambda k: init_params(config, k, dtype=jdtype))(jax.random.key(0))
+
+
+def _main_decode(args) -> int:
+    import jax
+
     try:
         batches = [int(b) for b in args.batch.split(",")]
     except ValueError:
         raise UserError(f"--batch must be comma-separated integers, got {args.batch!r}") from None
     if any(b <= 0 for b in batches) or args.prompt_len <= 0 or args.new_tokens < 2 or args.repeats < 1:
         raise UserError("--batch, --prompt-len and --repeats must be positive, --new-tokens >= 2")
-    jdtype = jnp.dtype(args.dtype)
-    if args.model is not None:
-        name = str(args.model)
-        config, params = load_checkpoint(resolve_model(args.model), dtype=jdtype)
-    else:
-        name = f"preset:{args.preset}"
-        config = get_preset(args.preset)
-        params = jax.jit(lambda k: init_params(config, k, dtype=jdtype))(jax.random.key(0))
+    name, config, params = bench_model(args)
     if args.prompt_len + args.new_tokens > config.max_position_embeddings:
         raise UserError(f"--prompt-len + --new-tokens = {args.prompt_len + args.new_tokens} exceeds the "
                         f"model's context of {config.max_position_embeddings} tokens")

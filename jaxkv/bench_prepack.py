@@ -123,22 +123,10 @@ def bench_prepack(*, config, params, name: str, prompts: int = 64, batches: int 
 def main(args) -> int:
     import json
 
-    import jax
-    import jax.numpy as jnp
-
-    from jaxkv.checkpoints import load_checkpoint, resolve_model
-    from jaxkv.config import preset as get_preset
+    from jaxkv.bench import bench_model
     from jaxkv.fileio import write_text_atomic
-    from jaxkv.models.llama import init_params
 
-    jdtype = jnp.dtype(args.dtype)
-    if args.model is not None:
-        name = str(args.model)
-        config, params = load_checkpoint(resolve_model(args.model), dtype=jdtype)
-    else:
-        name = f"preset:{args.preset}"
-        config = get_preset(args.preset)
-        params = jax.jit(lambda k: init_params(config, k, dtype=jdtype))(jax.random.key(0))
+    name, config, params = bench_model(args)
     rows = bench_prepack(config=config, params=params, name=name, prompts=args.prompts, batches=args.batches,
                          median=args.median, longest=args.longest, repeats=args.repeats)
     r0 = rows[0]

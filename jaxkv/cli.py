@@ -8,7 +8,9 @@
   jaxkv calibrate cskv [--model M] --out FILE [--n-tokens N] [--text FILE]
   jaxkv analyze [--model M] --out DIR [--task T] [--length N]
   jaxkv analyze mamba-states --model DIR --train-len T --out DIR [--length N] [--data SRC | --tokenizer M]
+  jaxkv analyze rope-precision [--model M] --out DIR [--lengths 256,512,1024] [--shifts 1,16,256,1024]
   jaxkv train lm (--model-preset NAME | --model M) --data SRC... --out DIR [--seq-len N]
+                 [--attention full|intra|reset|anchor|anchor-bos] [--rope-theta THETA]
                  [--batch-size N] [--steps N] [--lr LR] [--seed S] [--save-every N] [--mesh d,f,t]
   jaxkv train cskv [--model M] --out DIR [--key-density D] [--value-density D] [--calibration FILE]
                    [--data SRC...] [--steps N] [--lr LR] ...
@@ -240,12 +242,52 @@ def _cmd_analyze_mamba_states(args) -> int:
     return 0
 
 
+def _cmd_analyze_rope_precision(args) -> int:
+    import numpy as np
+
+    from jaxkv.checkpoints import load_checkpoint, load_tokenizer, resolve_model
+    from jaxkv.eval.rope_precision import analyze_rope_precision
+    from jaxkv.training.data import load_documents
+
+    lengths, shifts = _int_list(args.lengths, "--lengths"), _int_list(args.shifts, "--shifts")
+    model = resolve_model(args.model)
+    config, params = load_checkpoint(model)
+    tokenizer = load_tokenizer(model)
+    if args.data:
+        docs = load_documents(args.data, tokenizer=tokenizer, vocab_size=config.vocab_size, seed=args.seed)
+    else:  # Python's reference documentation, as the other analyses read by default
+        from jaxkv.training.default_model import ordinary_text
+
+        docs = [tokenizer.encode(t).ids for t in ordinary_text()]
+    stream = np.concatenate([np.asarray(d, np.int32) for d in docs])
+    report = analyze_rope_precision(params, config, stream, args.out, lengths=lengths, shifts=shifts)
+    print(f"{'dtype':<9} {'RoPE':<6} {'length':>6} {'shift':>6} {'D(0, shift)':>12} {'first-token share':>18} "
+          f"{'|dS| first':>11} {'|dS| others':>12}")
+    for r in report["rows"]:
+        print(f"{r['dtype']:<9} {r['rope_rounding']:<6} {r['length']:>6} {r['shift']:>6} {r['D']:>12.4g} "
+              f"{r['first_token_share']:>18.1%} {r['first_logit_diff']:>11.3g} {r['other_logit_diff']:>12.3g}")
+    print(f"wrote {args.out}/rope_precision.json and {args.out}/rope_precision.png")
+    return 0
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise UserError(f"{flag} must be comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise UserError(f"{flag} must be positive integers, got {text!r}")
+    return values
+
+
 def _cmd_analyze(args) -> int:
     import jax.numpy as jnp
     import numpy as np
 
     if args.kind == "mamba-states":
         return _cmd_analyze_mamba_states(args)
+    if args.kind == "rope-precision":
+        return _cmd_analyze_rope_precision(args)
 
     from jaxkv.checkpoints import load_checkpoint, load_tokenizer, resolve_model
     from jaxkv.eval.analyze import analyze
@@ -307,13 +349,17 @@ def train_setup(args) -> dict:
     else:
         config = preset(args.model_preset)
         tokenizer = make_tokenizer(min(config.vocab_size, 512)) if args.model_preset == "tiny" else None
+    if args.rope_theta is not None:
+        import dataclasses
+
+        config = dataclasses.replace(config, rope_theta=float(args.rope_theta))
     mesh = parse_mesh(args.mesh)
     docs = load_documents(args.data, tokenizer=tokenizer, vocab_size=config.vocab_size, seed=args.seed)
     return dict(
         model_config=config, documents=docs, params=params, out=args.out,
         optim=OptimConfig(lr=args.lr, schedule=args.schedule, warmup_steps=args.warmup,
                           total_steps=args.steps, weight_decay=args.weight_decay),
-        data=DataConfig(seq_len=args.seq_len, position_mode=args.position_mode),
+        data=DataConfig(seq_len=args.seq_len, position_mode=args.position_mode, attention=args.attention),
         train=TrainConfig(batch_size=args.batch_size, grad_accum=args.grad_accum, steps=args.steps,
                           seed=args.seed, save_every=args.save_every, keep=args.keep,
                           compute_dtype=args.dtype, mesh=mesh),
@@ -586,9 +632,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     an = sub.add_parser("analyze", help="adjacent-layer KV similarity (MiniCache) and retrieval-head scores "
                                         "(RazorAttention) of a model, as JSON + PNG")
-    an.add_argument("kind", nargs="?", default="cache", choices=["cache", "mamba-states"],
+    an.add_argument("kind", nargs="?", default="cache", choices=["cache", "mamba-states", "rope-precision"],
                     help="cache (default): layer similarity and retrieval heads of a transformer; mamba-states: "
-                         "Stuffed Mamba's per-position loss, state norms and decay of a Mamba-2 (--model DIR)")
+                         "Stuffed Mamba's per-position loss, state norms and decay of a Mamba-2 (--model DIR); "
+                         "rope-precision: AnchorAttention's bf16-vs-fp32 deviation of attention under position "
+                         "shifts")
     an.add_argument("--model", default="default", help=MODEL_HELP)
     an.add_argument("--out", required=True, help="folder for the JSON and the PNG")
     an.add_argument("--task", default="niah_single", help="the harness task whose prompt is read")
@@ -596,13 +644,16 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--train-len", type=_positive_int, default=None, help="mamba-states: the model's T_train")
     an.add_argument("--chunk", type=_positive_int, default=512, help="mamba-states: tokens per forward")
     an.add_argument("--data", nargs="+", default=None,
-                    help="mamba-states: synthetic:count / text files (default: Python's docs with --tokenizer)")
+                    help="mamba-states, rope-precision: synthetic:count / text files (default: Python's docs, with "
+                         "--tokenizer for mamba-states)")
     an.add_argument("--tokenizer", default=None, help="mamba-states: tokenizer for text data: " + MODEL_HELP)
     an.add_argument("--decay-scale", type=float, default=0.9999, help="mamba-states: mitigation 1's λ")
     an.add_argument("--input-scale", type=float, default=0.75, help="mamba-states: mitigation 1's γ")
     an.add_argument("--window", type=_positive_int, default=None, help="mamba-states: mitigation 3's r "
                                                                       "(default: --train-len)")
     an.add_argument("--n-tokens", type=_positive_int, default=512, help="razor calibration: random ids repeated 4x")
+    an.add_argument("--lengths", default="256,512,1024", help="rope-precision: sequence lengths, comma-separated")
+    an.add_argument("--shifts", default="1,16,256,1024", help="rope-precision: position shifts, comma-separated")
     an.add_argument("--seed", type=_seed, default=0)
     an.set_defaults(func=_cmd_analyze)
 
@@ -638,7 +689,14 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--data", nargs="+", required=True,
                     help="text files / globs (blank lines split documents) or synthetic:count / synthetic:copy")
     lm.add_argument("--seq-len", type=_positive_int, default=512)
-    lm.add_argument("--position-mode", default="document", choices=["document", "continuous"])
+    lm.add_argument("--attention", default=None, choices=["full", "intra", "reset", "anchor", "anchor-bos"],
+                    help="how packed documents attend: full (across documents), intra (document mask), reset "
+                         "(document mask, positions restart: the default), anchor (document mask + a shared BOS "
+                         "anchor at position 0, AnchorAttention), anchor-bos (the same as a BOS per document)")
+    lm.add_argument("--position-mode", default=None, choices=["document", "continuous"],
+                    help="positions restart per document or count across the row (follows from --attention)")
+    lm.add_argument("--rope-theta", type=_positive_float, default=None,
+                    help="a new RoPE base for the model (long-context continued pretraining, e.g. 1e6)")
     _add_run_arguments(lm, lr=3e-4, schedule="cosine", out_help="run folder: checkpoints, metrics.jsonl, metrics.png")
     lm.set_defaults(func=_cmd_train_lm, interrupted=_resume_hint)
     mb = tsub.add_parser("mamba", help="Mamba-2 length training: truncated BPTT with the state passed across "
@@ -725,6 +783,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mesh", default="1,1,1", help="data,fsdp,tensor device counts (batch-size is global)")
     t.add_argument("--attention", default="auto", choices=("auto", "cudnn", "pallas_gpu", "reference"),
                    help="the step's attention (auto: the block-sparse kernel for packed rows on one GPU)")
+    t.add_argument("--mode", default="reset", choices=["full", "intra", "reset", "anchor", "anchor-bos"],
+                   help="how the packed documents attend (jaxkv train lm --attention)")
     t.add_argument("--peak-tflops", type=_positive_float, default=989.0,
                    help="dense bf16 peak of the card (H100/H200 SXM: 989)")
     t.add_argument("--json", default=None)

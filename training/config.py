@@ -6,7 +6,7 @@ import dataclasses
 
 from jaxkv.errors import UserError
 
-__all__ = ["OptimConfig", "DataConfig", "TrainConfig", "TrainConfigError", "positive_ints"]
+__all__ = ["ATTENTION_MODES", "OptimConfig", "DataConfig", "TrainConfig", "TrainConfigError", "positive_ints"]
 
 
 class TrainConfigError(UserError):
@@ -62,22 +62,47 @@ class OptimConfig:
             raise TrainConfigError(f"clip_norm must be > 0 or None, got {self.clip_norm}")
 
 
+# How packed documents attend (AnchorAttention's four modes, and the anchor's kernel-friendly form):
+#   full        every token sees the whole row before it (across documents), continuous positions;
+#   intra       a document mask (segment ids), continuous positions;
+#   reset       a document mask, positions restarting at 0 in each document;
+#   anchor      a document mask plus one shared anchor token (the BOS) at the row's start, position 0,
+#               that every document sees; continuous positions;
+#   anchor-bos  the same attention written with plain segment ids: a BOS copy at rotary position 0
+#               starts every document's segment (each copy sees only itself, so all carry the
+#               anchor's K/V); continuous positions counted without the copies.
+ATTENTION_MODES = ("full", "intra", "reset", "anchor", "anchor-bos")
+_POSITIONS = {"full": "continuous", "intra": "continuous", "reset": "document", "anchor": "continuous",
+              "anchor-bos": "continuous"}
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    """Packing: ``seq_len`` tokens a row; ``position_mode`` 'document' restarts positions at each
-    document, 'continuous' counts across the row (segment ids mask attention in both).
-    ``split_documents``: a document that does not fit the rest of a row continues in the next
-    row (True), or starts a new row, the rest of the row padded (False: for tasks whose answer
-    needs the whole document in view; a document longer than ``seq_len`` is then an error)."""
+    """Packing: ``seq_len`` tokens a row; ``attention`` one of ``ATTENTION_MODES`` (above);
+    ``position_mode`` 'document' restarts positions at each document, 'continuous' counts across
+    the row. Give either (the other follows: 'reset' <-> 'document', 'intra' <-> 'continuous') or
+    both, agreeing; neither: 'reset'. ``split_documents``: a document that does not fit the rest
+    of a row continues in the next row (True), or starts a new row, the rest of the row padded
+    (False: for tasks whose answer needs the whole document in view; a document longer than
+    ``seq_len`` is then an error)."""
 
     seq_len: int = 512
-    position_mode: str = "document"
+    position_mode: str | None = None
     split_documents: bool = True
+    attention: str | None = None
 
     def __post_init__(self):
         positive_ints(self, "seq_len")
-        if self.position_mode not in ("document", "continuous"):
+        if self.position_mode not in (None, "document", "continuous"):
             raise TrainConfigError(f"position_mode must be 'document' or 'continuous', got {self.position_mode!r}")
+        if self.attention not in (None, *ATTENTION_MODES):
+            raise TrainConfigError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+        attention = self.attention or {"continuous": "intra"}.get(self.position_mode, "reset")
+        if self.position_mode not in (None, _POSITIONS[attention]):
+            raise TrainConfigError(f"attention={attention!r} uses {_POSITIONS[attention]} positions, "
+                                   f"not position_mode={self.position_mode!r}")
+        object.__setattr__(self, "attention", attention)
+        object.__setattr__(self, "position_mode", _POSITIONS[attention])
         if not isinstance(self.split_documents, bool):
             raise TrainConfigError(f"split_documents must be a bool, got {self.split_documents!r}")
 

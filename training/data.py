@@ -42,23 +42,34 @@ class PackedRows:
         return self.tokens.shape[0]
 
 
-def pack_documents(docs: Sequence, cfg: DataConfig, *, pad_id: int = 0) -> PackedRows:
-    """Pack ``docs`` (token-id sequences, or ``(tokens, loss_mask)`` pairs) into rows."""
-    t = cfg.seq_len
+def pack_documents(docs: Sequence, cfg: DataConfig, *, pad_id: int = 0, anchor_id: int | None = None) -> PackedRows:
+    """Pack ``docs`` (token-id sequences, or ``(tokens, loss_mask)`` pairs) into rows, laid out
+    for ``cfg.attention`` (``training.config.ATTENTION_MODES``): 'full' gives a row one segment;
+    'anchor' starts every row with ``anchor_id`` (the BOS) at position 0 in a segment of its
+    own; 'anchor-bos' starts every document's segment with a copy of it at position 0 (and
+    counts no loss on the token after a copy, as 'anchor' counts none across segments)."""
+    t, mode = cfg.seq_len, cfg.attention
+    if mode in ("anchor", "anchor-bos") and anchor_id is None:
+        raise TrainConfigError(f"attention={mode!r} needs the anchor token's id (the model's BOS)")
     rows_tok, rows_pos, rows_seg, rows_mask = [], [], [], []
-    tok = np.full(t, pad_id, np.int32)
-    pos = np.full(t, -1, np.int32)
-    seg = np.full(t, -1, np.int32)
-    msk = np.zeros(t, bool)
-    fill, nseg = 0, 0
+    tok = pos = seg = msk = None
+    fill = nseg = ndoc = 0
 
-    def flush():
-        nonlocal tok, pos, seg, msk, fill, nseg
-        rows_tok.append(tok); rows_pos.append(pos); rows_seg.append(seg); rows_mask.append(msk)
+    def new_row():
+        nonlocal tok, pos, seg, msk, fill, nseg, ndoc
         tok = np.full(t, pad_id, np.int32); pos = np.full(t, -1, np.int32); seg = np.full(t, -1, np.int32)
         msk = np.zeros(t, bool)
-        fill, nseg = 0, 0
+        fill, nseg, ndoc = 0, 0, 0
+        if mode == "anchor":  # the shared anchor: the row's first token, position 0, its own segment
+            tok[0], pos[0], seg[0] = anchor_id, 0, 0
+            fill, nseg = 1, 1
 
+    def flush():
+        rows_tok.append(tok); rows_pos.append(pos); rows_seg.append(seg); rows_mask.append(msk)
+        new_row()
+
+    new_row()
+    head = int(mode == "anchor") + int(mode == "anchor-bos")  # slots a row or segment spends on the anchor
     for d, doc in enumerate(docs):
         if isinstance(doc, tuple):
             doc, mask = np.asarray(doc[0], np.int32), np.asarray(doc[1], bool)
@@ -70,27 +81,37 @@ def pack_documents(docs: Sequence, cfg: DataConfig, *, pad_id: int = 0) -> Packe
         if doc.ndim != 1:
             raise TrainConfigError(f"document {d} must be a 1-D sequence of token ids")
         if not cfg.split_documents:
-            if len(doc) > t:
-                raise TrainConfigError(f"document {d} has {len(doc)} tokens, more than seq_len ({t}); "
-                                       "with split_documents=False every document must fit one row")
-            if fill and len(doc) > t - fill:
+            if len(doc) + head > t:
+                raise TrainConfigError(f"document {d} has {len(doc)} tokens, more than seq_len ({t})"
+                                       f"{' less the anchor' if head else ''}; with split_documents=False "
+                                       "every document must fit one row")
+            if fill > (mode == "anchor") and len(doc) + (mode == "anchor-bos") > t - fill:
                 flush()
         start = 0
         while start < len(doc):
+            if mode == "anchor-bos":
+                if t - fill < 2:  # a segment needs its copy and at least one token
+                    flush()
+                tok[fill], pos[fill], seg[fill] = anchor_id, 0, nseg
+                fill += 1
             n = min(len(doc) - start, t - fill)
             tok[fill:fill + n] = doc[start:start + n]
             msk[fill:fill + n] = mask[start:start + n]
-            if cfg.position_mode == "document":
+            if mode == "anchor-bos":
+                msk[fill] = False  # its target would follow the copy: 'anchor' counts none across segments
+                pos[fill:fill + n] = 1 + ndoc + np.arange(n)  # the positions 'anchor' gives these tokens
+            elif cfg.position_mode == "document":
                 pos[fill:fill + n] = np.arange(start, start + n)
             else:
                 pos[fill:fill + n] = np.arange(fill, fill + n)
-            seg[fill:fill + n] = nseg
+            seg[fill:fill + n] = 0 if mode == "full" else nseg
             fill += n
+            ndoc += n
             nseg += 1
             start += n
             if fill == t:
                 flush()
-    if fill:
+    if fill > (mode == "anchor"):
         flush()
     if not rows_tok:
         raise TrainConfigError("no tokens to train on: every document is empty")

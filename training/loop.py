@@ -159,7 +159,7 @@ def train_lm(
     tx = make_optimizer(optim)
     schedule = make_schedule(optim)
     compute_dtype = jnp.bfloat16 if train.compute_dtype == "bfloat16" else jnp.float32
-    batches = Batches(pack_documents(documents, data), batch_size=train.batch_size,
+    batches = Batches(pack_documents(documents, data, anchor_id=model_config.bos_token_id), batch_size=train.batch_size,
                       grad_accum=train.grad_accum, seed=train.seed)
 
     def make_state():
@@ -174,7 +174,7 @@ def train_lm(
         return TrainResult(state=state, history=[], out=Path(out), step=start)
     bsharding = batch_sharding(mesh)
 
-    step_fn = jax.jit(make_train_step(model_config, tx, schedule, compute_dtype=compute_dtype),
+    step_fn = jax.jit(make_train_step(model_config, tx, schedule, compute_dtype=compute_dtype, attention=data.attention),
                       in_shardings=(shardings, bsharding), out_shardings=(shardings, None),
                       donate_argnums=0)
     state, history = run_steps(step_fn, state, start=start, batches=batches, bsharding=bsharding, mesh=mesh,

@@ -69,7 +69,8 @@ class Attention(nnx.Module):
         self.window = config.sliding_window
 
     def __call__(self, x, positions, cos, sin, *, layer_cache, policy, phase, layer, params, segment_ids,
-                 inv_freq=None, attention_implementation=None, attention_sharding=None, packing=None):
+                 inv_freq=None, attention_implementation=None, attention_sharding=None, packing=None,
+                 anchor=False):
         b, t, _ = x.shape
         kh, g, h = self.num_kv_heads, self.group, self.head_dim
         q = apply_rope(self.q(x).reshape(b, t, kh * g, h), cos, sin).reshape(b, t, kh, g, h)
@@ -77,7 +78,7 @@ class Attention(nnx.Module):
         v = self.v(x).reshape(b, t, kh, h)
         if layer_cache is None:  # cache-free forward (training, scoring): dense attention
             out = attend_dense(q, k, v, positions, window=self.window, segment_ids=segment_ids,
-                               implementation=attention_implementation, sharding=attention_sharding)
+                               implementation=attention_implementation, sharding=attention_sharding, anchor=anchor)
         elif packing is not None:  # a packed prefill (jaxkv.prepack): rows hold several prompts
             if type(policy).prefill_attend is CachePolicy.prefill_attend:  # dense causal: within segments
                 out = attend_dense(q, k, v, positions, window=self.window, segment_ids=packing.segment_ids,
@@ -133,7 +134,7 @@ class LlamaForCausalLM(nnx.Module):
 
     def __call__(self, tokens, positions, cache: ModelCache | None = None, *,
                  segment_ids=None, compute_dtype=jnp.float32, logits_at=None, hidden_only=False,
-                 attention_implementation=None, attention_sharding=None, packing=None):
+                 attention_implementation=None, attention_sharding=None, packing=None, anchor=False):
         cfg = self.config
         if cache is not None and segment_ids is not None:
             raise UserError("segment_ids are for the cache-free forward of packed rows; "
@@ -162,7 +163,7 @@ class LlamaForCausalLM(nnx.Module):
                 params=None if cache is None else cache.params[i],
                 layer=spec, phase=phase, segment_ids=segment_ids, inv_freq=inv_freq,
                 attention_implementation=attention_implementation, attention_sharding=attention_sharding,
-                packing=packing,
+                packing=packing, anchor=anchor,
             )
             if cache is not None:
                 states[owner] = layer_cache
@@ -222,7 +223,7 @@ def abstract_params(config: LlamaConfig, dtype=jnp.float32) -> dict:
 def forward(params: dict, tokens: Array, positions: Array, cache: ModelCache | None = None, *,
             config: LlamaConfig, segment_ids: Array | None = None, compute_dtype=None,
             logits_at: Array | None = None, hidden_only: bool = False, attention_implementation: str | None = None,
-            attention_sharding=None, packing=None):
+            attention_sharding=None, packing=None, anchor: bool = False):
     """``(logits [B, T, V] float32, cache)``; pure and jit-able (``config`` is static).
 
     ``logits_at [B]`` (token indices): run the LM head only there and return ``[B, 1, V]`` (a
@@ -233,6 +234,9 @@ def forward(params: dict, tokens: Array, positions: Array, cache: ModelCache | N
     logits, for a loss that applies the head in chunks (``lm_head``); cache-free forwards only.
     ``attention_implementation``, ``attention_sharding``: the cache-free attention's
     (``attention.attend_dense``'s ``implementation`` and ``sharding``; None: its defaults).
+
+    ``anchor`` (cache-free, with ``segment_ids``): every document of a row also sees the row's
+    first token, the shared anchor of AnchorAttention.
 
     ``packing``: a ``jaxkv.prepack.PackedLayout`` for a packed prefill: ``tokens, positions`` are
     the packed rows ``[R, C]``, ``cache`` an empty cache with one row per prompt; returns the
@@ -263,7 +267,7 @@ def forward(params: dict, tokens: Array, positions: Array, cache: ModelCache | N
     model = nnx.merge(_graphdef(config), params)
     return model(tokens, positions, cache, segment_ids=segment_ids, compute_dtype=compute_dtype, logits_at=logits_at,
                  hidden_only=hidden_only, attention_implementation=attention_implementation,
-                 attention_sharding=attention_sharding, packing=packing)
+                 attention_sharding=attention_sharding, packing=packing, anchor=anchor)
 
 
 def lm_head(params: dict, hidden: Array, *, config: LlamaConfig) -> Array:
