@@ -149,19 +149,20 @@ def _plot(report, path):
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for key in sorted({(r["dtype"], r["rope_rounding"]) for r in rows}):
         sel = [r for r in rows if (r["dtype"], r["rope_rounding"]) == key and r["length"] == longest]
-        axes[0].plot([r["shift"] for r in sel], [r["D"] for r in sel], "o-", label=f"{key[0]} ({key[1]} RoPE)")
+        axes[0].plot([r["shift"] for r in sel], [max(r["D"], 1e-12) for r in sel], "o-", label=f"{key[0]} ({key[1]} RoPE)")
         by_len = {}
         for r in rows:
             if (r["dtype"], r["rope_rounding"]) == key:
-                by_len.setdefault(r["length"], []).append(r["first_logit_diff"])
+                by_len.setdefault(r["length"], []).append(max(r["first_logit_diff"], 1e-12))
         axes[2].plot(sorted(by_len), [np.mean(by_len[n]) for n in sorted(by_len)], "o-", label=f"{key[0]} ({key[1]})")
-    axes[0].set(xscale="log", yscale="symlog", xlabel="shift Δ", ylabel="D(0, Δ)", title=f"deviation, T = {longest}")
+    axes[0].set(xscale="log", yscale="log", xlabel="shift Δ", ylabel="D(0, Δ)", title=f"deviation, T = {longest}")
     axes[0].legend(fontsize=8)
     worst = max((r for r in rows if r["dtype"] != "float32"), key=lambda r: r["D"], default=rows[-1])
     axes[1].bar(range(len(worst["column_share_head"])), worst["column_share_head"])
     axes[1].set(xlabel="key position j", ylabel="share of D",
                 title=f"where D falls ({worst['dtype']}, T {worst['length']}, Δ {worst['shift']})")
-    axes[2].set(xlabel="length T", ylabel="mean |ΔS_i0|", xscale="log", title="first-token logit difference")
+    axes[2].set(xlabel="length T", ylabel="mean |ΔS_i0|", xscale="log", yscale="log",
+                title="first-token logit difference")
     axes[2].legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
