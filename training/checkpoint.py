@@ -95,6 +95,8 @@ class RunDir:
                                   f"{', '.join(foreign)}); choose another --out")
             old = read_json_object(run_file, RunDirError)
             old, new = _flatten(old), _flatten(json.loads(json.dumps(meta)))
+            if "data.position_mode" in old and "data.attention" not in old:  # a run from before the modes
+                old["data.attention"] = {"document": "reset", "continuous": "intra"}.get(old["data.position_mode"])
             for key in sorted(set(old) | set(new)):
                 if key in may_change:
                     continue
