@@ -320,3 +320,23 @@ def test_two_processes_with_gloo_match_one_process():
         got = json.loads(out.strip().splitlines()[-1])
         assert got["devices"] == 2
         np.testing.assert_allclose(got["loss"], want, rtol=1e-5)
+
+
+def test_a_run_folder_from_before_the_attention_modes_resumes_under_the_mode_it_used(tmp_path):
+    from jaxkv.training.checkpoint import RUN_FILE, RunDir, RunDirError
+    from jaxkv.training.loop import run_meta
+
+    docs = [[5, 6, 7, 8]]
+    for position_mode, now, ok in (("document", "reset", True), ("continuous", "intra", True),
+                                   ("document", "anchor", False)):
+        folder = tmp_path / f"{position_mode}-{now}"
+        folder.mkdir()
+        old = run_meta(OptimConfig(), DataConfig(position_mode=position_mode), TrainConfig(), docs)
+        old["data"].pop("attention")  # what a run folder written before the modes holds
+        (folder / RUN_FILE).write_text(json.dumps(old))
+        new = run_meta(OptimConfig(), DataConfig(attention=now), TrainConfig(), docs)
+        if ok:
+            RunDir(folder, new, keep=1).close()
+        else:
+            with pytest.raises(RunDirError, match="data.attention"):
+                RunDir(folder, new, keep=1)
