@@ -186,6 +186,11 @@ def test_packing_is_refused_where_it_cannot_apply(tiny_model):
     from jaxkv.models.llama import forward
 
     pk = pack_prompts(prompts)
+    cache = init_cache(config, "full", batch=3, max_len=20, dtype=jnp.float32)
+    with pytest.raises(UserError, match="one row per prompt"):
+        prepacked_prefill(params, pk, prompts, cache, config=config)
+    with pytest.raises(UserError, match="the packing was made from"):
+        prepacked_prefill(params, pk, prompts[:1], cache, config=config)
     with pytest.raises(UserError, match="packing"):
         forward(params, jnp.asarray(pk.tokens), jnp.asarray(pk.positions), None, config=config, packing=pk.layout)
 
