@@ -248,8 +248,11 @@ def prepacked_prefill(params, packing: Packing, prompts: Sequence[Sequence[int]]
     n = len(packing.lengths)
     if len(prompts) != n or [len(p) for p in prompts] != packing.lengths.tolist():
         raise UserError("prompts must be the token lists the packing was made from (same count and lengths)")
-    rows = {int(x.shape[0]) for x in jax.tree.leaves(cache.layers) if x.ndim >= 3}  # slot arrays [B, K, S, ...]
-    if rows != {n}:
+    from jaxkv.cache import KVCache
+
+    slots = jax.tree.leaves(cache.layers, is_leaf=lambda x: isinstance(x, KVCache))
+    rows = {int(x.positions.shape[0]) for x in slots if isinstance(x, KVCache)}  # KV slot arrays [B, K, S]
+    if rows - {n}:
         raise UserError(f"cache must hold one row per prompt ({n}); it holds {sorted(rows)}")
     last_tokens = np.array([p[-1] for p in prompts], np.int32)
     big, small, tree = split_donated(cache)
