@@ -23,7 +23,7 @@ prefilled alone. A policy with its own prompt attention (LServe's Λ-shaped stre
 it on the unpacked prompts and the result is packed back.
 
 Packing: ``binpacking.to_constant_volume`` (heaviest first, each prompt into the least-loaded
-row it fits; the paper's code calls the same) or an exact integer program (``method="exact"``,
+row it fits) or an exact integer program (``method="exact"``,
 scipy's HiGHS MILP with a time limit, starting from the greedy answer).
 
 Deviations from the paper (one line each):
