@@ -80,7 +80,8 @@ def test_streaming_keeps_sinks_and_recent_window_exactly(parity_models):
     # while the prompt (prefill) sees everything causally. Build it with a custom attention.
     from jaxkv.models import llama as llama_mod
 
-    def restricted(q, k, v, positions, *, window=None, segment_ids=None, implementation=None, sharding=None):
+    def restricted(q, k, v, positions, *, window=None, segment_ids=None, implementation=None, sharding=None,
+                   anchor=False):
         kp = positions[:, None, :]
         decode_mask = (kp[:, :, None, :] < sinks) | (kp[:, :, None, :] > positions[:, None, :, None] - window_s)
         allowed = jnp.where(positions[:, None, :, None] >= prefill_len, decode_mask, True)
