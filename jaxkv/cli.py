@@ -3,12 +3,16 @@
   jaxkv generate [--model M] (--prompt TEXT | --prompts FILE [--prepack] [--out F.jsonl]) [--chat]
                  [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S] [--cache POLICY]
                  [--cache-arg NAME=VALUE ...] [--dtype float32|bfloat16] [--json]
+                 [--icn N [--icn-complete-from original|navigated]]
   jaxkv convert FILE.gguf --out DIR [--dtype float32|bfloat16|float16] [--overwrite]
   jaxkv calibrate razor [--model M] --out FILE [--n-tokens N] [--seed S]
   jaxkv calibrate cskv [--model M] --out FILE [--n-tokens N] [--text FILE]
   jaxkv analyze [--model M] --out DIR [--task T] [--length N]
   jaxkv analyze mamba-states --model DIR --train-len T --out DIR [--length N] [--data SRC | --tokenizer M]
   jaxkv analyze rope-precision [--model M] --out DIR [--lengths 256,512,1024] [--shifts 1,16,256,1024]
+  jaxkv analyze keyspace [--model M] --out DIR [--probes a,b] [--top 100] [--head 10] [--clusters K] [--chat]
+  jaxkv analyze icn [--model M] --out DIR [--probes a,b] [--budgets 5,10,20] [--seeds 0,1,2]
+                    [--problems N] [--ks 4,8] [--chat]
   jaxkv train lm (--model-preset NAME | --model M) --data SRC... --out DIR [--seq-len N]
                  [--attention full|intra|reset|anchor|anchor-bos] [--rope-theta THETA]
                  [--batch-size N] [--steps N] [--lr LR] [--seed S] [--save-every N] [--mesh d,f,t]
@@ -74,11 +78,17 @@ def _cmd_generate(args) -> int:
         texts = _read_prompts(args.prompts)
     if args.prepack and args.prompts is None:
         raise UserError("--prepack packs the prompts of --prompts FILE; one --prompt has nothing to pack")
+    if args.icn is not None:
+        _check_icn_flags(args)
+    elif args.icn_complete_from is not None:
+        raise UserError("--icn-complete-from is an ICN option: pass --icn N with it")
     out = None if args.out is None else check_output_path(args.out, "--out")
     model = resolve_model(args.model)
     dtype = jnp.dtype(args.dtype)  # argparse limits it to float32 / bfloat16
     config, params = load_checkpoint(model, dtype=dtype)
     tokenizer = load_tokenizer(model)
+    if args.icn is not None:
+        return _generate_icn(args, texts, config, params, tokenizer, model, out)
     stop = list(config.eos_token_ids)
     template = None
     if args.chat:
@@ -113,6 +123,42 @@ def _cmd_generate(args) -> int:
     for r in rows:
         r.update(cache=args.cache, cache_bytes=result.cache_nbytes)
     lines = "".join(json.dumps(r) + "\n" for r in rows)
+    if out is not None:
+        write_text_atomic(out, lines)
+    else:
+        sys.stdout.write(lines)
+    return 0
+
+
+def _check_icn_flags(args) -> None:
+    for flag, bad in (("--prepack", args.prepack), ("--temperature", args.temperature != 0.0),
+                      ("--top-p", args.top_p != 1.0), ("--cache", args.cache != "full"),
+                      ("--cache-arg", bool(args.cache_arg))):
+        if bad:
+            raise UserError(f"--icn explores first tokens by rank and completes them greedily with the full cache; "
+                            f"it does not take {flag}")
+
+
+def _generate_icn(args, texts, config, params, tokenizer, model, out) -> int:
+    """``generate --icn N``: N rounds of in-context navigation per prompt (``jaxkv.icn``)."""
+    from jaxkv.checkpoints import load_chat_template
+    from jaxkv.fileio import write_text_atomic
+    from jaxkv.icn import Explorer, icn_explore
+
+    template = None
+    if args.chat:
+        template = load_chat_template(model)
+        if template is None:
+            raise UserError(f"--chat: the model {args.model!r} has no chat template")
+    explorer = Explorer(params, config, tokenizer, template=template, max_answer_tokens=args.max_new_tokens)
+    found = icn_explore(explorer, texts, args.icn, complete_from=args.icn_complete_from or "original")
+    rows = [{"prompt": text, "icn": [{"round": r, "first_token": e.first_token, "first_text": e.first_text,
+                                      "answer": e.answer} for r, e in enumerate(f, 1)]}
+            for text, f in zip(texts, found)]
+    if args.prompts is None and not args.json and out is None:
+        print("\n".join(f"{r['round']}. {r['answer']}" for r in rows[0]["icn"]))
+        return 0
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     if out is not None:
         write_text_atomic(out, lines)
     else:
@@ -270,13 +316,43 @@ def _cmd_analyze_rope_precision(args) -> int:
     return 0
 
 
-def _int_list(text: str, flag: str) -> list[int]:
+def _cmd_analyze_icn(args) -> int:
+    import jax.numpy as jnp
+
+    from jaxkv.checkpoints import load_chat_template, load_checkpoint, load_tokenizer, resolve_model
+    from jaxkv.eval.keyspace import analyze_icn, analyze_keyspace, format_icn, format_keyspace
+    from jaxkv.icn import knowledge_probes
+
+    probes = knowledge_probes(None if args.probes is None else [p.strip() for p in args.probes.split(",") if p.strip()])
+    model = resolve_model(args.model)
+    config, params = load_checkpoint(model, dtype=jnp.dtype(args.dtype))
+    tokenizer = load_tokenizer(model)
+    template = None
+    if args.chat:
+        template = load_chat_template(model)
+        if template is None:
+            raise UserError(f"--chat: the model {args.model!r} has no chat template")
+    if args.kind == "keyspace":
+        report = analyze_keyspace(params, config, tokenizer, args.out, probes=probes, template=template,
+                                  top=args.top, head=args.head, clusters=args.clusters, seed=args.seed)
+        print(format_keyspace(report))
+        print(f"wrote {args.out}/keyspace.json and {args.out}/keyspace.png")
+        return 0
+    report = analyze_icn(params, config, tokenizer, args.out, probes=probes, template=template,
+                         budgets=_int_list(args.budgets, "--budgets"), seeds=_int_list(args.seeds, "--seeds", zero=True),
+                         problems=args.problems, ks=_int_list(args.ks, "--ks"))
+    print(format_icn(report))
+    print(f"wrote {args.out}/icn.json")
+    return 0
+
+
+def _int_list(text: str, flag: str, *, zero: bool = False) -> list[int]:
     try:
         values = [int(x) for x in text.split(",")]
     except ValueError:
         raise UserError(f"{flag} must be comma-separated integers, got {text!r}") from None
-    if any(v < 1 for v in values):
-        raise UserError(f"{flag} must be positive integers, got {text!r}")
+    if any(v < (0 if zero else 1) for v in values):
+        raise UserError(f"{flag} must be {'non-negative' if zero else 'positive'} integers, got {text!r}")
     return values
 
 
@@ -288,6 +364,8 @@ def _cmd_analyze(args) -> int:
         return _cmd_analyze_mamba_states(args)
     if args.kind == "rope-precision":
         return _cmd_analyze_rope_precision(args)
+    if args.kind in ("keyspace", "icn"):
+        return _cmd_analyze_icn(args)
 
     from jaxkv.checkpoints import load_checkpoint, load_tokenizer, resolve_model
     from jaxkv.eval.analyze import analyze
@@ -545,6 +623,16 @@ def _seed(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -595,6 +683,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prefill the --prompts packed into rows (positions restart per prompt) instead of padded: "
                         "the same tokens, less prefill work (jaxkv.prepack)")
     g.add_argument("--out", metavar="FILE", help="write the JSONL here (atomically) instead of standard output")
+    g.add_argument("--icn", type=_positive_int, metavar="N",
+                   help="in-context navigation (jaxkv.icn): N different answers per prompt, each round listing the "
+                        "answers so far and completing the best-ranked first token not yet explored "
+                        "(--max-new-tokens bounds each answer)")
+    g.add_argument("--icn-complete-from", choices=["original", "navigated"], default=None,
+                   help="--icn: complete each chosen first token from the original prompt (default, the paper's) "
+                        "or from the prompt listing the answers so far")
     g.add_argument("--chat", action="store_true",
                    help="wrap the prompt in the model's chat template (a user turn) and stop at the end of turn")
     g.add_argument("--max-new-tokens", type=_positive_int, default=32)
@@ -632,11 +727,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     an = sub.add_parser("analyze", help="adjacent-layer KV similarity (MiniCache) and retrieval-head scores "
                                         "(RazorAttention) of a model, as JSON + PNG")
-    an.add_argument("kind", nargs="?", default="cache", choices=["cache", "mamba-states", "rope-precision"],
+    an.add_argument("kind", nargs="?", default="cache",
+                    choices=["cache", "mamba-states", "rope-precision", "keyspace", "icn"],
                     help="cache (default): layer similarity and retrieval heads of a transformer; mamba-states: "
                          "Stuffed Mamba's per-position loss, state norms and decay of a Mamba-2 (--model DIR); "
                          "rope-precision: AnchorAttention's bf16-vs-fp32 deviation of attention under position "
-                         "shifts")
+                         "shifts; keyspace: ICN's precision of mid-rank first tokens inside vs outside the vocabulary-"
+                         "key clusters of the top ones; icn: distinct correct answers of ICN vs rank enumeration vs "
+                         "sampling on the knowledge probes (and self-consistency with --problems)")
     an.add_argument("--model", default="default", help=MODEL_HELP)
     an.add_argument("--out", required=True, help="folder for the JSON and the PNG")
     an.add_argument("--task", default="niah_single", help="the harness task whose prompt is read")
@@ -654,6 +752,19 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--n-tokens", type=_positive_int, default=512, help="razor calibration: random ids repeated 4x")
     an.add_argument("--lengths", default="256,512,1024", help="rope-precision: sequence lengths, comma-separated")
     an.add_argument("--shifts", default="1,16,256,1024", help="rope-precision: position shifts, comma-separated")
+    an.add_argument("--probes", default=None, help="keyspace, icn: knowledge probes, comma-separated (default: all; "
+                                                   "see jaxkv.icn.probe_names())")
+    an.add_argument("--chat", action="store_true", help="keyspace, icn: prompts in the model's chat template")
+    an.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="keyspace, icn")
+    an.add_argument("--top", type=_positive_int, default=100, help="keyspace: first tokens explored per probe")
+    an.add_argument("--head", type=_positive_int, default=10, help="keyspace: the top tokens whose clusters count")
+    an.add_argument("--clusters", type=_positive_int, default=None,
+                    help="keyspace: k-means clusters of the vocabulary keys (default: 1,024 per 128k tokens)")
+    an.add_argument("--budgets", default="5,10,20", help="icn: generations per probe, comma-separated")
+    an.add_argument("--seeds", default="0,1,2", help="icn: sampling seeds, comma-separated")
+    an.add_argument("--problems", type=_nonnegative_int, default=0,
+                    help="icn: arithmetic problems for the self-consistency table (0: none)")
+    an.add_argument("--ks", default="4,8", help="icn: chain-of-thought paths per vote, comma-separated")
     an.add_argument("--seed", type=_seed, default=0)
     an.set_defaults(func=_cmd_analyze)
 
