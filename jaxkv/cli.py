@@ -12,7 +12,7 @@
   jaxkv analyze rope-precision [--model M] --out DIR [--lengths 256,512,1024] [--shifts 1,16,256,1024]
   jaxkv analyze keyspace [--model M] --out DIR [--probes a,b] [--top 100] [--head 10] [--clusters K] [--chat]
   jaxkv analyze icn [--model M] --out DIR [--probes a,b] [--budgets 5,10,20] [--seeds 0,1,2]
-                    [--problems N] [--ks 4,8] [--chat]
+                    [--problems N] [--ks 4,8] [--complete-from original|navigated] [--chat]
   jaxkv train lm (--model-preset NAME | --model M) --data SRC... --out DIR [--seq-len N]
                  [--attention full|intra|reset|anchor|anchor-bos] [--rope-theta THETA]
                  [--batch-size N] [--steps N] [--lr LR] [--seed S] [--save-every N] [--mesh d,f,t]
@@ -340,7 +340,7 @@ def _cmd_analyze_icn(args) -> int:
         return 0
     report = analyze_icn(params, config, tokenizer, args.out, probes=probes, template=template,
                          budgets=_int_list(args.budgets, "--budgets"), seeds=_int_list(args.seeds, "--seeds", zero=True),
-                         problems=args.problems, ks=_int_list(args.ks, "--ks"))
+                         problems=args.problems, ks=_int_list(args.ks, "--ks"), complete_from=args.complete_from)
     print(format_icn(report))
     print(f"wrote {args.out}/icn.json")
     return 0
@@ -765,6 +765,9 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--problems", type=_nonnegative_int, default=0,
                     help="icn: arithmetic problems for the self-consistency table (0: none)")
     an.add_argument("--ks", default="4,8", help="icn: chain-of-thought paths per vote, comma-separated")
+    an.add_argument("--complete-from", choices=["original", "navigated"], default="original",
+                    help="icn: complete ICN's chosen first tokens from the original prompt (the paper's default) or "
+                         "from the navigated one")
     an.add_argument("--seed", type=_seed, default=0)
     an.set_defaults(func=_cmd_analyze)
 

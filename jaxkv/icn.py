@@ -61,12 +61,14 @@ __all__ = [
 
 
 _ARTICLES = ("the ", "a ", "an ")
+_ENUMERATION = re.compile(r"^\s*\d+[.)]\s+")  # "1. Monday": a list number the model wrote itself
 
 
 def normalize_answer(text: str) -> str:
     """Lower case, accents and periods removed, other punctuation read as spaces, ``&`` as
-    ``and``, a leading article dropped, whitespace collapsed: ``" The Côte-d'Ivoire! "`` -> ``"cote d ivoire"``."""
-    text = unicodedata.normalize("NFKD", text)
+    ``and``, a leading list number ("1. ") and article dropped, whitespace collapsed:
+    ``" The Côte-d'Ivoire! "`` -> ``"cote d ivoire"``."""
+    text = _ENUMERATION.sub("", unicodedata.normalize("NFKD", text))
     text = "".join(c for c in text if not unicodedata.combining(c))
     text = text.casefold().replace("&", " and ").replace(".", "")  # "U.S." = "US"
     text = re.sub(r"[^\w]+", " ", text).replace("_", " ")
@@ -205,7 +207,7 @@ def _calendar_entries(kind: str):
 
     with calendar.different_locale("C"):  # English names whatever the user's locale
         names = list(calendar.month_name)[1:] if kind == "months" else list(calendar.day_name)
-    return [(n, [n, n[:3]]) for n in names if n]
+    return [(n, [n, n[:3], n + "s"]) for n in names if n]  # "Fridays"
 
 
 def _unicode_names(first: int, last: int, prefix: str, suffix: str = "", skip: Sequence[int] = ()):
@@ -311,7 +313,8 @@ class ListFormat:
         return instruction if not explored or not self.different else f"{instruction} {self.different}"
 
     def reply_text(self, explored: Sequence[str] = ()) -> str:
-        items = "".join(self.item.format(i=k + 1) + a.strip() + self.written_close + "\n" for k, a in enumerate(explored))
+        items = "".join(self.item.format(i=k + 1) + a.strip() + self.written_close + "\n"
+                        for k, a in enumerate(explored))
         return f"{self.header}\n{items}{self.item.format(i=len(explored) + 1)}"
 
     def text(self, instruction: str, explored: Sequence[str] = ()) -> str:
@@ -396,13 +399,16 @@ def _bucket(n: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Exploration:
-    """One explored generation: its first token (id and text), the completion's answer text and,
-    when judged against a probe, the canonical answer it names (None: wrong)."""
+    """One explored generation: its first token (id and text), the completion's answer text,
+    when judged against a probe the canonical answer it names (None: wrong), and the first
+    token's rank (0 = best) in the ranking it was taken from (ICN: the navigated prompt's; None
+    when sampled)."""
 
     first_token: int
     first_text: str
     answer: str
     correct: str | None = None
+    rank: int | None = None
 
 
 class Explorer:
@@ -506,7 +512,8 @@ class Explorer:
                                dtype=dtype)
             last, cache = prefill(self.params, tokens, positions, lengths, cache, config=self.config)
             new, _ = decode(self.params, cache, last, lengths, jax.random.fold_in(key, n), np.float32(temperature),
-                            np.float32(top_p), self.stop_tokens(stop_chars), config=self.config, max_new_tokens=max_new_tokens)
+                            np.float32(top_p), self.stop_tokens(stop_chars), config=self.config,
+                            max_new_tokens=max_new_tokens)
             new = np.asarray(new)[: len(chunk)]
             out += [[int(t) for t in row if t >= 0] for row in new]
         return out
@@ -552,14 +559,16 @@ def icn_explore(explorer: Explorer, instructions: Sequence[str], rounds: int, *,
     for _ in range(rounds):
         navigated = [explorer.prompt_ids(s, [e.answer for e in f]) for s, f in zip(instructions, found)]
         logits = explorer.first_logits(navigated)
-        picks = []
+        picks, ranks = [], []
         for row, f in zip(logits, found):
             tried = {e.first_token for e in f}
             order = np.argsort(-row, kind="stable")
-            picks.append(int(next(t for t in order[: len(tried) + 1] if int(t) not in tried)))
+            r = next(r for r, t in enumerate(order[: len(tried) + 1]) if int(t) not in tried)
+            picks.append(int(order[r]))
+            ranks.append(r)
         base = original if complete_from == "original" else navigated
         for i, e in enumerate(explorer.complete(base, picks)):
-            found[i].append(_judged(probes[i], e))
+            found[i].append(_judged(probes[i], dataclasses.replace(e, rank=ranks[i])))
     return found
 
 
@@ -573,7 +582,8 @@ def rank_enumerate(explorer: Explorer, instructions: Sequence[str], n: int, *,
     tops = np.argsort(-logits, axis=-1, kind="stable")[:, :n]
     rows = [p for p in prompts for _ in range(n)]
     done = explorer.complete(rows, tops.reshape(-1).tolist())
-    return [[_judged(probes[i], e) for e in done[i * n: (i + 1) * n]] for i in range(len(instructions))]
+    return [[_judged(probes[i], dataclasses.replace(e, rank=r)) for r, e in enumerate(done[i * n: (i + 1) * n])]
+            for i in range(len(instructions))]
 
 
 def sample_answers(explorer: Explorer, instructions: Sequence[str], n: int, *, temperature: float = 1.0,
@@ -691,9 +701,10 @@ def _final_answers(explorer: Explorer, problems, paths: Sequence[Sequence[str]])
 
 def self_consistency(explorer: Explorer, problems: Sequence[ArithmeticProblem], k: int, *, method: str = "icn",
                      temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> dict:
-    """Majority vote over ``k`` chain-of-thought paths per problem, found by ICN (``method="icn"``:
-    ``explorer.fmt`` should be ``ways_format()``, its ``max_answer_tokens`` a path's length) or sampled (``"sample"``). Returns ``{"accuracy"
-    (of the vote), "path_accuracy" (mean over paths), "votes": [[int | None] per path] per problem}``."""
+    """Majority vote over ``k`` chain-of-thought paths per problem, found by ICN (``method="icn"``)
+    or sampled (``"sample"``); ``explorer.fmt`` should be ``ways_format()`` and its
+    ``max_answer_tokens`` a path's length. Returns ``{"accuracy"`` (of the vote),
+    ``"path_accuracy"`` (mean over paths), ``"votes"``: ``[[int | None] per path] per problem}``."""
     _check_budget(k, "k")
     if method not in ("icn", "sample"):
         raise UserError(f"method must be 'icn' or 'sample', got {method!r}")

@@ -14,8 +14,8 @@ from jax import monitoring
 from jaxkv.chat import ChatTemplate
 from jaxkv.errors import UserError
 from jaxkv.icn import (Explorer, Exploration, ListFormat, Probe, arithmetic_problems, cluster_keys,
-                       default_cluster_count, distinct_correct, icn_explore, knowledge_probes, majority_vote, normalize_answer, rank_enumerate,
-                       sample_answers, self_consistency, ways_format)
+                       default_cluster_count, distinct_correct, icn_explore, knowledge_probes, majority_vote,
+                       normalize_answer, rank_enumerate, sample_answers, self_consistency, ways_format)
 
 _COMPILES = [0]
 
@@ -45,6 +45,7 @@ def test_normalize_answer_drops_case_accents_articles_and_punctuation():
     assert normalize_answer("An Apple") == "apple"
     assert normalize_answer("Theodore") == "theodore"  # an article only as a whole word
     assert normalize_answer("Gujarāt") == "gujarat"
+    assert normalize_answer("1. Monday") == "monday" and normalize_answer("1999") == "1999"
 
 
 def test_a_probe_counts_aliases_of_one_answer_once_and_drops_a_shared_alias():
@@ -70,6 +71,7 @@ def test_the_built_in_probes_hold_the_sets_their_data_defines():
     assert probes["countries_b"].judge("Brazil") and probes["countries_b"].judge("France") is None
     assert probes["india"].judge("Gujarat") and probes["china"].judge("Sichuan")
     assert probes["card_suits"].judge("hearts") == "Heart" and probes["months"].judge("Jan") == "January"
+    assert probes["weekdays"].judge("Fridays") == "Friday" and probes["weekdays"].judge("2. Sunday") == "Sunday"
     assert probes["languages"].judge("Greek") and probes["languages"].judge("Python") is None
     for p in probes.values():  # every canonical answer judges to itself
         assert all(p.judge(a) == a for a in p.answers), p.name
@@ -88,8 +90,9 @@ def test_the_list_prompt_and_its_cut_on_hand_worked_cases():
     assert f.cut(' Green", the') == "Green" and f.cut("Green\n2.") == "Green" and f.cut("Green") == "Green"
     assert f.stop_chars == '\n"'
     w = ways_format()
-    assert w.text("Q?", ["Add 2.\n"]) == ("Q? Show a different way from those already listed.\n\n"
-                                           "Here are different ways to solve the problem:\n### Way 1:\nAdd 2.\n### Way 2:\n")
+    assert w.text("Q?", ["Add 2.\n"]) == (
+        "Q? Show a different way from those already listed.\n\n"
+        "Here are different ways to solve the problem:\n### Way 1:\nAdd 2.\n### Way 2:\n")
     assert w.cut("Step 1: 3*4 = 12.\n### Way 3") == "Step 1: 3*4 = 12." and w.stop_chars == "#"
 
 
@@ -189,11 +192,13 @@ def test_icn_takes_the_best_ranked_unexplored_token_on_a_fixed_ranking():
     ex = _Ranked([5, 3, 7, 1], vocab=10)
     found = icn_explore(ex, ["Q"], 4)[0]
     assert [e.first_token for e in found] == [5, 3, 7, 1]
+    assert [e.rank for e in found] == [0, 1, 2, 3]  # the ranking never moves: each round takes the next
     # each round's prompt lists the answers found so far, a repeated answer included (as the paper)
     assert [s[0] for s in ex.seen] == [["Q"], ["Q", "a7"], ["Q", "a7", "a3"], ["Q", "a7", "a3", "a7"]]
     p = Probe.build("t", "Q", [("a7", []), ("a3", [])])
     judged = icn_explore(_Ranked([5, 3, 7, 1], vocab=10), ["Q"], 4, probes=[p])[0]
-    assert [e.correct for e in judged] == ["a7", "a3", "a7", None] and distinct_correct(p, [e.answer for e in judged]) == 2
+    assert [e.correct for e in judged] == ["a7", "a3", "a7", None]
+    assert distinct_correct(p, [e.answer for e in judged]) == 2
 
 
 def test_rank_enumeration_and_sampling_give_n_generations_per_prompt(default):
@@ -294,7 +299,7 @@ def test_analyze_icn_budgets_are_prefixes_of_one_run(default, tmp_path):
         assert 0 <= row["distinct_correct"] <= b and row["seeds"] == (2 if m.startswith("sample") else 1)
         if m != "sample T=1 top-p 1":
             found = r["explorations"][m][0][:b]
-            assert row["distinct_correct"] == len({c for _, _, c in found if c is not None})
+            assert row["distinct_correct"] == len({c for _, _, c, _ in found if c is not None})
     assert json.loads((tmp_path / "icn.json").read_text())["table"] == r["table"]
     assert "N = 4" in format_icn(r)
     # self-consistency: the k = 1 vote is the first path's answer; k = 2 votes over two paths

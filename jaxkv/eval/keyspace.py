@@ -33,8 +33,8 @@ import numpy as np
 from jaxkv.errors import UserError
 from jaxkv.fileio import save_figure, write_text_atomic
 from jaxkv.icn import (Explorer, Probe, arithmetic_problems, cluster_keys, default_cluster_count, distinct_correct,
-                       icn_explore, knowledge_probes, majority_vote, rank_enumerate, sample_answers,
-                       self_consistency, ways_format)
+                       icn_explore, knowledge_probes, majority_vote, normalize_answer, rank_enumerate,
+                       sample_answers, self_consistency, ways_format)
 
 __all__ = ["unembedding", "analyze_keyspace", "analyze_icn", "format_keyspace", "format_icn"]
 
@@ -129,7 +129,8 @@ def format_keyspace(report: dict) -> str:
     lines = [f"{'probe':<15} {'answers':>7} {'top-10':>7} {'in-cluster':>16} {'out-of-cluster':>16} {'distinct':>8}"]
     for r in report["probes"]:
         lines.append(f"{r['probe']:<15} {r['answers']:>7} {_fmt(r['head_precision']):>7} "
-                     f"{_fmt(r['in_precision']):>8} ({r['in_count']:>3}) {_fmt(r['out_precision']):>8} ({r['out_count']:>3}) "
+                     f"{_fmt(r['in_precision']):>8} ({r['in_count']:>3}) "
+                     f"{_fmt(r['out_precision']):>8} ({r['out_count']:>3}) "
                      f"{r['distinct_correct']:>8}")
     p, m = report["pooled"], report["macro"]
     lines.append(f"{'pooled':<15} {'':>7} {'':>7} {_fmt(p['in_precision']):>8} ({p['in_count']:>3}) "
@@ -192,16 +193,21 @@ def analyze_icn(params, config, tokenizer, out: str | os.PathLike, *, probes: Se
             table.append({"method": method, "budget": b, "distinct_correct": float(means.mean()),
                           "spread": float(means.std()), "seeds": len(per_seed),
                           "per_probe": counts.mean(axis=0).tolist()})
-    # how often the navigated prompt still gives back an answer already listed (the instruction
-    # to give a different one not followed) and how often the completion is no answer at all
+    # whether the model follows "give a different one": the rounds (after the first) in which the
+    # navigated prompt's own top first token was one already explored (ICN then takes a lower
+    # one), and the rounds whose answer repeats one already listed
     icn = runs["icn"][0]
-    repeats = [sum(1 for i, e in enumerate(f) if e.answer in {x.answer for x in f[:i]}) for f in icn]
+    repeats = [sum(1 for i, e in enumerate(f) if normalize_answer(e.answer) in
+                   {normalize_answer(x.answer) for x in f[:i]}) for f in icn]
+    top_explored = [sum(1 for e in f[1:] if e.rank) for f in icn]
     report = {
         "model": {"vocab_size": config.vocab_size, "hidden_size": config.hidden_size, "layers": config.num_layers},
         "prompt": "chat template" if template is not None else "plain text", "complete_from": complete_from,
         "probes": [p.name for p in probes], "budgets": budgets, "table": table,
         "icn_repeated_answers": {"total": int(sum(repeats)), "of": len(probes) * n},
-        "explorations": {m: [[[e.first_text, e.answer, e.correct] for e in f] for f in per_seed[0]]
+        "icn_top_token_already_explored": {"total": int(sum(top_explored)), "of": len(probes) * (n - 1),
+                                           "per_probe": top_explored},
+        "explorations": {m: [[[e.first_text, e.answer, e.correct, e.rank] for e in f] for f in per_seed[0]]
                          for m, per_seed in runs.items()},
     }
     if problems:
@@ -246,6 +252,8 @@ def format_icn(report: dict) -> str:
             f"{cell[m, b]['distinct_correct']:>8.2f} ± {cell[m, b]['spread']:<3.2f}" for b in budgets))
     rep = report["icn_repeated_answers"]
     lines.append(f"ICN rounds that repeated a listed answer: {rep['total']} of {rep['of']}")
+    top = report["icn_top_token_already_explored"]
+    lines.append(f"ICN rounds whose navigated top first token was already explored: {top['total']} of {top['of']}")
     sc = report.get("self_consistency")
     if sc:
         lines.append(f"self-consistency on {sc['problems']} arithmetic problems: vote accuracy (mean path accuracy)")
