@@ -24,6 +24,9 @@
   jaxkv eval [--model M] [--methods a,b] [--budgets x,y] [--tasks t,u] [--lengths n,m]
              [--samples N] [--seed S] [--dtype float32|bfloat16] [--json F] [--plot F.png]
   jaxkv create-tiny DIR [--seed S] [--overwrite]
+  jaxkv edatlas decode --lang hi|bn|th KEYS|- [-k 5] [--complete]
+  jaxkv edatlas variant --lang hi|bn ROMAN|- [-k 5]
+  jaxkv edatlas eval --lang hi,bn,th [--words 5000] [--json F]
   jaxkv bench decode [--model M | --preset llama-1b] [--batch 1,32] ...
   jaxkv bench kernels [--batch 4] [--heads 32/8] [--context 131072] [--budget 4096]
   jaxkv bench prefill [--batch 1] [--heads 32/8] [--lengths 8192,32768] [--densities 0.5,0.25,0.1]
@@ -873,6 +876,29 @@ def build_parser() -> argparse.ArgumentParser:
     dmp.set_defaults(func=_cmd_train_default_model, interrupted=lambda a: (
         f"rerun the same command to resume: finished phases are kept in {a.out}/phase-*"))
 
+    ed = sub.add_parser("edatlas", help="edATLAS: words from ambiguous abugida keys (Hindi, Bengali, Thai) and "
+                                        "romanized variants onto the vocabulary (needs jaxkv[edatlas])")
+    edsub = ed.add_subparsers(dest="action", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--lang", required=True, help="hi, bn or th (eval: comma-separated)")
+    common.add_argument("--size", type=_positive_int, default=100_000, help="vocabulary size (most frequent words)")
+    common.add_argument("--seed", type=_seed, default=0)
+    edd = edsub.add_parser("decode", parents=[common], help="candidates for the keys pressed")
+    edd.add_argument("text", metavar="KEYS", help="the keys pressed (base consonants and independent vowels), or - "
+                                                  "to read one sequence per line from standard input")
+    edd.add_argument("-k", type=_positive_int, default=5, help="candidates printed")
+    edd.add_argument("--complete", action="store_true", help="words whose keys start with KEYS")
+    edv = edsub.add_parser("variant", parents=[common], help="the words a romanized spelling may be (hi, bn)")
+    edv.add_argument("text", metavar="ROMAN", help="a Latin spelling, or - to read one per line from standard input")
+    edv.add_argument("-k", type=_positive_int, default=5, help="candidates printed")
+    ede = edsub.add_parser("eval", parents=[common], help="simulated typing and variant mapping (table + JSON)")
+    ede.add_argument("--words", type=_positive_int, default=5000, help="words typed in the simulation")
+    ede.add_argument("--sentences", type=_positive_int, default=20_000,
+                     help="th: segmented Wikipedia titles read (a tenth held out for the simulation)")
+    ede.add_argument("--variant-words", type=_positive_int, default=1000, help="words whose variants are mapped")
+    ede.add_argument("--json", metavar="FILE", help="write the reports here (atomically)")
+    ed.set_defaults(func=_cmd_edatlas)
+
     b = sub.add_parser("bench", help="GPU benchmarks (see BENCHMARKS.md)")
     bsub = b.add_subparsers(dest="bench", required=True)
     d = bsub.add_parser("decode", help="decode tokens/s of a model vs the memory roofline")
@@ -936,6 +962,54 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--json", default=None)
     b.set_defaults(func=_cmd_bench)
     return parser
+
+
+def _cmd_edatlas(args) -> int:
+    """``jaxkv edatlas decode|variant|eval``: edATLAS (``jaxkv.edatlas``)."""
+    from jaxkv import edatlas
+
+    langs = [x.strip() for x in args.lang.split(",") if x.strip()]
+    for lang in langs:
+        edatlas._check_lang(lang)
+    if args.action == "eval":
+        from jaxkv.fileio import check_output_path, write_text_atomic
+
+        out = None if args.json is None else check_output_path(args.json, "--json")
+        reports = []
+        for lang in langs:
+            reports.append(edatlas.evaluate(lang, size=args.size, words=args.words, sentences=args.sentences,
+                                            variant_words=args.variant_words, seed=args.seed))
+            print(edatlas.format_report(reports[-1]))
+        if out is not None:
+            write_text_atomic(out, json.dumps(reports, indent=1, ensure_ascii=False))
+            print(f"wrote {args.json}")
+        return 0
+    if len(langs) != 1:
+        raise UserError(f"edatlas {args.action} takes one --lang, got {args.lang!r}")
+    lang = langs[0]
+    vocab = edatlas.Vocabulary.load(lang, args.size)
+    if args.action == "decode":
+        decoder = edatlas.Decoder(edatlas.KeyIndex(vocab))
+
+        def answer(text: str) -> str:
+            keys = edatlas.check_keys(text, lang)
+            return " ".join(decoder.decode(keys, k=args.k, complete=args.complete)) or "(no word)"
+    else:
+        index = edatlas.VariantIndex(vocab)
+
+        def answer(text: str) -> str:
+            return " ".join(index.lookup(text.strip(), args.k)) or "(no word)"
+    if args.text != "-":
+        print(answer(args.text))
+        return 0
+    for line in sys.stdin:  # interactive: one query per line; a bad one is reported and skipped
+        if not line.strip():
+            continue
+        try:
+            print(answer(line), flush=True)
+        except UserError as e:
+            print(f"jaxkv: error: {e}", file=sys.stderr, flush=True)
+    return 0
 
 
 def _add_run_arguments(p, *, lr: float, schedule: str, out_help: str) -> None:
