@@ -80,12 +80,12 @@ def test_bits_zero_evicts_the_rest(parity_models):
 
     config, params, e = parity_models["llama3"]
     seq = _sequence(e)
-    ref, _ = _run(config, params, seq, "full")
-    got, cache = _run(config, params, seq, MiKVCache(important=1.0, bits=0))
+    ref, _ = _run(config, params, seq, "full", jit_all=True)
+    got, cache = _run(config, params, seq, MiKVCache(important=1.0, bits=0), jit_all=True)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5)
     assert all(layer.lo is None for layer in cache.layers)
-    drop, dcache = _run(config, params, seq, MiKVCache(important=0.3, recent=2, bits=0))
-    keep, kcache = _run(config, params, seq, MiKVCache(important=0.3, recent=2, bits=8))
+    drop, dcache = _run(config, params, seq, MiKVCache(important=0.3, recent=2, bits=0), jit_all=True)
+    keep, kcache = _run(config, params, seq, MiKVCache(important=0.3, recent=2, bits=8), jit_all=True)
     n = seq.shape[1]
     sh = round(0.3 * n)
     per_layer = config.num_kv_heads * sh * (2 * config.head_dim * 4 + 4 + 4) + config.num_kv_heads * config.head_dim * 4

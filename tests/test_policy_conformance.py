@@ -31,16 +31,19 @@ def _sequence(e):
     return jnp.asarray(np.concatenate([e["prompt_a"], e["greedy_a"]]))[None]
 
 
-def _run(config, params, seq, policy, prefill_len=12, extend_len=5):
-    """Logits of a prefill, an extend chunk and then one decode step per remaining token."""
+def _run(config, params, seq, policy, prefill_len=12, extend_len=5, *, jit_all=False):
+    """Logits of a prefill, an extend chunk and then one decode step per remaining token
+    (``jit_all``: the prefill and the extend jitted too, one compile each instead of one per
+    eager operation)."""
     n = seq.shape[1]
     cache = init_cache(config, policy, batch=seq.shape[0], max_len=n, dtype=jnp.float32)
     pos = jnp.broadcast_to(jnp.arange(n), seq.shape)
     cut = prefill_len + extend_len
     out = []
-    lg, cache = forward(params, seq[:, :prefill_len], pos[:, :prefill_len], cache, config=config)
+    run = _STEP if jit_all else forward
+    lg, cache = run(params, seq[:, :prefill_len], pos[:, :prefill_len], cache, config=config)
     out.append(lg)
-    lg, cache = forward(params, seq[:, prefill_len:cut], pos[:, prefill_len:cut], cache, config=config)
+    lg, cache = run(params, seq[:, prefill_len:cut], pos[:, prefill_len:cut], cache, config=config)
     out.append(lg)
     for t in range(cut, n):
         lg, cache = _STEP(params, seq[:, t:t + 1], pos[:, t:t + 1], cache, config=config)
