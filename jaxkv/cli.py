@@ -24,6 +24,8 @@
   jaxkv eval [--model M] [--methods a,b] [--budgets x,y] [--tasks t,u] [--lengths n,m]
              [--samples N] [--seed S] [--dtype float32|bfloat16] [--json F] [--plot F.png]
   jaxkv create-tiny DIR [--seed S] [--overwrite]
+  jaxkv alignit train --out DIR [--steps N] [--batch-size B] [--px 32]
+  jaxkv alignit eval --run DIR --out DIR [--seeds 0,1,2] [--prompts 64]
   jaxkv edatlas decode --lang hi|bn|th KEYS|- [-k 5] [--complete]
   jaxkv edatlas variant --lang hi|bn ROMAN|- [-k 5]
   jaxkv edatlas eval --lang hi,bn,th [--words 5000] [--json F]
@@ -876,6 +878,32 @@ def build_parser() -> argparse.ArgumentParser:
     dmp.set_defaults(func=_cmd_train_default_model, interrupted=lambda a: (
         f"rerun the same command to resume: finished phases are kept in {a.out}/phase-*"))
 
+    al = sub.add_parser("alignit", help="AlignIT's test bed: train a small text-to-image model on procedural scenes, "
+                                        "customize it to a held-out concept, measure prompt alignment with and "
+                                        "without AlignIT")
+    alsub = al.add_subparsers(dest="action", required=True)
+    alt = alsub.add_parser("train", help="train the text encoder and generator (resumes from --out)")
+    alt.add_argument("--out", required=True, help="run folder")
+    alt.add_argument("--steps", type=_positive_int, default=6000)
+    alt.add_argument("--batch-size", type=_positive_int, default=128)
+    alt.add_argument("--lr", type=float, default=5e-4)
+    alt.add_argument("--px", type=_positive_int, default=32)
+    alt.add_argument("--width", type=_positive_int, default=192)
+    alt.add_argument("--layers", type=_positive_int, default=4)
+    alt.add_argument("--pool", type=_positive_int, default=20_000, help="procedural scenes rendered for training")
+    alt.add_argument("--save-every", type=_positive_int, default=1000)
+    alt.add_argument("--seed", type=_seed, default=0)
+    ale = alsub.add_parser("eval", help="customize (textual inversion, custom diffusion, DreamBooth) and score "
+                                        "alignment with and without AlignIT (JSON + PNG grids + drift plot)")
+    ale.add_argument("--run", required=True, help="the run folder of jaxkv alignit train")
+    ale.add_argument("--out", required=True, help="folder for alignit.json and the PNGs")
+    ale.add_argument("--seeds", default="0,1,2", help="customization / sampling seeds, comma-separated")
+    ale.add_argument("--prompts", type=_positive_int, default=64, help="prompts placing the concept in new contexts")
+    ale.add_argument("--customize-steps", type=_positive_int, default=400)
+    ale.add_argument("--classifier-steps", type=_positive_int, default=1500)
+    ale.add_argument("--seed", type=_seed, default=0)
+    al.set_defaults(func=_cmd_alignit)
+
     ed = sub.add_parser("edatlas", help="edATLAS: words from ambiguous abugida keys (Hindi, Bengali, Thai) and "
                                         "romanized variants onto the vocabulary (needs jaxkv[edatlas])")
     edsub = ed.add_subparsers(dest="action", required=True)
@@ -962,6 +990,60 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--json", default=None)
     b.set_defaults(func=_cmd_bench)
     return parser
+
+
+def _cmd_alignit(args) -> int:
+    """``jaxkv alignit train|eval``: AlignIT's test bed (``jaxkv.alignit``)."""
+    import dataclasses
+    from pathlib import Path
+
+    import jax
+
+    from jaxkv.alignit import evaluate as ev
+    from jaxkv.alignit import testbed as tb
+    from jaxkv.alignit import train as tr
+    from jaxkv.training.config import OptimConfig, TrainConfig
+
+    if args.action == "train":
+        config = tb.TestbedConfig(px=args.px, width=args.width, layers=args.layers)
+        optim = OptimConfig(lr=args.lr, warmup_steps=min(200, args.steps // 10), total_steps=args.steps,
+                            weight_decay=0.0)
+        train = TrainConfig(batch_size=args.batch_size, steps=args.steps, seed=args.seed, save_every=args.save_every,
+                            compute_dtype="float32", log_every=max(1, min(50, args.steps // 20)))
+        tr.train_testbed(config, out=args.out, optim=optim, train=train, pool=args.pool)
+        print(f"wrote {args.out}/testbed.npz")
+        return 0
+    run = Path(args.run)
+    meta_file = run / "testbed.json"
+    if not meta_file.exists():
+        raise UserError(f"--run {args.run!r} holds no trained test bed (testbed.json): run jaxkv alignit train first")
+    meta = json.loads(meta_file.read_text())
+    config = tb.TestbedConfig(**meta["testbed"])
+    base = tr.load_params(run / "testbed.npz", tb.init_testbed(config, len(tb.Vocab()), jax.random.key(0)))
+    cls_file = run / "classifier.npz"
+    like = tr.init_classifier(config.px, jax.random.key(0))
+    if cls_file.exists():
+        classifier = tr.load_params(cls_file, like)
+    else:
+        print("training the attribute classifier ...", file=sys.stderr)
+        classifier, acc = tr.train_classifier(config.px, steps=args.classifier_steps, seed=args.seed)
+        tr.save_params(cls_file, classifier, {"exact_scene_accuracy": acc})
+    cls_acc = json.loads(cls_file.with_suffix(".json").read_text())["exact_scene_accuracy"]
+    print(f"classifier: {cls_acc:.1%} of fresh renders read exactly", file=sys.stderr)
+    report, grids = ev.evaluate(base, classifier, config, seeds=_int_list(args.seeds, "--seeds", zero=True),
+                                prompts=args.prompts, customize_steps=args.customize_steps,
+                                progress=lambda m: print(m, file=sys.stderr, flush=True))
+    report["classifier_exact_scene_accuracy"] = cls_acc
+    report["testbed"] = dataclasses.asdict(config)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from jaxkv.fileio import write_text_atomic
+
+    write_text_atomic(out / "alignit.json", json.dumps(report, indent=1))
+    ev.plot_report(report, grids, out)
+    print(ev.format_table(report))
+    print(f"wrote {out}/alignit.json, alignit_grids.png and alignit_drift.png")
+    return 0
 
 
 def _cmd_edatlas(args) -> int:

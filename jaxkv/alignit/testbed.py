@@ -210,9 +210,9 @@ def _kv_of(params, tokens, config):
 
 def flow_loss(params: dict, batch: dict, config: TestbedConfig) -> tuple[jax.Array, jax.Array]:
     """``(sum of squared velocity errors, count)`` for ``batch`` = images ``[b, px, px, 3]`` in
-    [-1, 1], ``tokens [b, T]``, ``noise`` like the images and ``t [b]`` in (0, 1):
+    [-1, 1], ``tokens [b, T]``, ``noise`` like the images and ``t [b]`` (or ``[b, 1]``) in (0, 1):
     ``x_t = (1 - t) x0 + t noise``, target ``noise - x0``."""
-    x0, noise, t = batch["images"], batch["noise"], batch["t"]
+    x0, noise, t = batch["images"], batch["noise"], batch["t"].reshape(-1)
     x_t = (1 - t)[:, None, None, None] * x0 + t[:, None, None, None] * noise
     pred = denoise(params, x_t, t, _kv_of(params, batch["tokens"], config), text_mask(batch["tokens"]), config)
     err = jnp.square(pred - (noise - x0))

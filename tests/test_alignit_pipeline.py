@@ -1,0 +1,102 @@
+"""AlignIT's pipeline (jaxkv.alignit.train, .evaluate): parameters on disk, the scene batches,
+training on the spine with exact resume, the classifier's targets, what each customization
+method trains, and the scoring of a generated image against its prompt."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxkv.alignit import evaluate as ev
+from jaxkv.alignit import scenes as sc
+from jaxkv.alignit import testbed as tb
+from jaxkv.alignit import train as tr
+from jaxkv.errors import UserError
+
+TINY = tb.TestbedConfig(px=8, patch=4, width=16, layers=1, heads=2, text_width=16, text_layers=1, text_heads=2,
+                        max_words=20)
+
+
+def test_parameters_round_trip_and_a_foreign_file_is_refused(tmp_path):
+    p = tb.init_testbed(TINY, len(tb.Vocab()), jax.random.key(0))
+    tr.save_params(tmp_path / "p.npz", p, {"note": 1})
+    q = tr.load_params(tmp_path / "p.npz", p)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(q)))
+    other = tb.init_testbed(dataclasses_replace(TINY, width=32), len(tb.Vocab()), jax.random.key(0))
+    with pytest.raises(UserError, match="not this model's file"):
+        tr.load_params(tmp_path / "p.npz", other)
+
+
+def dataclasses_replace(c, **kw):
+    import dataclasses
+
+    return dataclasses.replace(c, **kw)
+
+
+def test_scene_batches_are_a_function_of_the_step():
+    b = tr.SceneBatches(pool=50, px=8, batch_size=4, grad_accum=2, seed=0, max_words=20)
+    x, y = b.get(3), b.get(3)
+    assert all(np.array_equal(x[k], y[k]) for k in x)
+    assert x["images"].shape == (2, 2, 8, 8, 3) and x["tokens"].shape == (2, 2, 20) and x["t"].shape == (2, 2, 1)
+    assert -1 <= x["images"].min() and x["images"].max() <= 1 and 0 < x["t"].min() and x["t"].max() < 1
+    assert not np.array_equal(b.get(4)["noise"], x["noise"])
+
+
+def test_training_on_the_spine_resumes_exactly(tmp_path):
+    from jaxkv.training.config import OptimConfig, TrainConfig
+
+    optim = OptimConfig(lr=1e-3, warmup_steps=1, total_steps=6, weight_decay=0.0)
+    cfg = lambda steps: TrainConfig(batch_size=4, steps=steps, save_every=3, compute_dtype="float32")  # noqa: E731
+    full = tr.train_testbed(TINY, out=tmp_path / "a", optim=optim, train=cfg(6), pool=40)
+    tr.train_testbed(TINY, out=tmp_path / "b", optim=optim, train=cfg(3), pool=40)
+    resumed = tr.train_testbed(TINY, out=tmp_path / "b", optim=optim, train=cfg(6), pool=40)
+    np.testing.assert_allclose([h["loss"] for h in resumed.history], [h["loss"] for h in full.history][3:], rtol=1e-5)
+    assert (tmp_path / "a" / "testbed.npz").exists() and (tmp_path / "a" / "metrics.png").exists()
+
+
+def test_the_classifier_targets_and_its_reading_of_a_scene():
+    s = sc.Scene((sc.SceneObject("star", "red", "large", "on the left"),
+                  sc.SceneObject("ring", "white", "small", "on the right")), "teal")
+    t = tr._targets([s])
+    left, right = tr.POSITION_NAMES.index("on the left"), tr.POSITION_NAMES.index("on the right")
+    assert t["shape"][0, left] == 1 + tr.ALL_SHAPES.index("star") and t["shape"][0, right] == 1 + tr.ALL_SHAPES.index("ring")
+    assert (np.delete(t["shape"][0], [left, right]) == 0).all() and t["background"][0] == list(sc.BACKGROUNDS).index("teal")
+    lg = tr.classify_logits(tr.init_classifier(16, jax.random.key(0)), jnp.zeros((2, 16, 16, 3)))
+    assert lg["shape"].shape == (2, 5, 8) and lg["colour"].shape == (2, 5, 7) and lg["background"].shape == (2, 4)
+
+
+def test_each_method_trains_what_it_should():
+    base = tb.init_testbed(TINY, len(tb.Vocab()), jax.random.key(0))
+    # a trained model's output head and gates are not zero (at init they are: no gradient would
+    # reach the embedding)
+    base["gen"]["patch_out"] = jax.random.normal(jax.random.key(1), base["gen"]["patch_out"].shape) * 0.1
+    for blk in base["gen"]["blocks"]:
+        blk["mod"] = jax.random.normal(jax.random.key(2), blk["mod"].shape) * 0.1
+    token = tb.Vocab().ids["<c0>"]
+    changed = {}
+    for method in ev.METHODS:
+        p = ev.customize(base, method, TINY, n_images=2, steps=2, batch_size=2)
+        diff = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), base, p)
+        changed[method] = diff
+        rows = np.flatnonzero(np.any(np.asarray(p["text"]["embed"]) != np.asarray(base["text"]["embed"]), -1))
+        assert rows.tolist() == ([token] if method != "dreambooth" else rows.tolist()) and token in rows
+    ti, cd, db = (changed[m] for m in ev.METHODS)
+    assert not any(jax.tree.leaves(ti["gen"])) and not any(jax.tree.leaves(cd["text"]["blocks"]))
+    assert all(b["wk_x"] and b["wv_x"] and not b["wqkv"] for b in cd["gen"]["blocks"])
+    assert all(jax.tree.leaves(db))  # every parameter moved
+    with pytest.raises(UserError, match="unknown customization method"):
+        ev.customize(base, "lora", TINY)
+
+
+def test_scoring_on_hand_worked_readings():
+    want = sc.Scene((sc.SceneObject("star", "red", "large", "on the left"),
+                     sc.SceneObject("ring", "white", "small", "on the right")), "teal")
+    assert ev.score(want, want) == (1.0, 1.0)
+    wrong_bg = sc.Scene(want.objects, "gray")
+    assert ev.score(wrong_bg, want) == (1.0, 4 / 5)
+    circle = sc.Scene((sc.SceneObject("circle", "red", "large", "on the left"), want.objects[1]), "teal")
+    assert ev.score(circle, want) == (0.0, 1.0)  # colour and size still read at the concept's place
+    nothing = {"objects": (), "background": "teal"}
+    assert ev.score(nothing, want) == (0.0, 1 / 5)
+    prompts = ev.context_prompts(10, seed=0)
+    assert all(p.objects[0].shape == "star" for p in prompts) and sum(len(p.objects) == 2 for p in prompts) == 5
