@@ -148,3 +148,18 @@ def test_the_command_decodes_maps_variants_and_reads_standard_input(capsys, monk
     assert "unknown language 'ta'" in capsys.readouterr().err
     assert main(["edatlas", "decode", "--lang", "hi,bn", "x"]) == 2
     assert "one --lang" in capsys.readouterr().err
+
+
+def test_a_missing_extra_names_the_pip_command(monkeypatch):
+    import importlib
+
+    real = importlib.import_module
+
+    def without_wordfreq(name, *a):
+        if name.split(".")[0] == "wordfreq":
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *a)
+
+    monkeypatch.setattr(importlib, "import_module", without_wordfreq)
+    with pytest.raises(UserError, match=r"package wordfreq: pip install 'jaxkv\[edatlas\]'"):
+        ed.Vocabulary.load("hi", 10)
