@@ -21,7 +21,7 @@ customized and the baseline model on the same prompts.
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -77,15 +77,7 @@ def customize(params: dict, method: str, config: tb.TestbedConfig, *, n_images: 
     images, captions = concept_images(n_images, px=config.px, seed=seed)
     tokens = tb.Vocab().encode_batch(captions, length=config.max_words)
     mask = _trainable(params, method)
-    tx = optax.adam(lr or _LR[method])
-
-    @jax.jit
-    def step(p, opt, batch):
-        (l, n), g = jax.value_and_grad(lambda q: tb.flow_loss(q, batch, config), has_aux=True)(p)
-        g = jax.tree.map(lambda a, m: a * m, g, mask)
-        u, opt = tx.update(g, opt, p)
-        u = jax.tree.map(lambda a, m: a * m, u, mask)
-        return optax.apply_updates(p, u), opt, l / n
+    tx, step = _customize_step(config, float(lr or _LR[method]))
 
     rng = np.random.default_rng([seed, 11])
     p, opt = params, tx.init(params)
@@ -95,8 +87,25 @@ def customize(params: dict, method: str, config: tb.TestbedConfig, *, n_images: 
         batch = {"images": jnp.asarray(x0), "tokens": jnp.asarray(tokens[idx]),
                  "noise": jnp.asarray(rng.standard_normal(x0.shape, dtype=np.float32)),
                  "t": jnp.asarray(1 / (1 + np.exp(-rng.standard_normal(batch_size))), jnp.float32)}
-        p, opt, _ = step(p, opt, batch)
+        p, opt, _ = step(p, opt, batch, mask)
     return p
+
+
+@functools.lru_cache(maxsize=None)
+def _customize_step(config: tb.TestbedConfig, lr: float):
+    """The optimizer and the jitted masked step, once per (config, lr): every seed of a method
+    (and methods sharing a rate) reuses one compile."""
+    tx = optax.adam(lr)
+
+    @jax.jit
+    def step(p, opt, batch, mask):
+        (l, n), g = jax.value_and_grad(lambda q: tb.flow_loss(q, batch, config), has_aux=True)(p)
+        g = jax.tree.map(lambda a, m: a * m, g, mask)
+        u, opt = tx.update(g, opt, p)
+        u = jax.tree.map(lambda a, m: a * m, u, mask)
+        return optax.apply_updates(p, u), opt, l / n
+
+    return tx, step
 
 
 def context_prompts(n: int, *, seed: int) -> list[sc.Scene]:
