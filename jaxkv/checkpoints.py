@@ -40,7 +40,7 @@ from jaxkv.fileio import read_json_object, replace_folder
 from jaxkv.config import ConfigError, LlamaConfig
 from jaxkv.models.llama import abstract_params
 
-__all__ = ["CheckpointError", "load_checkpoint", "load_mamba2_checkpoint", "save_checkpoint", "load_tokenizer", "load_chat_template",
+__all__ = ["CheckpointError", "load_checkpoint", "load_mamba2_checkpoint", "load_model", "is_mamba2_folder", "save_checkpoint", "load_tokenizer", "load_chat_template",
            "hf_name_map", "resolve_model", "MODEL_NAMES", "check_float_dtype"]
 
 CONFIG_FILE = "config.json"
@@ -264,6 +264,27 @@ def load_mamba2_checkpoint(path: str | os.PathLike, *, dtype=None):
                                 f"Mamba-2 with {config.num_layers} layers", dtype)
 
 
+def is_mamba2_folder(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a folder whose ``config.json`` names a Mamba-2 (``model_type`` mamba2)."""
+    f = Path(path) / CONFIG_FILE
+    if not f.is_file():
+        return False
+    try:
+        hf = json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False  # load_checkpoint reports the unreadable file
+    return isinstance(hf, dict) and hf.get("model_type") == "mamba2"
+
+
+def load_model(path: str | os.PathLike, *, dtype=None):
+    """``(config, params)`` of any model jaxkv generates with: a Mamba-2 folder
+    (``load_mamba2_checkpoint``: a ``Mamba2Config``) or a transformer folder / ``.gguf`` file
+    (``load_checkpoint``: a ``LlamaConfig``)."""
+    if is_mamba2_folder(path):
+        return load_mamba2_checkpoint(path, dtype=dtype)
+    return load_checkpoint(path, dtype=dtype)
+
+
 def load_checkpoint(path: str | os.PathLike, *, dtype=None) -> tuple[LlamaConfig, dict]:
     """Load ``(config, params)`` from an HF checkpoint folder or a ``.gguf`` file.
 
@@ -432,7 +453,12 @@ def load_tokenizer(path: str | os.PathLike):
     except Exception as e:  # the tokenizers library raises a bare Exception on parse errors
         raise CheckpointError(f"{f} is not a valid tokenizer.json ({e})") from None
     if (f.parent / CONFIG_FILE).exists():  # the model beside it: every id must have an embedding
-        config = LlamaConfig.from_json(f.parent / CONFIG_FILE)
+        if is_mamba2_folder(f.parent):
+            from jaxkv.models.mamba2 import Mamba2Config
+
+            config = Mamba2Config.from_json(f.parent / CONFIG_FILE)
+        else:
+            config = LlamaConfig.from_json(f.parent / CONFIG_FILE)
         n = max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         if n > config.vocab_size:
             raise CheckpointError(f"{f} has token ids up to {n - 1} but the model beside it ({CONFIG_FILE}) has only "

@@ -72,9 +72,9 @@ def _cmd_generate(args) -> int:
     import jax
     import jax.numpy as jnp
 
-    from jaxkv.checkpoints import load_chat_template, load_checkpoint, load_tokenizer, resolve_model
+    from jaxkv.checkpoints import load_chat_template, load_model, load_tokenizer, resolve_model
     from jaxkv.fileio import check_output_path, write_text_atomic
-    from jaxkv.generate import generate
+    from jaxkv.generate import generate, is_state_space
 
     if args.prompt is not None:
         _check_utf8(args.prompt, "--prompt")
@@ -90,8 +90,14 @@ def _cmd_generate(args) -> int:
     out = None if args.out is None else check_output_path(args.out, "--out")
     model = resolve_model(args.model)
     dtype = jnp.dtype(args.dtype)  # argparse limits it to float32 / bfloat16
-    config, params = load_checkpoint(model, dtype=dtype)
+    config, params = load_model(model, dtype=dtype)
     tokenizer = load_tokenizer(model)
+    if is_state_space(config):
+        for flag, bad in (("--cache", args.cache != "full"), ("--cache-arg", bool(args.cache_arg)),
+                          ("--prepack", args.prepack), ("--icn", args.icn is not None)):
+            if bad:
+                raise UserError(f"{flag}: {args.model!r} is a Mamba-2, whose cache is its fixed-size state; "
+                                f"{flag} applies to a transformer's KV cache")
     if args.icn is not None:
         return _generate_icn(args, texts, config, params, tokenizer, model, out)
     stop = list(config.eos_token_ids)
@@ -506,7 +512,8 @@ def _cmd_train_mamba(args) -> int:
         train=TrainConfig(batch_size=args.batch_size, grad_accum=args.grad_accum, steps=args.steps, seed=args.seed,
                           save_every=args.save_every, keep=args.keep, compute_dtype=args.dtype,
                           mesh=parse_mesh(args.mesh)),
-        extra_meta={"data_source": list(args.data or ["pydoc_data.topics"]), "init": args.model or "random"})
+        extra_meta={"data_source": list(args.data or ["pydoc_data.topics"]), "init": args.model or "random"},
+        tokenizer=tokenizer)
     last = result.history[-1] if result.history else None
     if last is not None:
         print(f"step {last['step']}: loss {last['loss']:.4f}; {config.state_elements:,} state elements; "
@@ -578,8 +585,9 @@ def _split(text: str, kind, name: str) -> tuple:
 
 
 def _cmd_eval(args) -> int:
-    from jaxkv.checkpoints import load_checkpoint, load_tokenizer, resolve_model
+    from jaxkv.checkpoints import load_model, load_tokenizer, resolve_model
     from jaxkv.eval.harness import EvalConfig, evaluate, progress_bar
+    from jaxkv.generate import is_state_space
     from jaxkv.eval.report import format_table, plot_accuracy_vs_bytes, write_json
     from jaxkv.fileio import check_output_path
     import jax.numpy as jnp
@@ -588,14 +596,22 @@ def _cmd_eval(args) -> int:
         if path is not None:  # checked now, not after the whole evaluation
             check_output_path(path, flag)
 
-    cfg = EvalConfig(methods=_split(args.methods, str, "methods"), budgets=_split(args.budgets, float, "budgets"),
-                     tasks=_split(args.tasks, str, "tasks"), lengths=_split(args.lengths, int, "lengths"),
-                     samples=args.samples, seed=args.seed)
+    def grid(methods: str) -> EvalConfig:
+        return EvalConfig(methods=_split(methods, str, "methods"), budgets=_split(args.budgets, float, "budgets"),
+                          tasks=_split(args.tasks, str, "tasks"), lengths=_split(args.lengths, int, "lengths"),
+                          samples=args.samples, seed=args.seed)
+
+    cfg = grid(args.methods or "full,streaming")  # every flag checked before a model is read
     model = resolve_model(args.model)
-    config, params = load_checkpoint(model, dtype=jnp.dtype(args.dtype))
+    config, params = load_model(model, dtype=jnp.dtype(args.dtype))
     tokenizer = load_tokenizer(model)
     longest = max(cfg.lengths) + 64
-    if longest > config.max_position_embeddings:
+    if is_state_space(config):
+        if args.methods is not None and cfg.methods != ("full",):
+            raise UserError(f"--methods {args.methods}: {args.model!r} is a Mamba-2, whose cache is its "
+                            "fixed-size state; evaluate it with --methods full")
+        cfg = grid("full")
+    elif longest > config.max_position_embeddings:
         raise UserError(f"--lengths {max(cfg.lengths)} is too long for this model: a prompt of that length "
                         f"plus its answer needs {longest} positions, and the model's context is "
                         f"{config.max_position_embeddings} (the longest --lengths it takes is "
@@ -784,9 +800,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="accuracy, fidelity, bytes and speed of cache policies on synthetic tasks")
     e.add_argument("--model", default="default", help=MODEL_HELP)
-    e.add_argument("--methods", default="full,streaming",
+    e.add_argument("--methods", default=None,
                    help=f"policies: {', '.join(available_policies())}; a variant as NAME[key=value,...], "
-                        "e.g. 'minicache[merge=average]'")
+                        "e.g. 'minicache[merge=average]' (default: full,streaming; a Mamba-2: full, its state)")
     e.add_argument("--budgets", default="0.25", help="fractions of the context a policy may keep")
     e.add_argument("--tasks", default="niah_single",
                    help="niah_single, niah_single_words, niah_multikey, niah_multivalue, "

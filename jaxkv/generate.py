@@ -8,6 +8,9 @@ produced a stop token; rows that stopped feed position -1, which writes nothing 
 Sampling: ``temperature == 0`` is greedy (argmax); otherwise softmax sampling at that
 temperature, restricted to the smallest set of tokens whose probability reaches ``top_p``.
 Temperature and top-p are traced values, so changing them does not recompile.
+
+The same functions run a Mamba-2 (``jaxkv.models.mamba2``): its cache is its fixed-size state
+(``Mamba2State``), which right padding and the padded steps of finished rows leave as it was.
 """
 
 from __future__ import annotations
@@ -23,12 +26,32 @@ import numpy as np
 from jaxkv.cache import ModelCache, init_cache, make_policy
 from jaxkv.cache.policy import CachePolicy
 from jaxkv.config import LlamaConfig
-from jaxkv.models.llama import forward
 from jaxkv.errors import UserError
+from jaxkv.models import llama, mamba2
 
-__all__ = ["GenerationResult", "generate", "sample_logits", "bucket_length", "pad_prompts", "prefill", "decode"]
+__all__ = ["GenerationResult", "generate", "sample_logits", "bucket_length", "pad_prompts", "prefill", "decode",
+           "model_forward", "init_model_cache", "is_state_space"]
 
 MIN_BUCKET = 16
+
+
+def is_state_space(config) -> bool:
+    """True for a Mamba-2 config: a model whose cache is a fixed-size state, not a KV cache."""
+    return isinstance(config, mamba2.Mamba2Config)
+
+
+def model_forward(config):
+    """The forward of the model ``config`` describes (a transformer's or a Mamba-2's); both take
+    ``(params, tokens, positions, cache, *, config, logits_at=None)``."""
+    return mamba2.forward if is_state_space(config) else llama.forward
+
+
+def init_model_cache(config, policy: CachePolicy | None, *, batch: int, max_len: int, dtype):
+    """An empty cache for ``batch`` rows: the policy's KV cache of ``max_len`` tokens for a
+    transformer, the zero state for a Mamba-2 (``policy`` and ``max_len`` unused: it has one size)."""
+    if is_state_space(config):
+        return mamba2.init_state(config, batch=batch, dtype=dtype)
+    return init_cache(config, policy, batch=batch, max_len=max_len, dtype=dtype)
 
 
 def bucket_length(n: int) -> int:
@@ -90,7 +113,7 @@ def join_donated(big, small, tree) -> ModelCache:
 
 @functools.partial(jax.jit, static_argnames=("config", "tree"), donate_argnames=("big",))
 def _prefill(params, tokens, positions, lengths, big, small, *, config: LlamaConfig, tree):
-    logits, cache = forward(params, tokens, positions, join_donated(big, small, tree), config=config,
+    logits, cache = model_forward(config)(params, tokens, positions, join_donated(big, small, tree), config=config,
                             logits_at=lengths - 1)
     return logits[:, 0], cache
 
@@ -136,7 +159,8 @@ def _decode(params, big, small, first_logits, lengths, key, temperature, top_p, 
         step, cache, out, done = carry
         prev = out[:, step - 1]
         pos = jnp.where(done, -1, lengths + step - 1)
-        logits, cache = forward(params, jnp.maximum(prev, 0)[:, None], pos[:, None], cache, config=config)
+        logits, cache = model_forward(config)(params, jnp.maximum(prev, 0)[:, None], pos[:, None], cache,
+                                              config=config)
         tok = jnp.where(done, -1, pick(logits[:, 0], step))
         out = out.at[:, step].set(tok)
         return step + 1, cache, out, done | stopped(tok)
@@ -190,7 +214,8 @@ def generate(
     """Generate continuations of ``prompts`` (lists of token ids, any lengths).
 
     ``policy`` is a policy object or a registered name (``jaxkv.cache.available_policies()``)
-    constructed with ``policy_params``. ``stop_tokens`` default to the config's EOS ids.
+    constructed with ``policy_params``; a Mamba-2 (``config`` a ``Mamba2Config``) takes only
+    ``'full'``: its state is its cache. ``stop_tokens`` default to the config's EOS ids.
     ``key`` is required when ``temperature > 0``.
 
     ``prepack``: prefill the prompts packed into rows instead of padded (``jaxkv.prepack``;
@@ -208,9 +233,19 @@ def generate(
         raise UserError(f"top_p must be in (0, 1], got {top_p}")
     if temperature > 0 and key is None:
         raise UserError("sampling with temperature > 0 needs an explicit PRNG key (key=jax.random.key(seed))")
-    policy = make_policy(policy, **(policy_params or {})).prepare(params, config)
     longest = max(len(p) for p in prompts)
-    if longest + max_new_tokens > config.max_position_embeddings:
+    if is_state_space(config):
+        name = policy if isinstance(policy, str) else getattr(policy, "name", type(policy).__name__)
+        if name != "full" or policy_params:
+            raise UserError(f"policy {name!r}: a Mamba-2's cache is its fixed-size state; cache policies "
+                            "compress a transformer's KV cache (use policy='full', the default)")
+        if prepack:
+            raise UserError("prepack packs prompts for a transformer's segment attention; a Mamba-2 runs "
+                            "them padded (exactly): pass prepack=False")
+        policy = None
+    else:
+        policy = make_policy(policy, **(policy_params or {})).prepare(params, config)
+    if policy is not None and longest + max_new_tokens > config.max_position_embeddings:
         raise UserError(
             f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
             f"context of {config.max_position_embeddings} tokens"
@@ -227,7 +262,7 @@ def generate(
     tokens, positions, lengths = pad_prompts(prompts)
     b, t = tokens.shape
     dtype = params["embed"]["embedding"].dtype
-    cache = init_cache(config, policy, batch=b, max_len=t + max_new_tokens, dtype=dtype)
+    cache = init_model_cache(config, policy, batch=b, max_len=t + max_new_tokens, dtype=dtype)
     nbytes = cache.nbytes
 
     if prepack:

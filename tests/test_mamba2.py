@@ -110,6 +110,28 @@ def test_left_padding_is_exact():
     np.testing.assert_allclose(np.asarray(logits[0, 4:]), e["logits"], atol=1e-4)
 
 
+def test_right_padding_leaves_the_state_as_it_was():
+    """Right padding (a batch of prompts of different lengths) and a padded step (a finished row
+    in a decode loop): the real tokens' logits and the final state (conv and SSM) equal the
+    unpadded run's; logits_at picks those rows of the head."""
+    config, params = load_mamba2_checkpoint(FIXTURES / NAMES[1])
+    e = np.load(FIXTURES / NAMES[1] / "expected.npz")
+    prompt = jnp.asarray(e["prompt"])
+    t = prompt.shape[0]
+    ref_logits, ref_state = forward(params, prompt[None], config=config)
+    tokens = jnp.concatenate([prompt, jnp.full((5,), 99)])[None]
+    pos = jnp.concatenate([jnp.arange(t), jnp.full((5,), -1)])[None]
+    logits, state = forward(params, tokens, pos, config=config)
+    np.testing.assert_allclose(np.asarray(logits[0, :t]), np.asarray(ref_logits[0]), atol=1e-4)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    _, after = forward(params, jnp.full((1, 1), 5), jnp.full((1, 1), -1), state, config=config)
+    for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(ref_state)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    last, _ = forward(params, tokens, pos, config=config, logits_at=jnp.array([t - 1]))
+    np.testing.assert_allclose(np.asarray(last[0, 0]), np.asarray(ref_logits[0, -1]), atol=1e-4)
+
+
 def test_the_gated_norm_both_ways():
     """norm_before_gate=False (transformers): norm(y * silu(z)) per group; True (mamba_ssm's
     option, which transformers ignores): norm(y) * silu(z)."""

@@ -63,10 +63,11 @@ def mamba_loss(params: dict, batch: dict, *, config: mamba2.Mamba2Config, segmen
 def train_mamba(model_config: mamba2.Mamba2Config, documents: Sequence[Sequence[int]], *, segment_len: int,
                 optim: OptimConfig, data: DataConfig, train: TrainConfig, out: str | Path | None = None,
                 params: dict | None = None, callbacks: Sequence[Callable[[int, dict], None]] = (),
-                extra_meta: dict | None = None) -> TrainResult:
+                extra_meta: dict | None = None, tokenizer=None) -> TrainResult:
     """Train a Mamba-2 on ``documents`` in rows of ``data.seq_len`` tokens (a multiple of
     ``segment_len``: the segments a row's state passes through). Resumes from ``out`` as
-    ``train_lm`` does and writes the final weights as an HF folder ``out/hf``."""
+    ``train_lm`` does and writes the final weights as an HF folder ``out/hf`` (with ``tokenizer``,
+    a ``tokenizers.Tokenizer``, beside them when given: ``jaxkv generate --model out/hf`` then runs)."""
     if data.seq_len % segment_len:
         raise ValueError(f"seq_len ({data.seq_len}) must be a multiple of segment_len ({segment_len})")
     mesh = make_mesh(*train.mesh)
@@ -97,5 +98,6 @@ def train_mamba(model_config: mamba2.Mamba2Config, documents: Sequence[Sequence[
                                train=train, run=run, out=out, tokens_per_row=data.seq_len, callbacks=callbacks)
     if out is not None and jax.process_index() == 0:
         plot_metrics(Path(out) / "metrics.jsonl", Path(out) / "metrics.png")
-        save_checkpoint(Path(out) / "hf", model_config, jax.device_get(state.params), overwrite=True)
+        save_checkpoint(Path(out) / "hf", model_config, jax.device_get(state.params), overwrite=True,
+                        tokenizer=tokenizer)
     return TrainResult(state=state, history=history, out=Path(out) if out is not None else None, step=train.steps)

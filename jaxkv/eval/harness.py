@@ -14,6 +14,9 @@ Per sample and method:
 
 The full cache runs once per sample; its answer-span logits are reused for every method. All
 samples of a (task, length) share one prompt bucket, so nothing recompiles between samples.
+
+A Mamba-2 (``Mamba2Config``) runs the same tasks with its state as the cache: only ``full``
+applies, and ``kv_bytes`` is the state's bytes (the same at every length).
 """
 
 from __future__ import annotations
@@ -29,12 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxkv.cache import LayerSpec, init_cache, make_policy
+from jaxkv.cache import LayerSpec, ModelCache, make_policy
 from jaxkv.cache.policy import parse_policy_spec
 from jaxkv.config import LlamaConfig
 from jaxkv.eval.tasks import TASKS, Sample, answer_text, make_sample, score
-from jaxkv.generate import decode, pad_prompts, prefill
-from jaxkv.models.llama import forward
+from jaxkv.generate import decode, init_model_cache, is_state_space, model_forward, pad_prompts, prefill
 from jaxkv.errors import UserError
 
 __all__ = ["EvalConfig", "Row", "evaluate", "policy_for", "kl_and_agreement", "answer_ids", "attended_fraction"]
@@ -129,7 +131,8 @@ def _teacher_forced(params, cache, ids, start, *, config: LlamaConfig):
 
     def step(cache, x):
         i, tok = x
-        logits, cache = forward(params, tok[None, None], (start + i)[None, None], cache, config=config)
+        logits, cache = model_forward(config)(params, tok[None, None], (start + i)[None, None], cache,
+                                              config=config)
         return cache, logits[0, 0]
 
     cache, logits = jax.lax.scan(step, cache, (jnp.arange(ids.shape[0]), ids))
@@ -138,7 +141,10 @@ def _teacher_forced(params, cache, ids, start, *, config: LlamaConfig):
 
 def attended_fraction(cache, context_tokens: int, config) -> float | None:
     """Mean over rows of the (token, KV head) pairs the last step attended, over every layer,
-    as a share of ``context_tokens`` x KV heads x layers; None if a layer's policy does not say."""
+    as a share of ``context_tokens`` x KV heads x layers; None if a layer's policy does not say
+    (or the model has no KV cache)."""
+    if not isinstance(cache, ModelCache):
+        return None
     total = 0.0
     for i, policy in enumerate(cache.policies):
         spec = LayerSpec(i, config)
@@ -182,7 +188,7 @@ class _Runner:
 
     def _once(self, policy, tokens, positions, lengths, max_len, max_new, ans):
         cfg = self.config
-        cache = init_cache(cfg, policy, batch=1, max_len=max_len, dtype=self.dtype)
+        cache = init_model_cache(cfg, policy, batch=1, max_len=max_len, dtype=self.dtype)
         nbytes = cache.nbytes
         t0 = time.perf_counter()
         last, cache = prefill(self.params, tokens, positions, lengths, cache, config=cfg)
@@ -215,6 +221,10 @@ def evaluate(params, config: LlamaConfig, tokenizer, cfg: EvalConfig,
 
     ``full`` is always run (it is the fidelity reference) and reported once, at budget 1.0.
     """
+    if is_state_space(config) and tuple(cfg.methods) != ("full",):
+        others = ", ".join(m for m in cfg.methods if m != "full")
+        raise UserError(f"methods {others}: a Mamba-2's cache is its fixed-size state, and cache policies "
+                        "compress a transformer's KV cache; evaluate it with methods=('full',)")
     runner = _Runner(params, config, tokenizer)
     prepared: dict = {}
 
@@ -233,7 +243,7 @@ def evaluate(params, config: LlamaConfig, tokenizer, cfg: EvalConfig,
                 depth = (i + 0.5) / cfg.samples  # needles spread evenly over the context
                 sample = make_sample(task, tokenizer, length=length, depth=depth, seed=cfg.seed * 100_003 + i)
                 ans = answer_ids(tokenizer, sample)
-                full = runner.run(sample, make_policy("full"), ans)
+                full = runner.run(sample, None if is_state_space(config) else make_policy("full"), ans)
                 runs = [("full", 1.0, full)] if "full" in cfg.methods else []
                 for m, b in grid:
                     runs.append((m, b, runner.run(sample, policy(m, b, sample.length), ans)))

@@ -345,13 +345,20 @@ def _mixer(p, x, real, state: Mamba2LayerState, c: Mamba2Config, chunk_size: int
     conv = sum(full[:, j:j + t] * w[j] for j in range(k))
     if "bias" in p["conv"]:
         conv = conv + p["conv"]["bias"].astype(xbc.dtype)
-    new_conv = full[:, t:] if k > 1 else state.conv
+    if k > 1:  # the conv's next state: the last K-1 real inputs (the state's own count as real)
+        seen = jnp.concatenate([jnp.ones((b, k - 1), bool), real], axis=1)
+        order = jnp.argsort(~seen, axis=1, stable=True)  # real entries first, in order
+        last = jnp.sum(seen, axis=1, keepdims=True) - (k - 1) + jnp.arange(k - 1)[None]
+        new_conv = jnp.take_along_axis(full, jnp.take_along_axis(order, last, axis=1)[..., None], axis=1)
+    else:
+        new_conv = state.conv
     xbc = jnp.where(real[..., None], jax.nn.silu(conv), 0)
     xs = xbc[..., :i].reshape(b, t, h, hd)
     B = xbc[..., i:i + g * n].reshape(b, t, g, n)
     C = xbc[..., i + g * n:].reshape(b, t, g, n)
     lo, hi = c.time_step_limit
     dt = jnp.clip(jax.nn.softplus(dt.astype(jnp.float32) + p["dt_bias"].astype(jnp.float32)), lo, hi)
+    dt = jnp.where(real[..., None], dt, 0.0)  # padding neither decays nor feeds the state: exact anywhere
     A = -jnp.exp(p["A_log"].astype(jnp.float32))
     m = mitigation
     if m is not None and m.decay_scale != 1.0:  # dt * A' = dt * A + log(lambda): a per-step A
@@ -372,9 +379,13 @@ def _mixer(p, x, real, state: Mamba2LayerState, c: Mamba2Config, chunk_size: int
 
 def forward(params: dict, tokens: Array, positions: Array | None = None, state: Mamba2State | None = None, *,
             config: Mamba2Config, compute_dtype=None, chunk_size: int | None = None,
-            mitigation: StateMitigation | None = None, return_log_decay: bool = False):
+            mitigation: StateMitigation | None = None, return_log_decay: bool = False,
+            logits_at: Array | None = None):
     """``(logits [B, T, V] float32, state)`` after ``tokens [B, T]`` from ``state`` (zeros if
-    None). ``positions [B, T]`` only mark padding (-1); a Mamba has no positional encoding.
+    None). ``positions [B, T]`` only mark padding (-1), at either end of a row (a Mamba has no
+    positional encoding): padding leaves the state as it was, so right-padded prompts and the
+    padded steps of finished rows are exact (a gap inside a row is not: the conv spans it). ``logits_at [B]`` (token
+    indices): run the LM head only there and return ``[B, 1, V]``, as the transformer's forward.
     ``chunk_size`` overrides the config's SSD chunk; ``mitigation`` applies Stuffed Mamba's
     state-collapse mitigations (``StateMitigation``). ``return_log_decay`` adds a third output,
     ``[L, B, H]``: each head's log cumulative decay over this call's real tokens, ``sum_t dt_t A``
@@ -390,6 +401,8 @@ def forward(params: dict, tokens: Array, positions: Array | None = None, state: 
         raise UserError(f"tokens must be [B, T], got {tokens.shape}")
     if positions is not None and positions.shape != tokens.shape:
         raise UserError(f"positions must be [B, T] like tokens; got {positions.shape} and {tokens.shape}")
+    if logits_at is not None and jnp.shape(logits_at) != tokens.shape[:1]:
+        raise UserError(f"logits_at must be [B] token indices; got shape {jnp.shape(logits_at)} for B={tokens.shape[0]}")
     if compute_dtype is None:
         compute_dtype = params["embed"]["embedding"].dtype
     b, t = tokens.shape
@@ -410,6 +423,8 @@ def forward(params: dict, tokens: Array, positions: Array | None = None, state: 
         x = x + out.astype(x.dtype)
         layers.append(st)
         decays.append(decay)
+    if logits_at is not None:
+        x = jnp.take_along_axis(x, jnp.asarray(logits_at, jnp.int32)[:, None, None], axis=1)
     x = _rmsnorm(x.astype(compute_dtype), params["norm_f"]["weight"].astype(compute_dtype), config.layer_norm_epsilon)
     head = emb.T if config.tie_word_embeddings else params["lm_head"]["kernel"]
     logits = (x @ head.astype(compute_dtype)).astype(jnp.float32)
