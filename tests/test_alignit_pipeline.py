@@ -100,3 +100,62 @@ def test_scoring_on_hand_worked_readings():
     assert ev.score(nothing, want) == (0.0, 1 / 5)
     prompts = ev.context_prompts(10, seed=0)
     assert all(p.objects[0].shape == "star" for p in prompts) and sum(len(p.objects) == 2 for p in prompts) == 5
+
+
+def test_prompt_kv_in_each_alignit_mode():
+    """None: the customized model's own K/V; 'in_context': the customized model's K/V of the prompt
+    at the concept's positions, the baseline's elsewhere; 'concept_only': at the concept's
+    positions the customized model's K/V of 'a <c0>' (index 1). A customized embedding (textual
+    inversion) moves the tokens after the concept and not before."""
+    vocab = tb.Vocab()
+    base = tb.init_testbed(TINY, len(vocab), jax.random.key(0))
+    custom = jax.tree.map(lambda x: x, base)
+    token = vocab.ids["<c0>"]
+    custom["text"]["embed"] = custom["text"]["embed"].at[token].set(jax.random.normal(jax.random.key(3), (16,)))
+    custom["gen"]["blocks"][0]["wk_x"] = custom["gen"]["blocks"][0]["wk_x"] * 1.5  # as custom diffusion tunes
+    tokens = jnp.asarray(vocab.encode_batch(["a small red <c0> on the left on a teal background",
+                                             "a large blue circle at the top and a small white <c0> at the bottom "
+                                             "on a black background"], length=TINY.max_words))
+    ids = np.asarray(tokens)
+    at = ids == token
+
+    def own(params, toks):
+        states = tb.encode_text(params, toks, TINY)
+        prov = tb.generator_kv(params)
+        return {layer: prov.project(layer, states) for layer in prov.layers()}
+
+    kb, kc = own(base, tokens), own(custom, tokens)
+    alone = own(custom, jnp.asarray(vocab.encode_batch(["a <c0>"] * 2, length=4)))
+    got = {m: ev.prompt_kv(base, custom, tokens, TINY, alignit=m) for m in (None,) + ev.ALIGNIT_MODES}
+    for layer in kb:
+        for i in range(2):  # k and v
+            np.testing.assert_array_equal(np.asarray(got[None][layer][i]), np.asarray(kc[layer][i]))
+            for mode, src in (("in_context", np.asarray(kc[layer][i])),
+                              ("concept_only", np.broadcast_to(np.asarray(alone[layer][i])[:, 1:2],
+                                                               kc[layer][i].shape))):
+                g = np.asarray(got[mode][layer][i])
+                np.testing.assert_array_equal(g[~at], np.asarray(kb[layer][i])[~at])
+                np.testing.assert_allclose(g[at], src[at], rtol=1e-6)
+    # the customized states move after the concept only (causal encoder)
+    sb, sc_ = tb.encode_text(base, tokens, TINY), tb.encode_text(custom, tokens, TINY)
+    first = int(np.argmax(at[0]))
+    assert np.array_equal(np.asarray(sb[0, :first]), np.asarray(sc_[0, :first]))
+    assert not np.allclose(np.asarray(sb[0, first + 1]), np.asarray(sc_[0, first + 1]))
+    # identity customization: every mode gives the baseline's K/V exactly
+    for mode in ev.ALIGNIT_MODES[1:]:
+        same = ev.prompt_kv(base, base, tokens, TINY, alignit=mode)
+        for layer in kb:
+            np.testing.assert_array_equal(np.asarray(same[layer][0]), np.asarray(kb[layer][0]))
+    with pytest.raises(UserError, match="alignit must be"):
+        ev.prompt_kv(base, custom, tokens, TINY, alignit="yes")
+
+
+def test_the_context_control_scores_a_training_shape():
+    vocab = tb.Vocab()
+    base = tb.init_testbed(TINY, len(vocab), jax.random.key(0))
+    classifier = tr.init_classifier(TINY.px, jax.random.key(1))
+    out = ev.context_control(base, classifier, ev.context_prompts(4, seed=0), TINY, steps=2)
+    assert out["shape"] == "square" and set(out) == {"shape", "prompt", "concept_only"}
+    assert all(0 <= out[k][m] <= 1 for k in ("prompt", "concept_only") for m in ("fidelity", "alignment"))
+    with pytest.raises(UserError, match="training shape"):
+        ev.context_control(base, classifier, [], TINY, shape="star")
