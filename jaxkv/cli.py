@@ -277,20 +277,27 @@ def _cmd_analyze_mamba_states(args) -> int:
     else:
         raise UserError("give --data (synthetic:count, or text files with --tokenizer) or --tokenizer")
     stream = np.concatenate([np.asarray(d, np.int32) for d in docs])
-    if len(stream) < args.length:
-        stream = np.tile(stream, -(-args.length // max(len(stream), 1)))
-    stream = stream[:args.length]
+    if args.streams > 1:  # side by side, each from the zero state: no content repeated
+        if len(stream) < args.streams * args.length:
+            raise UserError(f"--streams {args.streams}: the data holds {len(stream):,} tokens, enough for "
+                            f"{len(stream) // args.length} streams of --length {args.length}")
+        stream = stream[:args.streams * args.length].reshape(args.streams, args.length)
+    else:
+        if len(stream) < args.length:
+            stream = np.tile(stream, -(-args.length // max(len(stream), 1)))
+        stream = stream[:args.length]
     if int(stream.max()) >= config.vocab_size:
         raise UserError(f"the data holds token id {int(stream.max())}, outside the model's vocabulary of "
                         f"{config.vocab_size}")
-    caps = calibrate_norm_cap(params, stream[None, :args.train_len], config=config)
+    caps = calibrate_norm_cap(params, np.atleast_2d(stream)[:, :args.train_len], config=config)
     mitigations = {f"scale (λ {args.decay_scale}, γ {args.input_scale})":
                    StateMitigation(decay_scale=args.decay_scale, input_scale=args.input_scale),
                    "norm cap": StateMitigation(norm_cap=caps),
                    f"window {args.window or args.train_len}": StateMitigation(window=args.window or args.train_len)}
     report = analyze_mamba_states(params, config, stream, args.out, train_len=args.train_len, chunk=args.chunk,
                                   mitigations=mitigations)
-    print(f"{len(stream):,} tokens, T_train {args.train_len}; mean next-token loss at 1x / 4x / 16x T_train:")
+    print(f"{stream.shape[-1]:,} tokens x {report['stream']['streams']} stream(s), T_train {args.train_len}; "
+          "mean next-token loss at 1x / 4x / 16x T_train:")
     for name, at in report["loss_at"].items():
         cells = " / ".join("-" if v is None else f"{v:.3f}" for v in at.values())
         print(f"  {name:<28} {cells}")
@@ -762,6 +769,9 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--length", type=_positive_int, default=2048, help="prompt (stream) length in tokens")
     an.add_argument("--train-len", type=_positive_int, default=None, help="mamba-states: the model's T_train")
     an.add_argument("--chunk", type=_positive_int, default=512, help="mamba-states: tokens per forward")
+    an.add_argument("--streams", type=_positive_int, default=1,
+                    help="mamba-states: streams of --length read side by side (consecutive windows of the data, "
+                         "each from the zero state); the losses are their mean per position")
     an.add_argument("--data", nargs="+", default=None,
                     help="mamba-states, rope-precision: synthetic:count / text files (default: Python's docs, with "
                          "--tokenizer for mamba-states)")

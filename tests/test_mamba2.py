@@ -382,3 +382,16 @@ def test_analyze_mamba_states(tmp_path):
     assert decay.shape == (config.num_layers, config.num_heads) and ((0 <= decay) & (decay <= 1)).all()
     assert (tmp_path / "mamba_states.png").stat().st_size > 0
     assert main(["analyze", "mamba-states", "--model", str(FIXTURES / NAMES[0]), "--out", str(tmp_path / "x")]) == 2
+    # streams side by side: each row's losses are its own, alone; the report averages them per position
+    other = np.asarray(jax.random.randint(jax.random.key(1), (100,), 3, config.vocab_size))
+    both = stream_nll(params, config, np.stack([tokens, other]), chunk=32)
+    np.testing.assert_allclose(both[0], nll, atol=1e-4)
+    np.testing.assert_allclose(both[1], stream_nll(params, config, other, chunk=32), atol=1e-4)
+    two = analyze_mamba_states(params, config, np.stack([tokens, other]), tmp_path / "two", train_len=20, chunk=32)
+    assert two["stream"]["streams"] == 2
+    assert two["loss_at"]["none"]["4x"] == pytest.approx(float(both[:, 60:79].mean()), rel=1e-5)
+    cli = ["analyze", "mamba-states", "--model", str(FIXTURES / NAMES[0]), "--train-len", "20", "--length", "64",
+           "--data", "synthetic:count", "--chunk", "32"]
+    assert main(cli + ["--streams", "2", "--out", str(tmp_path / "y")]) == 0
+    assert json.loads((tmp_path / "y" / "mamba_states.json").read_text())["stream"]["streams"] == 2
+    assert main(cli + ["--streams", "5000", "--out", str(tmp_path / "z")]) == 2  # 80k synthetic tokens: too few
