@@ -161,7 +161,10 @@ class LServeLayer(_Paging):
         return dense + bounds + meta + local
 
     # ------------------------------------------------------------------ prefill
-    def prefill_attend(self, q, k, v, positions, *, layer):
+    def prefill_attend(self, q, k, v, positions, *, layer, packing=None, implementation=None):
+        if packing is not None:  # the Λ-shaped heads on each packed prompt alone
+            return packing.pack(self.prefill_attend(packing.unpack(q), packing.unpack(k), packing.unpack(v),
+                                                    packing.positions, layer=layer))
         d, rest = self._split(layer)
         t = q.shape[1]
         w = layer.sliding_window

@@ -22,8 +22,13 @@ A policy is a frozen dataclass of hyper-parameters plus pure functions. It works
                                         order on the one state, and their own entries in
                                         ``ModelCache.layers`` are None (``init`` returns None);
   ``init(*, batch, max_len, dtype, layer)``   the empty state (fixed shapes from here on);
-  ``prefill_attend(q, k, v, positions, *, layer)``   attention over the prompt itself (default:
-                                        dense causal, the model's sliding window applied);
+  ``prefill_attend(q, k, v, positions, *, layer, packing=None, implementation=None)``   attention
+                                        over the prompt itself (default: dense causal, the model's
+                                        sliding window applied); ``packing`` (a prepacked prefill,
+                                        ``jaxkv.prepack.PackedLayout``): rows hold several prompts,
+                                        each attending only within itself (the default: by the
+                                        layout's segment ids, never a dense mask); ``implementation``
+                                        names the attention kernel (``attend_dense``'s);
   ``prefill(state, *, q, k, v, positions, layer, params)``   store the prompt's K/V (post-RoPE;
                                         ``q`` is given to methods that score tokens by queries);
                                         a policy whose ``wants_layer_input`` is True also gets
@@ -194,9 +199,13 @@ class CachePolicy:
         return self.new_kv(batch=batch, num_kv_heads=layer.num_kv_heads, slots=self.capacity(max_len),
                            head_dim=layer.head_dim, dtype=dtype)
 
-    def prefill_attend(self, q: Array, k: Array, v: Array, positions: Array, *, layer: LayerSpec) -> Array:
-        """Attention of the prompt over itself: ``q [B,T,K,G,H]``, ``k, v [B,T,K,H]``."""
-        return attend_dense(q, k, v, positions, window=layer.sliding_window)
+    def prefill_attend(self, q: Array, k: Array, v: Array, positions: Array, *, layer: LayerSpec, packing=None,
+                       implementation: str | None = None) -> Array:
+        """Attention of the prompt over itself: ``q [B,T,K,G,H]``, ``k, v [B,T,K,H]``; with
+        ``packing``, within each packed prompt (segment ids)."""
+        return attend_dense(q, k, v, positions, window=layer.sliding_window,
+                            segment_ids=None if packing is None else packing.segment_ids,
+                            implementation=implementation)
 
     def prefill(self, state: Any, *, q: Array, k: Array, v: Array, positions: Array,
                 layer: LayerSpec, params: Any = None) -> Any:

@@ -37,7 +37,7 @@ from flax import nnx
 
 from jaxkv.attention import attend_dense
 from jaxkv.cache.kv import ModelCache
-from jaxkv.cache.policy import CachePolicy, LayerInput, LayerSpec, Phase
+from jaxkv.cache.policy import LayerInput, LayerSpec, Phase
 from jaxkv.config import LlamaConfig
 from jaxkv.models.layers import MLP, Linear, RMSNorm, apply_rope, rope_angles, rope_inv_freq
 from jaxkv.typing import Array
@@ -80,12 +80,8 @@ class Attention(nnx.Module):
             out = attend_dense(q, k, v, positions, window=self.window, segment_ids=segment_ids,
                                implementation=attention_implementation, sharding=attention_sharding, anchor=anchor)
         elif packing is not None:  # a packed prefill (jaxkv.prepack): rows hold several prompts
-            if type(policy).prefill_attend is CachePolicy.prefill_attend:  # dense causal: within segments
-                out = attend_dense(q, k, v, positions, window=self.window, segment_ids=packing.segment_ids,
-                                   implementation=attention_implementation)
-            else:  # the policy's own prompt attention, on each prompt alone
-                out = packing.pack(policy.prefill_attend(packing.unpack(q), packing.unpack(k), packing.unpack(v),
-                                                         packing.positions, layer=layer))
+            out = policy.prefill_attend(q, k, v, positions, layer=layer, packing=packing,
+                                        implementation=attention_implementation)
             # the policy sees each prompt's own Q/K/V, as if it had been prefilled alone
             extra = ({"inputs": LayerInput(x=packing.unpack(x), inv_freq=inv_freq)} if policy.wants_layer_input
                      else {})
