@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jaxkv.typing import Array
 from jaxkv.errors import UserError
 
-__all__ = ["visibility_mask", "attention_weights", "attend_reference", "attend_with_lse", "merge_attention",
+__all__ = ["visibility_mask", "attention_scores", "attention_weights", "attend_reference", "attend_with_lse", "merge_attention",
            "contiguous_layout", "attend_sinks_window", "attend_dense", "same_sharding", "AttentionSharding"]
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -70,6 +70,17 @@ def attention_weights(q: Array, k: Array, q_positions: Array, k_positions: Array
     """Softmax weights ``[B,K,G,T,S]`` (fp32) of ``q [B,T,K,G,H]`` over ``k [B,K,S,H]``, masked by
     the rules above. ``k_bias [B,K,S]`` is added to every query's score of a slot (a slot that
     stands for ``n`` tokens, such as a compensation token, carries ``log n``)."""
+    s = attention_scores(q, k, q_positions, k_positions, window=window, q_segments=q_segments,
+                         k_segments=k_segments, scale=scale, k_bias=k_bias, anchor=anchor)
+    return jax.nn.softmax(s, axis=-1)  # 3. softmax in fp32
+
+
+def attention_scores(q: Array, k: Array, q_positions: Array, k_positions: Array, *,
+                     window: int | None = None, q_segments: Array | None = None,
+                     k_segments: Array | None = None, scale: float | None = None,
+                     k_bias: Array | None = None, anchor: bool = False) -> Array:
+    """The scaled scores ``[B,K,G,T,S]`` (fp32) before the softmax of ``attention_weights``, a
+    masked pair holding a large negative number (what analyses of the logits read)."""
     if q.ndim != 5 or k.ndim != 4:
         raise UserError(f"expected q [B,T,K,G,H] and k [B,K,S,H]; got {q.shape}, {k.shape}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -80,9 +91,7 @@ def attention_weights(q: Array, k: Array, q_positions: Array, k_positions: Array
     # 2. mask by position (and segment)
     mask = visibility_mask(q_positions, k_positions, window=window,
                            q_segments=q_segments, k_segments=k_segments, anchor=anchor)
-    s = jnp.where(mask[:, :, None], s, _MASKED)
-    # 3. softmax in fp32
-    return jax.nn.softmax(s, axis=-1)
+    return jnp.where(mask[:, :, None], s, _MASKED)
 
 
 def attend_reference(

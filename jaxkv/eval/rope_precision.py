@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxkv.attention import visibility_mask
+from jaxkv.attention import attention_scores
 from jaxkv.errors import UserError
 from jaxkv.fileio import save_figure, write_text_atomic
 from jaxkv.models.layers import apply_rope, rope_angles, rope_inv_freq
@@ -62,14 +62,12 @@ def _maps(model, params, config, tokens, shift, dtype, rounding):
     positions = shift + jnp.arange(t, dtype=jnp.int32)[None]
     xs = attention_inputs(params, tokens, positions, config=config, compute_dtype=dtype)
     cos, sin = rope_angles(positions, rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling))
-    mask = visibility_mask(positions, positions)[0, 0]
+    kh, g, h = config.num_kv_heads, config.group_size, config.head_dim
     for layer, x in zip(model.layers, xs):
         attn = layer.attn
-        q = _rope(attn.q(x).reshape(1, t, config.num_heads, config.head_dim), cos, sin, rounding)
-        k = _rope(attn.k(x).reshape(1, t, config.num_kv_heads, config.head_dim), cos, sin, rounding)
-        k = jnp.repeat(k, config.group_size, axis=2)
-        s = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32)[0] * config.head_dim ** -0.5
-        s = jnp.where(mask, s, -jnp.inf)
+        q = _rope(attn.q(x).reshape(1, t, kh * g, h), cos, sin, rounding).reshape(1, t, kh, g, h)
+        k = _rope(attn.k(x).reshape(1, t, kh, h), cos, sin, rounding).transpose(0, 2, 1, 3)
+        s = attention_scores(q, k, positions, positions)[0].reshape(kh * g, t, t)
         yield s, jax.nn.softmax(s, axis=-1)
 
 
