@@ -16,6 +16,13 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), f"jaxkv-tests-xla-cache-{getpass.getuser()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# Most of the suite's time is XLA:CPU compiling many small programs, and most of a compile is
+# LLVM optimising the generated code. The tests' models are tiny, so unoptimised machine code
+# costs little at run time while compiles take about half as long. The programs XLA builds (HLO,
+# fusions) are the same; only LLVM's backend passes are skipped. Inherited by the subprocesses
+# the tests start; a test or a user that sets the level itself keeps its own.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 import numpy as np
 import pytest

@@ -29,6 +29,20 @@ def _segments(rng, b, t, docs):
     return jnp.asarray(np.stack(out), jnp.int32)
 
 
+def _jit_bsa(**static):
+    """``block_sparse_attention`` jit-compiled with ``static`` (the mask, block sizes, the
+    implementation and its options) fixed: one compile instead of one per eager operation (the
+    reference's and the block plan's; the kernel runs in interpret mode either way). Array keyword
+    arguments (segment ids, a block mask) are traced."""
+    return jax.jit(lambda q, k, v, qp, kp, arrays: block_sparse_attention(q, k, v, qp, kp, **static, **arrays))
+
+
+def _split(kw):
+    """``kw`` as (its array values, the rest)."""
+    arrays = {k: v for k, v in kw.items() if isinstance(v, jax.Array)}
+    return arrays, {k: v for k, v in kw.items() if k not in arrays}
+
+
 # ------------------------------------------------------------------ the mask
 def test_mask_spec_names_bad_fields():
     for kwargs, field in [({"window": 0}, "window"), ({"sinks": 4}, "sinks"), ({"sinks": -1, "window": 4}, "sinks"),
@@ -112,7 +126,8 @@ def test_reference_equals_a_numpy_softmax():
     pos = jnp.arange(t)[None]
     seg = _segments(rng, b, t, 3)
     spec = MaskSpec(window=6, anchor=True)
-    out, lse = block_sparse_attention_reference(q, k, v, pos, pos, mask=spec, q_segments=seg, k_segments=seg)
+    out, lse = jax.jit(lambda q, k, v, p, s: block_sparse_attention_reference(  # one compile, not one per op
+        q, k, v, p, p, mask=spec, q_segments=s, k_segments=s))(q, k, v, pos, seg)
     vis = np.asarray(dense_visibility(spec, pos, pos, q_segments=seg, k_segments=seg))[0, 0]
     qn, kn, vn = (np.asarray(x, np.float64)[0] for x in (q, k, v))
     for head in range(n):
@@ -125,9 +140,9 @@ def test_reference_equals_a_numpy_softmax():
         np.testing.assert_allclose(np.asarray(lse)[0, head], np.log(p.sum(-1)) + m[:, 0], atol=1e-5)
     # a query that sees nothing: out 0, lse -inf, and zero (not NaN) gradients
     pad = pos.at[0, 5].set(-1)
-    out, lse = block_sparse_attention_reference(q, k, v, pad, pos)
+    out, lse = jax.jit(block_sparse_attention_reference)(q, k, v, pad, pos)
     assert np.all(np.asarray(out)[0, 5] == 0) and np.all(np.isneginf(np.asarray(lse)[0, :, 5]))
-    g = jax.grad(lambda q: jnp.sum(block_sparse_attention_reference(q, k, v, pad, pos)[0]))(q)
+    g = jax.jit(jax.grad(lambda q: jnp.sum(block_sparse_attention_reference(q, k, v, pad, pos)[0])))(q)
     assert np.isfinite(np.asarray(g)).all() and np.all(np.asarray(g)[0, 5] == 0)
 
 
@@ -151,18 +166,17 @@ def test_a_shared_anchor_equals_bos_per_document(implementation, options):
     x_v = jnp.asarray(rng.normal(size=(1, total, kh, h)), jnp.float32)
     pos = jnp.arange(total)[None]
     seg = jnp.asarray(np.concatenate([[0], np.repeat(np.arange(3), lens)]))[None]
-    packed = block_sparse_attention(_rotary(x_q, pos, h), _rotary(x_k, pos, h), x_v, pos, pos,
-                                    mask=MaskSpec(anchor=True), q_segments=seg, k_segments=seg,
-                                    implementation=implementation, block_q=16, block_k=16, **options)
+    packed = _jit_bsa(mask=MaskSpec(anchor=True), implementation=implementation, block_q=16, block_k=16, **options)(
+        _rotary(x_q, pos, h), _rotary(x_k, pos, h), x_v, pos, pos, dict(q_segments=seg, k_segments=seg))
     # BOS form: [A, doc0, A, doc1, A, doc2]; every A at position 0, the documents keep their positions
     starts = np.cumsum([1] + lens[:-1])
     order = np.concatenate([np.concatenate([[0], np.arange(s, s + m)]) for s, m in zip(starts, lens)])
     bos_pos = jnp.asarray(np.where(order == 0, 0, order))[None]
     bos_seg = jnp.asarray(np.concatenate([np.full(m + 1, d) for d, m in enumerate(lens)]))[None]
     take = lambda a: a[:, order]  # noqa: E731
-    bos = block_sparse_attention(_rotary(take(x_q), bos_pos, h), _rotary(take(x_k), bos_pos, h), take(x_v), bos_pos,
-                                 bos_pos, mask=MaskSpec(), q_segments=bos_seg, k_segments=bos_seg,
-                                 implementation=implementation, block_q=16, block_k=16, **options)
+    bos = _jit_bsa(mask=MaskSpec(), implementation=implementation, block_q=16, block_k=16, **options)(
+        _rotary(take(x_q), bos_pos, h), _rotary(take(x_k), bos_pos, h), take(x_v), bos_pos, bos_pos,
+        dict(q_segments=bos_seg, k_segments=bos_seg))
     doc = order != 0
     np.testing.assert_allclose(np.asarray(bos)[0, doc], np.asarray(packed)[0, order[doc]], atol=2e-6)
     # and the anchor changes something: without it the documents after the first do not see A
@@ -215,9 +229,10 @@ class BlockSparseAttentionBase:
     @pytest.mark.parametrize("name", list(CASES))
     def test_forward_matches_the_reference(self, name, dtype):
         q, k, v, qp, kp, kw, s = self._inputs(name, dtype)
-        want, want_lse = block_sparse_attention(q, k, v, qp, kp, implementation="reference", return_lse=True, **kw)
-        got, lse = block_sparse_attention(q, k, v, qp, kp, implementation=self.implementation, return_lse=True,
-                                          **self.options, **kw)
+        arrays, static = _split(kw)
+        want, want_lse = _jit_bsa(implementation="reference", return_lse=True, **static)(q, k, v, qp, kp, arrays)
+        got, lse = _jit_bsa(implementation=self.implementation, return_lse=True, **self.options, **static)(
+            q, k, v, qp, kp, arrays)
         tol = TOL[dtype] * np.sqrt(s)
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol)
         real = np.isfinite(np.asarray(want_lse))
@@ -232,8 +247,9 @@ class BlockSparseAttentionBase:
         def loss(impl, options):
             return lambda q, k, v: jnp.sum(w * block_sparse_attention(q, k, v, qp, kp, implementation=impl,
                                                                       **options, **kw))
-        want = jax.grad(loss("reference", {}), argnums=(0, 1, 2))(q, k, v)
-        got = jax.grad(loss(self.implementation, self.options), argnums=(0, 1, 2))(q, k, v)
+        # jitted: one compile of each backward instead of one per eager operation
+        want = jax.jit(jax.grad(loss("reference", {}), argnums=(0, 1, 2)))(q, k, v)
+        got = jax.jit(jax.grad(loss(self.implementation, self.options), argnums=(0, 1, 2)))(q, k, v)
         for name_, a, b in zip("qkv", got, want):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=4 * TOL[jnp.float32] * np.sqrt(s),
                                        err_msg=f"d{name_}")

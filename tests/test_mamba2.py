@@ -17,7 +17,7 @@ from jaxkv.models.mamba2 import Mamba2Config, forward, init_params, init_state
 
 FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures" / "mamba2"
 NAMES = ["groups1_chunk8", "groups2_chunk5_bias_tied", "groups4_chunk16"]
-_STEP = jax.jit(forward, static_argnames=("config", "chunk_size"))
+_STEP = jax.jit(forward, static_argnames=("config", "chunk_size"))  # every forward here: one compile per shape, not per op
 
 
 def _ssd_inputs(rng, b, t, h, p, g, n):
@@ -64,7 +64,7 @@ def test_logits_and_greedy_tokens_match_transformers(name):
     config, params = load_mamba2_checkpoint(FIXTURES / name)
     e = np.load(FIXTURES / name / "expected.npz")
     prompt = jnp.asarray(e["prompt"])[None]
-    logits, state = forward(params, prompt, config=config)
+    logits, state = _STEP(params, prompt, config=config)
     np.testing.assert_allclose(np.asarray(logits[0]), e["logits"], atol=1e-4)
     # greedy: the chunked prefill, then recurrent steps (one compile), as transformers' generate
     tokens, lg = [], logits[:, -1:]
@@ -73,7 +73,7 @@ def test_logits_and_greedy_tokens_match_transformers(name):
         tokens.append(int(nxt[0, 0]))
         lg, state = _STEP(params, nxt, None, state, config=config)
     np.testing.assert_array_equal(tokens, e["greedy"])
-    full, _ = forward(params, jnp.concatenate([prompt, jnp.asarray(e["greedy"])[None]], 1), config=config)
+    full, _ = _STEP(params, jnp.concatenate([prompt, jnp.asarray(e["greedy"])[None]], 1), config=config)
     np.testing.assert_allclose(np.asarray(full[0]), e["full_logits"], atol=1e-4)
 
 
@@ -85,10 +85,10 @@ def test_prefill_then_decode_equals_one_forward_with_a_dt_limit():
     base, p = load_mamba2_checkpoint(FIXTURES / NAMES[1])  # two groups, chunk 5, biases
     c = dataclasses.replace(base, time_step_limit=(0.0, 0.05))
     tok = jax.random.randint(jax.random.key(1), (2, 21), 0, c.vocab_size)
-    full, st = forward(p, tok, config=c)
-    lg, s = forward(p, tok[:, :7], config=c)
+    full, st = _STEP(p, tok, config=c)
+    lg, s = _STEP(p, tok[:, :7], config=c)
     outs = [lg]
-    lg, s = forward(p, tok[:, 7:12], None, s, config=c, chunk_size=3)
+    lg, s = _STEP(p, tok[:, 7:12], None, s, config=c, chunk_size=3)
     outs.append(lg)
     for t in range(12, 21):
         lg, s = _STEP(p, tok[:, t:t + 1], None, s, config=c)
@@ -96,7 +96,7 @@ def test_prefill_then_decode_equals_one_forward_with_a_dt_limit():
     np.testing.assert_allclose(np.asarray(jnp.concatenate(outs, 1)), np.asarray(full), atol=1e-5)
     for a, b in zip(jax.tree.leaves(s), jax.tree.leaves(st)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
-    assert float(jnp.abs(forward(p, tok, config=base)[0] - full).max()) > 1e-2  # the limit bites
+    assert float(jnp.abs(_STEP(p, tok, config=base)[0] - full).max()) > 1e-2  # the limit bites
 
 
 def test_left_padding_is_exact():
@@ -106,7 +106,7 @@ def test_left_padding_is_exact():
     t = prompt.shape[0]
     padded = jnp.concatenate([jnp.full((4,), 99), prompt])[None]
     pos = jnp.concatenate([jnp.full((4,), -1), jnp.arange(t)])[None]
-    logits, _ = forward(params, padded, pos, config=config)
+    logits, _ = _STEP(params, padded, pos, config=config)
     np.testing.assert_allclose(np.asarray(logits[0, 4:]), e["logits"], atol=1e-4)
 
 
@@ -118,17 +118,17 @@ def test_right_padding_leaves_the_state_as_it_was():
     e = np.load(FIXTURES / NAMES[1] / "expected.npz")
     prompt = jnp.asarray(e["prompt"])
     t = prompt.shape[0]
-    ref_logits, ref_state = forward(params, prompt[None], config=config)
+    ref_logits, ref_state = _STEP(params, prompt[None], config=config)
     tokens = jnp.concatenate([prompt, jnp.full((5,), 99)])[None]
     pos = jnp.concatenate([jnp.arange(t), jnp.full((5,), -1)])[None]
-    logits, state = forward(params, tokens, pos, config=config)
+    logits, state = _STEP(params, tokens, pos, config=config)
     np.testing.assert_allclose(np.asarray(logits[0, :t]), np.asarray(ref_logits[0]), atol=1e-4)
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
-    _, after = forward(params, jnp.full((1, 1), 5), jnp.full((1, 1), -1), state, config=config)
+    _, after = _STEP(params, jnp.full((1, 1), 5), jnp.full((1, 1), -1), state, config=config)
     for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(ref_state)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
-    last, _ = forward(params, tokens, pos, config=config, logits_at=jnp.array([t - 1]))
+    last, _ = _STEP(params, tokens, pos, config=config, logits_at=jnp.array([t - 1]))
     np.testing.assert_allclose(np.asarray(last[0, 0]), np.asarray(ref_logits[0, -1]), atol=1e-4)
 
 
@@ -267,7 +267,7 @@ def test_save_and_load_round_trip(tmp_path):
     for name in got:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
     e = np.load(FIXTURES / NAMES[1] / "expected.npz")
-    logits, _ = forward(params2, jnp.asarray(e["prompt"])[None], config=again)
+    logits, _ = _STEP(params2, jnp.asarray(e["prompt"])[None], config=again)
     np.testing.assert_allclose(np.asarray(logits[0]), e["logits"], atol=1e-4)
 
 

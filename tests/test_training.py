@@ -59,9 +59,10 @@ def test_the_chunked_loss_equals_the_whole_one_and_its_gradients(tiny_model):
     rows = pack_documents([list(range(5, 17)), list(range(20, 29)), [3, 4, 5]], DataConfig(seq_len=16))
     batch = {k: jnp.asarray(getattr(rows, k)) for k in ("tokens", "positions", "segment_ids")}
     f = lambda p, c: lm_loss(p, batch, config=config, compute_dtype=jnp.float32, chunk=c)[0]  # noqa: E731
-    want, want_g = jax.value_and_grad(f)(params, 15)
+    loss_and_grad = jax.jit(jax.value_and_grad(f), static_argnums=1)  # one compile per chunk, not one per op
+    want, want_g = loss_and_grad(params, 15)
     for c in (3,):
-        got, got_g = jax.value_and_grad(f)(params, c)
+        got, got_g = loss_and_grad(params, c)
         np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
         for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
@@ -84,17 +85,19 @@ def test_loss_masks_padding_and_document_boundaries(tiny_model):
     config, params = tiny_model
     rows = pack_documents([[5, 6, 7], [8, 9]], DataConfig(seq_len=8))
     batch = {k: jnp.asarray(getattr(rows, k)) for k in ("tokens", "positions", "segment_ids")}
-    total, count = lm_loss(params, batch, config=config, compute_dtype=jnp.float32)
+    loss = jax.jit(lambda p, b: lm_loss(p, b, config=config, compute_dtype=jnp.float32))  # not op by op
+    total, count = loss(params, batch)
     assert float(count) == 3  # 5->6, 6->7, 8->9; never 7->8 or into padding
     answers_only = pack_documents([([5, 6, 7], [0, 0, 1]), [8, 9]], DataConfig(seq_len=8))
     batch_a = {k: jnp.asarray(getattr(answers_only, k)) for k in ("tokens", "positions", "segment_ids", "loss_mask")}
-    total_a, count_a = lm_loss(params, batch_a, config=config, compute_dtype=jnp.float32)
+    total_a, count_a = loss(params, batch_a)
     assert float(count_a) == 2  # 6->7 and 8->9
     logits, _ = jax.jit(lambda p: __import__("jaxkv").forward(
         p, jnp.array([[5, 6, 7]]), jnp.arange(3)[None], config=config))(params)
     logp = jax.nn.log_softmax(logits[0])
     want = -(logp[0, 6] + logp[1, 7])
-    logits2, _ = __import__("jaxkv").forward(params, jnp.array([[8, 9]]), jnp.arange(2)[None], config=config)
+    logits2, _ = jax.jit(lambda p: __import__("jaxkv").forward(
+        p, jnp.array([[8, 9]]), jnp.arange(2)[None], config=config))(params)
     want = want - jax.nn.log_softmax(logits2[0])[0, 9]
     np.testing.assert_allclose(float(total), float(want), rtol=1e-5)
     want_a = -logp[1, 7] - jax.nn.log_softmax(logits2[0])[0, 9]
