@@ -4,6 +4,7 @@ streaming heads keep sinks + window in prefill and decode, bytes, and bad settin
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -25,13 +26,18 @@ def _drive(config, pol, prompt_len, steps, batch=2, max_len=160, seed=0):
     r = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)  # noqa: E731
     pos = jnp.broadcast_to(jnp.arange(prompt_len), (batch, prompt_len))
     k, v = r(batch, prompt_len, kh, h), r(batch, prompt_len, kh, h)
-    state = pol.prefill(state, q=None, k=k, v=v, positions=pos, layer=spec)
+    # jitted as the model runs them: one compile for the prefill and one for every decode step
+    # (the steps have one shape), instead of one per eager operation
+    prefill = jax.jit(lambda state, k, v, pos: pol.prefill(state, q=None, k=k, v=v, positions=pos, layer=spec))
+    append = jax.jit(lambda state, q, k, v, p: pol.append(state, q=q, k=k, v=v, positions=p, phase=Phase.DECODE,
+                                                          layer=spec))
+    state = prefill(state, k, v, pos)
     keys, values, steps_out = [k], [v], []
     for i in range(steps):
         p = jnp.full((batch, 1), prompt_len + i)
         q, k, v = r(batch, 1, kh, g, h), r(batch, 1, kh, h), r(batch, 1, kh, h)
         before = state.selected
-        out, state = pol.append(state, q=q, k=k, v=v, positions=p, phase=Phase.DECODE, layer=spec)
+        out, state = append(state, q, k, v, p)
         keys.append(k)
         values.append(v)
         steps_out.append((q, out, before, state.selected, state.attended))
@@ -213,10 +219,11 @@ def test_the_harness_counts_the_pages_attended(parity_models):
     config, params, e = parity_models["llama3"]
     seq = _sequence(e)
     n = seq.shape[1]
-    _, full = _run(config, params, seq, "full")
+    # jit_all: the programs test_eviction_at_a_small_budget_differs_from_full compiles (same policy)
+    _, full = _run(config, params, seq, "full", jit_all=True)
     assert attended_fraction(full, n, config) == 1.0
     pol = LServeCache(heads=((0,), (1,)), sinks=1, window=6, token_budget=8, page=8, logical_page=4, prefill_window=4)
-    _, cache = _run(config, params, seq, pol)
+    _, cache = _run(config, params, seq, pol, jit_all=True)
     # per layer: one dense head sees at most its budget page + the newest page, one streaming head 7 slots
     got = attended_fraction(cache, n, config)
     assert 7 / (2 * n) < got <= (16 + 7) / (2 * n) < 1

@@ -1,5 +1,6 @@
 """jaxkv against transformers: logits and greedy tokens of the committed fixtures."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -8,6 +9,9 @@ from jaxkv.cache import init_cache
 from jaxkv.generate import generate
 from jaxkv.models.llama import forward
 from conftest import FAMILIES
+
+# every forward here jitted: one compile per (family, shape) instead of one per eager operation
+_FORWARD = jax.jit(forward, static_argnames=("config",))
 
 
 def _positions(n, b=1):
@@ -20,7 +24,7 @@ def test_full_forward_logits_match_transformers(parity_models, fam):
     for s in "ab":
         for prompt, want in ((e[f"prompt_{s}"], e[f"logits_{s}"]),
                              (np.concatenate([e[f"prompt_{s}"], e[f"greedy_{s}"]]), e[f"full_logits_{s}"])):
-            logits, _ = forward(params, jnp.asarray(prompt)[None], _positions(len(prompt)), config=config)
+            logits, _ = _FORWARD(params, jnp.asarray(prompt)[None], _positions(len(prompt)), config=config)
             np.testing.assert_allclose(np.asarray(logits[0]), want, atol=1e-4, rtol=0)
 
 
@@ -38,12 +42,12 @@ def test_cached_prefill_then_decode_equals_full_forward(parity_models, fam):
     config, params, e = parity_models[fam]
     seq = jnp.asarray(np.concatenate([e["prompt_a"], e["greedy_a"]]))[None]
     n, split = seq.shape[1], 11
-    full, _ = forward(params, seq, _positions(n), config=config)
+    full, _ = _FORWARD(params, seq, _positions(n), config=config)
     cache = init_cache(config, "full", batch=1, max_len=n, dtype=jnp.float32)
-    logits, cache = forward(params, seq[:, :split], _positions(split), cache, config=config)
+    logits, cache = _FORWARD(params, seq[:, :split], _positions(split), cache, config=config)
     got = [logits[0]]
     for t in range(split, n):
-        step, cache = forward(params, seq[:, t:t + 1], jnp.array([[t]]), cache, config=config)
+        step, cache = _FORWARD(params, seq[:, t:t + 1], jnp.array([[t]]), cache, config=config)
         got.append(step[0])
     got = np.concatenate([np.asarray(g) for g in got])
     np.testing.assert_allclose(got, np.asarray(full[0]), atol=1e-5, rtol=0)
@@ -58,7 +62,7 @@ def test_packed_segments_equal_separate_rows(parity_models):
     tokens = jnp.asarray(np.concatenate([a, b]))[None]
     positions = jnp.asarray(np.concatenate([np.arange(len(a)), np.arange(len(b))]))[None]
     segments = jnp.asarray(np.repeat([0, 1], [len(a), len(b)]))[None]
-    packed, _ = forward(params, tokens, positions, config=config, segment_ids=segments)
+    packed, _ = _FORWARD(params, tokens, positions, config=config, segment_ids=segments)
     np.testing.assert_allclose(np.asarray(packed[0, :len(a)]), e["logits_a"], atol=1e-4, rtol=0)
     np.testing.assert_allclose(np.asarray(packed[0, len(a):]), e["logits_b"], atol=1e-4, rtol=0)
 
