@@ -125,10 +125,13 @@ def _reference_folder(tmp_path, config, stored):
     return save_checkpoint(tmp_path / "reference", config, params)
 
 
+_FORWARD = jax.jit(forward, static_argnames=("config",))  # one compile per (config, length), not one per op
+
+
 def _logits(config, params, tokens):
     tokens = jnp.asarray([tokens], jnp.int32)
     positions = jnp.arange(tokens.shape[1])[None]
-    logits, _ = forward(params, tokens, positions, None, config=config)
+    logits, _ = _FORWARD(params, tokens, positions, None, config=config)
     return np.asarray(logits[0])
 
 

@@ -1,5 +1,7 @@
 """centroid_scores: the reference against Squeezed's own cluster weights and a hand-worked case;
 every backend against the reference through one shared test base (interpret mode on the CPU)."""
+import functools
+
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -50,11 +52,12 @@ class CentroidScoresBase:
     def test_matches_the_reference(self, dtype, b, kh, g, h, c, block_c):
         rng = np.random.default_rng(c + g)
         q, cent, counts = _case(rng, b, kh, g, h, c, dtype)
-        want_w, _ = centroid_scores_reference(q, cent, counts, jnp.zeros((b,)))
+        reference = jax.jit(centroid_scores_reference)  # jitted: one compile each, not one per eager op
+        want_w, _ = reference(q, cent, counts, jnp.zeros((b,)))
         thr = jnp.asarray(np.quantile(np.asarray(want_w).reshape(b, -1), 0.7, axis=1), jnp.float32)
-        want_w, want_k = centroid_scores_reference(q, cent, counts, thr)
-        got_w, got_k = centroid_scores(q, cent, counts, thr, implementation=self.implementation, **self.options,
-                                       **({"block_c": block_c} if self.kernel else {}))
+        want_w, want_k = reference(q, cent, counts, thr)
+        got_w, got_k = jax.jit(functools.partial(centroid_scores, implementation=self.implementation, **self.options,
+                                                 **({"block_c": block_c} if self.kernel else {})))(q, cent, counts, thr)
         np.testing.assert_allclose(np.asarray(got_w), np.asarray(want_w), rtol=1e-5, atol=1e-7)
         close = np.isclose(np.asarray(want_w), np.asarray(thr)[:, None, None], rtol=1e-5)  # ties at the threshold
         np.testing.assert_array_equal(np.asarray(got_k)[~close], np.asarray(want_k)[~close])

@@ -1,6 +1,8 @@
 """quantized_decode: the reference against attention over the dequantized cache (numpy) and
 against sparse_decode's reference on the same values; every backend against the reference
 through one shared test base (interpret mode on the CPU, compiled under the gpu marker)."""
+import functools
+
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -65,9 +67,11 @@ class QuantizedDecodeBase:
     def test_matches_the_reference(self, dtype, b, kh, g, h, s, bits, block, lengths, per_split):
         rng = np.random.default_rng(s + bits)
         args, _, _ = _case(rng, b, kh, g, h, s, bits, dtype, lengths)
-        want, want_lse = quantized_decode_reference(*args, bits=bits)
+        # jitted: one compile each instead of one per eager operation
+        want, want_lse = jax.jit(functools.partial(quantized_decode_reference, bits=bits))(*args)
         opts = dict(self.options, block_size=block, blocks_per_split=per_split) if self.kernel else self.options
-        got, got_lse = quantized_decode(*args, bits=bits, implementation=self.implementation, **opts)
+        got, got_lse = jax.jit(functools.partial(quantized_decode, bits=bits, implementation=self.implementation,
+                                                 **opts))(*args)
         assert got.shape == want.shape and got.dtype == args[0].dtype
         tol = 2e-5 if dtype == jnp.float32 else 3e-2
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol, rtol=tol)

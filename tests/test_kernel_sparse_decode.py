@@ -1,5 +1,7 @@
 """sparse_decode: the reference against hand-worked cases and a numpy softmax, and every
 backend against the reference through one shared test base (interpret mode on the CPU)."""
+import functools
+
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -71,9 +73,11 @@ class SparseDecodeBase:
     def test_matches_the_reference(self, dtype, b, kh, g, h, s, bs, lengths, m, per):
         rng = np.random.default_rng(b * 100 + g)
         q, k, v, lengths, idx, counts = _case(rng, b, kh, g, h, s, bs, lengths, m, dtype)
-        want = sparse_decode_reference(q, k, v, lengths, idx, counts, block_size=bs)
-        got = sparse_decode(q, k, v, lengths, idx, counts, block_size=bs, implementation=self.implementation,
-                            **self.options, **({"blocks_per_split": per} if self.kernel else {}))
+        # jitted: one compile each instead of one per eager operation
+        want = jax.jit(functools.partial(sparse_decode_reference, block_size=bs))(q, k, v, lengths, idx, counts)
+        got = jax.jit(functools.partial(sparse_decode, block_size=bs, implementation=self.implementation, **self.options,
+                                        **({"blocks_per_split": per} if self.kernel else {})))(
+            q, k, v, lengths, idx, counts)
         tol = TOL[dtype] * np.sqrt(m * bs)
         np.testing.assert_allclose(np.asarray(got[0], np.float32), np.asarray(want[0], np.float32), atol=tol)
         assert got[0].dtype == q.dtype
@@ -82,7 +86,8 @@ class SparseDecodeBase:
     def test_dense_decode_equals_attention_over_every_real_slot(self):
         rng = np.random.default_rng(7)
         q, k, v, lengths, _, _ = _case(rng, 2, 2, 4, 32, 64, 16, [64, 21], 1, jnp.float32)
-        out, _ = dense_decode(q, k, v, lengths, block_size=16, implementation=self.implementation, **self.options)
+        out, _ = jax.jit(functools.partial(dense_decode, block_size=16, implementation=self.implementation,
+                                           **self.options))(q, k, v, lengths)
         sc = jnp.einsum("bkgh,bksh->bkgs", q, k, precision="highest") / np.sqrt(32)  # not TF32 on a GPU
         sc = jnp.where(jnp.arange(64)[None, None, None] < lengths[:, None, None, None], sc, -jnp.inf)
         want = jnp.einsum("bkgs,bksh->bkgh", jax.nn.softmax(sc, -1), v, precision="highest")

@@ -36,9 +36,10 @@ def test_segsum_hand_worked():
 @pytest.mark.parametrize("chunk", [1, 5, 16, 64])
 def test_chunked_ssd_equals_the_recurrence(b, t, h, p, g, n, chunk):
     x, dt, a, bb, cc, s0 = _ssd_inputs(np.random.default_rng(t + chunk), b, t, h, p, g, n)
+    recurrent, chunked = jax.jit(ssd_recurrent), jax.jit(ssd_chunked, static_argnames="chunk_size")  # not op by op
     for init in (None, s0):
-        y1, f1 = ssd_recurrent(x, dt, a, bb, cc, init)
-        y2, f2 = ssd_chunked(x, dt, a, bb, cc, init, chunk_size=chunk)
+        y1, f1 = recurrent(x, dt, a, bb, cc, init)
+        y2, f2 = chunked(x, dt, a, bb, cc, init, chunk_size=chunk)
         scale = float(jnp.abs(y1).max())
         np.testing.assert_allclose(np.asarray(y2), np.asarray(y1), atol=1e-5 * max(1.0, scale))
         np.testing.assert_allclose(np.asarray(f2), np.asarray(f1), atol=1e-5 * max(1.0, float(jnp.abs(f1).max())))
@@ -198,24 +199,26 @@ def test_the_windowed_state_equals_a_fresh_scan_over_the_last_tokens(window):
     """Mitigation 3: the state difference gives, at every step, what a scan started afresh
     ``window`` tokens back gives."""
     x, dt, a, bb, cc, _ = _ssd_inputs(np.random.default_rng(window), 2, 18, 3, 4, 1, 8)
-    y = np.asarray(ssd_windowed(x, dt, a, bb, cc, window=window))
+    y = np.asarray(jax.jit(ssd_windowed, static_argnames="window")(x, dt, a, bb, cc, window=window))
+    recurrent = jax.jit(ssd_recurrent)  # one compile per slice length (``window`` of them), not per op
     for t in range(18):
         lo = max(0, t - window + 1)
-        fresh, _ = ssd_recurrent(x[:, lo:t + 1], dt[:, lo:t + 1], a, bb[:, lo:t + 1], cc[:, lo:t + 1])
+        fresh, _ = recurrent(x[:, lo:t + 1], dt[:, lo:t + 1], a, bb[:, lo:t + 1], cc[:, lo:t + 1])
         np.testing.assert_allclose(y[:, t], np.asarray(fresh)[:, -1], atol=2e-5, err_msg=f"t={t}")
 
 
 def test_the_norm_cap_bounds_every_state_and_per_step_decay_matches():
     x, dt, a, bb, cc, _ = _ssd_inputs(np.random.default_rng(5), 1, 25, 2, 4, 1, 8)
-    _, free = ssd_recurrent(x, dt, a, bb, cc)
+    recurrent = jax.jit(ssd_recurrent)  # one compile per shape, not one per eager operation
+    _, free = recurrent(x, dt, a, bb, cc)
     cap = 0.5 * jnp.sqrt(jnp.sum(free * free, axis=(2, 3)))[0]  # [H], below the uncapped norms
-    states = [ssd_recurrent(x[:, :t], dt[:, :t], a, bb[:, :t], cc[:, :t], norm_cap=cap)[1] for t in (5, 15, 25)]
+    states = [recurrent(x[:, :t], dt[:, :t], a, bb[:, :t], cc[:, :t], norm_cap=cap)[1] for t in (5, 15, 25)]
     for s in states:
         assert (np.sqrt((np.asarray(s) ** 2).sum(axis=(2, 3)))[0] <= np.asarray(cap) * (1 + 1e-5)).all()
     # A per step [b, T, H]: the chunked and recurrent forms still agree
     a_t = a[None, None] + 0.1 * jnp.asarray(np.random.default_rng(6).normal(size=dt.shape), jnp.float32)
-    y1, f1 = ssd_recurrent(x, dt, a_t, bb, cc)
-    y2, f2 = ssd_chunked(x, dt, a_t, bb, cc, chunk_size=7)
+    y1, f1 = recurrent(x, dt, a_t, bb, cc)
+    y2, f2 = jax.jit(ssd_chunked, static_argnames="chunk_size")(x, dt, a_t, bb, cc, chunk_size=7)
     np.testing.assert_allclose(np.asarray(y2), np.asarray(y1), atol=1e-4)
 
 

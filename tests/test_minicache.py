@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -61,6 +62,11 @@ def _drive(config, policies, chunks, batch=2, max_len=24, seed=0):
     kh, h, g = config.num_kv_heads, config.head_dim, config.group_size
     spec = [LayerSpec(0, config), LayerSpec(1, config)]
     state = policies[0].init(batch=batch, max_len=max_len, dtype=jnp.float32, layer=spec[0])
+    # jitted as the model runs them: one compile per (role, chunk shape) instead of one per eager op
+    prefill = [jax.jit(lambda s, k, v, p, r=r: policies[r].prefill(s, q=None, k=k, v=v, positions=p, layer=spec[r]))
+               for r in (0, 1)]
+    append = [jax.jit(lambda s, q, k, v, p, r=r: policies[r].append(s, q=q, k=k, v=v, positions=p, phase=None,
+                                                                    layer=spec[r])) for r in (0, 1)]
     true = {n: [[], []] for n in "kv"}
     start = 0
     for c, t in enumerate(chunks):
@@ -72,11 +78,10 @@ def _drive(config, policies, chunks, batch=2, max_len=24, seed=0):
             true["k"][role].append(k)
             true["v"][role].append(v)
             if c == 0:
-                state = policies[role].prefill(state, q=None, k=k, v=v, positions=positions, layer=spec[role])
+                state = prefill[role](state, k, v, positions)
             else:
                 q = jnp.asarray(rng.normal(size=(batch, t, kh, g, h)), jnp.float32)
-                _, state = policies[role].append(state, q=q, k=k, v=v, positions=positions, phase=None,
-                                                 layer=spec[role])
+                _, state = append[role](state, q, k, v, positions)
         start += t
     cat = {n: [jnp.concatenate(x, axis=1).transpose(0, 2, 1, 3) for x in true[n]] for n in "kv"}
     return state, cat
