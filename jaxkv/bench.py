@@ -494,6 +494,10 @@ def main(args) -> int:
         return _main_kernels(args)
     if args.bench == "prefill":
         return _main_prefill(args)
+    if args.bench in ("ssd", "mamba-decode"):
+        from jaxkv.bench_mamba import main as mamba_main
+
+        return mamba_main(args)
     if args.bench == "prepack":
         from jaxkv.bench_prepack import main as prepack_main
 

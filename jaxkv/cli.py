@@ -32,6 +32,8 @@
   jaxkv bench decode [--model M | --preset llama-1b] [--batch 1,32] ...
   jaxkv bench kernels [--batch 4] [--heads 32/8] [--context 131072] [--budget 4096]
   jaxkv bench prefill [--batch 1] [--heads 32/8] [--lengths 8192,32768] [--densities 0.5,0.25,0.1]
+  jaxkv bench ssd [--batch 8] [--length 2048] [--heads 24] [--head-dim 64] [--state 128]
+  jaxkv bench mamba-decode [--shapes mamba2-130m,mamba2-1.3b] [--batch 1,32]
   jaxkv bench prepack [--model M | --preset llama-1b] [--prompts 64] [--batches 4] [--median 120]
 
 A model M is a checkpoint folder, a ``.gguf`` file, ``default`` (the model shipped inside
@@ -1004,6 +1006,23 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--num-stages", type=_positive_int, default=3)
     pf.add_argument("--repeats", type=_positive_int, default=5)
     pf.add_argument("--json", default=None)
+    sd = bsub.add_parser("ssd", help="Mamba-2's SSD scan: the Pallas kernel against the XLA reference (GPU)")
+    sd.add_argument("--batch", type=_positive_int, default=8)
+    sd.add_argument("--length", type=_positive_int, default=2048, help="tokens per row")
+    sd.add_argument("--heads", type=_positive_int, default=24)
+    sd.add_argument("--head-dim", type=_positive_int, default=64)
+    sd.add_argument("--state", type=_positive_int, default=128, help="state size N")
+    sd.add_argument("--groups", type=_positive_int, default=1, help="groups of B and C")
+    sd.add_argument("--repeats", type=_positive_int, default=10)
+    sd.add_argument("--json", default=None)
+    md = bsub.add_parser("mamba-decode", help="Mamba-2 decode tokens/s against the memory roofline (random weights)")
+    md.add_argument("--shapes", default="mamba2-130m,mamba2-1.3b",
+                    help="comma-separated published Mamba-2 shapes (mamba2-130m, -370m, -1.3b, -2.7b)")
+    md.add_argument("--batch", default="1,32", help="comma-separated batch sizes")
+    md.add_argument("--prompt-len", type=_positive_int, default=1024)
+    md.add_argument("--new-tokens", type=_positive_int, default=256)
+    md.add_argument("--repeats", type=_positive_int, default=3)
+    md.add_argument("--json", default=None)
     pp = bsub.add_parser("prepack", help="prefill time and peak memory: padded, length-sorted and prepacked batches")
     pp.add_argument("--model", default=None, help="a model's real weights: " + MODEL_HELP)
     pp.add_argument("--preset", default="llama-1b", help="random weights of a preset (when --model is not given)")

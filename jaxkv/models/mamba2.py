@@ -33,7 +33,7 @@ from flax import struct
 from jaxkv.config import ConfigError
 from jaxkv.errors import UserError
 from jaxkv.fileio import read_json_object
-from jaxkv.kernels.ssd import ssd_chunked, ssd_recurrent, ssd_windowed
+from jaxkv.kernels.ssd import ssd, ssd_recurrent, ssd_windowed
 from jaxkv.typing import Array
 
 __all__ = ["Mamba2Config", "Mamba2State", "Mamba2LayerState", "init_params", "abstract_params", "forward",
@@ -329,8 +329,18 @@ def _gated_norm(y, z, w, c: Mamba2Config):
     return w * out.astype(y.dtype)
 
 
+def _ssd_implementation(requested: str | None, head_dim: int, state_size: int) -> str:
+    """The SSD scan's backend: ``requested`` if given; otherwise the Pallas kernel on a GPU when
+    the shapes suit it (P and N powers of two >= 16) and the jnp reference elsewhere."""
+    if requested is not None:
+        return requested
+    fits = all(v >= 16 and not v & (v - 1) for v in (head_dim, state_size))
+    return "pallas_gpu" if jax.default_backend() == "gpu" and fits else "reference"
+
+
 def _mixer(p, x, real, state: Mamba2LayerState, c: Mamba2Config, chunk_size: int,
-           mitigation: StateMitigation | None = None, norm_cap: Array | None = None):
+           mitigation: StateMitigation | None = None, norm_cap: Array | None = None,
+           ssd_implementation: str | None = None):
     """``x [B, T, D]`` -> ``([B, T, D], new state)``; T == 1 with a state takes the recurrent step."""
     b, t, _ = x.shape
     i, h, hd, n, g = c.intermediate_size, c.num_heads, c.head_dim, c.state_size, c.n_groups
@@ -370,7 +380,8 @@ def _mixer(p, x, real, state: Mamba2LayerState, c: Mamba2Config, chunk_size: int
     elif t == 1 or norm_cap is not None:
         y, ssm = ssd_recurrent(xs, dt, A, B, C, state.ssm, norm_cap=norm_cap)
     else:
-        y, ssm = ssd_chunked(xs, dt, A, B, C, state.ssm, chunk_size=chunk_size)
+        y, ssm = ssd(xs, dt, A, B, C, state.ssm, chunk_size=chunk_size,
+                     implementation=_ssd_implementation(ssd_implementation, hd, n))
     y = y + xs.astype(jnp.float32) * p["D"].astype(jnp.float32)[:, None]
     y = _gated_norm(y.reshape(b, t, i).astype(x.dtype), z, p["norm"]["weight"].astype(x.dtype), c)
     log_decay = jnp.sum(jnp.where(real[..., None], dt * A, 0.0), axis=1)  # [B, H]: log prod of this call's a_t
@@ -380,7 +391,7 @@ def _mixer(p, x, real, state: Mamba2LayerState, c: Mamba2Config, chunk_size: int
 def forward(params: dict, tokens: Array, positions: Array | None = None, state: Mamba2State | None = None, *,
             config: Mamba2Config, compute_dtype=None, chunk_size: int | None = None,
             mitigation: StateMitigation | None = None, return_log_decay: bool = False,
-            logits_at: Array | None = None):
+            logits_at: Array | None = None, ssd_implementation: str | None = None):
     """``(logits [B, T, V] float32, state)`` after ``tokens [B, T]`` from ``state`` (zeros if
     None). ``positions [B, T]`` only mark padding (-1), at either end of a row (a Mamba has no
     positional encoding): padding leaves the state as it was, so right-padded prompts and the
@@ -389,7 +400,9 @@ def forward(params: dict, tokens: Array, positions: Array | None = None, state: 
     ``chunk_size`` overrides the config's SSD chunk; ``mitigation`` applies Stuffed Mamba's
     state-collapse mitigations (``StateMitigation``). ``return_log_decay`` adds a third output,
     ``[L, B, H]``: each head's log cumulative decay over this call's real tokens, ``sum_t dt_t A``
-    (what Stuffed Mamba reads state retention from). Pure and jit-able (``config`` static)."""
+    (what Stuffed Mamba reads state retention from). ``ssd_implementation`` picks the chunked
+    scan's backend (``jaxkv.kernels.ssd.ssd``); None: the Pallas kernel on a GPU where the shapes
+    suit it, else the reference. Pure and jit-able (``config`` static)."""
     if mitigation is not None and mitigation.window is not None and state is not None:
         raise UserError("mitigation.window reads each output from the last window tokens of this call: "
                         "run the whole sequence in one forward, without a state")
@@ -419,7 +432,7 @@ def forward(params: dict, tokens: Array, positions: Array | None = None, state: 
         hdn = _rmsnorm(x.astype(compute_dtype), p["norm"]["weight"].astype(compute_dtype), config.layer_norm_epsilon)
         cap = None if mitigation is None or mitigation.norm_cap is None else mitigation.norm_cap[li]
         out, st, decay = _mixer(p["mixer"], hdn, real, state.layers[li], config, chunk_size or config.chunk_size,
-                                mitigation, cap)
+                                mitigation, cap, ssd_implementation)
         x = x + out.astype(x.dtype)
         layers.append(st)
         decays.append(decay)

@@ -1,5 +1,8 @@
 """Mamba-2's SSD scan: ``reference.py`` (jnp: the recurrence as a scan, and the chunked form of
-the paper's minimal listing; Stuffed Mamba's windowed form). GPU and TPU kernels are not written yet."""
+the paper's minimal listing; Stuffed Mamba's windowed form), ``pallas_gpu.py`` (Pallas Triton,
+forward and backward, the chunked form fused over chunks), ``api.py`` (``ssd``: the dispatch).
+No TPU kernel yet: on a TPU ``ssd`` runs the reference."""
+from jaxkv.kernels.ssd.api import IMPLEMENTATIONS, ssd
 from jaxkv.kernels.ssd.reference import segsum, ssd_chunked, ssd_recurrent, ssd_windowed
 
-__all__ = ["segsum", "ssd_chunked", "ssd_recurrent", "ssd_windowed"]
+__all__ = ["IMPLEMENTATIONS", "segsum", "ssd", "ssd_chunked", "ssd_recurrent", "ssd_windowed"]

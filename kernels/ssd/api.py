@@ -1,0 +1,56 @@
+"""``ssd``: the one entry point for the SSD scan; picks the implementation and checks the arguments."""
+from __future__ import annotations
+
+import jax
+
+from jaxkv.kernels.dispatch import IMPLEMENTATIONS, use_kernel
+from jaxkv.kernels.ssd.reference import ssd_chunked
+
+Array = jax.Array
+__all__ = ["IMPLEMENTATIONS", "ssd"]
+
+
+def _pow2(v: int) -> bool:
+    return v >= 16 and not v & (v - 1)
+
+
+def _check(x, dt, A, B, C, initial_state):
+    if x.ndim != 4:
+        raise ValueError(f"x must be [b, T, H, P], got shape {x.shape}")
+    b, t, h, p = x.shape
+    if dt.shape != (b, t, h):
+        raise ValueError(f"dt must be [b, T, H] = {[b, t, h]}, got {list(dt.shape)}")
+    if A.shape not in ((h,), (b, t, h)):
+        raise ValueError(f"A must be [H] = [{h}] or [b, T, H] = {[b, t, h]}, got {list(A.shape)}")
+    if B.ndim != 4 or B.shape[:2] != (b, t) or B.shape != C.shape:
+        raise ValueError(f"B and C must both be [b, T, G, N] with b, T = {b}, {t}; got {B.shape} and {C.shape}")
+    if h % B.shape[2]:
+        raise ValueError(f"the heads ({h}) must be a multiple of the groups of B and C ({B.shape[2]})")
+    if initial_state is not None and initial_state.shape != (b, h, p, B.shape[3]):
+        raise ValueError(f"initial_state must be [b, H, P, N] = {[b, h, p, B.shape[3]]}, "
+                         f"got {list(initial_state.shape)}")
+
+
+def ssd(x: Array, dt: Array, A: Array, B: Array, C: Array, initial_state: Array | None = None, *,
+        chunk_size: int = 256, implementation: str | None = None, **kernel_options) -> tuple[Array, Array]:
+    """Mamba-2's SSD scan, ``(y [b, T, H, P] fp32, final_state [b, H, P, N] fp32)`` (the
+    contract of ``reference.ssd_chunked``; differentiable either way). ``chunk_size`` is the
+    reference's chunk; the kernel tiles by its own ``block_t``. ``implementation``:
+    ``"pallas_gpu"`` or ``"reference"``; an explicit one that cannot run raises, None takes the
+    kernel on a GPU and otherwise warns and runs the reference. ``kernel_options`` (``block_t``,
+    ``block_p``, ``num_warps``, ``num_stages``, ``interpret``) go to the kernel."""
+    _check(x, dt, A, B, C, initial_state)
+
+    def why_not():
+        p, n = x.shape[3], B.shape[3]
+        if jax.default_backend() != "gpu":
+            return f"the backend is {jax.default_backend()}, not gpu"
+        if not (_pow2(p) and _pow2(n)):
+            return f"head_dim P ({p}) and state size N ({n}) must be powers of two >= 16"
+        return None
+
+    if use_kernel("ssd", implementation, kernel_options, why_not):
+        from jaxkv.kernels.ssd.pallas_gpu import ssd_pallas_gpu
+
+        return ssd_pallas_gpu(x, dt, A, B, C, initial_state, **kernel_options)
+    return ssd_chunked(x, dt, A, B, C, initial_state, chunk_size=chunk_size)

@@ -1,0 +1,146 @@
+"""ssd: every backend against the reference (the chunked form, itself tested against the
+recurrence in test_mamba2.py) through one shared test base, forward and gradients (interpret
+mode on the CPU, compiled under the gpu marker); the dispatch's errors."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxkv.kernels.ssd import ssd, ssd_chunked, ssd_recurrent
+
+
+def _case(rng, b, t, h, p, g, n, dtype, per_step_a=False, state=True):
+    r = lambda *s: rng.normal(size=s)  # noqa: E731
+    a = -np.exp(0.5 * r(h))
+    if per_step_a:
+        a = a[None, None] + 0.1 * r(b, t, h)
+    return (jnp.asarray(r(b, t, h, p), dtype), jax.nn.softplus(jnp.asarray(r(b, t, h) - 1, jnp.float32)),
+            jnp.asarray(a, jnp.float32), jnp.asarray(r(b, t, g, n), dtype), jnp.asarray(r(b, t, g, n), dtype),
+            jnp.asarray(r(b, h, p, n), jnp.float32) if state else None)
+
+
+def _weights(shape, seed):  # a fixed random projection: the loss reads every output element
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+CASES = [  # b, t, h, p, g, n, block_t, block_p
+    (2, 40, 4, 32, 2, 16, 16, 16),  # T not a block multiple; two channel blocks; 2 heads per group
+    (1, 64, 2, 16, 1, 32, 32, 32),  # block_p capped at P; one group
+    (1, 17, 3, 16, 3, 16, 16, 16),  # one step past a block; a group per head
+]
+
+
+class SSDBase:
+    implementation: str
+    options: dict = {}
+    kernel = False
+
+    def _fn(self, block_t, block_p):
+        opts = dict(self.options, **({"block_t": block_t, "block_p": block_p} if self.kernel else {}))
+        return functools.partial(ssd, chunk_size=16, implementation=self.implementation, **opts)
+
+    @pytest.mark.parametrize("b,t,h,p,g,n,block_t,block_p", CASES)
+    def test_forward_matches_the_reference(self, b, t, h, p, g, n, block_t, block_p):
+        args = _case(np.random.default_rng(t), b, t, h, p, g, n, jnp.float32, per_step_a=t == 17)
+        y, final = jax.jit(self._fn(block_t, block_p))(*args)
+        want_y, want_f = jax.jit(ssd_recurrent)(*args)  # the specification
+        scale = float(jnp.abs(want_y).max())
+        assert y.dtype == jnp.float32 and y.shape == want_y.shape and final.shape == want_f.shape
+        np.testing.assert_allclose(np.asarray(y), np.asarray(want_y), atol=1e-5 * max(1.0, scale))
+        np.testing.assert_allclose(np.asarray(final), np.asarray(want_f), atol=1e-5 * max(1.0, float(jnp.abs(want_f).max())))
+
+    def test_bf16_inputs_stay_close(self):
+        args = _case(np.random.default_rng(3), 2, 48, 4, 32, 2, 32, jnp.bfloat16, state=False)
+        y, final = jax.jit(self._fn(16, 32))(*args)
+        want_y, want_f = jax.jit(ssd_recurrent)(*args)  # fp32 arithmetic on the bf16 values
+        rel = lambda a, w: float(jnp.linalg.norm(a - w) / jnp.linalg.norm(w))  # noqa: E731
+        assert rel(y, want_y) < 2e-2 and rel(final, want_f) < 2e-2
+
+    @pytest.mark.parametrize("b,t,h,p,g,n,block_t,block_p", CASES[:2])
+    def test_gradients_match_the_reference(self, b, t, h, p, g, n, block_t, block_p):
+        args = _case(np.random.default_rng(t + 1), b, t, h, p, g, n, jnp.float32)
+        wy, wf = _weights((b, t, h, p), 0), _weights((b, h, p, n), 1)
+
+        def grads(fn):
+            def loss(*a):
+                y, f = fn(*a)
+                return jnp.sum(y * wy) + jnp.sum(f * wf)
+            return jax.jit(jax.grad(loss, argnums=tuple(range(6))))(*args)
+
+        got = grads(self._fn(block_t, block_p))
+        want = grads(functools.partial(ssd_chunked, chunk_size=16))
+        for name, a, w in zip(("x", "dt", "A", "B", "C", "initial_state"), got, want):
+            assert a.shape == w.shape, name
+            np.testing.assert_allclose(np.asarray(a), np.asarray(w), atol=2e-5 * max(1.0, float(jnp.abs(w).max())),
+                                       err_msg=name)
+
+
+class TestReference(SSDBase):
+    implementation = "reference"
+
+
+class TestPallasGpuInterpret(SSDBase):
+    implementation = "pallas_gpu"
+    options = {"interpret": True}
+    kernel = True
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+class TestPallasGpu(SSDBase):
+    implementation = "pallas_gpu"
+    kernel = True
+
+
+def test_bad_arguments_name_themselves():
+    x, dt, a, b, c, s0 = _case(np.random.default_rng(0), 1, 8, 2, 16, 1, 16, jnp.float32)
+    with pytest.raises(ValueError, match="dt"):
+        ssd(x, dt[:, :4], a, b, c)
+    with pytest.raises(ValueError, match="A must"):
+        ssd(x, dt, a[:1], b, c)
+    with pytest.raises(ValueError, match="B and C"):
+        ssd(x, dt, a, b, c[:, :4])
+    with pytest.raises(ValueError, match="groups"):
+        ssd(x[:, :, :1], dt[:, :, :1], a[:1], jnp.concatenate([b, b], 2), jnp.concatenate([c, c], 2))
+    with pytest.raises(ValueError, match="initial_state"):
+        ssd(x, dt, a, b, c, s0[:, :1])
+    with pytest.raises(ValueError, match="implementation"):
+        ssd(x, dt, a, b, c, implementation="cuda")
+    with pytest.raises(ValueError, match="kernel options"):
+        ssd(x, dt, a, b, c, implementation="reference", block_t=16)
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="pallas_gpu"):
+            ssd(x, dt, a, b, c, implementation="pallas_gpu")
+        with pytest.warns(UserWarning, match="reference"):
+            ssd(x, dt, a, b, c)
+
+
+def test_bench_ssd_on_a_tiny_shape():
+    """`jaxkv bench ssd` end to end (interpret mode): the kernel row agrees with the reference it
+    is timed against and both rows carry their timings."""
+    from jaxkv.bench_mamba import bench_ssd
+
+    rows = bench_ssd(batch=1, length=48, heads=2, head_dim=16, state=16, configs=((16, 16, 4),), interpret=True)
+    assert [r["kernel"] for r in rows] == [False, True]
+    for r in rows:
+        assert r["forward_s"] > 0 and r["forward_backward_s"] > 0 and r["io_bytes"] > 0
+        assert r["max_rel_err_vs_reference"] < 1e-2, r  # bf16 inputs, bf16 dots in the kernel
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+def test_the_model_runs_the_kernel_as_the_reference():
+    """A Mamba-2 forward (fp32) through the kernel equals the one through the reference."""
+    from jaxkv.models import mamba2
+
+    config = mamba2.Mamba2Config(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, head_dim=16,
+                                 state_size=16, n_groups=2, chunk_size=16)
+    params = mamba2.init_params(config, jax.random.key(0))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 40)), jnp.int32)
+    run = jax.jit(mamba2.forward, static_argnames=("config", "ssd_implementation"))
+    got, gs = run(params, tokens, config=config, ssd_implementation="pallas_gpu")
+    want, ws = run(params, tokens, config=config, ssd_implementation="reference")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(gs.layers[1].ssm), np.asarray(ws.layers[1].ssm), atol=1e-4)
