@@ -37,14 +37,17 @@ class SSDBase:
     options: dict = {}
     kernel = False
 
-    def _fn(self, block_t, block_p):
-        opts = dict(self.options, **({"block_t": block_t, "block_p": block_p} if self.kernel else {}))
+    def _fn(self, block_t, block_p, split=None):
+        opts = dict(self.options, **({"block_t": block_t, "block_p": block_p, "split": split} if self.kernel else {}))
         return functools.partial(ssd, chunk_size=16, implementation=self.implementation, **opts)
 
+    @pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])  # the forward's two forms
     @pytest.mark.parametrize("b,t,h,p,g,n,block_t,block_p", CASES)
-    def test_forward_matches_the_reference(self, b, t, h, p, g, n, block_t, block_p):
+    def test_forward_matches_the_reference(self, b, t, h, p, g, n, block_t, block_p, split):
+        if split and not self.kernel:
+            pytest.skip("the reference has one form")
         args = _case(np.random.default_rng(t), b, t, h, p, g, n, jnp.float32, per_step_a=t == 17)
-        y, final = jax.jit(self._fn(block_t, block_p))(*args)
+        y, final = jax.jit(self._fn(block_t, block_p, split))(*args)
         want_y, want_f = jax.jit(ssd_recurrent)(*args)  # the specification
         scale = float(jnp.abs(want_y).max())
         assert y.dtype == jnp.float32 and y.shape == want_y.shape and final.shape == want_f.shape
@@ -58,8 +61,9 @@ class SSDBase:
         rel = lambda a, w: float(jnp.linalg.norm(a - w) / jnp.linalg.norm(w))  # noqa: E731
         assert rel(y, want_y) < 2e-2 and rel(final, want_f) < 2e-2
 
-    @pytest.mark.parametrize("b,t,h,p,g,n,block_t,block_p", CASES[:2])
-    def test_gradients_match_the_reference(self, b, t, h, p, g, n, block_t, block_p):
+    @pytest.mark.parametrize("b,t,h,p,g,n,block_t,block_p,split", [c + (False,) for c in CASES[:2]]
+                             + [CASES[2] + (True,)])
+    def test_gradients_match_the_reference(self, b, t, h, p, g, n, block_t, block_p, split):
         args = _case(np.random.default_rng(t + 1), b, t, h, p, g, n, jnp.float32)
         wy, wf = _weights((b, t, h, p), 0), _weights((b, h, p, n), 1)
 
@@ -69,7 +73,7 @@ class SSDBase:
                 return jnp.sum(y * wy) + jnp.sum(f * wf)
             return jax.jit(jax.grad(loss, argnums=tuple(range(6))))(*args)
 
-        got = grads(self._fn(block_t, block_p))
+        got = grads(self._fn(block_t, block_p, split))
         want = grads(functools.partial(ssd_chunked, chunk_size=16))
         for name, a, w in zip(("x", "dt", "A", "B", "C", "initial_state"), got, want):
             assert a.shape == w.shape, name
@@ -122,7 +126,7 @@ def test_bench_ssd_on_a_tiny_shape():
     is timed against and both rows carry their timings."""
     from jaxkv.bench_mamba import bench_ssd
 
-    rows = bench_ssd(batch=1, length=48, heads=2, head_dim=16, state=16, configs=((16, 16, 4),), interpret=True)
+    rows = bench_ssd(batch=1, length=48, heads=2, head_dim=16, state=16, configs=((16, 16, 4, True),), interpret=True)
     assert [r["kernel"] for r in rows] == [False, True]
     for r in rows:
         assert r["forward_s"] > 0 and r["forward_backward_s"] > 0 and r["io_bytes"] > 0

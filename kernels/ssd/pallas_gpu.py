@@ -15,6 +15,10 @@ rounded to bf16 before the product with X, as Mamba's own Triton kernels do; fp3
 TF32). ``cum`` is a difference of running sums inside a chunk only (bounded by ``Q`` steps; the
 reference sums each segment directly), so the two agree to fp32 rounding.
 
+With few (row, head) programs (long rows, small batches) the fused kernel leaves SMs idle; the
+forward then splits the same way the backward does (``split``): a sequential pass computes only
+each chunk's start state (one dot per chunk), then one program per chunk computes its outputs.
+
 The backward (``jax.custom_vjp``) runs in two passes. (1) A sequential reverse walk over the
 chunks carries only the state's gradient (one dot per chunk) and stores it at every chunk
 boundary. (2) One program per (batch row, head, chunk), all in parallel, computes every gradient
@@ -36,6 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 Array = jax.Array
+SPLIT_BELOW = 128  # fewer (row, head) programs than this: the fused forward leaves SMs idle
 
 
 def _tri(q: int, strict: bool = False) -> Array:
@@ -86,6 +91,39 @@ def _fwd_kernel(x_ref, dt_ref, la_ref, b_ref, c_ref, s0_ref, y_ref, sf_ref, *sta
 
     s = jax.lax.fori_loop(0, chunks, body, s0_ref[...].astype(jnp.float32))
     sf_ref[...] = s
+
+
+def _states_kernel(x_ref, dt_ref, la_ref, b_ref, s0_ref, st_ref, sf_ref, *, q: int, chunks: int, exact: bool):
+    """Split forward, pass 1 (sequential, cheap): each chunk's start state, one dot per chunk:
+    S_out = exp(cum_Q) S + X^T (exp(cum_Q - cum) * B)."""
+    dtype = x_ref.dtype if not exact else jnp.float32
+
+    def body(ci, s):
+        sl = pl.ds(ci * q, q)
+        x, dt, la = x_ref[sl, :].astype(jnp.float32), dt_ref[sl].astype(jnp.float32), la_ref[sl].astype(jnp.float32)
+        bm = b_ref[sl, :].astype(jnp.float32)
+        st_ref[ci, :, :] = s
+        cum = _cumsum(la, q)
+        tot = jnp.sum(la)
+        xx = (x * dt[:, None]).astype(dtype)
+        return jnp.exp(tot) * s + _dot(xx, (bm * jnp.exp(tot - cum)[:, None]).astype(dtype), exact=exact, trans_a=True)
+
+    sf_ref[...] = jax.lax.fori_loop(0, chunks, body, s0_ref[...].astype(jnp.float32))
+
+
+def _output_kernel(x_ref, dt_ref, la_ref, b_ref, c_ref, s_ref, y_ref, *, q: int, exact: bool):
+    """Split forward, pass 2 (one program per chunk, all in parallel): the chunk's outputs from
+    its start state."""
+    dtype = x_ref.dtype if not exact else jnp.float32
+    x, dt, la = x_ref[...].astype(jnp.float32), dt_ref[...].astype(jnp.float32), la_ref[...].astype(jnp.float32)
+    bm, cm, s = b_ref[...].astype(dtype), c_ref[...].astype(dtype), s_ref[...]
+    cum = _cumsum(la, q)
+    xx = (x * dt[:, None]).astype(dtype)
+    g = _dot(cm, bm, exact=exact, trans_b=True)
+    m = jnp.where(_tri(q), g * jnp.exp(cum[:, None] - cum[None, :]), 0.0)
+    y = _dot(m.astype(dtype), xx, exact=exact) + jnp.exp(cum)[:, None] * _dot(cm, s.astype(dtype), exact=exact,
+                                                                                trans_b=True)
+    y_ref[...] = y.astype(y_ref.dtype)
 
 
 def _dstates_kernel(la_ref, c_ref, dy_ref, dsf_ref, dso_ref, ds0_ref, *, q: int, chunks: int, exact: bool):
@@ -184,6 +222,39 @@ def _forward(x, dt, la, bm, cm, s0, *, q, bp, num_warps, num_stages, interpret, 
     )(x, dt, la, bm, cm, s0)
 
 
+def _forward_split(x, dt, la, bm, cm, s0, *, q, bp, num_warps, num_stages, interpret):
+    """The forward as a sequential state pass and a chunk-parallel output pass (more programs
+    than the fused kernel's ``b x H x P / block_p`` when that is fewer than the GPU's SMs)."""
+    b, t, h, p = x.shape
+    g, n = bm.shape[2], bm.shape[3]
+    chunks = t // q
+    exact = x.dtype == jnp.float32
+    hpg = h // g
+    params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    specs = _specs(b, t, h, p, g, n, bp)
+    states, final = pl.pallas_call(
+        functools.partial(_states_kernel, q=q, chunks=chunks, exact=exact),
+        grid=(b, h, p // bp),
+        in_specs=specs[:4] + [_state_spec(bp, n)],
+        out_specs=[_state_spec(bp, n, chunks), _state_spec(bp, n)],
+        out_shape=[jax.ShapeDtypeStruct((b, h, chunks, p, n), jnp.float32),
+                   jax.ShapeDtypeStruct((b, h, p, n), jnp.float32)],
+        compiler_params=params, interpret=interpret, name="jaxkv_ssd_fwd_states",
+    )(x, dt, la, bm, s0)
+    tok = lambda last: pl.BlockSpec((None, q, None) + last, lambda i, j, c: (i, c, j) + (0,) * len(last))  # noqa: E731
+    grp = pl.BlockSpec((None, q, None, n), lambda i, j, c: (i, c, j // hpg, 0))
+    y = pl.pallas_call(
+        functools.partial(_output_kernel, q=q, exact=exact),
+        grid=(b, h, chunks),
+        in_specs=[tok((p,)), tok(()), tok(()), grp, grp,
+                  pl.BlockSpec((None, None, None, p, n), lambda i, j, c: (i, j, c, 0, 0))],
+        out_specs=tok((p,)),
+        out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+        compiler_params=params, interpret=interpret, name="jaxkv_ssd_fwd_output",
+    )(x, dt, la, bm, cm, states)
+    return y, final, states
+
+
 def _backward(x, dt, la, bm, cm, states, dy, dsf, *, q, bp, num_warps, num_stages, interpret):
     b, t, h, p = x.shape
     g, n = bm.shape[2], bm.shape[3]
@@ -221,34 +292,46 @@ def _backward(x, dt, la, bm, cm, states, dy, dsf, *, q, bp, num_warps, num_stage
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _ssd(x, dt, la, bm, cm, s0, opts):
-    y, sf = _forward(x, dt, la, bm, cm, s0, keep_states=False, **dict(opts))
+    opts = dict(opts)
+    if opts.pop("split"):
+        y, sf, _ = _forward_split(x, dt, la, bm, cm, s0, **opts)
+    else:
+        y, sf = _forward(x, dt, la, bm, cm, s0, keep_states=False, **opts)
     return y, sf
 
 
 def _ssd_fwd(x, dt, la, bm, cm, s0, opts):
-    y, sf, states = _forward(x, dt, la, bm, cm, s0, keep_states=True, **dict(opts))
+    opts = dict(opts)
+    if opts.pop("split"):
+        y, sf, states = _forward_split(x, dt, la, bm, cm, s0, **opts)
+    else:
+        y, sf, states = _forward(x, dt, la, bm, cm, s0, keep_states=True, **opts)
     return (y, sf), (x, dt, la, bm, cm, states)
 
 
 def _ssd_bwd(opts, res, cts):
     x, dt, la, bm, cm, states = res
     dy, dsf = cts
+    opts = dict(opts)
+    opts.pop("split")
     dx, ddt, dla, db, dc, ds0 = _backward(x, dt, la, bm, cm, states, dy.astype(x.dtype), dsf.astype(jnp.float32),
-                                          **dict(opts))
+                                          **opts)
     return dx, ddt.astype(dt.dtype), dla.astype(la.dtype), db.astype(bm.dtype), dc.astype(cm.dtype), ds0
 
 
 _ssd.defvjp(_ssd_fwd, _ssd_bwd)
 
 
-@functools.partial(jax.jit, static_argnames=("block_t", "block_p", "num_warps", "num_stages", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_t", "block_p", "split", "num_warps", "num_stages", "interpret"))
 def ssd_pallas_gpu(x: Array, dt: Array, A: Array, B: Array, C: Array, initial_state: Array | None = None, *,
-                   block_t: int = 64, block_p: int = 64, num_warps: int = 4, num_stages: int = 1,
-                   interpret: bool = False) -> tuple[Array, Array]:
+                   block_t: int = 64, block_p: int = 64, split: bool | None = None, num_warps: int = 4,
+                   num_stages: int = 1, interpret: bool = False) -> tuple[Array, Array]:
     """``(y [b, T, H, P] fp32, final_state [b, H, P, N] fp32)``, the reference's contract.
     ``block_t`` (the kernel's chunk: any chunk gives the same result, so the model's
     ``chunk_size`` is not this) and ``block_p`` are powers of two >= 16 (``block_p`` is capped at
-    P); T is padded to a ``block_t`` multiple with dt = 0 (no decay, no input) when it is not one."""
+    P); T is padded to a ``block_t`` multiple with dt = 0 (no decay, no input) when it is not one.
+    ``split``: the forward as a state pass plus a chunk-parallel output pass instead of one
+    kernel fused over chunks; None picks it when ``b x H`` is below ``SPLIT_BELOW`` programs."""
     b, t, h, p = x.shape
     n = B.shape[-1]
     q, bp = int(block_t), min(int(block_p), p)
@@ -259,6 +342,8 @@ def ssd_pallas_gpu(x: Array, dt: Array, A: Array, B: Array, C: Array, initial_st
         tp = lambda a: jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2))  # noqa: E731
         x, dt, la, B, C = tp(x), tp(dt), tp(la), tp(B), tp(C)
     s0 = jnp.zeros((b, h, p, n), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
-    opts = (("q", q), ("bp", bp), ("num_warps", num_warps), ("num_stages", num_stages), ("interpret", interpret))
+    split = b * h < SPLIT_BELOW if split is None else bool(split)
+    opts = (("q", q), ("bp", bp), ("split", split), ("num_warps", num_warps), ("num_stages", num_stages),
+            ("interpret", interpret))
     y, final = _ssd(x, dt, la, B.astype(x.dtype), C.astype(x.dtype), s0, opts)
     return y[:, :t].astype(jnp.float32), final
