@@ -23,9 +23,9 @@ The backward (``jax.custom_vjp``) runs in two passes. (1) A sequential reverse w
 chunks carries only the state's gradient (one dot per chunk) and stores it at every chunk
 boundary. (2) One program per (batch row, head, chunk), all in parallel, computes every gradient
 of its chunk from the chunk's start state (stored by the forward, ``[b, H, chunks, P, N]`` fp32,
-kept only when differentiating) and its end state's gradient. A single sequential backward had
-``b x H`` programs doing all the work in order and was 5x slower than the forward at training
-shapes. Pass 2 returns per-head ``dB, dC`` (summed over a group's heads afterwards) and the
+kept only when differentiating) and its end state's gradient. (A single sequential backward,
+``b x H`` programs doing all the work in order, made forward + backward 2.22 ms at 8 x 2,048
+tokens of mamba2-130m's shapes on an H200; this form 1.64 ms.) Pass 2 returns per-head ``dB, dC`` (summed over a group's heads afterwards) and the
 gradients of ``x``, ``dt`` (through ``X``), the log-decays (``dt`` and ``A`` get theirs by the
 chain rule outside) and the initial state. Hand-derived; tested against ``jax.vjp`` of the
 reference.
