@@ -112,6 +112,8 @@ def test_bad_arguments_name_themselves():
         ssd(x, dt, a, b, c, s0[:, :1])
     with pytest.raises(ValueError, match="implementation"):
         ssd(x, dt, a, b, c, implementation="cuda")
+    with pytest.raises(ValueError, match="block_t"):
+        ssd(x, dt, a, b, c, implementation="pallas_gpu", interpret=True, block_t=24)
     with pytest.raises(ValueError, match="kernel options"):
         ssd(x, dt, a, b, c, implementation="reference", block_t=16)
     if jax.default_backend() != "gpu":

@@ -334,6 +334,9 @@ def ssd_pallas_gpu(x: Array, dt: Array, A: Array, B: Array, C: Array, initial_st
     kernel fused over chunks; None picks it when ``b x H`` is below ``SPLIT_BELOW`` programs."""
     b, t, h, p = x.shape
     n = B.shape[-1]
+    for name, v in (("block_t", block_t), ("block_p", block_p)):
+        if not isinstance(v, int) or v < 16 or v & (v - 1):
+            raise ValueError(f"{name} must be a power of two >= 16, got {v!r}")
     q, bp = int(block_t), min(int(block_p), p)
     pad = -t % q
     la = (dt.astype(jnp.float32) * jnp.broadcast_to(A.astype(jnp.float32), dt.shape))  # log-decay [b, T, H]
