@@ -28,13 +28,6 @@ def mamba2_shape(name: str):
                         state_size=128, n_groups=1, expand=2, tie_word_embeddings=True)
 
 
-def _block(x):
-    import jax
-
-    jax.block_until_ready(x)
-    return x
-
-
 def bench_ssd(*, batch: int = 8, length: int = 2048, heads: int = 24, head_dim: int = 64, state: int = 128,
               groups: int = 1, configs=((64, 64, 4, False), (64, 64, 8, False), (64, 32, 4, False), (64, 64, 4, True), (64, 64, 8, True)),
               repeats: int = 10, interpret: bool = False, seed: int = 0) -> list[dict]:
@@ -111,7 +104,7 @@ def bench_mamba_decode(*, shape: str = "mamba2-130m", batch: int = 1, prompt_len
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxkv.bench import measure_read_bandwidth
+    from jaxkv.bench import _block, measure_read_bandwidth
     from jaxkv.generate import decode, init_model_cache, prefill
     from jaxkv.models import mamba2
 

@@ -33,7 +33,7 @@ from flax import struct
 from jaxkv.config import ConfigError
 from jaxkv.errors import UserError
 from jaxkv.fileio import read_json_object
-from jaxkv.kernels.ssd import ssd, ssd_recurrent, ssd_windowed
+from jaxkv.kernels.ssd import ssd, ssd_recurrent, ssd_windowed, why_no_kernel
 from jaxkv.typing import Array
 
 __all__ = ["Mamba2Config", "Mamba2State", "Mamba2LayerState", "init_params", "abstract_params", "forward",
@@ -331,11 +331,11 @@ def _gated_norm(y, z, w, c: Mamba2Config):
 
 def _ssd_implementation(requested: str | None, head_dim: int, state_size: int) -> str:
     """The SSD scan's backend: ``requested`` if given; otherwise the Pallas kernel on a GPU when
-    the shapes suit it (P and N powers of two >= 16) and the jnp reference elsewhere."""
+    the dispatch says it can run (``why_no_kernel``), the jnp reference elsewhere, silently: an
+    automatic choice, not a request that could fail."""
     if requested is not None:
         return requested
-    fits = all(v >= 16 and not v & (v - 1) for v in (head_dim, state_size))
-    return "pallas_gpu" if jax.default_backend() == "gpu" and fits else "reference"
+    return "pallas_gpu" if why_no_kernel(head_dim, state_size) is None else "reference"
 
 
 def _mixer(p, x, real, state: Mamba2LayerState, c: Mamba2Config, chunk_size: int,

@@ -2,7 +2,7 @@
 the paper's minimal listing; Stuffed Mamba's windowed form), ``pallas_gpu.py`` (Pallas Triton,
 forward and backward, the chunked form fused over chunks), ``api.py`` (``ssd``: the dispatch).
 No TPU kernel yet: on a TPU ``ssd`` runs the reference."""
-from jaxkv.kernels.ssd.api import IMPLEMENTATIONS, ssd
+from jaxkv.kernels.ssd.api import IMPLEMENTATIONS, ssd, why_no_kernel
 from jaxkv.kernels.ssd.reference import segsum, ssd_chunked, ssd_recurrent, ssd_windowed
 
-__all__ = ["IMPLEMENTATIONS", "segsum", "ssd", "ssd_chunked", "ssd_recurrent", "ssd_windowed"]
+__all__ = ["IMPLEMENTATIONS", "segsum", "ssd", "ssd_chunked", "ssd_recurrent", "ssd_windowed", "why_no_kernel"]

@@ -7,11 +7,20 @@ from jaxkv.kernels.dispatch import IMPLEMENTATIONS, use_kernel
 from jaxkv.kernels.ssd.reference import ssd_chunked
 
 Array = jax.Array
-__all__ = ["IMPLEMENTATIONS", "ssd"]
+__all__ = ["IMPLEMENTATIONS", "ssd", "why_no_kernel"]
 
 
 def _pow2(v: int) -> bool:
     return v >= 16 and not v & (v - 1)
+
+
+def why_no_kernel(head_dim: int, state_size: int) -> str | None:
+    """Why the Pallas GPU kernel cannot run a scan of these sizes here (None: it can)."""
+    if jax.default_backend() != "gpu":
+        return f"the backend is {jax.default_backend()}, not gpu"
+    if not (_pow2(head_dim) and _pow2(state_size)):
+        return f"head_dim P ({head_dim}) and state size N ({state_size}) must be powers of two >= 16"
+    return None
 
 
 def _check(x, dt, A, B, C, initial_state):
@@ -41,15 +50,7 @@ def ssd(x: Array, dt: Array, A: Array, B: Array, C: Array, initial_state: Array 
     ``block_p``, ``num_warps``, ``num_stages``, ``interpret``) go to the kernel."""
     _check(x, dt, A, B, C, initial_state)
 
-    def why_not():
-        p, n = x.shape[3], B.shape[3]
-        if jax.default_backend() != "gpu":
-            return f"the backend is {jax.default_backend()}, not gpu"
-        if not (_pow2(p) and _pow2(n)):
-            return f"head_dim P ({p}) and state size N ({n}) must be powers of two >= 16"
-        return None
-
-    if use_kernel("ssd", implementation, kernel_options, why_not):
+    if use_kernel("ssd", implementation, kernel_options, lambda: why_no_kernel(x.shape[3], B.shape[3])):
         from jaxkv.kernels.ssd.pallas_gpu import ssd_pallas_gpu
 
         return ssd_pallas_gpu(x, dt, A, B, C, initial_state, **kernel_options)
