@@ -255,23 +255,16 @@ def _cmd_calibrate(args) -> int:
     return 0
 
 
-def _cmd_analyze_mamba_states(args) -> int:
+def _mamba_streams(args, tokenizer, vocab_size: int):
+    """The held-out token streams of `analyze mamba-states` / `mamba-capacity`: ``[T]`` (one stream,
+    tiled when the data is short) or ``[streams, T]`` (consecutive windows, never repeated)."""
     import numpy as np
 
-    from jaxkv.checkpoints import load_mamba2_checkpoint, load_tokenizer, resolve_model
-    from jaxkv.eval.mamba_states import analyze_mamba_states
-    from jaxkv.models.mamba2 import StateMitigation, calibrate_norm_cap
     from jaxkv.training.data import load_documents
 
-    if args.train_len is None:
-        raise UserError("analyze mamba-states needs --train-len (the length the model was trained at)")
-    if args.model == "default":
-        raise UserError("analyze mamba-states needs a Mamba-2 folder: --model DIR (e.g. a `jaxkv train mamba` "
-                        "run's hf/ folder)")
-    config, params = load_mamba2_checkpoint(args.model)
-    tokenizer = load_tokenizer(resolve_model(args.tokenizer)) if args.tokenizer else None
     if args.data:
-        docs = load_documents(args.data, tokenizer=tokenizer, vocab_size=config.vocab_size, seed=args.seed)
+        docs = load_documents(args.data, tokenizer=tokenizer, vocab_size=vocab_size, seed=args.seed,
+                              length=args.length)
     elif tokenizer is not None:  # Python's reference documentation, as `jaxkv train cskv` reads by default
         from jaxkv.training.default_model import ordinary_text
 
@@ -288,9 +281,27 @@ def _cmd_analyze_mamba_states(args) -> int:
         if len(stream) < args.length:
             stream = np.tile(stream, -(-args.length // max(len(stream), 1)))
         stream = stream[:args.length]
-    if int(stream.max()) >= config.vocab_size:
+    if int(stream.max()) >= vocab_size:
         raise UserError(f"the data holds token id {int(stream.max())}, outside the model's vocabulary of "
-                        f"{config.vocab_size}")
+                        f"{vocab_size}")
+    return stream
+
+
+def _cmd_analyze_mamba_states(args) -> int:
+    import numpy as np
+
+    from jaxkv.checkpoints import load_mamba2_checkpoint, load_tokenizer, resolve_model
+    from jaxkv.eval.mamba_states import analyze_mamba_states
+    from jaxkv.models.mamba2 import StateMitigation, calibrate_norm_cap
+
+    if args.train_len is None:
+        raise UserError("analyze mamba-states needs --train-len (the length the model was trained at)")
+    if args.model == "default":
+        raise UserError("analyze mamba-states needs a Mamba-2 folder: --model DIR (e.g. a `jaxkv train mamba` "
+                        "run's hf/ folder)")
+    config, params = load_mamba2_checkpoint(args.model)
+    tokenizer = load_tokenizer(resolve_model(args.tokenizer)) if args.tokenizer else None
+    stream = _mamba_streams(args, tokenizer, config.vocab_size)
     caps = calibrate_norm_cap(params, np.atleast_2d(stream)[:, :args.train_len], config=config)
     mitigations = {f"scale (λ {args.decay_scale}, γ {args.input_scale})":
                    StateMitigation(decay_scale=args.decay_scale, input_scale=args.input_scale),
@@ -305,6 +316,39 @@ def _cmd_analyze_mamba_states(args) -> int:
         print(f"  {name:<28} {cells}")
     print(f"heads with cumulative decay > 0.997 over the stream: {report['heads_retaining_the_first_token']}")
     print(f"wrote {args.out}/mamba_states.json and {args.out}/mamba_states.png")
+    return 0
+
+
+def _cmd_analyze_mamba_capacity(args) -> int:
+    import json
+    from pathlib import Path
+
+    from jaxkv.checkpoints import load_tokenizer, resolve_model
+    from jaxkv.eval.mamba_capacity import load_or_measure, write_capacity
+
+    out = Path(args.out)
+    lengths = _int_list(args.passkey_lengths, "--passkey-lengths")
+    runs = list(args.runs or [])
+    for r in runs:
+        if not (Path(r) / "run.json").is_file() or not (Path(r) / "hf" / "config.json").is_file():
+            raise UserError(f"--runs {r}: not a finished `jaxkv train mamba` folder (needs run.json and hf/)")
+    if runs:
+        vocab = json.loads((Path(runs[0]) / "hf" / "config.json").read_text())["vocab_size"]
+        tokenizer = load_tokenizer(resolve_model(args.tokenizer) if args.tokenizer else Path(runs[0]) / "hf")
+        stream = _mamba_streams(args, tokenizer, vocab)
+        for r in runs:
+            m = load_or_measure(r, stream, out, passkey_lengths=lengths, samples=args.samples, chunk=args.chunk,
+                                tolerance=args.tolerance, seed=args.seed)
+            acc = " ".join(f"{k}:{v:.2f}" for k, v in m["passkey"].items())
+            print(f"{m['run']}: N_S {m['state_elements']:,}, T_train {m['train_len']}: loss past T_train "
+                  f"{m['excess_loss']:+.3f} ({'forgets' if m['forgets'] else 'does not forget'}); passkey {acc}; "
+                  f"recall {m['recall_length']}", flush=True)
+    measured = sorted((out / "runs").glob("*.json")) if (out / "runs").is_dir() else []
+    if not measured:
+        raise UserError(f"nothing measured in {out}/runs: give --runs (`jaxkv train mamba` folders)")
+    report = write_capacity([json.loads(p.read_text()) for p in measured], out)
+    print((out / "capacity.md").read_text())
+    print(f"wrote {out}/capacity.json, capacity.md and capacity.png ({len(report['runs'])} runs)")
     return 0
 
 
@@ -382,6 +426,8 @@ def _cmd_analyze(args) -> int:
 
     if args.kind == "mamba-states":
         return _cmd_analyze_mamba_states(args)
+    if args.kind == "mamba-capacity":
+        return _cmd_analyze_mamba_capacity(args)
     if args.kind == "rope-precision":
         return _cmd_analyze_rope_precision(args)
     if args.kind in ("keyspace", "icn"):
@@ -452,7 +498,8 @@ def train_setup(args) -> dict:
 
         config = dataclasses.replace(config, rope_theta=float(args.rope_theta))
     mesh = parse_mesh(args.mesh)
-    docs = load_documents(args.data, tokenizer=tokenizer, vocab_size=config.vocab_size, seed=args.seed)
+    docs = load_documents(args.data, tokenizer=tokenizer, vocab_size=config.vocab_size, seed=args.seed,
+                          length=args.seq_len)
     return dict(
         model_config=config, documents=docs, params=params, out=args.out,
         optim=OptimConfig(lr=args.lr, schedule=args.schedule, warmup_steps=args.warmup,
@@ -503,7 +550,8 @@ def _cmd_train_mamba(args) -> int:
                               head_dim=args.head_dim, state_size=args.state_size, n_groups=args.n_groups,
                               chunk_size=min(256, segment))
     if args.data:
-        docs = load_documents(args.data, tokenizer=tokenizer, vocab_size=config.vocab_size, seed=args.seed)
+        docs = load_documents(args.data, tokenizer=tokenizer, vocab_size=config.vocab_size, seed=args.seed,
+                              length=args.seq_len)
     elif tokenizer is not None:  # Python's reference documentation, one document per topic
         import numpy as np
 
@@ -758,9 +806,10 @@ def build_parser() -> argparse.ArgumentParser:
     an = sub.add_parser("analyze", help="adjacent-layer KV similarity (MiniCache) and retrieval-head scores "
                                         "(RazorAttention) of a model, as JSON + PNG")
     an.add_argument("kind", nargs="?", default="cache",
-                    choices=["cache", "mamba-states", "rope-precision", "keyspace", "icn"],
+                    choices=["cache", "mamba-states", "mamba-capacity", "rope-precision", "keyspace", "icn"],
                     help="cache (default): layer similarity and retrieval heads of a transformer; mamba-states: "
                          "Stuffed Mamba's per-position loss, state norms and decay of a Mamba-2 (--model DIR); "
+                         "mamba-capacity: T_forget / T_recall of a sweep of Mamba-2 runs and their fits (--runs); "
                          "rope-precision: AnchorAttention's bf16-vs-fp32 deviation of attention under position "
                          "shifts; keyspace: ICN's precision of mid-rank first tokens inside vs outside the vocabulary-"
                          "key clusters of the top ones; icn: distinct correct answers of ICN vs rank enumeration vs "
@@ -782,6 +831,15 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--input-scale", type=float, default=0.75, help="mamba-states: mitigation 1's γ")
     an.add_argument("--window", type=_positive_int, default=None, help="mamba-states: mitigation 3's r "
                                                                       "(default: --train-len)")
+    an.add_argument("--runs", nargs="+", default=None,
+                    help="mamba-capacity: `jaxkv train mamba` run folders to measure (earlier measurements in "
+                         "--out/runs are reused and combined)")
+    an.add_argument("--passkey-lengths", default="256,512,1024,2048,4096,8192",
+                    help="mamba-capacity: passkey context lengths, comma-separated")
+    an.add_argument("--samples", type=_positive_int, default=20, help="mamba-capacity: passkey prompts per length")
+    an.add_argument("--tolerance", type=float, default=0.05,
+                    help="mamba-capacity: nats a bin past T_train may exceed the same tokens read within T_train "
+                         "by and still count as flat")
     an.add_argument("--n-tokens", type=_positive_int, default=512, help="razor calibration: random ids repeated 4x")
     an.add_argument("--lengths", default="256,512,1024", help="rope-precision: sequence lengths, comma-separated")
     an.add_argument("--shifts", default="1,16,256,1024", help="rope-precision: position shifts, comma-separated")
@@ -834,7 +892,8 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--model-preset", default=None, help="random init from a preset (e.g. tiny)")
     lm.add_argument("--model", default=None, help="start from a model: " + MODEL_HELP)
     lm.add_argument("--data", nargs="+", required=True,
-                    help="text files / globs (blank lines split documents) or synthetic:count / synthetic:copy")
+                    help="text files / globs (blank lines split documents) and/or synthetic:NAME[:COUNT] (count, copy; "
+                         "passkey: passkey prompts of --seq-len tokens, with a tokenizer)")
     lm.add_argument("--seq-len", type=_positive_int, default=512)
     lm.add_argument("--attention", default=None, choices=["full", "intra", "reset", "anchor", "anchor-bos"],
                     help="how packed documents attend: full (across documents), intra (document mask), reset "
@@ -858,7 +917,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="random init: vocabulary (default: the tokenizer's, else 512)")
     mb.add_argument("--tokenizer", default=None, help="tokenizer for text data: " + MODEL_HELP)
     mb.add_argument("--data", nargs="+", default=None,
-                    help="text files / globs (with --tokenizer) or synthetic:count / synthetic:copy (default, "
+                    help="text files / globs (with --tokenizer) and/or synthetic:NAME[:COUNT] (count, copy; passkey: "
+                         "passkey prompts of --seq-len tokens, the capacity sweep's recall data) (default, "
                          "with --tokenizer: Python's reference documentation)")
     mb.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per row (one stream)")
     mb.add_argument("--segment-len", type=_positive_int, default=None,

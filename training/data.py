@@ -27,7 +27,7 @@ import numpy as np
 
 from jaxkv.training.config import DataConfig, TrainConfigError
 
-__all__ = ["PackedRows", "pack_documents", "Batches", "synthetic_documents", "text_documents",
+__all__ = ["PackedRows", "pack_documents", "Batches", "synthetic_documents", "passkey_documents", "text_documents",
            "load_documents"]
 
 
@@ -174,7 +174,8 @@ def synthetic_documents(name: str, *, vocab_size: int, seed: int, num_docs: int 
             a, n = rng.integers(0, span), rng.integers(16, 65)
             docs.append((3 + (a + np.arange(n)) % span).astype(np.int32))
         return docs
-    raise TrainConfigError(f"unknown synthetic data source {name!r}; known: copy, count")
+    raise TrainConfigError(f"unknown synthetic data source {name!r}; known: copy, count, "
+                           f"{', '.join(SYNTHETIC_TEXT)}")
 
 
 def text_documents(paths: Sequence[str], tokenizer) -> list[np.ndarray]:
@@ -203,13 +204,61 @@ def text_documents(paths: Sequence[str], tokenizer) -> list[np.ndarray]:
     return docs
 
 
-def load_documents(spec: Sequence[str], *, tokenizer, vocab_size: int, seed: int) -> list[np.ndarray]:
-    """``['synthetic:copy']`` or a list of text files / globs."""
-    if len(spec) == 1 and spec[0].startswith("synthetic:"):
-        return synthetic_documents(spec[0].split(":", 1)[1], vocab_size=vocab_size, seed=seed)
+def passkey_documents(tokenizer, *, length: int, count: int, seed: int) -> list[np.ndarray]:
+    """``count`` passkey prompts (``jaxkv.eval.tasks``' ``passkey`` task: a 5-digit key in the noise
+    sentences, the question, ``Answer: The pass key is``) of at most ``length`` tokens each with
+    the answer appended, the key at a random depth: the training side of Stuffed Mamba's
+    capacity sweep, where T_recall is the longest context a model trained on these at
+    T_train = ``length`` still retrieves the key in (``jaxkv analyze mamba-capacity``). Every
+    document has its own seed, so no two hold the same key at the same depth."""
+    from jaxkv.eval.tasks import answer_text, make_sample
+
     if tokenizer is None:
-        raise TrainConfigError("text data needs a tokenizer (train from --model DIR with a tokenizer.json)")
-    docs = text_documents(spec, tokenizer)
+        raise TrainConfigError("synthetic:passkey is text: it needs a tokenizer (--tokenizer, or a --model "
+                               "with a tokenizer.json)")
+    if length < 80:
+        raise TrainConfigError(f"synthetic:passkey needs rows of >= 80 tokens (prompt + answer), got {length}")
+    rng = np.random.default_rng(seed)
+    docs = []
+    for i in range(count):
+        depth = float(rng.uniform(0.0, 1.0))
+        sample = make_sample("passkey", tokenizer, length=length - 8, depth=depth, seed=seed * 1_000_003 + i)
+        answer = tokenizer.encode(answer_text(sample.answers), add_special_tokens=False).ids
+        docs.append(np.asarray(list(sample.prompt_ids) + list(answer), np.int32)[:length])
+    return docs
+
+
+SYNTHETIC_TEXT = ("passkey",)  # synthetic sources that need a tokenizer
+
+
+def load_documents(spec: Sequence[str], *, tokenizer, vocab_size: int, seed: int, length: int | None = None,
+                   synthetic_count: int = 2000) -> list[np.ndarray]:
+    """Documents from ``spec``: text files / globs (split on blank lines, with ``tokenizer``) and
+    named synthetic sources ``synthetic:NAME`` or ``synthetic:NAME:COUNT`` (``copy``, ``count``:
+    token-id sources of ``synthetic_documents``; ``passkey``: ``passkey_documents`` of ``length``
+    tokens, which needs the tokenizer), mixed in the order given."""
+    docs: list[np.ndarray] = []
+    files: list[str] = []
+    for item in spec:
+        if not item.startswith("synthetic:"):
+            files.append(item)
+            continue
+        parts = item.split(":")
+        if len(parts) not in (2, 3) or (len(parts) == 3 and not parts[2].isdigit()) or \
+                (len(parts) == 3 and int(parts[2]) < 1):
+            raise TrainConfigError(f"--data {item!r}: write synthetic:NAME or synthetic:NAME:COUNT (a positive "
+                                   "count)")
+        name, count = parts[1], int(parts[2]) if len(parts) == 3 else synthetic_count
+        if name in SYNTHETIC_TEXT:
+            if length is None:
+                raise TrainConfigError(f"--data {item!r} needs the row length its documents fill")
+            docs.extend(passkey_documents(tokenizer, length=length, count=count, seed=seed))
+        else:
+            docs.extend(synthetic_documents(name, vocab_size=vocab_size, seed=seed, num_docs=count))
+    if files:
+        if tokenizer is None:
+            raise TrainConfigError("text data needs a tokenizer (train from --model DIR with a tokenizer.json)")
+        docs.extend(text_documents(files, tokenizer))
     top = max(int(d.max()) for d in docs if len(d))
     if top >= vocab_size:
         raise TrainConfigError(f"the tokenizer produced id {top}, outside the model's vocab of {vocab_size}")
