@@ -9,6 +9,7 @@
   jaxkv calibrate cskv [--model M] --out FILE [--n-tokens N] [--text FILE]
   jaxkv analyze [--model M] --out DIR [--task T] [--length N]
   jaxkv analyze mamba-states --model DIR --train-len T --out DIR [--length N] [--data SRC | --tokenizer M]
+  jaxkv analyze mamba-capacity --runs DIR ... --out DIR [--data SRC] [--passkey-lengths 256,...] [--samples S]
   jaxkv analyze rope-precision [--model M] --out DIR [--lengths 256,512,1024] [--shifts 1,16,256,1024]
   jaxkv analyze keyspace [--model M] --out DIR [--probes a,b] [--top 100] [--head 10] [--clusters K] [--chat]
   jaxkv analyze icn [--model M] --out DIR [--probes a,b] [--budgets 5,10,20] [--seeds 0,1,2]
