@@ -35,17 +35,22 @@ CASES = [  # b, t, h, p, g, n, block_t, block_p
 class SSDBase:
     implementation: str
     options: dict = {}
-    kernel = False
+    kernel = False  # takes block_t
+    forms = False  # takes block_p and split (the GPU kernel's fused and split forwards)
 
     def _fn(self, block_t, block_p, split=None):
-        opts = dict(self.options, **({"block_t": block_t, "block_p": block_p, "split": split} if self.kernel else {}))
+        opts = dict(self.options)
+        if self.kernel:
+            opts["block_t"] = block_t
+        if self.forms:
+            opts.update(block_p=block_p, split=split)
         return functools.partial(ssd, chunk_size=16, implementation=self.implementation, **opts)
 
     @pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])  # the forward's two forms
     @pytest.mark.parametrize("b,t,h,p,g,n,block_t,block_p", CASES)
     def test_forward_matches_the_reference(self, b, t, h, p, g, n, block_t, block_p, split):
-        if split and not self.kernel:
-            pytest.skip("the reference has one form")
+        if split and not self.forms:
+            pytest.skip("one form only")
         args = _case(np.random.default_rng(t), b, t, h, p, g, n, jnp.float32, per_step_a=t == 17)
         y, final = jax.jit(self._fn(block_t, block_p, split))(*args)
         want_y, want_f = jax.jit(ssd_recurrent)(*args)  # the specification
@@ -88,14 +93,51 @@ class TestReference(SSDBase):
 class TestPallasGpuInterpret(SSDBase):
     implementation = "pallas_gpu"
     options = {"interpret": True}
-    kernel = True
+    kernel = forms = True
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
 class TestPallasGpu(SSDBase):
     implementation = "pallas_gpu"
+    kernel = forms = True
+
+
+class TestPallasTpuInterpret(SSDBase):
+    implementation = "pallas_tpu"
+    options = {"interpret": True}
     kernel = True
+
+
+@pytest.mark.skipif(jax.default_backend() != "tpu", reason="needs a TPU")
+class TestPallasTpu(SSDBase):
+    implementation = "pallas_tpu"
+    kernel = True
+
+
+@pytest.mark.parametrize("device_kind", ["TPU v5 lite", "TPU v6 lite"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_the_tpu_kernel_lowers_for_the_tpu(device_kind, dtype):
+    """Pallas's Mosaic lowering of the TPU kernel, run here by exporting for the TPU (the tile
+    rules, the ops' lowering rules); what only Mosaic's compiler on a TPU checks is not covered.
+    A block that breaks the TPU's tiling is refused by the same lowering."""
+    from jax._src.mesh import AbstractDevice, AbstractMesh
+
+    from jaxkv.kernels.ssd.pallas_tpu import ssd_pallas_tpu
+
+    args = _case(np.random.default_rng(0), 2, 256, 4, 64, 2, 128, dtype)
+    mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind=device_kind, num_cores=1,
+                                                                     platform="tpu"))
+
+    def lower(block_t):
+        with jax.sharding.use_abstract_mesh(mesh):
+            return jax.export.export(jax.jit(functools.partial(ssd_pallas_tpu, block_t=block_t)),
+                                     platforms=["tpu"])(*args).mlir_module()
+
+    text = lower(128)
+    assert "tpu_custom_call" in text and "jaxkv_ssd_fwd_tpu" in text
+    with pytest.raises(ValueError, match="divisible by 8 and 128"):
+        lower(64)  # the log-decay row's block [1, 64]: not a whole 128-lane tile
 
 
 def test_bad_arguments_name_themselves():
@@ -116,6 +158,13 @@ def test_bad_arguments_name_themselves():
         ssd(x, dt, a, b, c, implementation="pallas_gpu", interpret=True, block_t=24)
     with pytest.raises(ValueError, match="kernel options"):
         ssd(x, dt, a, b, c, implementation="reference", block_t=16)
+    with pytest.raises(ValueError, match=r"\['block_p'\] are not the TPU kernel's"):
+        ssd(x, dt, a, b, c, implementation="pallas_tpu", interpret=True, block_p=16)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        ssd(x, dt, a, b, c, implementation="pallas_tpu", interpret=True, block_t=12)
+    if jax.default_backend() != "tpu":
+        with pytest.raises(ValueError, match="pallas_tpu.*not tpu"):
+            ssd(x, dt, a, b, c, implementation="pallas_tpu")
     if jax.default_backend() != "gpu":
         with pytest.raises(ValueError, match="pallas_gpu"):
             ssd(x, dt, a, b, c, implementation="pallas_gpu")

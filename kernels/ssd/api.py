@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import jax
 
-from jaxkv.kernels.dispatch import IMPLEMENTATIONS, use_kernel
+from jaxkv.kernels.dispatch import use_kernel
 from jaxkv.kernels.ssd.reference import ssd_chunked
 
 Array = jax.Array
 __all__ = ["IMPLEMENTATIONS", "ssd", "why_no_kernel"]
+IMPLEMENTATIONS = ("pallas_gpu", "pallas_tpu", "reference")
+TPU_OPTIONS = ("block_t", "interpret")
 
 
 def _pow2(v: int) -> bool:
@@ -44,12 +46,24 @@ def ssd(x: Array, dt: Array, A: Array, B: Array, C: Array, initial_state: Array 
         chunk_size: int = 256, implementation: str | None = None, **kernel_options) -> tuple[Array, Array]:
     """Mamba-2's SSD scan, ``(y [b, T, H, P] fp32, final_state [b, H, P, N] fp32)`` (the
     contract of ``reference.ssd_chunked``; differentiable either way). ``chunk_size`` is the
-    reference's chunk; the kernel tiles by its own ``block_t``. ``implementation``:
-    ``"pallas_gpu"`` or ``"reference"``; an explicit one that cannot run raises, None takes the
-    kernel on a GPU and otherwise warns and runs the reference. ``kernel_options`` (``block_t``,
-    ``block_p``, ``num_warps``, ``num_stages``, ``interpret``) go to the kernel."""
+    reference's chunk; the kernels tile by their own ``block_t``. ``implementation``:
+    ``"pallas_gpu"``, ``"pallas_tpu"`` or ``"reference"``; an explicit one that cannot run
+    raises, None takes the GPU kernel on a GPU and otherwise warns and runs the reference (the
+    TPU kernel is asked for by name: it is tested in interpret mode and lowered for the TPU, not
+    yet run on one). ``kernel_options`` go to the kernel: ``block_t``, ``block_p``, ``split``,
+    ``num_warps``, ``num_stages``, ``interpret`` for the GPU's; ``block_t``, ``interpret`` for
+    the TPU's."""
     _check(x, dt, A, B, C, initial_state)
+    if implementation == "pallas_tpu":
+        other = sorted(set(kernel_options) - set(TPU_OPTIONS))
+        if other:
+            raise ValueError(f"kernel options {other} are not the TPU kernel's (it takes {list(TPU_OPTIONS)})")
+        if not kernel_options.get("interpret") and jax.default_backend() != "tpu":
+            raise ValueError(f"implementation='pallas_tpu' cannot run: the backend is {jax.default_backend()}, "
+                             "not tpu (interpret=True runs it on any backend)")
+        from jaxkv.kernels.ssd.pallas_tpu import ssd_pallas_tpu
 
+        return ssd_pallas_tpu(x, dt, A, B, C, initial_state, **kernel_options)
     if use_kernel("ssd", implementation, kernel_options, lambda: why_no_kernel(x.shape[3], B.shape[3])):
         from jaxkv.kernels.ssd.pallas_gpu import ssd_pallas_gpu
 
