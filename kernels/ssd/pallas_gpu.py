@@ -21,8 +21,8 @@ each chunk's start state (one dot per chunk), then one program per chunk compute
 
 The backward (``jax.custom_vjp``) runs in two passes. (1) A sequential reverse walk over the
 chunks carries only the state's gradient (one dot per chunk) and stores it at every chunk
-boundary. (2) One program per (batch row, head, chunk), all in parallel, computes every gradient
-of its chunk from the chunk's start state (stored by the forward, ``[b, H, chunks, P, N]`` fp32,
+boundary. (2) One program per (batch row, head, chunk, block of ``block_p`` channels), all in
+parallel, computes every gradient of its chunk from the chunk's start state (stored by the forward, ``[b, H, chunks, P, N]`` fp32,
 kept only when differentiating) and its end state's gradient. (A single sequential backward,
 ``b x H`` programs doing all the work in order, made forward + backward 2.22 ms at 8 x 2,048
 tokens of mamba2-130m's shapes on an H200; this form 1.64 ms.) Pass 2 returns per-head ``dB, dC`` (summed over a group's heads afterwards) and the
@@ -147,8 +147,10 @@ def _dstates_kernel(la_ref, c_ref, dy_ref, dsf_ref, dso_ref, ds0_ref, *, q: int,
 
 def _grads_kernel(x_ref, dt_ref, la_ref, b_ref, c_ref, s_ref, dy_ref, ds_ref,
                   dx_ref, ddt_ref, dla_ref, db_ref, dc_ref, *, q: int, exact: bool):
-    """Backward pass 2 (one program per chunk, all in parallel): every gradient of one chunk from
-    its start state ``s`` (stored by the forward) and the gradient ``ds`` of its end state (pass 1)."""
+    """Backward pass 2 (one program per chunk and channel block, all in parallel): every gradient
+    of one chunk from its start state ``s`` (stored by the forward) and the gradient ``ds`` of its
+    end state (pass 1), for the block's channels: ``dx`` whole, the others (sums over channels)
+    as this block's part."""
     dtype = x_ref.dtype if not exact else jnp.float32
     tri = _tri(q)
     x, dt, la, bm, cm = (x_ref[...].astype(jnp.float32), dt_ref[...].astype(jnp.float32),
@@ -273,21 +275,28 @@ def _backward(x, dt, la, bm, cm, states, dy, dsf, *, q, bp, num_warps, num_stage
         out_shape=[jax.ShapeDtypeStruct((b, h, chunks, p, n), f32), jax.ShapeDtypeStruct((b, h, p, n), f32)],
         compiler_params=params, interpret=interpret, name="jaxkv_ssd_bwd_states",
     )(la, cm, dy, dsf)
-    tok = lambda last: pl.BlockSpec((None, q, None) + last, lambda i, j, c: (i, c, j) + (0,) * len(last))  # noqa: E731
-    grp = pl.BlockSpec((None, q, None, n), lambda i, j, c: (i, c, j // hpg, 0))
-    st = pl.BlockSpec((None, None, None, p, n), lambda i, j, c: (i, j, c, 0, 0))
+    # pass 2: one program per (row, head, chunk, channel block), the grid's last axis holding
+    # chunk x channel block; every gradient but dx is a sum over channels, so each channel block
+    # writes its part and the parts are summed here
+    npb = p // bp
+    tok = lambda last: pl.BlockSpec((None, q, None) + last, lambda i, j, c: (i, c // npb, j) + (0,) * len(last))  # noqa: E731
+    chan = pl.BlockSpec((None, q, None, bp), lambda i, j, c: (i, c // npb, j, c % npb))
+    part = lambda last: pl.BlockSpec((None, q, None, None) + last,  # noqa: E731
+                                     lambda i, j, c: (i, c // npb, j, c % npb) + (0,) * len(last))
+    grp = pl.BlockSpec((None, q, None, n), lambda i, j, c: (i, c // npb, j // hpg, 0))
+    st = pl.BlockSpec((None, None, None, bp, n), lambda i, j, c: (i, j, c // npb, c % npb, 0))
     dx, ddt, dla, db, dc = pl.pallas_call(
         functools.partial(_grads_kernel, q=q, exact=exact),
-        grid=(b, h, chunks),
-        in_specs=[tok((p,)), tok(()), tok(()), grp, grp, st, tok((p,)), st],
-        out_specs=[tok((p,)), tok(()), tok(()), tok((n,)), tok((n,))],
-        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((b, t, h), f32),
-                   jax.ShapeDtypeStruct((b, t, h), f32), jax.ShapeDtypeStruct((b, t, h, n), f32),
-                   jax.ShapeDtypeStruct((b, t, h, n), f32)],
+        grid=(b, h, chunks * npb),
+        in_specs=[chan, tok(()), tok(()), grp, grp, st, chan, st],
+        out_specs=[chan, part(()), part(()), part((n,)), part((n,))],
+        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((b, t, h, npb), f32),
+                   jax.ShapeDtypeStruct((b, t, h, npb), f32), jax.ShapeDtypeStruct((b, t, h, npb, n), f32),
+                   jax.ShapeDtypeStruct((b, t, h, npb, n), f32)],
         compiler_params=params, interpret=interpret, name="jaxkv_ssd_bwd_grads",
     )(x, dt, la, bm, cm, states, dy, dso)
-    group = lambda a: a.reshape(b, t, g, hpg, n).sum(axis=3)  # noqa: E731  per head -> per group
-    return dx, ddt, dla, group(db), group(dc), ds0
+    group = lambda a: a.sum(axis=3).reshape(b, t, g, hpg, n).sum(axis=3)  # noqa: E731  parts, heads -> group
+    return dx, ddt.sum(-1), dla.sum(-1), group(db), group(dc), ds0
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
