@@ -118,7 +118,8 @@ class TestPallasTpu(SSDBase):
 @pytest.mark.parametrize("device_kind", ["TPU v5 lite", "TPU v6 lite"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_the_tpu_kernel_lowers_for_the_tpu(device_kind, dtype):
-    """Pallas's Mosaic lowering of the TPU kernel, run here by exporting for the TPU (the tile
+    """Pallas's Mosaic lowering of the TPU kernels (forward; forward + backward), run here by
+    exporting for the TPU (the tile
     rules, the ops' lowering rules); what only Mosaic's compiler on a TPU checks is not covered.
     A block that breaks the TPU's tiling is refused by the same lowering."""
     from jax._src.mesh import AbstractDevice, AbstractMesh
@@ -129,13 +130,17 @@ def test_the_tpu_kernel_lowers_for_the_tpu(device_kind, dtype):
     mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind=device_kind, num_cores=1,
                                                                      platform="tpu"))
 
-    def lower(block_t):
+    def lower(block_t, grad=False):
+        fn = functools.partial(ssd_pallas_tpu, block_t=block_t)
+        if grad:  # the forward keeping its states, and both backward kernels
+            fn = jax.grad(lambda *a: jnp.sum(ssd_pallas_tpu(*a, block_t=block_t)[0]), argnums=(0, 1, 3, 4, 5))
         with jax.sharding.use_abstract_mesh(mesh):
-            return jax.export.export(jax.jit(functools.partial(ssd_pallas_tpu, block_t=block_t)),
-                                     platforms=["tpu"])(*args).mlir_module()
+            return jax.export.export(jax.jit(fn), platforms=["tpu"])(*args).mlir_module()
 
     text = lower(128)
     assert "tpu_custom_call" in text and "jaxkv_ssd_fwd_tpu" in text
+    text = lower(128, grad=True)
+    assert "jaxkv_ssd_bwd_states_tpu" in text and "jaxkv_ssd_bwd_grads_tpu" in text
     with pytest.raises(ValueError, match="divisible by 8 and 128"):
         lower(64)  # the log-decay row's block [1, 64]: not a whole 128-lane tile
 
