@@ -334,6 +334,12 @@ def _cmd_analyze_mamba_capacity(args) -> int:
         if not (Path(r) / "run.json").is_file() or not (Path(r) / "hf" / "config.json").is_file():
             raise UserError(f"--runs {r}: not a finished `jaxkv train mamba` folder (needs run.json and hf/)")
     if runs:
+        first = Path(runs[0]) / "hf" / "tokenizer.json"
+        for r in runs[1:]:
+            tok = Path(r) / "hf" / "tokenizer.json"
+            if tok.is_file() != first.is_file() or (tok.is_file() and tok.read_bytes() != first.read_bytes()):
+                raise UserError(f"--runs {r}: its tokenizer differs from {runs[0]}'s; the held-out streams are "
+                                "tokenized once, so measure runs of one tokenizer together")
         vocab = json.loads((Path(runs[0]) / "hf" / "config.json").read_text())["vocab_size"]
         tokenizer = load_tokenizer(resolve_model(args.tokenizer) if args.tokenizer else Path(runs[0]) / "hf")
         stream = _mamba_streams(args, tokenizer, vocab)

@@ -1,6 +1,7 @@
 """Stuffed Mamba's capacity sweep: the passkey training source, the windowed reference reading,
 the flatness and recall rules, the fits against known curves, and the command end to end."""
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -148,5 +149,16 @@ def test_the_capacity_command_measures_runs_and_combines_them(tmp_path, capsys):
     assert main(cli) == 0  # no --runs: the measurements already there, combined again
     assert (tmp_path / "cap" / "runs" / "a.json").stat().st_mtime_ns == stamp
     assert "| 512 | 96 |" in capsys.readouterr().out
+    weights = next((tmp_path / "a" / "hf").glob("*.safetensors"))  # new weights in run a: measured again
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert main(cli + ["--runs", runs[0]]) == 0
+    assert (tmp_path / "cap" / "runs" / "a.json").stat().st_mtime_ns != stamp
     assert main(cli + ["--runs", str(tok_dir)]) == 2
+    other = tmp_path / "other"  # run b with another tokenizer: refused, not measured on the wrong ids
+    import shutil
+
+    shutil.copytree(runs[1], other)
+    (other / "hf" / "tokenizer.json").write_text(make_tokenizer(300).to_str())
+    assert main(cli + ["--runs", runs[0], str(other)]) == 2
+    assert "tokenizer differs" in capsys.readouterr().err
     assert main(["analyze", "mamba-capacity", "--out", str(tmp_path / "empty")]) == 2

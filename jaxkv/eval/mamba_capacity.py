@@ -181,6 +181,13 @@ def _run_name(run: Path) -> str:
     return run.resolve().name
 
 
+def _weights_signature(run: Path) -> str:
+    """Size and modification time of the run's weight files: a measurement of other weights
+    (the run trained further, or replaced) is not reused."""
+    files = sorted((Path(run) / "hf").glob("*.safetensors"))
+    return ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+
+
 def measure_run(run: str | os.PathLike, stream: np.ndarray, *, passkey_lengths, samples: int, chunk: int = 512,
                 tolerance: float = 0.05, seed: int = 0) -> dict:
     """One sweep run measured: its T_train and state size (from ``run.json`` and ``hf/``), the
@@ -220,7 +227,7 @@ def measure_run(run: str | os.PathLike, stream: np.ndarray, *, passkey_lengths, 
             "state_size": config.state_size, "steps": meta.get("steps"),
             "settings": {"tokens": int(stream.shape[1]), "streams": int(stream.shape[0]), "tolerance": tolerance,
                          "passkey_lengths": sorted(int(n) for n in passkey_lengths), "samples": samples,
-                         "seed": seed},
+                         "seed": seed, "weights": _weights_signature(run)},
             "loss_bins": bins, "forgets": flat, "excess_loss": excess,
             "passkey": {str(k): float(v) for k, v in sorted(accuracy.items())},
             "recall_length": recall_length(accuracy)}
@@ -331,13 +338,13 @@ def _plot(report: dict, path: Path) -> None:
 
 
 def load_or_measure(run: str | os.PathLike, stream: np.ndarray, out: str | os.PathLike, **settings) -> dict:
-    """``out/runs/<run>.json`` when it was measured with the same settings, else ``measure_run``
-    written there (atomically)."""
+    """``out/runs/<run>.json`` when it was measured with the same settings and the same weights,
+    else ``measure_run`` written there (atomically)."""
     path = Path(out) / "runs" / f"{_run_name(Path(run))}.json"
     want = {"tokens": int(np.atleast_2d(stream).shape[1]), "streams": int(np.atleast_2d(stream).shape[0]),
             "tolerance": settings.get("tolerance", 0.05),
             "passkey_lengths": sorted(int(n) for n in settings["passkey_lengths"]),
-            "samples": settings["samples"], "seed": settings.get("seed", 0)}
+            "samples": settings["samples"], "seed": settings.get("seed", 0), "weights": _weights_signature(Path(run))}
     if path.is_file():
         old = json.loads(path.read_text())
         if old.get("settings") == want:
