@@ -111,6 +111,34 @@ class TestPallasGpu(SparseDecodeBase):
     kernel = True
 
 
+class TestPallasTpuInterpret(SparseDecodeBase):
+    implementation = "pallas_tpu"
+    options = {"interpret": True}
+
+
+@pytest.mark.skipif(jax.default_backend() != "tpu", reason="needs a TPU")
+class TestPallasTpu(SparseDecodeBase):
+    implementation = "pallas_tpu"
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_the_tpu_kernel_lowers_for_the_tpu(dtype):
+    """Pallas's Mosaic lowering of the TPU kernel at a decode shape (GQA 4, head dim 128, blocks
+    of 64 slots listed per (row, KV head)), run here by exporting for a TPU v5e; what only
+    Mosaic's compiler on a TPU checks is not covered."""
+    from jax._src.mesh import AbstractDevice, AbstractMesh
+
+    from jaxkv.kernels.sparse_decode.pallas_tpu import sparse_decode_pallas_tpu
+
+    q, k, v, lengths, idx, counts = _case(np.random.default_rng(0), 2, 2, 4, 128, 512, 64, [500, 77], 4, dtype)
+    mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind="TPU v5 lite", num_cores=1,
+                                                                     platform="tpu"))
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = jax.export.export(jax.jit(functools.partial(sparse_decode_pallas_tpu, block_size=64)),
+                                 platforms=["tpu"])(q, k, v, lengths, idx, counts).mlir_module()
+    assert "tpu_custom_call" in text and "jaxkv_sparse_decode_tpu" in text
+
+
 def test_bad_arguments_name_themselves():
     q, k = jnp.zeros((1, 2, 4, 16)), jnp.zeros((1, 2, 32, 16))
     lengths, idx, counts = jnp.asarray([3]), jnp.zeros((1, 2, 2), jnp.int32), jnp.ones((1, 2), jnp.int32)
@@ -122,6 +150,12 @@ def test_bad_arguments_name_themselves():
         sparse_decode(q, k, k, lengths, idx, counts[:, :1], block_size=16)
     with pytest.raises(ValueError, match="implementation"):
         sparse_decode(q, k, k, lengths, idx, counts, block_size=16, implementation="cuda")
+    with pytest.raises(ValueError, match=r"\['num_warps'\] are not the TPU kernel's"):
+        sparse_decode(q, k, k, lengths, idx, counts, block_size=16, implementation="pallas_tpu", interpret=True,
+                      num_warps=4)
+    if jax.default_backend() != "tpu":
+        with pytest.raises(ValueError, match="pallas_tpu.*not tpu"):
+            sparse_decode(q, k, k, lengths, idx, counts, block_size=16, implementation="pallas_tpu")
     if jax.default_backend() != "gpu":
         with pytest.raises(ValueError, match="pallas_gpu"):
             sparse_decode(q, k, k, lengths, idx, counts, block_size=16, implementation="pallas_gpu")

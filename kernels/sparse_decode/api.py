@@ -4,11 +4,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxkv.kernels.dispatch import IMPLEMENTATIONS, use_kernel
+from jaxkv.kernels.dispatch import use_kernel
 from jaxkv.kernels.sparse_decode.reference import sparse_decode_reference
 
 Array = jax.Array
 __all__ = ["IMPLEMENTATIONS", "dense_decode", "sparse_decode"]
+IMPLEMENTATIONS = ("pallas_gpu", "pallas_tpu", "reference")
 
 
 def _check(q, k, v, lengths, block_indices, block_counts, block_size):
@@ -46,11 +47,24 @@ def sparse_decode(q: Array, k: Array, v: Array, lengths: Array, block_indices: A
     ``(out [B, K, G, H], lse [B, K, G])``. ``q [B, K, G, H]`` (the query heads of each KV head),
     ``k, v [B, K, S, H]``, ``lengths [B]`` (slots ``< lengths`` hold tokens), ``block_indices [B,
     K, M]`` blocks of ``block_size`` slots, the first ``block_counts [B, K]`` of them real and
-    none listed twice. ``implementation``: ``"pallas_gpu"`` or ``"reference"``; an explicit one
-    that cannot run raises; None takes the first that can (the kernel on a GPU) and warns when
-    it falls back. ``kernel_options`` (``blocks_per_split``, ``num_warps``, ``num_stages``,
-    ``interpret``) go to the kernel."""
+    none listed twice. ``implementation``: ``"pallas_gpu"``, ``"pallas_tpu"`` or ``"reference"``;
+    an explicit one that cannot run raises; None takes the GPU kernel on a GPU, else the
+    reference with a warning (the TPU kernel is asked for by name: tested in the TPU interpreter
+    and lowered for the TPU, not yet run on one). ``kernel_options`` go to the kernel:
+    ``blocks_per_split``, ``num_warps``, ``num_stages``, ``interpret`` for the GPU's,
+    ``interpret`` for the TPU's."""
     _check(q, k, v, lengths, block_indices, block_counts, block_size)
+    if implementation == "pallas_tpu":
+        other = sorted(set(kernel_options) - {"interpret"})
+        if other:
+            raise ValueError(f"kernel options {other} are not the TPU kernel's (it takes ['interpret'])")
+        if not kernel_options.get("interpret") and jax.default_backend() != "tpu":
+            raise ValueError(f"implementation='pallas_tpu' cannot run: the backend is {jax.default_backend()}, "
+                             "not tpu (interpret=True runs it on any backend)")
+        from jaxkv.kernels.sparse_decode.pallas_tpu import sparse_decode_pallas_tpu
+
+        return sparse_decode_pallas_tpu(q, k, v, lengths, block_indices, block_counts, block_size=block_size,
+                                        scale=scale, **kernel_options)
     if use_kernel("sparse_decode", implementation, kernel_options, lambda: _pallas_gpu_ok(q, block_size)):
         from jaxkv.kernels.sparse_decode.pallas_gpu import sparse_decode_pallas_gpu
 
