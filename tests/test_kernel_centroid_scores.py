@@ -81,6 +81,35 @@ class TestPallasGpu(CentroidScoresBase):
     kernel = True
 
 
+class TestPallasTpuInterpret(CentroidScoresBase):
+    implementation = "pallas_tpu"
+    options = {"interpret": True}
+    kernel = True
+
+
+@pytest.mark.skipif(jax.default_backend() != "tpu", reason="needs a TPU")
+class TestPallasTpu(CentroidScoresBase):
+    implementation = "pallas_tpu"
+    kernel = True
+
+
+def test_the_tpu_kernel_lowers_for_the_tpu():
+    """Pallas's Mosaic lowering of the TPU kernel (6,553 clusters a head, blocks of 512), run here
+    by exporting for a TPU v5e; what only Mosaic's compiler on a TPU checks is not covered."""
+    from jax._src.mesh import AbstractDevice, AbstractMesh
+
+    from jaxkv.kernels.centroid_scores.pallas_tpu import centroid_scores_pallas_tpu
+
+    q, cent, counts = _case(np.random.default_rng(0), 2, 2, 4, 128, 6553, jnp.bfloat16)
+    threshold = jnp.zeros((2,))
+    mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind="TPU v5 lite", num_cores=1,
+                                                                     platform="tpu"))
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = jax.export.export(jax.jit(centroid_scores_pallas_tpu), platforms=["tpu"])(
+            q, cent, counts, threshold).mlir_module()
+    assert "tpu_custom_call" in text and "jaxkv_centroid_scores_tpu" in text
+
+
 def test_bad_arguments_name_themselves():
     q, cent, counts = jnp.zeros((1, 2, 4, 16)), jnp.zeros((1, 2, 8, 16)), jnp.ones((1, 2, 8))
     with pytest.raises(ValueError, match="counts"):
@@ -92,3 +121,10 @@ def test_bad_arguments_name_themselves():
     if jax.default_backend() != "gpu":
         with pytest.raises(ValueError, match="pallas_gpu"):
             centroid_scores(q, cent, counts, jnp.zeros((1,)), implementation="pallas_gpu")
+    with pytest.raises(ValueError, match=r"\['num_warps'\] are not the TPU kernel's"):
+        centroid_scores(q, cent, counts, jnp.zeros((1,)), implementation="pallas_tpu", interpret=True, num_warps=4)
+    with pytest.raises(ValueError, match="block_c"):
+        centroid_scores(q, cent, counts, jnp.zeros((1,)), implementation="pallas_tpu", interpret=True, block_c=12)
+    if jax.default_backend() != "tpu":
+        with pytest.raises(ValueError, match="pallas_tpu.*not tpu"):
+            centroid_scores(q, cent, counts, jnp.zeros((1,)), implementation="pallas_tpu")

@@ -4,10 +4,12 @@ from __future__ import annotations
 import jax
 
 from jaxkv.kernels.centroid_scores.reference import centroid_scores_reference
-from jaxkv.kernels.dispatch import IMPLEMENTATIONS, use_kernel
+from jaxkv.kernels.dispatch import use_kernel
 
 Array = jax.Array
 __all__ = ["IMPLEMENTATIONS", "centroid_scores"]
+IMPLEMENTATIONS = ("pallas_gpu", "pallas_tpu", "reference")
+TPU_OPTIONS = ("block_c", "interpret")
 
 
 def _check(q, centroids, counts, threshold):
@@ -28,10 +30,23 @@ def centroid_scores(q: Array, centroids: Array, counts: Array, threshold: Array,
     """Each cluster's estimated attention weight for one decode query per row, and whether it
     passes ``threshold [B]``: ``(weights [B, K, C] fp32, kept [B, K, C] bool)`` from ``q [B, K,
     G, H]``, ``centroids [B, K, C, H]``, ``counts [B, K, C]`` (see ``reference``).
-    ``implementation``: ``"pallas_gpu"`` or ``"reference"``; explicit ones that cannot run raise,
-    None takes the kernel on a GPU and otherwise warns and runs the reference. ``kernel_options``
-    (``block_c``, ``num_warps``, ``num_stages``, ``interpret``) go to the kernel."""
+    ``implementation``: ``"pallas_gpu"``, ``"pallas_tpu"`` or ``"reference"``; explicit ones that
+    cannot run raise, None takes the GPU kernel on a GPU and otherwise warns and runs the
+    reference (the TPU kernel is asked for by name: tested in the TPU interpreter and lowered
+    for the TPU, not yet run on one). ``kernel_options`` go to the kernel: ``block_c``,
+    ``num_warps``, ``num_stages``, ``interpret`` for the GPU's; ``block_c``, ``interpret`` for
+    the TPU's."""
     _check(q, centroids, counts, threshold)
+    if implementation == "pallas_tpu":
+        other = sorted(set(kernel_options) - set(TPU_OPTIONS))
+        if other:
+            raise ValueError(f"kernel options {other} are not the TPU kernel's (it takes {list(TPU_OPTIONS)})")
+        if not kernel_options.get("interpret") and jax.default_backend() != "tpu":
+            raise ValueError(f"implementation='pallas_tpu' cannot run: the backend is {jax.default_backend()}, "
+                             "not tpu (interpret=True runs it on any backend)")
+        from jaxkv.kernels.centroid_scores.pallas_tpu import centroid_scores_pallas_tpu
+
+        return centroid_scores_pallas_tpu(q, centroids, counts, threshold, scale=scale, **kernel_options)
 
     def why_not():
         h = q.shape[-1]
