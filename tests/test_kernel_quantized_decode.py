@@ -55,7 +55,8 @@ def test_reference_equals_dense_decode_on_the_same_values():
 class QuantizedDecodeBase:
     implementation: str
     options: dict = {}
-    kernel = False
+    kernel = False  # takes block_size
+    splits = False  # takes blocks_per_split (the GPU kernel's split-K)
 
     @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
     @pytest.mark.parametrize("b,kh,g,h,s,bits,block,lengths,per_split", [
@@ -69,7 +70,8 @@ class QuantizedDecodeBase:
         args, _, _ = _case(rng, b, kh, g, h, s, bits, dtype, lengths)
         # jitted: one compile each instead of one per eager operation
         want, want_lse = jax.jit(functools.partial(quantized_decode_reference, bits=bits))(*args)
-        opts = dict(self.options, block_size=block, blocks_per_split=per_split) if self.kernel else self.options
+        opts = dict(self.options, **({"block_size": block} if self.kernel else {}),
+                    **({"blocks_per_split": per_split} if self.splits else {}))
         got, got_lse = jax.jit(functools.partial(quantized_decode, bits=bits, implementation=self.implementation,
                                                  **opts))(*args)
         assert got.shape == want.shape and got.dtype == args[0].dtype
@@ -88,14 +90,44 @@ class TestReference(QuantizedDecodeBase):
 class TestPallasGpuInterpret(QuantizedDecodeBase):
     implementation = "pallas_gpu"
     options = {"interpret": True}
-    kernel = True
+    kernel = splits = True
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
 class TestPallasGpu(QuantizedDecodeBase):
     implementation = "pallas_gpu"
+    kernel = splits = True
+
+
+class TestPallasTpuInterpret(QuantizedDecodeBase):
+    implementation = "pallas_tpu"
+    options = {"interpret": True}
     kernel = True
+
+
+@pytest.mark.skipif(jax.default_backend() != "tpu", reason="needs a TPU")
+class TestPallasTpu(QuantizedDecodeBase):
+    implementation = "pallas_tpu"
+    kernel = True
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_the_tpu_kernel_lowers_for_the_tpu(bits):
+    """Pallas's Mosaic lowering of the TPU kernel at a decode shape (GQA 4, head dim 128, 512
+    slots in blocks of 128), run here by exporting for a TPU v5e; what only Mosaic's compiler
+    on a TPU checks is not covered."""
+    from jax._src.mesh import AbstractDevice, AbstractMesh
+
+    from jaxkv.kernels.quantized_decode.pallas_tpu import quantized_decode_pallas_tpu
+
+    args, _, _ = _case(np.random.default_rng(0), 2, 2, 4, 128, 512, bits, jnp.bfloat16, [512, 100])
+    mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind="TPU v5 lite", num_cores=1,
+                                                                     platform="tpu"))
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = jax.export.export(jax.jit(functools.partial(quantized_decode_pallas_tpu, bits=bits, block_size=128)),
+                                 platforms=["tpu"])(*args).mlir_module()
+    assert "tpu_custom_call" in text and "jaxkv_quantized_decode_tpu" in text
 
 
 def test_bad_arguments_name_themselves():
@@ -111,6 +143,12 @@ def test_bad_arguments_name_themselves():
         quantized_decode(*bad, bits=4, implementation="reference")
     with pytest.raises(ValueError, match="block_size .* must divide"):
         quantized_decode(*args, bits=4, implementation="pallas_gpu", interpret=True, block_size=64)
+    with pytest.raises(ValueError, match=r"\['blocks_per_split'\] are not the TPU kernel's"):
+        quantized_decode(*args, bits=4, implementation="pallas_tpu", interpret=True, block_size=16,
+                         blocks_per_split=2)
+    if jax.default_backend() != "tpu":
+        with pytest.raises(ValueError, match="pallas_tpu.*not tpu"):
+            quantized_decode(*args, bits=4, implementation="pallas_tpu")
     if jax.default_backend() != "gpu":
         with pytest.raises(ValueError, match="cannot run"):
             quantized_decode(*args, bits=4, implementation="pallas_gpu")

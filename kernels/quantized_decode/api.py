@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import jax
 
-from jaxkv.kernels.dispatch import IMPLEMENTATIONS, use_kernel
+from jaxkv.kernels.dispatch import use_kernel
 from jaxkv.kernels.quantized_decode.reference import quantized_decode_reference
 
 Array = jax.Array
 __all__ = ["IMPLEMENTATIONS", "quantized_decode"]
+IMPLEMENTATIONS = ("pallas_gpu", "pallas_tpu", "reference")
 BITS = (2, 3, 4, 8)
 
 
@@ -53,10 +54,12 @@ def quantized_decode(q: Array, k_codes: Array, k_scale: Array, k_zero: Array, v_
     per-token codes (``jaxkv.cache.quant``'s layout): ``(out [B, K, G, H], lse [B, K, G])`` from
     ``q [B, K, G, H]``, codes ``[B, K, S, H / (8 // bits)]`` ``uint8``, per-token scales and zeros
     ``[B, K, S]``, ``kv_positions [B, K, S]`` (a slot is attended when ``>= 0``); see
-    ``reference``. ``implementation``: ``"pallas_gpu"`` or ``"reference"``; an explicit one that
-    cannot run raises; None takes the kernel on a GPU and otherwise warns and runs the
-    reference. ``kernel_options`` (``block_size``, ``blocks_per_split``, ``num_warps``,
-    ``num_stages``, ``interpret``) go to the kernel."""
+    ``reference``. ``implementation``: ``"pallas_gpu"``, ``"pallas_tpu"`` or ``"reference"``; an
+    explicit one that cannot run raises; None takes the GPU kernel on a GPU and otherwise warns
+    and runs the reference (the TPU kernel is asked for by name: tested in the TPU interpreter
+    and lowered for the TPU, not yet run on one). ``kernel_options`` go to the kernel:
+    ``block_size``, ``blocks_per_split``, ``num_warps``, ``num_stages``, ``interpret`` for the
+    GPU's; ``block_size``, ``interpret`` for the TPU's."""
     _check(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, kv_positions, bits)
     block_size = kernel_options.get("block_size", 64)
     if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
@@ -68,6 +71,17 @@ def quantized_decode(q: Array, k_codes: Array, k_scale: Array, k_zero: Array, v_
     def why_not():
         return _pallas_gpu_ok(q, num_slots, bits, block_size)
 
+    if implementation == "pallas_tpu":
+        other = sorted(set(kernel_options) - {"block_size", "interpret"})
+        if other:
+            raise ValueError(f"kernel options {other} are not the TPU kernel's (it takes ['block_size', 'interpret'])")
+        if not kernel_options.get("interpret") and jax.default_backend() != "tpu":
+            raise ValueError(f"implementation='pallas_tpu' cannot run: the backend is {jax.default_backend()}, "
+                             "not tpu (interpret=True runs it on any backend)")
+        from jaxkv.kernels.quantized_decode.pallas_tpu import quantized_decode_pallas_tpu
+
+        return quantized_decode_pallas_tpu(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, kv_positions,
+                                           bits=bits, scale=scale, **kernel_options)
     if use_kernel("quantized_decode", implementation, kernel_options, why_not):
         from jaxkv.kernels.quantized_decode.pallas_gpu import quantized_decode_pallas_gpu
 
