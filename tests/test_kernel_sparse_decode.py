@@ -220,7 +220,8 @@ def test_decode_steps_through_the_kernels_as_without_them(parity_models, name, s
 
     want = run(make_policy(name, **settings))
     real = np.asarray(pos) >= 0
-    for kernel in ({"decode_kernel": "reference"}, {"decode_kernel": "pallas_gpu", "kernel_interpret": True}):
+    for kernel in ({"decode_kernel": "reference"}, {"decode_kernel": "pallas_gpu", "kernel_interpret": True},
+                   {"decode_kernel": "pallas_tpu", "kernel_interpret": True}):
         got = run(make_policy(name, **settings, **kernel))
         np.testing.assert_allclose(got[real], want[real], atol=2e-5, err_msg=kernel["decode_kernel"])
     with pytest.raises(Exception, match="decode_kernel"):

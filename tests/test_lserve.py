@@ -116,8 +116,9 @@ def test_decode_attends_the_top_pages_and_the_newest(parity_models):
 
 
 @pytest.mark.parametrize("kernel", [{"decode_kernel": "reference"},
-                                    {"decode_kernel": "pallas_gpu", "kernel_interpret": True}],
-                         ids=["reference", "pallas_gpu"])
+                                    {"decode_kernel": "pallas_gpu", "kernel_interpret": True},
+                                    {"decode_kernel": "pallas_tpu", "kernel_interpret": True}],
+                         ids=["reference", "pallas_gpu", "pallas_tpu"])
 def test_decode_through_the_sparse_kernel_equals_the_jnp_path(parity_models, kernel):
     """decode_kernel: the chosen pages attended in place by ``sparse_decode`` (the newest page
     among them or not, reused selections) give the jnp path's outputs, selections and counts."""

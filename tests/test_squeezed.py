@@ -232,8 +232,9 @@ def test_decode_scores_through_the_centroid_kernel_as_without_it(parity_models):
     n = seq.shape[1]
     for base in (dict(keep=0.5, centroid_share=0.4, window=1, levels=2, coarse_keep=0.3, coarse_share=0.3),):
         want, c1 = _run(config, params, seq, SqueezedCache(**base))
-        got, c2 = _run(config, params, seq, SqueezedCache(**base, decode_kernel="pallas_gpu", kernel_interpret=True))
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
-        assert attended_fraction(c2, n, config) == attended_fraction(c1, n, config) < 1
+        for kernel in ("pallas_gpu", "pallas_tpu"):
+            got, c2 = _run(config, params, seq, SqueezedCache(**base, decode_kernel=kernel, kernel_interpret=True))
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, err_msg=kernel)
+            assert attended_fraction(c2, n, config) == attended_fraction(c1, n, config) < 1
     with pytest.raises(UserError, match="decode_kernel"):
         SqueezedCache(decode_kernel="cuda")

@@ -5,7 +5,7 @@ cannot lose a token quietly: a prompt chunk longer than its slots is refused at 
 a position at or beyond ``max_len`` (known only at run time, under jit) turns that row's
 attention output, and so its logits, into NaN instead of a wrong number.
 
-``decode_kernel="pallas_gpu"`` (or ``"reference"``) sends decode steps through
+``decode_kernel="pallas_gpu"`` (or ``"pallas_tpu"``, ``"reference"``) sends decode steps through
 ``jaxkv.kernels.sparse_decode.dense_decode`` (every block of the head-major cache), or, in
 low-bit storage (``full+mikv``), through ``jaxkv.kernels.quantized_decode``, which reads the
 packed codes; prefill, extend chunks and sliding-window layers keep the jnp attention.
@@ -18,7 +18,8 @@ import dataclasses
 import jax.numpy as jnp
 
 from jaxkv.cache.kv import KVCache
-from jaxkv.cache.policy import CachePolicy, Phase, check_decode_kernel, kernel_block, register_policy
+from jaxkv.cache.policy import (CachePolicy, Phase, check_decode_kernel, kernel_block, kernel_options,
+                                register_policy)
 from jaxkv.errors import UserError
 
 __all__ = ["FullCache"]
@@ -28,7 +29,7 @@ __all__ = ["FullCache"]
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FullCache(CachePolicy):
     name = "full"
-    decode_kernel: str | None = None  # "pallas_gpu" | "reference": decode steps through the kernel dispatch
+    decode_kernel: str | None = None  # pallas_gpu | pallas_tpu | reference: decode steps through the kernel dispatch
     kernel_interpret: bool = False    # run that kernel in Pallas interpret mode (a CPU check; slow)
 
     def __post_init__(self):
@@ -76,11 +77,11 @@ class FullCache(CachePolicy):
 
         slots = state.num_slots
         block = kernel_block(self.name, self.decode_kernel, slots)
-        options = {"interpret": True} if self.kernel_interpret and self.decode_kernel == "pallas_gpu" else {}
+        options = kernel_options(self.decode_kernel, self.kernel_interpret)
         if self.quantized:  # packed codes, read as they are stored
             from jaxkv.kernels.quantized_decode import quantized_decode
 
-            if self.decode_kernel == "pallas_gpu":
+            if self.decode_kernel in ("pallas_gpu", "pallas_tpu"):
                 options["block_size"] = block
             seen = jnp.arange(slots)[None, None, :] <= positions[:, :1, None]  # [B, 1, S]: slots up to the token
             qk, qv = state.qk, state.qv

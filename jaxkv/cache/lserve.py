@@ -15,7 +15,7 @@
    pages are attended, plus always the page of the newest token; the selection is reused for
    ``reuse`` decode steps. With fewer pages than the budget every page is attended (dense).
    An extend chunk (``T > 1``) attends every page and makes the next decode step select anew.
-   ``decode_kernel="pallas_gpu"`` (or ``"reference"``) runs that attention through
+   ``decode_kernel="pallas_gpu"`` (or ``"pallas_tpu"``, ``"reference"``) runs that attention through
    ``jaxkv.kernels.sparse_decode`` over the chosen pages in place (no gather into a copy);
    the jnp path gathers them first.
 
@@ -40,7 +40,7 @@ from jaxkv.attention import attend_dense, attend_reference, attend_sinks_window
 from jaxkv.cache.full import FullCache
 from jaxkv.cache.kv import KVCache
 from jaxkv.cache.policy import (CachePolicy, LayerSpec, Phase, check_decode_kernel, check_ints, check_shares,
-                                register_policy)
+                                kernel_options, register_policy)
 from jaxkv.cache.razor import check_heads, normalize_heads, retrieval_scores, select_heads, split_heads
 from jaxkv.cache.streaming import StreamingCache
 from jaxkv.errors import UserError
@@ -98,7 +98,7 @@ class _Paging(CachePolicy):
     page: int = 64             # physical page, tokens
     logical_page: int = 16     # logical page (its key min/max is kept), tokens
     reuse: int = 4             # decode steps a page selection serves
-    decode_kernel: str | None = None  # "pallas_gpu" | "reference": decode over the pages via sparse_decode
+    decode_kernel: str | None = None  # pallas_gpu | pallas_tpu | reference: decode over the pages via sparse_decode
     kernel_interpret: bool = False    # run that kernel in Pallas interpret mode (a CPU check; slow)
 
     def __post_init__(self):
@@ -264,7 +264,7 @@ class LServeLayer(_Paging):
         counts = jnp.sum(real, axis=-1).astype(jnp.int32)
         idx = jnp.where(order < pp, order, 0).astype(jnp.int32)
         lengths = jnp.maximum(newest_pos + 1, 0).astype(jnp.int32)
-        options = {"interpret": True} if self.kernel_interpret and self.decode_kernel == "pallas_gpu" else {}
+        options = kernel_options(self.decode_kernel, self.kernel_interpret)
         out, _ = sparse_decode(q[:, 0], dense.k, dense.v, lengths, idx, counts, block_size=self.page,
                                implementation=self.decode_kernel, **options)
         filled = jnp.clip(lengths[:, None, None] - order * self.page, 0, self.page)  # tokens per listed page

@@ -19,7 +19,7 @@ State per layer (every token at its slot = position in the low tier, so nothing 
    ``hi`` plus the low tier's dequantized tokens not in ``hi``; the attention each ``hi`` token
    gets is added to its score (importance updated during decode, H2O-style).
 
-``decode_kernel="pallas_gpu"`` (or ``"reference"``) runs a decode step's low tier through
+``decode_kernel="pallas_gpu"`` (or ``"pallas_tpu"``, ``"reference"``) runs a decode step's low tier through
 ``jaxkv.kernels.quantized_decode`` over the packed codes and merges it with the hi tier (jnp)
 by their log-sum-exps; prefill, extend chunks and sliding-window layers keep the jnp path.
 
@@ -42,7 +42,8 @@ from flax import struct
 
 from jaxkv.attention import attention_weights, merge_attention, visibility_mask
 from jaxkv.cache.kv import KVCache
-from jaxkv.cache.policy import CachePolicy, Phase, check_decode_kernel, kernel_block, register_policy
+from jaxkv.cache.policy import (CachePolicy, Phase, check_decode_kernel, kernel_block, kernel_options,
+                                register_policy)
 from jaxkv.cache.storage import DenseStorage, QuantizedKV, QuantizedStorage
 from jaxkv.errors import UserError
 from jaxkv.typing import Array
@@ -69,7 +70,7 @@ class MiKVCache(CachePolicy):
     obs_window: int = 32
     budget: float | None = None  # set by from_budget: prepare sizes `important` to the bytes
     context_len: int | None = None
-    decode_kernel: str | None = None  # "pallas_gpu" | "reference": the low tier's decode via quantized_decode
+    decode_kernel: str | None = None  # pallas_gpu | pallas_tpu | reference: the low tier's decode via quantized_decode
     kernel_interpret: bool = False    # run that kernel in Pallas interpret mode (a CPU check; slow)
 
     def __post_init__(self):
@@ -242,11 +243,9 @@ class MiKVCache(CachePolicy):
         s_lo = lo.num_slots
         upto = jnp.arange(s_lo)[None, None, :] <= pos[:, None, None]
         kv_pos = jnp.where(self._in_hi(state) | ~upto, -1, lo.positions)
-        options = {}
-        if self.decode_kernel == "pallas_gpu":
+        options = kernel_options(self.decode_kernel, self.kernel_interpret)
+        if self.decode_kernel in ("pallas_gpu", "pallas_tpu"):
             options["block_size"] = kernel_block(self.name, self.decode_kernel, s_lo)
-            if self.kernel_interpret:
-                options["interpret"] = True
         qk, qv = lo.qk, lo.qv
         out_lo, lse_lo = quantized_decode(qb, qk.codes, qk.scale[..., 0], qk.zero[..., 0], qv.codes, qv.scale[..., 0],
                                           qv.zero[..., 0], kv_pos, bits=qk.bits, implementation=self.decode_kernel,

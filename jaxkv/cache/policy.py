@@ -70,8 +70,8 @@ from jaxkv.errors import UserError
 from jaxkv.typing import Array
 
 __all__ = ["Phase", "LayerSpec", "LayerInput", "CachePolicy", "register_policy", "make_policy", "parse_policy_spec",
-           "split_policy_list", "check_ints", "check_shares", "check_decode_kernel", "kernel_block", "available_policies",
-           "init_cache"]
+           "split_policy_list", "check_ints", "check_shares", "check_decode_kernel", "kernel_block", "kernel_options",
+           "DECODE_KERNELS", "available_policies", "init_cache"]
 
 _REGISTRY: dict[str, type["CachePolicy"]] = {}
 
@@ -271,18 +271,29 @@ def register_policy(cls: type[CachePolicy]) -> type[CachePolicy]:
     return cls
 
 
+DECODE_KERNELS = ("pallas_gpu", "pallas_tpu", "reference")
+
+
 def check_decode_kernel(name: str, decode_kernel, kernel_interpret) -> None:
     """The ``decode_kernel`` / ``kernel_interpret`` settings a policy that decodes through
-    ``jaxkv.kernels`` takes: None (jnp attention), ``"pallas_gpu"`` or ``"reference"``."""
-    if decode_kernel not in (None, "pallas_gpu", "reference"):
-        raise UserError(f"{name}: decode_kernel must be pallas_gpu or reference, got {decode_kernel!r}")
+    ``jaxkv.kernels`` takes: None (jnp attention) or one of ``DECODE_KERNELS``."""
+    if decode_kernel not in (None,) + DECODE_KERNELS:
+        raise UserError(f"{name}: decode_kernel must be one of {', '.join(DECODE_KERNELS)}, got {decode_kernel!r}")
     if not isinstance(kernel_interpret, bool):
         raise UserError(f"{name}: kernel_interpret must be true or false, got {kernel_interpret!r}")
 
 
+def kernel_options(decode_kernel: str | None, kernel_interpret: bool) -> dict:
+    """The options a policy passes a kernel dispatch: ``interpret`` for a Pallas kernel run in
+    its interpreter."""
+    return {"interpret": True} if kernel_interpret and decode_kernel in ("pallas_gpu", "pallas_tpu") else {}
+
+
 def kernel_block(name: str, decode_kernel: str, slots: int) -> int:
-    """The KV block a decode kernel walks a cache of ``slots`` slots in: 64, 32 or 16."""
-    block = next((b for b in (64, 32, 16) if slots % b == 0), None)
+    """The KV block a decode kernel walks a cache of ``slots`` slots in: 64, 32 or 16 (the TPU
+    kernels: 128 first, the lane tile their per-token rows need on a TPU)."""
+    sizes = (128, 64, 32, 16) if decode_kernel == "pallas_tpu" else (64, 32, 16)
+    block = next((b for b in sizes if slots % b == 0), None)
     if block is None:
         raise UserError(f"{name}[decode_kernel={decode_kernel}]: the cache's {slots} slots must be a "
                         "multiple of 16 (init_cache(max_len=...))")

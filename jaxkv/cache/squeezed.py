@@ -33,7 +33,7 @@ but the pure-jnp path still scores every fine centroid (the saving is the kernel
 attention over the kept keys is a masked pure-jnp pass (the centroid-attention kernel is a later
 step), so reads are saved only in what ``attended_keys`` counts.
 
-``decode_kernel="pallas_gpu"`` (or ``"reference"``) scores a decode step's clusters (both levels)
+``decode_kernel="pallas_gpu"`` (or ``"pallas_tpu"``, ``"reference"``) scores a decode step's clusters (both levels)
 and applies the threshold through ``jaxkv.kernels.centroid_scores``; the attention stays jnp.
 """
 
@@ -49,7 +49,7 @@ from jaxkv.attention import attend_with_lse, merge_attention
 from jaxkv.cache.full import FullCache
 from jaxkv.cache.kv import KVCache
 from jaxkv.cache.policy import (CachePolicy, LayerSpec, Phase, check_decode_kernel, check_ints, check_shares,
-                                register_policy)
+                                kernel_options, register_policy)
 from jaxkv.errors import UserError
 from jaxkv.kmeans import inertia, kmeans  # noqa: F401  (part of this module's API, shared with jaxkv.icn)
 from jaxkv.typing import Array
@@ -181,7 +181,7 @@ class _IndexSettings(CachePolicy):
     coarse_share: float = 0.1  # levels=2: coarse clusters per fine cluster
     coarse_keep: float = 0.3   # levels=2: share of keys the coarse level lets through (paper: 0.7 quantile)
     decode_calibration: str = "mean"  # decode steps' threshold: the paper's one ("mean"), or per calibration query
-    decode_kernel: str | None = None  # "pallas_gpu" | "reference": decode steps' scores via centroid_scores
+    decode_kernel: str | None = None  # pallas_gpu | pallas_tpu | reference: decode steps' scores via centroid_scores
     kernel_interpret: bool = False    # run that kernel in Pallas interpret mode (a CPU check; slow)
 
     def __post_init__(self):
@@ -307,7 +307,7 @@ class SqueezedLayer(_IndexSettings):
         if decode and self.decode_kernel is not None:
             from jaxkv.kernels.centroid_scores import centroid_scores
 
-            options = {"interpret": True} if self.kernel_interpret and self.decode_kernel == "pallas_gpu" else {}
+            options = kernel_options(self.decode_kernel, self.kernel_interpret)
             weights, _ = centroid_scores(q[:, 0], centroids, counts, threshold, implementation=self.decode_kernel,
                                          **options)
             weights = jnp.where(real[:, :1, None], weights, 0.0)
