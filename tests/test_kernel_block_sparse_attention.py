@@ -2,6 +2,8 @@
 reference against a numpy softmax and the anchor equivalence, and every kernel backend against
 the reference, forward and gradients (``jax.vjp`` of the reference), through one shared test base
 (interpret mode on the CPU; compiled with ``-m gpu``)."""
+import functools
+
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -151,8 +153,9 @@ def _rotary(x, positions, h):
     return apply_rope(x, cos, sin)
 
 
-@pytest.mark.parametrize("implementation,options", [("reference", {}), ("pallas_gpu", {"interpret": True})],
-                         ids=["reference", "pallas_gpu"])
+@pytest.mark.parametrize("implementation,options", [("reference", {}), ("pallas_gpu", {"interpret": True}),
+                                                    ("pallas_tpu", {"interpret": True})],
+                         ids=["reference", "pallas_gpu", "pallas_tpu"])
 def test_a_shared_anchor_equals_bos_per_document(implementation, options):
     """AnchorAttention's equivalence: one anchor token A at position 0 seen by every document
     (document mask + anchor, continuous positions) gives the same outputs for the document tokens
@@ -264,6 +267,41 @@ class TestPallasGpuInterpret(BlockSparseAttentionBase):
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
 class TestPallasGpu(BlockSparseAttentionBase):
     implementation = "pallas_gpu"
+
+
+class TestPallasTpuInterpret(BlockSparseAttentionBase):
+    implementation = "pallas_tpu"
+    options = {"interpret": True}
+
+
+@pytest.mark.skipif(jax.default_backend() != "tpu", reason="needs a TPU")
+class TestPallasTpu(BlockSparseAttentionBase):
+    implementation = "pallas_tpu"
+
+
+@pytest.mark.parametrize("anchor", [False, True], ids=["causal", "documents + anchor"])
+def test_the_tpu_kernel_lowers_for_the_tpu(anchor):
+    """Pallas's Mosaic lowering of the TPU forward (1,024 tokens, blocks of 128, GQA 8/2, head
+    dim 128, bf16; with documents and the anchor), run here by exporting for a TPU v5e; what only
+    Mosaic's compiler on a TPU checks is not covered."""
+    from jax._src.mesh import AbstractDevice, AbstractMesh
+
+    from jaxkv.kernels.block_sparse_attention.api import _pad_and_plan
+    from jaxkv.kernels.block_sparse_attention.pallas_tpu import block_sparse_attention_pallas_tpu
+
+    rng = np.random.default_rng(0)
+    q, k, v = _qkv(rng, 1, 1024, 1024, 8, 2, 128, jnp.bfloat16)
+    pos = jnp.broadcast_to(jnp.arange(1024), (1, 1024))
+    seg = _segments(rng, 1, 1024, 3) if anchor else None
+    spec = MaskSpec(anchor=anchor)
+    q, k, v, qp, kp, qs, ks, plan = _pad_and_plan(q, k, v, pos, pos, seg, seg, None, spec, None, 128, 128)
+    mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind="TPU v5 lite", num_cores=1,
+                                                                     platform="tpu"))
+    fn = functools.partial(block_sparse_attention_pallas_tpu, mask=spec)
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = jax.export.export(jax.jit(fn), platforms=["tpu"])(q, k, v, qp, kp, plan, q_segments=qs,
+                                                                  k_segments=ks).mlir_module()
+    assert "tpu_custom_call" in text and "jaxkv_block_sparse_attention_tpu" in text
 
 
 # ------------------------------------------------------------------ dispatch and bad input

@@ -2,15 +2,18 @@
 builds the block plan and picks the implementation."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from jaxkv.kernels.block_sparse_attention.mask import MaskSpec, block_plan
 from jaxkv.kernels.block_sparse_attention.reference import block_sparse_attention_reference
-from jaxkv.kernels.dispatch import IMPLEMENTATIONS, use_kernel
+from jaxkv.kernels.dispatch import use_kernel
 
 Array = jax.Array
 __all__ = ["IMPLEMENTATIONS", "block_sparse_attention"]
+IMPLEMENTATIONS = ("pallas_gpu", "pallas_tpu", "reference")
 
 
 def _pow2(x) -> bool:
@@ -64,7 +67,10 @@ def block_sparse_attention(q: Array, k: Array, v: Array, q_positions: Array, k_p
 
     ``implementation``: ``"pallas_gpu"`` (blocks of ``block_q x block_k``, powers of two >= 16,
     at most ``mask_block``; empty blocks skipped; the backward in blocks of ``backward_blocks``,
-    None: the forward's) or ``"reference"`` (dense jnp); an explicit one
+    None: the forward's), ``"pallas_tpu"`` (asked for by name: the forward in the same blocks,
+    ``block_k`` a multiple of 128 on a TPU; the backward by ``jax.vjp`` of the dense reference;
+    tested in the TPU interpreter and lowered for the TPU, not yet run on one) or
+    ``"reference"`` (dense jnp); an explicit one
     that cannot run raises, None takes the kernel on a GPU and otherwise warns and runs the
     reference. ``kernel_options`` (``num_warps``, ``num_stages``, ``interpret``) go to the kernel."""
     _check(q, k, v, q_positions, k_positions, mask, q_segments, k_segments, block_mask, mask_block)
@@ -84,6 +90,20 @@ def block_sparse_attention(q: Array, k: Array, v: Array, q_positions: Array, k_p
         raise ValueError(f"block_q and block_k must be powers of two >= 16, got {block_q!r} and {block_k!r}")
     if len(backward_blocks) != 2 or not all(_pow2(x) for x in backward_blocks):
         raise ValueError(f"backward_blocks must be two powers of two >= 16, got {backward_blocks!r}")
+    if implementation == "pallas_tpu":
+        other = sorted(set(kernel_options) - {"interpret"})
+        if other:
+            raise ValueError(f"kernel options {other} are not the TPU kernel's (it takes ['interpret'])")
+        interpret = bool(kernel_options.get("interpret"))
+        if not interpret and jax.default_backend() != "tpu":
+            raise ValueError(f"implementation='pallas_tpu' cannot run: the backend is {jax.default_backend()}, "
+                             "not tpu (interpret=True runs it on any backend)")
+        if not interpret and block_k % 128:
+            raise ValueError(f"block_k ({block_k}) must be a multiple of 128 for the TPU kernel (its key rows fill "
+                             "whole lane tiles)")
+        out, lse = _tpu(q, k, v, q_positions, k_positions, q_segments, k_segments, block_mask, mask, mask_block,
+                        scale, block_q, block_k, interpret)
+        return (out, jax.lax.stop_gradient(lse)) if return_lse else out
     if use_kernel("block_sparse_attention", implementation, kernel_options, why_not):
         from jaxkv.kernels.block_sparse_attention.pallas_gpu import block_sparse_attention_pallas_gpu
 
@@ -109,3 +129,51 @@ def block_sparse_attention(q: Array, k: Array, v: Array, q_positions: Array, k_p
                                                     q_segments=q_segments, k_segments=k_segments,
                                                     block_mask=block_mask, mask_block=mask_block, scale=scale)
     return (out, jax.lax.stop_gradient(lse)) if return_lse else out
+
+
+def _pad_and_plan(q, k, v, q_positions, k_positions, q_segments, k_segments, block_mask, mask, mask_block,
+                  block_q, block_k):
+    """The inputs padded to whole blocks (padding positions -1, segment 0) and their block plan."""
+    t, s = q.shape[1], k.shape[1]
+    pt, ps = -t % block_q, -s % block_k
+    pad = lambda x, n, value: jnp.pad(x, ((0, 0), (0, n)) + ((0, 0),) * (x.ndim - 2),  # noqa: E731
+                                     constant_values=value)
+    qp, kp = pad(q_positions, pt, -1), pad(k_positions, ps, -1)
+    qs = None if q_segments is None else pad(q_segments, pt, 0)
+    ks = None if k_segments is None else pad(k_segments, ps, 0)
+    plan = block_plan(mask, qp, kp, block_q=block_q, block_k=block_k, q_segments=qs, k_segments=ks,
+                      block_mask=block_mask, mask_block=mask_block)
+    return pad(q, pt, 0), pad(k, ps, 0), pad(v, ps, 0), qp, kp, qs, ks, plan
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11, 12, 13))
+def _tpu(q, k, v, q_positions, k_positions, q_segments, k_segments, block_mask, mask, mask_block, scale, block_q,
+         block_k, interpret):
+    """The TPU kernel's forward; its backward is ``jax.vjp`` of the dense reference."""
+    from jaxkv.kernels.block_sparse_attention.pallas_tpu import block_sparse_attention_pallas_tpu
+
+    t = q.shape[1]
+    qq, kk, vv, qp, kp, qs, ks, plan = _pad_and_plan(q, k, v, q_positions, k_positions, q_segments, k_segments,
+                                                     block_mask, mask, mask_block, block_q, block_k)
+    out, lse = block_sparse_attention_pallas_tpu(qq, kk, vv, qp, kp, plan, mask=mask, q_segments=qs, k_segments=ks,
+                                                 scale=scale, interpret=interpret)
+    return out[:, :t], lse[:, :, :t]
+
+
+def _tpu_fwd(q, k, v, q_positions, k_positions, q_segments, k_segments, block_mask, mask, mask_block, scale,
+             block_q, block_k, interpret):
+    out = _tpu(q, k, v, q_positions, k_positions, q_segments, k_segments, block_mask, mask, mask_block, scale,
+               block_q, block_k, interpret)
+    return out, (q, k, v, q_positions, k_positions, q_segments, k_segments, block_mask)
+
+
+def _tpu_bwd(mask, mask_block, scale, block_q, block_k, interpret, res, cts):
+    q, k, v, q_positions, k_positions, q_segments, k_segments, block_mask = res
+    _, vjp = jax.vjp(lambda q, k, v: block_sparse_attention_reference(
+        q, k, v, q_positions, k_positions, mask=mask, q_segments=q_segments, k_segments=k_segments,
+        block_mask=block_mask, mask_block=mask_block, scale=scale)[0], q, k, v)
+    dq, dk, dv = vjp(cts[0].astype(q.dtype))
+    return dq, dk, dv, None, None, None, None, None
+
+
+_tpu.defvjp(_tpu_fwd, _tpu_bwd)
