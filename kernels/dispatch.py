@@ -2,9 +2,27 @@
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from typing import Callable, Iterable
 
-IMPLEMENTATIONS = ("pallas_gpu", "reference")
+IMPLEMENTATIONS = ("pallas_gpu", "pallas_tpu", "reference")
+
+
+def use_tpu_kernel(implementation: str | None, kernel_options: dict, allowed: Iterable[str]) -> bool:
+    """True to run the Pallas TPU kernel: only when asked for by name (``"pallas_tpu"``; the TPU
+    kernels are tested in the TPU interpreter and lowered for the TPU, not yet run on one, so
+    None never picks them). Options other than ``allowed`` raise, naming them, and so does a
+    backend that is not a TPU unless ``interpret`` is set."""
+    if implementation != "pallas_tpu":
+        return False
+    other = sorted(set(kernel_options) - set(allowed))
+    if other:
+        raise ValueError(f"kernel options {other} are not the TPU kernel's (it takes {sorted(allowed)})")
+    import jax
+
+    if not kernel_options.get("interpret") and jax.default_backend() != "tpu":
+        raise ValueError(f"implementation='pallas_tpu' cannot run: the backend is {jax.default_backend()}, "
+                         "not tpu (interpret=True runs it on any backend)")
+    return True
 
 
 def use_kernel(op: str, implementation: str | None, kernel_options: dict, why_not: Callable[[], str | None]) -> bool:

@@ -9,11 +9,10 @@ import jax.numpy as jnp
 
 from jaxkv.kernels.block_sparse_attention.mask import MaskSpec, block_plan
 from jaxkv.kernels.block_sparse_attention.reference import block_sparse_attention_reference
-from jaxkv.kernels.dispatch import use_kernel
+from jaxkv.kernels.dispatch import IMPLEMENTATIONS, use_kernel, use_tpu_kernel
 
 Array = jax.Array
 __all__ = ["IMPLEMENTATIONS", "block_sparse_attention"]
-IMPLEMENTATIONS = ("pallas_gpu", "pallas_tpu", "reference")
 
 
 def _pow2(x) -> bool:
@@ -90,14 +89,8 @@ def block_sparse_attention(q: Array, k: Array, v: Array, q_positions: Array, k_p
         raise ValueError(f"block_q and block_k must be powers of two >= 16, got {block_q!r} and {block_k!r}")
     if len(backward_blocks) != 2 or not all(_pow2(x) for x in backward_blocks):
         raise ValueError(f"backward_blocks must be two powers of two >= 16, got {backward_blocks!r}")
-    if implementation == "pallas_tpu":
-        other = sorted(set(kernel_options) - {"interpret"})
-        if other:
-            raise ValueError(f"kernel options {other} are not the TPU kernel's (it takes ['interpret'])")
+    if use_tpu_kernel(implementation, kernel_options, ("interpret",)):
         interpret = bool(kernel_options.get("interpret"))
-        if not interpret and jax.default_backend() != "tpu":
-            raise ValueError(f"implementation='pallas_tpu' cannot run: the backend is {jax.default_backend()}, "
-                             "not tpu (interpret=True runs it on any backend)")
         if not interpret and block_k % 128:
             raise ValueError(f"block_k ({block_k}) must be a multiple of 128 for the TPU kernel (its key rows fill "
                              "whole lane tiles)")
@@ -107,22 +100,17 @@ def block_sparse_attention(q: Array, k: Array, v: Array, q_positions: Array, k_p
     if use_kernel("block_sparse_attention", implementation, kernel_options, why_not):
         from jaxkv.kernels.block_sparse_attention.pallas_gpu import block_sparse_attention_pallas_gpu
 
-        t, s = q.shape[1], k.shape[1]
-        pt, ps = -t % max(block_q, backward_blocks[0]), -s % max(block_k, backward_blocks[1])
-        pad = lambda x, n, value: jnp.pad(x, ((0, 0), (0, n)) + ((0, 0),) * (x.ndim - 2),  # noqa: E731
-                                         constant_values=value)
-        qp, kp = pad(q_positions, pt, -1), pad(k_positions, ps, -1)
-        qs = None if q_segments is None else pad(q_segments, pt, 0)
-        ks = None if k_segments is None else pad(k_segments, ps, 0)
-        plan = block_plan(mask, qp, kp, block_q=block_q, block_k=block_k, q_segments=qs, k_segments=ks,
-                          block_mask=block_mask, mask_block=mask_block)
+        t = q.shape[1]
+        qq, kk, vv, qp, kp, qs, ks, plan = _pad_and_plan(
+            q, k, v, q_positions, k_positions, q_segments, k_segments, block_mask, mask, mask_block, block_q, block_k,
+            multiple=(max(block_q, backward_blocks[0]), max(block_k, backward_blocks[1])))
         backward_plan = None
         if backward_blocks != (block_q, block_k):
             backward_plan = block_plan(mask, qp, kp, block_q=backward_blocks[0], block_k=backward_blocks[1],
                                        q_segments=qs, k_segments=ks, block_mask=block_mask, mask_block=mask_block)
-        out, lse = block_sparse_attention_pallas_gpu(pad(q, pt, 0), pad(k, ps, 0), pad(v, ps, 0), qp, kp, plan,
-                                                     mask=mask, q_segments=qs, k_segments=ks, scale=scale,
-                                                     backward_plan=backward_plan, **kernel_options)
+        out, lse = block_sparse_attention_pallas_gpu(qq, kk, vv, qp, kp, plan, mask=mask, q_segments=qs,
+                                                     k_segments=ks, scale=scale, backward_plan=backward_plan,
+                                                     **kernel_options)
         out, lse = out[:, :t], lse[:, :, :t]
     else:
         out, lse = block_sparse_attention_reference(q, k, v, q_positions, k_positions, mask=mask,
@@ -132,10 +120,12 @@ def block_sparse_attention(q: Array, k: Array, v: Array, q_positions: Array, k_p
 
 
 def _pad_and_plan(q, k, v, q_positions, k_positions, q_segments, k_segments, block_mask, mask, mask_block,
-                  block_q, block_k):
-    """The inputs padded to whole blocks (padding positions -1, segment 0) and their block plan."""
+                  block_q, block_k, multiple=None):
+    """The inputs padded to whole blocks (to multiples of ``multiple``, default the blocks;
+    padding positions -1, segment 0) and their block plan."""
     t, s = q.shape[1], k.shape[1]
-    pt, ps = -t % block_q, -s % block_k
+    mq, mk = (block_q, block_k) if multiple is None else multiple
+    pt, ps = -t % mq, -s % mk
     pad = lambda x, n, value: jnp.pad(x, ((0, 0), (0, n)) + ((0, 0),) * (x.ndim - 2),  # noqa: E731
                                      constant_values=value)
     qp, kp = pad(q_positions, pt, -1), pad(k_positions, ps, -1)

@@ -4,11 +4,10 @@ from __future__ import annotations
 import jax
 
 from jaxkv.kernels.centroid_scores.reference import centroid_scores_reference
-from jaxkv.kernels.dispatch import use_kernel
+from jaxkv.kernels.dispatch import IMPLEMENTATIONS, use_kernel, use_tpu_kernel
 
 Array = jax.Array
 __all__ = ["IMPLEMENTATIONS", "centroid_scores"]
-IMPLEMENTATIONS = ("pallas_gpu", "pallas_tpu", "reference")
 TPU_OPTIONS = ("block_c", "interpret")
 
 
@@ -37,13 +36,7 @@ def centroid_scores(q: Array, centroids: Array, counts: Array, threshold: Array,
     ``num_warps``, ``num_stages``, ``interpret`` for the GPU's; ``block_c``, ``interpret`` for
     the TPU's."""
     _check(q, centroids, counts, threshold)
-    if implementation == "pallas_tpu":
-        other = sorted(set(kernel_options) - set(TPU_OPTIONS))
-        if other:
-            raise ValueError(f"kernel options {other} are not the TPU kernel's (it takes {list(TPU_OPTIONS)})")
-        if not kernel_options.get("interpret") and jax.default_backend() != "tpu":
-            raise ValueError(f"implementation='pallas_tpu' cannot run: the backend is {jax.default_backend()}, "
-                             "not tpu (interpret=True runs it on any backend)")
+    if use_tpu_kernel(implementation, kernel_options, TPU_OPTIONS):
         from jaxkv.kernels.centroid_scores.pallas_tpu import centroid_scores_pallas_tpu
 
         return centroid_scores_pallas_tpu(q, centroids, counts, threshold, scale=scale, **kernel_options)

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import jax
 
-from jaxkv.kernels.dispatch import use_kernel
+from jaxkv.kernels.dispatch import IMPLEMENTATIONS, use_kernel, use_tpu_kernel
 from jaxkv.kernels.quantized_decode.reference import quantized_decode_reference
 
 Array = jax.Array
 __all__ = ["IMPLEMENTATIONS", "quantized_decode"]
-IMPLEMENTATIONS = ("pallas_gpu", "pallas_tpu", "reference")
 BITS = (2, 3, 4, 8)
 
 
@@ -71,13 +70,7 @@ def quantized_decode(q: Array, k_codes: Array, k_scale: Array, k_zero: Array, v_
     def why_not():
         return _pallas_gpu_ok(q, num_slots, bits, block_size)
 
-    if implementation == "pallas_tpu":
-        other = sorted(set(kernel_options) - {"block_size", "interpret"})
-        if other:
-            raise ValueError(f"kernel options {other} are not the TPU kernel's (it takes ['block_size', 'interpret'])")
-        if not kernel_options.get("interpret") and jax.default_backend() != "tpu":
-            raise ValueError(f"implementation='pallas_tpu' cannot run: the backend is {jax.default_backend()}, "
-                             "not tpu (interpret=True runs it on any backend)")
+    if use_tpu_kernel(implementation, kernel_options, ("block_size", "interpret")):
         from jaxkv.kernels.quantized_decode.pallas_tpu import quantized_decode_pallas_tpu
 
         return quantized_decode_pallas_tpu(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, kv_positions,

@@ -4,12 +4,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxkv.kernels.dispatch import use_kernel
+from jaxkv.kernels.dispatch import IMPLEMENTATIONS, use_kernel, use_tpu_kernel
 from jaxkv.kernels.sparse_decode.reference import sparse_decode_reference
 
 Array = jax.Array
 __all__ = ["IMPLEMENTATIONS", "dense_decode", "sparse_decode"]
-IMPLEMENTATIONS = ("pallas_gpu", "pallas_tpu", "reference")
 
 
 def _check(q, k, v, lengths, block_indices, block_counts, block_size):
@@ -54,13 +53,7 @@ def sparse_decode(q: Array, k: Array, v: Array, lengths: Array, block_indices: A
     ``blocks_per_split``, ``num_warps``, ``num_stages``, ``interpret`` for the GPU's,
     ``interpret`` for the TPU's."""
     _check(q, k, v, lengths, block_indices, block_counts, block_size)
-    if implementation == "pallas_tpu":
-        other = sorted(set(kernel_options) - {"interpret"})
-        if other:
-            raise ValueError(f"kernel options {other} are not the TPU kernel's (it takes ['interpret'])")
-        if not kernel_options.get("interpret") and jax.default_backend() != "tpu":
-            raise ValueError(f"implementation='pallas_tpu' cannot run: the backend is {jax.default_backend()}, "
-                             "not tpu (interpret=True runs it on any backend)")
+    if use_tpu_kernel(implementation, kernel_options, ("interpret",)):
         from jaxkv.kernels.sparse_decode.pallas_tpu import sparse_decode_pallas_tpu
 
         return sparse_decode_pallas_tpu(q, k, v, lengths, block_indices, block_counts, block_size=block_size,

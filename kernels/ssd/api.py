@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import jax
 
-from jaxkv.kernels.dispatch import use_kernel
+from jaxkv.kernels.dispatch import IMPLEMENTATIONS, use_kernel, use_tpu_kernel
 from jaxkv.kernels.ssd.reference import ssd_chunked
 
 Array = jax.Array
 __all__ = ["IMPLEMENTATIONS", "ssd", "why_no_kernel"]
-IMPLEMENTATIONS = ("pallas_gpu", "pallas_tpu", "reference")
 TPU_OPTIONS = ("block_t", "interpret")
 
 
@@ -54,13 +53,7 @@ def ssd(x: Array, dt: Array, A: Array, B: Array, C: Array, initial_state: Array 
     ``num_warps``, ``num_stages``, ``interpret`` for the GPU's; ``block_t``, ``interpret`` for
     the TPU's."""
     _check(x, dt, A, B, C, initial_state)
-    if implementation == "pallas_tpu":
-        other = sorted(set(kernel_options) - set(TPU_OPTIONS))
-        if other:
-            raise ValueError(f"kernel options {other} are not the TPU kernel's (it takes {list(TPU_OPTIONS)})")
-        if not kernel_options.get("interpret") and jax.default_backend() != "tpu":
-            raise ValueError(f"implementation='pallas_tpu' cannot run: the backend is {jax.default_backend()}, "
-                             "not tpu (interpret=True runs it on any backend)")
+    if use_tpu_kernel(implementation, kernel_options, TPU_OPTIONS):
         from jaxkv.kernels.ssd.pallas_tpu import ssd_pallas_tpu
 
         return ssd_pallas_tpu(x, dt, A, B, C, initial_state, **kernel_options)
