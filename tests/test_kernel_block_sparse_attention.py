@@ -284,10 +284,9 @@ def test_the_tpu_kernel_lowers_for_the_tpu(anchor):
     """Pallas's Mosaic lowering of the TPU forward (1,024 tokens, blocks of 128, GQA 8/2, head
     dim 128, bf16; with documents and the anchor), run here by exporting for a TPU v5e; what only
     Mosaic's compiler on a TPU checks is not covered."""
-    from jax._src.mesh import AbstractDevice, AbstractMesh
-
     from jaxkv.kernels.block_sparse_attention.api import _pad_and_plan
     from jaxkv.kernels.block_sparse_attention.pallas_tpu import block_sparse_attention_pallas_tpu
+    from tests.tpu_lowering import lower_for_tpu
 
     rng = np.random.default_rng(0)
     q, k, v = _qkv(rng, 1, 1024, 1024, 8, 2, 128, jnp.bfloat16)
@@ -295,12 +294,8 @@ def test_the_tpu_kernel_lowers_for_the_tpu(anchor):
     seg = _segments(rng, 1, 1024, 3) if anchor else None
     spec = MaskSpec(anchor=anchor)
     q, k, v, qp, kp, qs, ks, plan = _pad_and_plan(q, k, v, pos, pos, seg, seg, None, spec, None, 128, 128)
-    mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind="TPU v5 lite", num_cores=1,
-                                                                     platform="tpu"))
-    fn = functools.partial(block_sparse_attention_pallas_tpu, mask=spec)
-    with jax.sharding.use_abstract_mesh(mesh):
-        text = jax.export.export(jax.jit(fn), platforms=["tpu"])(q, k, v, qp, kp, plan, q_segments=qs,
-                                                                  k_segments=ks).mlir_module()
+    text = lower_for_tpu(functools.partial(block_sparse_attention_pallas_tpu, mask=spec), q, k, v, qp, kp, plan,
+                         q_segments=qs, k_segments=ks)
     assert "tpu_custom_call" in text and "jaxkv_block_sparse_attention_tpu" in text
 
 

@@ -96,17 +96,11 @@ class TestPallasTpu(CentroidScoresBase):
 def test_the_tpu_kernel_lowers_for_the_tpu():
     """Pallas's Mosaic lowering of the TPU kernel (6,553 clusters a head, blocks of 512), run here
     by exporting for a TPU v5e; what only Mosaic's compiler on a TPU checks is not covered."""
-    from jax._src.mesh import AbstractDevice, AbstractMesh
-
     from jaxkv.kernels.centroid_scores.pallas_tpu import centroid_scores_pallas_tpu
+    from tests.tpu_lowering import lower_for_tpu
 
     q, cent, counts = _case(np.random.default_rng(0), 2, 2, 4, 128, 6553, jnp.bfloat16)
-    threshold = jnp.zeros((2,))
-    mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind="TPU v5 lite", num_cores=1,
-                                                                     platform="tpu"))
-    with jax.sharding.use_abstract_mesh(mesh):
-        text = jax.export.export(jax.jit(centroid_scores_pallas_tpu), platforms=["tpu"])(
-            q, cent, counts, threshold).mlir_module()
+    text = lower_for_tpu(centroid_scores_pallas_tpu, q, cent, counts, jnp.zeros((2,)))
     assert "tpu_custom_call" in text and "jaxkv_centroid_scores_tpu" in text
 
 

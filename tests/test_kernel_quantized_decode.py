@@ -117,16 +117,11 @@ def test_the_tpu_kernel_lowers_for_the_tpu(bits):
     """Pallas's Mosaic lowering of the TPU kernel at a decode shape (GQA 4, head dim 128, 512
     slots in blocks of 128), run here by exporting for a TPU v5e; what only Mosaic's compiler
     on a TPU checks is not covered."""
-    from jax._src.mesh import AbstractDevice, AbstractMesh
-
     from jaxkv.kernels.quantized_decode.pallas_tpu import quantized_decode_pallas_tpu
+    from tests.tpu_lowering import lower_for_tpu
 
     args, _, _ = _case(np.random.default_rng(0), 2, 2, 4, 128, 512, bits, jnp.bfloat16, [512, 100])
-    mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind="TPU v5 lite", num_cores=1,
-                                                                     platform="tpu"))
-    with jax.sharding.use_abstract_mesh(mesh):
-        text = jax.export.export(jax.jit(functools.partial(quantized_decode_pallas_tpu, bits=bits, block_size=128)),
-                                 platforms=["tpu"])(*args).mlir_module()
+    text = lower_for_tpu(functools.partial(quantized_decode_pallas_tpu, bits=bits, block_size=128), *args)
     assert "tpu_custom_call" in text and "jaxkv_quantized_decode_tpu" in text
 
 

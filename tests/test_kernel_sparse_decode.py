@@ -126,16 +126,11 @@ def test_the_tpu_kernel_lowers_for_the_tpu(dtype):
     """Pallas's Mosaic lowering of the TPU kernel at a decode shape (GQA 4, head dim 128, blocks
     of 64 slots listed per (row, KV head)), run here by exporting for a TPU v5e; what only
     Mosaic's compiler on a TPU checks is not covered."""
-    from jax._src.mesh import AbstractDevice, AbstractMesh
-
     from jaxkv.kernels.sparse_decode.pallas_tpu import sparse_decode_pallas_tpu
+    from tests.tpu_lowering import lower_for_tpu
 
     q, k, v, lengths, idx, counts = _case(np.random.default_rng(0), 2, 2, 4, 128, 512, 64, [500, 77], 4, dtype)
-    mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind="TPU v5 lite", num_cores=1,
-                                                                     platform="tpu"))
-    with jax.sharding.use_abstract_mesh(mesh):
-        text = jax.export.export(jax.jit(functools.partial(sparse_decode_pallas_tpu, block_size=64)),
-                                 platforms=["tpu"])(q, k, v, lengths, idx, counts).mlir_module()
+    text = lower_for_tpu(functools.partial(sparse_decode_pallas_tpu, block_size=64), q, k, v, lengths, idx, counts)
     assert "tpu_custom_call" in text and "jaxkv_sparse_decode_tpu" in text
 
 

@@ -122,20 +122,16 @@ def test_the_tpu_kernel_lowers_for_the_tpu(device_kind, dtype):
     exporting for the TPU (the tile
     rules, the ops' lowering rules); what only Mosaic's compiler on a TPU checks is not covered.
     A block that breaks the TPU's tiling is refused by the same lowering."""
-    from jax._src.mesh import AbstractDevice, AbstractMesh
-
     from jaxkv.kernels.ssd.pallas_tpu import ssd_pallas_tpu
+    from tests.tpu_lowering import lower_for_tpu
 
     args = _case(np.random.default_rng(0), 2, 256, 4, 64, 2, 128, dtype)
-    mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind=device_kind, num_cores=1,
-                                                                     platform="tpu"))
 
     def lower(block_t, grad=False):
         fn = functools.partial(ssd_pallas_tpu, block_t=block_t)
         if grad:  # the forward keeping its states, and both backward kernels
             fn = jax.grad(lambda *a: jnp.sum(ssd_pallas_tpu(*a, block_t=block_t)[0]), argnums=(0, 1, 3, 4, 5))
-        with jax.sharding.use_abstract_mesh(mesh):
-            return jax.export.export(jax.jit(fn), platforms=["tpu"])(*args).mlir_module()
+        return lower_for_tpu(fn, *args, device_kind=device_kind)
 
     text = lower(128)
     assert "tpu_custom_call" in text and "jaxkv_ssd_fwd_tpu" in text

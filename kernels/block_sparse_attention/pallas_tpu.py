@@ -29,6 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from jaxkv.kernels.block_sparse_attention.mask import BlockPlan, MaskSpec, visible
+from jaxkv.kernels.tpu_softmax import softmax_finish, softmax_init, softmax_step
 
 Array = jax.Array
 __all__ = ["block_sparse_attention_pallas_tpu"]
@@ -53,9 +54,7 @@ def _kernel(kvb_ref, nf_ref, np_ref, q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref
 
     @pl.when(j == 0)
     def _():
-        m_scr[...] = jnp.full(m_scr.shape, -jnp.inf, jnp.float32)
-        l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
-        acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+        softmax_init(m_scr, l_scr, acc_scr)
 
     @pl.when(j < count)
     def _():
@@ -68,23 +67,11 @@ def _kernel(kvb_ref, nf_ref, np_ref, q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref
         seen = visible(spec, qp_ref[...], kp_ref[...], qs_ref[...] if segments else None,
                        ks_ref[...] if segments else None, k_index)
         s = jnp.where(seen | (j < n_full), s, -jnp.inf)  # full blocks: every pair visible
-        m_old = m_scr[...]
-        m_new = jnp.maximum(m_old, jnp.max(s, axis=1, keepdims=True))
-        safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        alpha = jnp.exp(m_old - safe)
-        p = jnp.exp(s - safe)
-        l_scr[...] = alpha * l_scr[...] + jnp.sum(p, axis=1, keepdims=True)
-        acc_scr[...] = alpha * acc_scr[...] + jax.lax.dot_general(
-            p.astype(dtype), v_ref[...].astype(dtype), (((1,), (0,)), ((), ())), precision=prec,
-            preferred_element_type=jnp.float32)
-        m_scr[...] = m_new
+        softmax_step(s, v_ref[...], m_scr, l_scr, acc_scr, dtype=dtype, precision=prec)
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _():
-        l = l_scr[...]
-        ok = l > 0
-        o_ref[...] = jnp.where(ok, acc_scr[...] / jnp.where(ok, l, 1.0), 0.0).astype(o_ref.dtype)
-        lse_ref[...] = jnp.where(ok, m_scr[...] + jnp.log(jnp.where(ok, l, 1.0)), -jnp.inf)
+        softmax_finish(o_ref, lse_ref, m_scr, l_scr, acc_scr)
 
 
 @functools.partial(jax.jit, static_argnames=("mask", "scale", "interpret"))

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from jaxkv.kernels.tpu_softmax import softmax_finish, softmax_init, softmax_step
+
 Array = jax.Array
 __all__ = ["sparse_decode_pallas_tpu"]
 
@@ -34,35 +36,21 @@ def _kernel(idx_ref, cnt_ref, len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc
 
     @pl.when(m == 0)
     def _():
-        m_scr[...] = jnp.full(m_scr.shape, -jnp.inf, jnp.float32)
-        l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
-        acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+        softmax_init(m_scr, l_scr, acc_scr)
 
     @pl.when(m < count)
     def _():
         dtype = jnp.float32 if exact else q_ref.dtype
         prec = jax.lax.Precision.HIGHEST if exact else None
-        q, k, v = q_ref[...].astype(dtype), k_ref[...].astype(dtype), v_ref[...].astype(dtype)
-        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=prec,
-                                preferred_element_type=jnp.float32) * scale  # [G, bs]
+        s = jax.lax.dot_general(q_ref[...].astype(dtype), k_ref[...].astype(dtype), (((1,), (1,)), ((), ())),
+                                precision=prec, preferred_element_type=jnp.float32) * scale  # [G, bs]
         slot = idx_ref[b, kh, m] * block_size + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
         s = jnp.where(slot < len_ref[b], s, -jnp.inf)
-        m_old = m_scr[...]  # [G, 1]
-        m_new = jnp.maximum(m_old, jnp.max(s, axis=1, keepdims=True))
-        safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a block with nothing visible adds nothing
-        alpha = jnp.exp(m_old - safe)
-        p = jnp.exp(s - safe)
-        l_scr[...] = alpha * l_scr[...] + jnp.sum(p, axis=1, keepdims=True)
-        acc_scr[...] = alpha * acc_scr[...] + jax.lax.dot_general(
-            p.astype(dtype), v, (((1,), (0,)), ((), ())), precision=prec, preferred_element_type=jnp.float32)
-        m_scr[...] = m_new
+        softmax_step(s, v_ref[...], m_scr, l_scr, acc_scr, dtype=dtype, precision=prec)
 
     @pl.when(m == pl.num_programs(2) - 1)
     def _():
-        l = l_scr[...]
-        seen = l > 0
-        o_ref[...] = jnp.where(seen, acc_scr[...] / jnp.where(seen, l, 1.0), 0.0).astype(o_ref.dtype)
-        lse_ref[...] = jnp.where(seen, m_scr[...] + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+        softmax_finish(o_ref, lse_ref, m_scr, l_scr, acc_scr)
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "scale", "interpret"))
