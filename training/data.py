@@ -236,7 +236,8 @@ def load_documents(spec: Sequence[str], *, tokenizer, vocab_size: int, seed: int
     """Documents from ``spec``: text files / globs (split on blank lines, with ``tokenizer``) and
     named synthetic sources ``synthetic:NAME`` or ``synthetic:NAME:COUNT`` (``copy``, ``count``:
     token-id sources of ``synthetic_documents``; ``passkey``: ``passkey_documents`` of ``length``
-    tokens, which needs the tokenizer), mixed in the order given."""
+    tokens, which needs the tokenizer): the synthetic sources in the order given, then the text
+    files' documents."""
     docs: list[np.ndarray] = []
     files: list[str] = []
     for item in spec:
