@@ -28,7 +28,7 @@ import numpy as np
 from jaxkv.training.config import DataConfig, TrainConfigError
 
 __all__ = ["PackedRows", "pack_documents", "Batches", "synthetic_documents", "passkey_documents", "text_documents",
-           "load_documents"]
+           "task_mix_documents", "lookup_documents", "pydoc_documents", "load_documents", "shuffle_documents"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,17 +228,60 @@ def passkey_documents(tokenizer, *, length: int, count: int, seed: int) -> list[
     return docs
 
 
-SYNTHETIC_TEXT = ("passkey",)  # synthetic sources that need a tokenizer
+def task_mix_documents(tokenizer, *, length: int, count: int, seed: int) -> list[np.ndarray]:
+    """``count`` documents of the default model's RULER-style task mix (``jaxkv.eval.tasks``: the
+    needle, passkey, variable-tracking and word-frequency tasks, weighted as its recipe weighs
+    them), each a prompt with its answer and ``</s>``, of log-uniform length between 128 (or
+    ``length``) and ``length`` tokens: most documents short, most tokens in long ones, as in a
+    corpus. The loss counts every token, as the recipe does."""
+    from jaxkv.training.default_model import DEFAULT_RECIPE, Phase, task_documents
+
+    phase = Phase(seq_len=length, min_len=min(128, length), max_len=length, steps=1, batch_size=1, lr=1.0)
+    docs = task_documents(tokenizer, DEFAULT_RECIPE, phase, count, seed=seed, phase_index=0, log_lengths=True)
+    return [ids for ids, _ in docs]
+
+
+def lookup_documents(tokenizer, *, count: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``count`` look-up-and-copy documents of the default model's recipe (a line of random keys
+    and numbers, `` |``, the line again), ``(tokens, loss_mask)`` with the loss on the copy."""
+    from jaxkv.training.default_model import copy_documents
+
+    eos = tokenizer.token_to_id("</s>")
+    if eos is None:
+        raise TrainConfigError("synthetic:lookup ends its documents with </s>, which the tokenizer lacks")
+    return copy_documents(tokenizer, count, seed=seed, eos=eos)
+
+
+def pydoc_documents(tokenizer, *, length: int, count: int | None) -> list[np.ndarray]:
+    """Python's reference documentation (``pydoc_data.topics``, in every CPython) as documents of
+    at most ``length`` tokens, the first ``count`` of them (all when None)."""
+    from jaxkv.training.default_model import text_documents as topic_documents
+
+    docs = topic_documents(tokenizer, chunk=length)
+    return docs if count is None else docs[:count]
+
+
+# synthetic sources that need a tokenizer (text), and those whose documents fill rows of a length
+SYNTHETIC_TEXT = ("passkey", "tasks", "lookup", "pydoc")
+_NEEDS_LENGTH = ("passkey", "tasks", "pydoc")
+
+
+def _doc_tokens(doc) -> np.ndarray:
+    return np.asarray(doc[0] if isinstance(doc, tuple) else doc)
 
 
 def load_documents(spec: Sequence[str], *, tokenizer, vocab_size: int, seed: int, length: int | None = None,
-                   synthetic_count: int = 2000) -> list[np.ndarray]:
+                   synthetic_count: int = 2000) -> list:
     """Documents from ``spec``: text files / globs (split on blank lines, with ``tokenizer``) and
-    named synthetic sources ``synthetic:NAME`` or ``synthetic:NAME:COUNT`` (``copy``, ``count``:
-    token-id sources of ``synthetic_documents``; ``passkey``: ``passkey_documents`` of ``length``
-    tokens, which needs the tokenizer): the synthetic sources in the order given, then the text
-    files' documents."""
-    docs: list[np.ndarray] = []
+    named synthetic sources ``synthetic:NAME`` or ``synthetic:NAME:COUNT``: token-id sources
+    ``copy``, ``count`` (``synthetic_documents``) and text sources, which need the tokenizer:
+    ``passkey`` (``passkey_documents`` of ``length`` tokens), ``tasks`` (``task_mix_documents``
+    up to ``length - 1`` tokens), ``lookup`` (``lookup_documents``; ``(tokens, loss_mask)`` pairs)
+    and ``pydoc`` (``pydoc_documents`` of at most ``length - 1`` tokens; all of them without a
+    COUNT): one token short of the row, so that a row that opens with an anchor holds the longest
+    of them whole.
+    The synthetic sources come in the order given, then the text files' documents."""
+    docs: list = []
     files: list[str] = []
     for item in spec:
         if not item.startswith("synthetic:"):
@@ -249,21 +292,39 @@ def load_documents(spec: Sequence[str], *, tokenizer, vocab_size: int, seed: int
                 (len(parts) == 3 and int(parts[2]) < 1):
             raise TrainConfigError(f"--data {item!r}: write synthetic:NAME or synthetic:NAME:COUNT (a positive "
                                    "count)")
-        name, count = parts[1], int(parts[2]) if len(parts) == 3 else synthetic_count
+        name = parts[1]
+        count = int(parts[2]) if len(parts) == 3 else (None if name == "pydoc" else synthetic_count)
         if name in SYNTHETIC_TEXT:
-            if length is None:
+            if tokenizer is None:
+                raise TrainConfigError(f"--data {item!r} is text: it needs a tokenizer (--tokenizer, or a --model "
+                                       "with a tokenizer.json)")
+            if name in _NEEDS_LENGTH and length is None:
                 raise TrainConfigError(f"--data {item!r} needs the row length its documents fill")
+        if name == "passkey":
             docs.extend(passkey_documents(tokenizer, length=length, count=count, seed=seed))
+        elif name == "tasks":  # one token short of the row, so that a row with an anchor holds the longest whole
+            docs.extend(task_mix_documents(tokenizer, length=length - 1, count=count, seed=seed))
+        elif name == "lookup":
+            docs.extend(lookup_documents(tokenizer, count=count, seed=seed))
+        elif name == "pydoc":
+            docs.extend(pydoc_documents(tokenizer, length=length - 1, count=count))
         else:
             docs.extend(synthetic_documents(name, vocab_size=vocab_size, seed=seed, num_docs=count))
     if files:
         if tokenizer is None:
             raise TrainConfigError("text data needs a tokenizer (train from --model DIR with a tokenizer.json)")
         docs.extend(text_documents(files, tokenizer))
-    top = max(int(d.max()) for d in docs if len(d))
+    top = max(int(_doc_tokens(d).max()) for d in docs if len(_doc_tokens(d)))
     if top >= vocab_size:
         raise TrainConfigError(f"the tokenizer produced id {top}, outside the model's vocab of {vocab_size}")
     return docs
+
+
+def shuffle_documents(docs: Sequence, seed: int) -> list:
+    """``docs`` in a random order seeded by ``seed``, so that documents of several sources share
+    rows when packed (packing keeps the order it is given)."""
+    order = np.random.default_rng([seed, 0x5EED]).permutation(len(docs))
+    return [docs[i] for i in order]
 
 
 def data_fingerprint(documents) -> str:

@@ -218,7 +218,7 @@ def _calibrate(tokenizer, name: str) -> tuple[float, float]:
 
 def _render_chunk(args) -> list[tuple[np.ndarray, np.ndarray]]:
     """Worker: render and encode documents ``start..stop`` (process-safe: everything is an argument)."""
-    tokenizer_json, names, weights, calib, min_len, max_len, seq_len, seed, phase, start, stop, eos = args
+    tokenizer_json, names, weights, calib, min_len, max_len, seq_len, seed, phase, start, stop, eos, log_lengths = args
     from tokenizers import Tokenizer
 
     from jaxkv.eval.tasks import answer_text, render
@@ -230,7 +230,10 @@ def _render_chunk(args) -> list[tuple[np.ndarray, np.ndarray]]:
         rng = np.random.default_rng([seed, phase, i])
         name = names[int(rng.choice(len(names), p=p))]
         base, per_unit = calib[name]
-        target = int(rng.integers(min_len, max_len + 1))
+        if log_lengths:  # log-uniform: most documents short, most tokens in long ones
+            target = int(round(math.exp(rng.uniform(math.log(min_len), math.log(max_len + 1)))))
+        else:
+            target = int(rng.integers(min_len, max_len + 1))
         n_units = max(0, int((target - base - 12) / max(per_unit, 1e-6)))
         text, ans, _ = render(name, rng, n_units, float(rng.random()))
         prompts.append(text)
@@ -249,16 +252,17 @@ def _render_chunk(args) -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def task_documents(tokenizer, recipe: Recipe, phase: Phase, n_docs: int, *, seed: int, phase_index: int,
-                   workers: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+                   workers: int | None = None, log_lengths: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
     """``n_docs`` task documents ``(ids, loss_mask)`` for ``phase``, the same for the same seed
-    whatever the number of worker processes (each document has its own random stream)."""
+    whatever the number of worker processes (each document has its own random stream). Target
+    lengths are uniform in ``phase.min_len..max_len``, or log-uniform with ``log_lengths``."""
     names = [n for n, _ in recipe.mix]
     weights = [w for _, w in recipe.mix]
     calib = {n: _calibrate(tokenizer, n) for n in names}
     eos = recipe.model.eos_token_ids[0]
     step = 2000
     jobs = [(tokenizer.to_str(), names, weights, calib, phase.min_len, phase.max_len, phase.seq_len, seed,
-             phase_index, s, min(s + step, n_docs), eos) for s in range(0, n_docs, step)]
+             phase_index, s, min(s + step, n_docs), eos, log_lengths) for s in range(0, n_docs, step)]
     workers = workers or min(len(jobs), os.cpu_count() or 1)
     if workers <= 1 or len(jobs) == 1:
         chunks = [_render_chunk(j) for j in jobs]
