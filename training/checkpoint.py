@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import orbax.checkpoint as ocp
 from jaxkv.errors import UserError
 from jaxkv.fileio import read_json_object, write_text_atomic
 
-__all__ = ["RunDirError", "RunDir"]
+__all__ = ["RunDirError", "RunDir", "read_checkpoint", "saved_steps", "verify_checkpoint"]
 
 RUN_FILE = "run.json"
 CKPT_DIR = "checkpoints"
@@ -72,6 +73,60 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 class RunDirError(UserError):
     """A run folder that cannot be used; the message names the folder and the reason."""
+
+
+def _read_checksums(run: Path) -> dict:
+    f = Path(run) / CHECKSUM_FILE
+    if not f.exists():
+        return {}
+    return read_json_object(f, RunDirError)
+
+
+def verify_checkpoint(run: str | os.PathLike, step: int) -> None:
+    """Check checkpoint ``step`` of the run folder ``run`` against the hashes taken when it was
+    saved; ``RunDirError`` names the missing or changed file."""
+    folder = Path(run) / CKPT_DIR / str(step)
+    want = _read_checksums(Path(run)).get(str(step))
+    if want is None:
+        raise RunDirError(f"checkpoint {folder} has no recorded checksums ({CHECKSUM_FILE}); it cannot "
+                          "be verified, so it is not restored; choose another --out")
+    have = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    for name in sorted(set(want) | have):
+        if name not in have:
+            raise RunDirError(f"checkpoint {folder} is damaged: {name} is missing")
+        if name not in want or _hash_file(folder / name) != want[name]:
+            raise RunDirError(f"checkpoint {folder} is damaged: {name} differs from what was saved "
+                              "(checksum mismatch)")
+
+
+def saved_steps(run: str | os.PathLike) -> list[int]:
+    """The steps of the checkpoints a run folder holds with recorded checksums, in order."""
+    folder = Path(run) / CKPT_DIR
+    sums = _read_checksums(Path(run))
+    return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit() and p.name in sums) \
+        if folder.is_dir() else []
+
+
+def read_checkpoint(run: str | os.PathLike, step: int, abstract_state):
+    """Checkpoint ``step`` of the run folder ``run``, read-only (no lock, nothing written; the
+    run may still be training), verified, into the structure of ``abstract_state``."""
+    verify_checkpoint(run, step)
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)  # orbax warns that a read-only manager is read-only
+    try:
+        manager = ocp.CheckpointManager(Path(run, CKPT_DIR).absolute(),
+                                        options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+    finally:
+        absl.setLevel(level)
+    try:
+        return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    except Exception as e:  # orbax raises many types for damaged or mismatched data
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunDirError(f"checkpoint {Path(run) / CKPT_DIR / str(step)} cannot be restored "
+                          f"({type(e).__name__}: {first[:300]})") from None
+    finally:
+        manager.close()
 
 
 class RunDir:
@@ -146,10 +201,7 @@ class RunDir:
         return self.manager.latest_step()
 
     def _checksums(self) -> dict:
-        f = self.path / CHECKSUM_FILE
-        if not f.exists():
-            return {}
-        return read_json_object(f, RunDirError)
+        return _read_checksums(self.path)
 
     def save(self, step: int, state) -> None:
         self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
@@ -162,18 +214,7 @@ class RunDir:
 
     def verify(self, step: int) -> None:
         """Check checkpoint ``step``'s files against the hashes taken when it was saved."""
-        folder = self.path / CKPT_DIR / str(step)
-        want = self._checksums().get(str(step))
-        if want is None:
-            raise RunDirError(f"checkpoint {folder} has no recorded checksums ({CHECKSUM_FILE}); it cannot "
-                              "be verified, so it is not restored; choose another --out")
-        have = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
-        for name in sorted(set(want) | have):
-            if name not in have:
-                raise RunDirError(f"checkpoint {folder} is damaged: {name} is missing")
-            if name not in want or _hash_file(folder / name) != want[name]:
-                raise RunDirError(f"checkpoint {folder} is damaged: {name} differs from what was saved "
-                                  "(checksum mismatch)")
+        verify_checkpoint(self.path, step)
 
     def restore(self, step: int, abstract_state):
         """Verify, then restore ``step`` into the structure, dtypes and shardings of ``abstract_state``."""
