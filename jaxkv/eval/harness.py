@@ -215,6 +215,12 @@ class _Runner:
                 "decode_tokens_per_s": max(len(new) - 1, 1) / decode_s}
 
 
+# Samples are the same for every model that shares a tokenizer (an immutable ``Sample``; the key
+# holds the tokenizer, so its id is never reused while cached): scoring several checkpoints in one
+# process builds each long prompt once, which at 16k tokens costs more than running the model.
+_sample = functools.lru_cache(maxsize=2048)(make_sample)
+
+
 def evaluate(params, config: LlamaConfig, tokenizer, cfg: EvalConfig,
              progress: Callable[[int, int], None] | None = None) -> list[Row]:
     """Run the grid; one ``Row`` per (method, budget, task, length), averaged over samples.
@@ -241,7 +247,7 @@ def evaluate(params, config: LlamaConfig, tokenizer, cfg: EvalConfig,
         for length in cfg.lengths:
             for i in range(cfg.samples):
                 depth = (i + 0.5) / cfg.samples  # needles spread evenly over the context
-                sample = make_sample(task, tokenizer, length=length, depth=depth, seed=cfg.seed * 100_003 + i)
+                sample = _sample(task, tokenizer, length=length, depth=depth, seed=cfg.seed * 100_003 + i)
                 ans = answer_ids(tokenizer, sample)
                 full = runner.run(sample, None if is_state_space(config) else make_policy("full"), ans)
                 runs = [("full", 1.0, full)] if "full" in cfg.methods else []
