@@ -11,12 +11,14 @@
   jaxkv analyze mamba-states --model DIR --train-len T --out DIR [--length N] [--data SRC | --tokenizer M]
   jaxkv analyze mamba-capacity --runs DIR ... --out DIR [--data SRC] [--passkey-lengths 256,...] [--samples S]
   jaxkv analyze rope-precision [--model M] --out DIR [--lengths 256,512,1024] [--shifts 1,16,256,1024]
+  jaxkv analyze long-context --runs DIR ... --out DIR [--last 5] [--tasks t,u] [--lengths n,m] [--samples S]
+                            [--base]
   jaxkv analyze keyspace [--model M] --out DIR [--probes a,b] [--top 100] [--head 10] [--clusters K] [--chat]
   jaxkv analyze icn [--model M] --out DIR [--probes a,b] [--budgets 5,10,20] [--seeds 0,1,2]
                     [--problems N] [--ks 4,8] [--complete-from original|navigated] [--chat]
   jaxkv train lm (--model-preset NAME | --model M) --data SRC... --out DIR [--seq-len N]
-                 [--attention full|intra|reset|anchor|anchor-bos] [--rope-theta THETA]
-                 [--batch-size N] [--steps N] [--lr LR] [--seed S] [--save-every N] [--mesh d,f,t]
+                 [--attention full|intra|reset|anchor|anchor-bos] [--rope-theta THETA] [--shuffle]
+                 [--whole-documents] [--batch-size N] [--steps N] [--lr LR] [--seed S] [--save-every N] [--mesh d,f,t]
   jaxkv train cskv [--model M] --out DIR [--key-density D] [--value-density D] [--calibration FILE]
                    [--data SRC...] [--steps N] [--lr LR] ...
   jaxkv train mamba --data SRC... --out DIR [--model DIR | --hidden-size D --layers L --state-size N]
@@ -344,8 +346,8 @@ def _cmd_analyze_mamba_capacity(args) -> int:
         tokenizer = load_tokenizer(resolve_model(args.tokenizer) if args.tokenizer else Path(runs[0]) / "hf")
         stream = _mamba_streams(args, tokenizer, vocab)
         for r in runs:
-            m = load_or_measure(r, stream, out, passkey_lengths=lengths, samples=args.samples, chunk=args.chunk,
-                                tolerance=args.tolerance, seed=args.seed)
+            m = load_or_measure(r, stream, out, passkey_lengths=lengths, chunk=args.chunk, tolerance=args.tolerance,
+                                samples=20 if args.samples is None else args.samples, seed=args.seed)
             acc = " ".join(f"{k}:{v:.2f}" for k, v in m["passkey"].items())
             print(f"{m['run']}: N_S {m['state_elements']:,}, T_train {m['train_len']}: loss past T_train "
                   f"{m['excess_loss']:+.3f} ({'forgets' if m['forgets'] else 'does not forget'}); passkey {acc}; "
@@ -366,7 +368,8 @@ def _cmd_analyze_rope_precision(args) -> int:
     from jaxkv.eval.rope_precision import analyze_rope_precision
     from jaxkv.training.data import load_documents
 
-    lengths, shifts = _int_list(args.lengths, "--lengths"), _int_list(args.shifts, "--shifts")
+    lengths = _int_list(args.lengths or "256,512,1024", "--lengths")
+    shifts = _int_list(args.shifts, "--shifts")
     model = resolve_model(args.model)
     config, params = load_checkpoint(model)
     tokenizer = load_tokenizer(model)
@@ -384,6 +387,46 @@ def _cmd_analyze_rope_precision(args) -> int:
         print(f"{r['dtype']:<9} {r['rope_rounding']:<6} {r['length']:>6} {r['shift']:>6} {r['D']:>12.4g} "
               f"{r['first_token_share']:>18.1%} {r['first_logit_diff']:>11.3g} {r['other_logit_diff']:>12.3g}")
     print(f"wrote {args.out}/rope_precision.json and {args.out}/rope_precision.png")
+    return 0
+
+
+def _cmd_analyze_long_context(args) -> int:
+    from pathlib import Path
+
+    from jaxkv.checkpoints import load_tokenizer, resolve_model
+    from jaxkv.eval import long_context as lc
+    from jaxkv.training.default_model import EVAL_TASKS
+
+    if not args.runs:
+        raise UserError("analyze long-context needs --runs: `jaxkv train lm` folders, one per --attention mode")
+    infos = [lc.run_info(r) for r in args.runs]
+    lc.check_comparable(infos)
+    tasks = EVAL_TASKS if args.tasks is None else tuple(_split(args.tasks, str, "tasks"))
+    lengths = lc.default_lengths(infos[0]["seq_len"]) if args.lengths is None else _int_list(args.lengths, "--lengths")
+    samples = 8 if args.samples is None else args.samples
+    if infos[0]["init"] is None:
+        raise UserError(f"--runs {infos[0]['path']}: run.json does not name the model it started from (init)")
+    base_model = resolve_model(infos[0]["init"]) if not str(infos[0]["init"]).startswith("preset:") else None
+    if base_model is None:
+        raise UserError(f"--runs {infos[0]['path']}: it started from {infos[0]['init']}, a random init with no "
+                        "tokenizer; the tasks need one")
+    tokenizer = load_tokenizer(base_model)
+    settings = dict(tokenizer=tokenizer, tasks=tasks, lengths=lengths, samples=samples, seed=args.seed)
+    scored = {}
+    for info in infos:
+        steps = lc.checkpoints_to_score(info, args.last)
+        scored[info["run"]] = []
+        for step in steps:
+            r = lc.load_or_score(info["path"], step, args.out, **settings)
+            scored[info["run"]].append(r)
+            print(f"{info['run']} ({info['mode']}) step {step}: {r['mean']:.1f}", flush=True)
+    base = lc.load_or_score(None, None, args.out, base=base_model, **settings) if args.base else None
+    if base is not None:
+        print(f"starting model ({infos[0]['init']}): {base['mean']:.1f}", flush=True)
+    report = lc.long_context(infos, scored, base)
+    lc.write_long_context(report, args.out)
+    print(Path(args.out, "long_context.md").read_text())
+    print(f"wrote {args.out}/long_context.json, long_context.md and long_context.png")
     return 0
 
 
@@ -437,6 +480,8 @@ def _cmd_analyze(args) -> int:
         return _cmd_analyze_mamba_capacity(args)
     if args.kind == "rope-precision":
         return _cmd_analyze_rope_precision(args)
+    if args.kind == "long-context":
+        return _cmd_analyze_long_context(args)
     if args.kind in ("keyspace", "icn"):
         return _cmd_analyze_icn(args)
 
@@ -484,7 +529,7 @@ def train_setup(args) -> dict:
     from jaxkv.config import preset
     from jaxkv.tiny import make_tokenizer
     from jaxkv.training.config import DataConfig, OptimConfig, TrainConfig
-    from jaxkv.training.data import load_documents
+    from jaxkv.training.data import load_documents, shuffle_documents
     from jaxkv.training.sharding import parse_mesh
 
     if (args.model is None) == (args.model_preset is None):
@@ -500,23 +545,29 @@ def train_setup(args) -> dict:
     else:
         config = preset(args.model_preset)
         tokenizer = make_tokenizer(min(config.vocab_size, 512)) if args.model_preset == "tiny" else None
-    if args.rope_theta is not None:
-        import dataclasses
+    import dataclasses
 
+    if args.rope_theta is not None:
         config = dataclasses.replace(config, rope_theta=float(args.rope_theta))
+    if args.seq_len > config.max_position_embeddings:  # the context it is trained to is the one it declares
+        config = dataclasses.replace(config, max_position_embeddings=args.seq_len)
     mesh = parse_mesh(args.mesh)
     docs = load_documents(args.data, tokenizer=tokenizer, vocab_size=config.vocab_size, seed=args.seed,
                           length=args.seq_len)
+    extra = {"data_source": list(args.data), "init": args.model or f"preset:{args.model_preset}"}
+    if args.shuffle:  # recorded only when given, so runs from before the option resume unchanged
+        docs = shuffle_documents(docs, args.seed)
+        extra["shuffled"] = True
     return dict(
         model_config=config, documents=docs, params=params, out=args.out,
         optim=OptimConfig(lr=args.lr, schedule=args.schedule, warmup_steps=args.warmup,
                           total_steps=args.steps, weight_decay=args.weight_decay),
-        data=DataConfig(seq_len=args.seq_len, position_mode=args.position_mode, attention=args.attention),
+        data=DataConfig(seq_len=args.seq_len, position_mode=args.position_mode, attention=args.attention,
+                        split_documents=not args.whole_documents),
         train=TrainConfig(batch_size=args.batch_size, grad_accum=args.grad_accum, steps=args.steps,
                           seed=args.seed, save_every=args.save_every, keep=args.keep,
                           compute_dtype=args.dtype, mesh=mesh),
-        extra_meta={"data_source": list(args.data), "init": args.model or f"preset:{args.model_preset}"},
-        tokenizer=tokenizer,
+        extra_meta=extra, tokenizer=tokenizer,
     )
 
 
@@ -813,12 +864,13 @@ def build_parser() -> argparse.ArgumentParser:
     an = sub.add_parser("analyze", help="adjacent-layer KV similarity (MiniCache) and retrieval-head scores "
                                         "(RazorAttention) of a model, as JSON + PNG")
     an.add_argument("kind", nargs="?", default="cache",
-                    choices=["cache", "mamba-states", "mamba-capacity", "rope-precision", "keyspace", "icn"],
+                    choices=["cache", "mamba-states", "mamba-capacity", "rope-precision", "long-context", "keyspace", "icn"],
                     help="cache (default): layer similarity and retrieval heads of a transformer; mamba-states: "
                          "Stuffed Mamba's per-position loss, state norms and decay of a Mamba-2 (--model DIR); "
                          "mamba-capacity: T_forget / T_recall of a sweep of Mamba-2 runs and their fits (--runs); "
                          "rope-precision: AnchorAttention's bf16-vs-fp32 deviation of attention under position "
-                         "shifts; keyspace: ICN's precision of mid-rank first tokens inside vs outside the vocabulary-"
+                         "shifts; long-context: AnchorAttention's experiment, `train lm` runs of each --attention mode scored on "
+                         "the RULER-style tasks over their last checkpoints (--runs); keyspace: ICN's precision of mid-rank first tokens inside vs outside the vocabulary-"
                          "key clusters of the top ones; icn: distinct correct answers of ICN vs rank enumeration vs "
                          "sampling on the knowledge probes (and self-consistency with --problems)")
     an.add_argument("--model", default="default", help=MODEL_HELP)
@@ -840,15 +892,26 @@ def build_parser() -> argparse.ArgumentParser:
                                                                       "(default: --train-len)")
     an.add_argument("--runs", nargs="+", default=None,
                     help="mamba-capacity: `jaxkv train mamba` run folders to measure (earlier measurements in "
-                         "--out/runs are reused and combined)")
+                         "--out/runs are reused and combined); long-context: `jaxkv train lm` folders, one per "
+                         "--attention mode, of one starting model and data (scores in --out/evals are reused)")
+    an.add_argument("--last", type=_positive_int, default=5,
+                    help="long-context: the last checkpoints of each run averaged (the paper: 5)")
+    an.add_argument("--tasks", default=None,
+                    help="long-context: tasks, comma-separated (default: the default model's nine)")
+    an.add_argument("--base", action="store_true",
+                    help="long-context: score the runs' starting model too (at its own rope theta)")
     an.add_argument("--passkey-lengths", default="256,512,1024,2048,4096,8192",
                     help="mamba-capacity: passkey context lengths, comma-separated")
-    an.add_argument("--samples", type=_positive_int, default=20, help="mamba-capacity: passkey prompts per length")
+    an.add_argument("--samples", type=_positive_int, default=None,
+                    help="mamba-capacity: passkey prompts per length (default 20); long-context: prompts per task "
+                         "and length (default 8)")
     an.add_argument("--tolerance", type=float, default=0.05,
                     help="mamba-capacity: nats a bin past T_train may exceed the same tokens read within T_train "
                          "by and still count as flat")
     an.add_argument("--n-tokens", type=_positive_int, default=512, help="razor calibration: random ids repeated 4x")
-    an.add_argument("--lengths", default="256,512,1024", help="rope-precision: sequence lengths, comma-separated")
+    an.add_argument("--lengths", default=None,
+                    help="rope-precision: sequence lengths, comma-separated (default 256,512,1024); long-context: "
+                         "prompt lengths (default: a quarter, half and all of the runs' rows, less 64)")
     an.add_argument("--shifts", default="1,16,256,1024", help="rope-precision: position shifts, comma-separated")
     an.add_argument("--probes", default=None, help="keyspace, icn: knowledge probes, comma-separated (default: all; "
                                                    "see jaxkv.icn.probe_names())")
@@ -900,8 +963,16 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--model", default=None, help="start from a model: " + MODEL_HELP)
     lm.add_argument("--data", nargs="+", required=True,
                     help="text files / globs (blank lines split documents) and/or synthetic:NAME[:COUNT] (count, copy; "
-                         "passkey: passkey prompts of --seq-len tokens, with a tokenizer)")
+                         "with a tokenizer: passkey, prompts of --seq-len tokens; tasks, the default model's RULER-"
+                         "style task mix up to --seq-len; lookup, its copy documents; pydoc, Python's docs)")
     lm.add_argument("--seq-len", type=_positive_int, default=512)
+    lm.add_argument("--shuffle", action="store_true",
+                    help="shuffle the documents (seeded by --seed) before packing, so that sources mix within rows "
+                         "(without it they are packed in the order --data gives them)")
+    lm.add_argument("--whole-documents", action="store_true",
+                    help="never split a document across rows: one that does not fit the rest of a row starts the "
+                         "next (for tasks whose answer needs the whole prompt in view; a document longer than "
+                         "--seq-len is an error)")
     lm.add_argument("--attention", default=None, choices=["full", "intra", "reset", "anchor", "anchor-bos"],
                     help="how packed documents attend: full (across documents), intra (document mask), reset "
                          "(document mask, positions restart: the default), anchor (document mask + a shared BOS "
