@@ -39,6 +39,8 @@ def test_the_task_mix_lookup_and_pydoc_sources_fit_their_rows(default_tokenizer)
     assert len(pydoc) == 3 and all(len(d) <= 299 for d in pydoc)
     with pytest.raises(TrainConfigError, match="synthetic:tasks:2.*tokenizer"):
         load_documents(["synthetic:tasks:2"], tokenizer=None, vocab_size=512, seed=0, length=512)
+    with pytest.raises(TrainConfigError, match="at least 64 tokens"):
+        load_documents(["synthetic:tasks:2"], tokenizer=tok, vocab_size=tok.get_vocab_size(), seed=0, length=1)
     with pytest.raises(TrainConfigError, match="synthetic:pydoc.*row length"):
         load_documents(["synthetic:pydoc"], tokenizer=tok, vocab_size=tok.get_vocab_size(), seed=0)
 

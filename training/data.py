@@ -300,6 +300,8 @@ def load_documents(spec: Sequence[str], *, tokenizer, vocab_size: int, seed: int
                                        "with a tokenizer.json)")
             if name in _NEEDS_LENGTH and length is None:
                 raise TrainConfigError(f"--data {item!r} needs the row length its documents fill")
+            if name in ("tasks", "pydoc") and length < 64:
+                raise TrainConfigError(f"--data {item!r} needs rows of at least 64 tokens (--seq-len), got {length}")
         if name == "passkey":
             docs.extend(passkey_documents(tokenizer, length=length, count=count, seed=seed))
         elif name == "tasks":  # one token short of the row, so that a row with an anchor holds the longest whole

@@ -13,7 +13,8 @@ per checkpoint the accuracy of every (task, length). The checkpoints are read fr
 orbax folder read-only and verified against their recorded checksums (``read_checkpoint``);
 only the weights are used. Each checkpoint's scores are written to ``out/evals/<run>/<step>.json``
 with the settings and the checkpoint's checksums, and reused when both match: a sweep can be
-scored in pieces (several processes, several calls) and combined at the end. ``base`` adds the
+scored in pieces (several processes, several calls) and combined at the end; reports of runs
+scored on different machines combine with ``merge_long_context``. ``base`` adds the
 runs' starting model (their ``init``, scored at its own rope theta), the row every mode started
 from.
 
