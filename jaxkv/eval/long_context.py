@@ -290,7 +290,7 @@ def _plot(report: dict, path: Path) -> None:
 
     rows = ([{"mode": "start", **report["base"]}] if "base" in report else []) + report["rows"]
     lengths = list(report["rows"][0]["by_length"])
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8.5, 4))
     width = 0.8 / len(rows)
     for i, r in enumerate(rows):
         x = np.arange(len(lengths)) + (i - (len(rows) - 1) / 2) * width
@@ -299,7 +299,7 @@ def _plot(report: dict, path: Path) -> None:
     ax.set_xlabel("prompt length (tokens)")
     ax.set_ylabel("RULER-style score (%)")
     ax.set_title("continued pretraining per attention mode (mean over the last checkpoints)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path)
