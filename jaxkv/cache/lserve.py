@@ -13,7 +13,9 @@
    keys, ``sum_c max(q_c kmin_c, q_c kmax_c)``, maxed over the query heads of the KV head; a
    physical page scores the max of its logical pages. The top ``token_budget / page`` physical
    pages are attended, plus always the page of the newest token; the selection is reused for
-   ``reuse`` decode steps. With fewer pages than the budget every page is attended (dense).
+   ``reuse`` decode steps (``jaxkv.kernels.page_select``: with ``decode_kernel="pallas_gpu"``
+   its GPU kernels score and choose the pages without a sort). With fewer pages than the budget
+   every page is attended (dense).
    An extend chunk (``T > 1``) attends every page and makes the next decode step select anew.
    ``decode_kernel="pallas_gpu"`` (or ``"pallas_tpu"``, ``"reference"``) runs that attention through
    ``jaxkv.kernels.sparse_decode`` over the chosen pages in place (no gather into a copy);
@@ -44,6 +46,8 @@ from jaxkv.cache.policy import (CachePolicy, LayerSpec, Phase, check_decode_kern
 from jaxkv.cache.razor import check_heads, normalize_heads, retrieval_scores, select_heads, split_heads
 from jaxkv.cache.streaming import StreamingCache
 from jaxkv.errors import UserError
+from jaxkv.kernels.page_select import page_scores as kernel_page_scores
+from jaxkv.kernels.page_select import page_select
 from jaxkv.typing import Array
 
 __all__ = ["LServeCache", "LServeLayer", "LServeState", "page_bounds", "page_scores"]
@@ -79,12 +83,8 @@ def page_bounds(k: Array, positions: Array, logical_page: int) -> tuple[Array, A
 def page_scores(q: Array, kmin: Array, kmax: Array) -> Array:
     """Quest's bound: for ``q [B, K, G, H]`` the largest ``q . k`` any key within the page
     bounds ``[B, K, P, H]`` can reach, maxed over the ``G`` query heads -> ``[B, K, P]`` (an empty
-    page scores -inf)."""
-    qf = q.astype(jnp.float32)[:, :, :, None, :]  # [B, K, G, 1, H]
-    lo, hi = kmin[:, :, None], kmax[:, :, None]
-    empty = jnp.isinf(kmin[..., 0]) & (kmin[..., 0] > 0)
-    bound = jnp.sum(jnp.maximum(qf * jnp.where(jnp.isinf(lo), 0, lo), qf * jnp.where(jnp.isinf(hi), 0, hi)), -1)
-    return jnp.where(empty, -jnp.inf, jnp.max(bound, axis=2))
+    page scores -inf). The same function as ``jaxkv.kernels.page_select.page_scores``."""
+    return kernel_page_scores(q, kmin, kmax)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -216,16 +216,13 @@ class LServeLayer(_Paging):
 
     # ------------------------------------------------------------------ append
     def _select(self, state, q):
-        """The top physical pages for ``q [B, 1, Kd, G, H]`` within the token budget."""
-        scores = page_scores(q[:, 0], state.kmin.astype(jnp.float32), state.kmax.astype(jnp.float32))
-        b, kd, nl = scores.shape
-        per = self.page // self.logical_page
-        physical = jnp.max(scores.reshape(b, kd, nl // per, per), axis=-1)  # [B, Kd, Pp]
-        n = min(self.selected_pages(), physical.shape[-1])
-        best, idx = jax.lax.top_k(physical, n)
-        idx = jnp.where(best > -jnp.inf, idx, -1)
-        pad = self.selected_pages() - n
-        return jnp.pad(idx, ((0, 0), (0, 0), (0, pad)), constant_values=-1) if pad else idx
+        """The top physical pages for ``q [B, 1, Kd, G, H]`` within the token budget, ascending
+        (``jaxkv.kernels.page_select``: its GPU kernel where ``decode_kernel`` is
+        ``pallas_gpu``, else the jnp reference)."""
+        impl = "pallas_gpu" if self.decode_kernel == "pallas_gpu" else "reference"
+        options = {"interpret": True} if impl == "pallas_gpu" and self.kernel_interpret else {}
+        return page_select(q[:, 0], state.kmin, state.kmax, group=self.page // self.logical_page,
+                           count=self.selected_pages(), implementation=impl, **options)
 
     def _attend_pages(self, state, q, positions, layer):
         """Attention of one decode query over the selected pages plus the newest token's page."""
