@@ -13,6 +13,7 @@ averaged over the decoded tokens.
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import time
@@ -196,6 +197,48 @@ def _time_on_device(f, *xs, repeats: int, rounds: int = 3) -> float:
     return statistics.median(times)
 
 
+_HOST_LINES = ("XLA Modules", "XLA Ops", "Steps", "Source", "Framework Name Scope", "XLA TraceMe", "Launch Stats")
+
+
+def device_kernel_times(f, *xs, calls: int = 10) -> dict[str, float] | None:
+    """Seconds of GPU time per call of the compiled ``f(*xs)``, by kernel name: the durations of
+    the kernels (and device copies) the profiler records on the GPU's streams over ``calls``
+    calls, summed per name and divided by ``calls``; host launch gaps and loop synchronisation
+    are not in it. None where no GPU plane is recorded (a CPU run)."""
+    import glob
+    import tempfile
+
+    import jax
+
+    if jax.default_backend() != "gpu":
+        return None
+    _block(f(*xs))
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp):
+            for _ in range(calls):
+                _block(f(*xs))
+        files = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)
+        if not files:
+            return None
+        data = jax.profiler.ProfileData.from_file(files[0])
+    times: dict[str, float] = {}
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        lines = [ln for ln in plane.lines if ln.name not in _HOST_LINES]
+        for line in [ln for ln in lines if ln.name.startswith("Stream")] or lines:
+            for event in line.events:
+                times[event.name] = times.get(event.name, 0.0) + event.duration_ns * 1e-9 / calls
+        break
+    return times or None
+
+
+def _device_kernel_seconds(f, *xs, calls: int = 10) -> float | None:
+    """The sum of ``device_kernel_times``: a call's GPU kernel time."""
+    times = device_kernel_times(f, *xs, calls=calls)
+    return None if times is None else sum(times.values())
+
+
 def bench_kernels(*, batch: int = 4, num_heads: int = 32, num_kv_heads: int = 8, head_dim: int = 128,
                   context: int = 131072, budget: int = 4096, block_size: int = 64, repeats: int = 20,
                   interpret: bool = False, seed: int = 0) -> list[dict]:
@@ -203,10 +246,13 @@ def bench_kernels(*, batch: int = 4, num_heads: int = 32, num_kv_heads: int = 8,
     head-major bf16 cache (the Pallas kernel, XLA on the jnp reference, and cuDNN on its own
     sequence-major layout where there is a GPU), quantized decode over the same cache as packed
     per-token INT4 and INT2 codes (bytes and time also as ratios to the dense kernel's), then
-    sparse decode of ``budget`` tokens chosen per (row, KV head) by page scores from per-block key
-    min/max (selection timed with it and alone), and Squeezed's centroid scoring (one cluster per
-    20 keys, with its threshold).
-    Each row: seconds, KV bytes it must read, bytes/s, and its largest deviation from
+    sparse decode of ``budget`` tokens chosen per (row, KV head) by ``page_select`` (Quest's bound
+    from each page's key min/max; timed with the decode and alone, kernel and XLA, also over
+    LServe's 16-token logical pages), and Squeezed's centroid scoring (one cluster per 20 keys,
+    with its threshold).
+    Each row: seconds (a call in a jitted loop of chained calls), kernel_seconds (the GPU's kernel
+    time per call, from the profiler; None off a GPU), KV bytes it must read, bytes/s, and its
+    largest deviation from
     the reference. ``interpret`` runs the Pallas kernel in interpret mode (a CPU check of the
     bench itself; its times mean nothing)."""
     import jax
@@ -232,12 +278,15 @@ def bench_kernels(*, batch: int = 4, num_heads: int = 32, num_kv_heads: int = 8,
     rows = []
 
     def timed(f, *xs, repeats):  # interpret mode checks the bench itself: one round is enough
-        return _time_on_device(f, *xs, repeats=repeats, rounds=1 if interpret else 3)
+        loop = _time_on_device(f, *xs, repeats=repeats, rounds=1 if interpret else 3)
+        return loop, (None if interpret else _device_kernel_seconds(f, *xs))
 
-    def row(name, seconds, nbytes, out=None, against=want, **extra):
+    def row(name, times, nbytes, out=None, against=want, **extra):
         err = None if out is None else float(jnp.max(jnp.abs(out.astype(jnp.float32) - against)))
+        seconds, kernel_s = times
         r = {"kernel": name, "batch": b, "heads": f"{num_heads}/{kh}", "head_dim": h, "context": s,
-             "seconds": seconds, "kv_bytes": nbytes, "bytes_per_s": nbytes / seconds, "max_abs_err": err,
+             "seconds": seconds, "kernel_seconds": kernel_s, "kv_bytes": nbytes, "bytes_per_s": nbytes / seconds,
+             "kernel_bytes_per_s": None if not kernel_s else nbytes / kernel_s, "max_abs_err": err,
              "device": jax.devices()[0].device_kind, "jax": jax.__version__, **extra}
         rows.append(r)
         return r
@@ -270,21 +319,32 @@ def bench_kernels(*, batch: int = 4, num_heads: int = 32, num_kv_heads: int = 8,
                 nbytes, q_kernel(q, *packed)[0], against=q_want)
         r["bytes_ratio_vs_dense"] = nbytes / dense_bytes
         r["time_ratio_vs_dense"] = r["seconds"] / rows[0]["seconds"]
+        if r["kernel_seconds"] and rows[0]["kernel_seconds"]:
+            r["kernel_time_ratio_vs_dense"] = r["kernel_seconds"] / rows[0]["kernel_seconds"]
         del qk, qv, packed
-    # sparse: the top budget/block_size blocks by a Quest-style bound from each block's key min/max
+    # sparse: the top budget/block_size pages by Quest's bound from each page's key min/max (page_select)
+    from jaxkv.kernels.page_select import page_select
+
     nb, pick = s // block_size, budget // block_size
     kb = k.reshape(b, kh, nb, block_size, h)
     kmin, kmax = jnp.min(kb, axis=3), jnp.max(kb, axis=3)  # kept current by the cache, not timed
+    sub = max(1, block_size // 16)  # LServe's hierarchical paging: 16-token logical pages
+    kb16 = k.reshape(b, kh, nb * sub, block_size // sub, h)
+    kmin16, kmax16 = jnp.min(kb16, axis=3), jnp.max(kb16, axis=3)
+    del kb, kb16
+    sel_opts = {"interpret": True} if interpret else {}
 
-    def select(q, kmin, kmax):
-        qf = q.astype(jnp.float32)[:, :, :, None, :]
-        bound = jnp.maximum(qf * kmin.astype(jnp.float32)[:, :, None], qf * kmax.astype(jnp.float32)[:, :, None])
-        scores = jnp.sum(bound, axis=(2, 4))  # [B, K, nb]
-        return jax.lax.top_k(scores, pick)[1].astype(jnp.int32)
+    def select(q, kmin, kmax, implementation="pallas_gpu"):
+        group = kmin.shape[2] // nb
+        opts = sel_opts if implementation == "pallas_gpu" else {}
+        return page_select(q, kmin, kmax, group=group, count=pick, implementation=implementation, **opts)
 
     counts = jnp.full((b, kh), pick, jnp.int32)
     sel = jax.jit(select)
+    sel_ref = jax.jit(functools.partial(select, implementation="reference"))
     idx = sel(q, kmin, kmax)
+    if not bool(jnp.all(idx == sel_ref(q, kmin, kmax))):
+        raise AssertionError("page_select's kernel chose other pages than its reference")
     sparse = jax.jit(lambda q, k, v, idx: sparse_decode(q, k, v, lengths, idx, counts, block_size=block_size, **impl))
     both = jax.jit(lambda q, k, v, kmin, kmax: sparse_decode(q, k, v, lengths, select(q, kmin, kmax), counts,
                                                              block_size=block_size, **impl))
@@ -296,7 +356,19 @@ def bench_kernels(*, batch: int = 4, num_heads: int = 32, num_kv_heads: int = 8,
     row(f"sparse decode {budget} tokens + selection, pallas_gpu",
         timed(both, q, k, v, kmin, kmax, repeats=repeats), sparse_bytes + bound_bytes,
         both(q, k, v, kmin, kmax)[0], against=sparse_want)
-    row("selection alone (block bounds, top-k)", timed(sel, q, kmin, kmax, repeats=repeats), bound_bytes)
+    row(f"selection alone ({block_size}-token pages), page_select pallas_gpu",
+        timed(sel, q, kmin, kmax, repeats=repeats), bound_bytes)
+    row(f"selection ({block_size}-token pages), XLA (bound, top_k)", timed(sel_ref, q, kmin, kmax, repeats=repeats),
+        bound_bytes)
+    if sub > 1:
+        idx16 = sel(q, kmin16, kmax16)
+        if not bool(jnp.all(idx16 == sel_ref(q, kmin16, kmax16))):
+            raise AssertionError("page_select's kernel chose other pages than its reference")
+        row(f"selection, LServe's {block_size // sub}-token logical pages, page_select pallas_gpu",
+            timed(sel, q, kmin16, kmax16, repeats=repeats), bound_bytes * sub)
+        row(f"selection, LServe's {block_size // sub}-token logical pages, XLA (bound, top_k)",
+            timed(sel_ref, q, kmin16, kmax16, repeats=repeats), bound_bytes * sub)
+        del kmin16, kmax16
     # Squeezed's centroid lookup: one cluster per 20 keys (its default centroid_share 0.05)
     from jaxkv.kernels.centroid_scores import centroid_scores, centroid_scores_reference
 
@@ -470,6 +542,36 @@ def _main_prefill(args) -> int:
     return 0
 
 
+def kernel_ratios(rows: list[dict]) -> list[str]:
+    """The goals' ratios from ``bench_kernels`` rows, by loop time and by kernel time: sparse
+    decode (with its selection, and with the selection reused over 4 steps as LServe does) against
+    cuDNN's dense decode, each quantized row's speed-up against the bytes it saves, and the
+    centroid scoring's share of the sparse step."""
+    def find(test):
+        return next((r for r in rows if test(r["kernel"])), None)
+
+    cudnn = find(lambda n: n.startswith("dense decode, cuDNN"))
+    dense = find(lambda n: n.startswith("dense decode, pallas_gpu"))
+    both = find(lambda n: n.startswith("sparse decode") and "+ selection" in n)
+    sparse = find(lambda n: n.startswith("sparse decode") and "+ selection" not in n)
+    sel = find(lambda n: n.startswith("selection alone"))
+    cent = find(lambda n: n.startswith("centroid scores") and "pallas" in n)
+    out = []
+    for key, label in (("seconds", "loop"), ("kernel_seconds", "kernel")):
+        if cudnn and both and sel and sparse and cudnn[key] and both[key] and sel[key] and sparse[key]:
+            reused = sparse[key] + sel[key] / 4
+            out.append(f"{label} time: cuDNN dense / (sparse + selection) = {cudnn[key] / both[key]:.1f}x; "
+                       f"with the selection reused over 4 steps (sparse + selection / 4) {cudnn[key] / reused:.1f}x")
+        for r in rows:
+            if "quantized" in r["kernel"] and dense and r[key] and dense[key]:
+                speed, saved = dense[key] / r[key], dense["kv_bytes"] / r["kv_bytes"]
+                out.append(f"{label} time: {r['kernel'].split(',')[0]} {speed:.2f}x the bf16 kernel's speed for "
+                           f"{saved:.2f}x fewer bytes (ratio {speed / saved:.2f}; goal >= 0.8)")
+        if cent and sparse and cent[key] and sparse[key]:
+            out.append(f"{label} time: centroid scoring {cent[key] / sparse[key]:.0%} of the sparse decode's time")
+    return out
+
+
 def _main_kernels(args) -> int:
     num_heads, num_kv = _parse_heads(args.heads)
     rows = bench_kernels(batch=args.batch, num_heads=num_heads, num_kv_heads=num_kv, head_dim=args.head_dim,
@@ -478,11 +580,17 @@ def _main_kernels(args) -> int:
     r0 = rows[0]
     print(f"device {r0['device']}, jax {r0['jax']}; batch {r0['batch']}, heads {r0['heads']}, head dim "
           f"{r0['head_dim']}, context {r0['context']}, bf16")
-    print(f"{'kernel':<48} {'us':>10} {'KV MiB':>9} {'TB/s':>7} {'max err':>9}")
+    print("us: a call inside a jitted loop of chained calls; kernel us: the GPU's kernel time per call "
+          "(profiler), without the loop's launch gaps and synchronisation")
+    print(f"{'kernel':<52} {'us':>9} {'kernel us':>10} {'KV MiB':>9} {'TB/s':>6} {'kernel TB/s':>11} {'max err':>9}")
     for r in rows:
         err = "-" if r["max_abs_err"] is None else f"{r['max_abs_err']:.1e}"
-        print(f"{r['kernel']:<48} {r['seconds'] * 1e6:>10.1f} {r['kv_bytes'] / 2**20:>9.1f} "
-              f"{r['bytes_per_s'] / 1e12:>7.2f} {err:>9}")
+        ks = "-" if not r["kernel_seconds"] else f"{r['kernel_seconds'] * 1e6:.1f}"
+        kb = "-" if not r["kernel_bytes_per_s"] else f"{r['kernel_bytes_per_s'] / 1e12:.2f}"
+        print(f"{r['kernel']:<52} {r['seconds'] * 1e6:>9.1f} {ks:>10} {r['kv_bytes'] / 2**20:>9.1f} "
+              f"{r['bytes_per_s'] / 1e12:>6.2f} {kb:>11} {err:>9}")
+    for line in kernel_ratios(rows):
+        print(line)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

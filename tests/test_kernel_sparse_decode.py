@@ -176,9 +176,33 @@ def test_bench_kernels_on_a_tiny_shape():
     assert any(n.startswith("centroid scores") and n.endswith("pallas_gpu") for n in names)
     assert {"quantized decode INT4, pallas_gpu", "quantized decode INT2, pallas_gpu"} <= set(names)
     for r in rows:
-        assert r["seconds"] > 0 and r["kv_bytes"] > 0
+        assert r["seconds"] > 0 and r["kv_bytes"] > 0 and r["kernel_seconds"] is None  # no GPU: no kernel time
         if r["max_abs_err"] is not None:
             assert r["max_abs_err"] < 2e-2, r
+    assert any(n.startswith("selection alone") and "page_select pallas_gpu" in n for n in names)
+
+
+def test_kernel_ratios_read_the_goals_off_the_rows():
+    """The bench's ratio lines, from hand-made rows: cuDNN / (sparse + selection), the same with
+    the selection reused over 4 steps, a quantized row's speed-up against its bytes saved."""
+    from jaxkv.bench import kernel_ratios
+
+    def r(name, us, mib, kernel_us=None):
+        return {"kernel": name, "seconds": us * 1e-6, "kernel_seconds": kernel_us and kernel_us * 1e-6,
+                "kv_bytes": mib * 2**20}
+
+    rows = [r("dense decode, pallas_gpu", 500, 2048, 480), r("dense decode, cuDNN (sequence-major)", 520, 2048, 480),
+            r("quantized decode INT4, pallas_gpu", 250, 512), r("sparse decode 4096 tokens, pallas_gpu", 30, 64, 24),
+            r("sparse decode 4096 tokens + selection, pallas_gpu", 50, 96, 40),
+            r("selection alone (64-token pages), page_select pallas_gpu", 20, 32, 16)]
+    lines = kernel_ratios(rows)
+    assert "loop time: cuDNN dense / (sparse + selection) = 10.4x; with the selection reused over 4 steps " \
+           "(sparse + selection / 4) 14.9x" in lines
+    assert "kernel time: cuDNN dense / (sparse + selection) = 12.0x; with the selection reused over 4 steps " \
+           "(sparse + selection / 4) 17.1x" in lines
+    assert any(line.startswith("loop time: quantized decode INT4 2.00x") and "4.00x fewer bytes (ratio 0.50" in line
+               for line in lines)
+    assert not any(line.startswith("kernel time: quantized") for line in lines)  # no kernel time in that row
 
 
 @pytest.mark.parametrize("name,settings", [("full", {}), ("full", {"kv_bits": 4}),
