@@ -97,15 +97,15 @@ class PageSelectBase:
         np.testing.assert_array_equal(np.asarray(self.select(q, lo, hi, group=2, count=4)), np.asarray(want))
 
 
-    @pytest.mark.parametrize("step,steps,group", [(2, 4, 1), (4, 2, 4), (1, 8, 3)])
-    def test_a_program_walks_several_tiles(self, step, steps, group):
-        """The scoring kernel's loop: ``steps`` tiles of ``step`` physical pages a program."""
+    @pytest.mark.parametrize("chunk,group", [(2, 1), (4, 4), (8, 3)])
+    def test_scoring_chunks(self, chunk, group):
+        """The scoring kernel at ``chunk`` physical pages a program."""
         if not self.kernel:
             pytest.skip("the reference has no tiling")
-        rng = np.random.default_rng(step * 10 + steps)
+        rng = np.random.default_rng(chunk * 10 + group)
         q, lo, hi = _case(rng, 2, 2, 4, 32, 32 * group, empty=group * 3)
         want = page_select_reference(q, lo, hi, group=group, count=9)
-        got = self.select(q, lo, hi, group=group, count=9, step=step, steps=steps)
+        got = self.select(q, lo, hi, group=group, count=9, chunk=chunk)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
@@ -148,11 +148,10 @@ def test_bad_arguments_name_themselves():
         page_select(q, lo[:, :1], hi[:, :1], group=2, count=2, implementation="reference")
     with pytest.raises(ValueError, match="no TPU kernel"):
         page_select(q, lo, hi, group=2, count=2, implementation="pallas_tpu")
-    from jaxkv.kernels.page_select.pallas_gpu import default_tiling, page_select_pallas_gpu
+    from jaxkv.kernels.page_select.pallas_gpu import default_chunk, page_select_pallas_gpu
 
-    with pytest.raises(ValueError, match="step"):
-        page_select_pallas_gpu(q, lo, hi, group=2, count=2, step=8, interpret=True)  # 4 pages
-    assert default_tiling(2048, 32) == (16, 8) and default_tiling(2048, 4) == (16, 1)  # >= 512 programs
-    assert default_tiling(20, 1) == (4, 1)
+    with pytest.raises(ValueError, match="chunk"):
+        page_select_pallas_gpu(q, lo, hi, group=2, count=2, chunk=8, interpret=True)  # 4 pages
+    assert default_chunk(2048, 1) == 64 and default_chunk(2048, 4) == 16 and default_chunk(20, 1) == 4
     with pytest.raises(ValueError, match="cannot run"):
         page_select(q, lo, hi, group=2, count=2, implementation="pallas_gpu")  # the CPU: no GPU

@@ -98,6 +98,37 @@ class TestReference(SparseDecodeBase):
     implementation = "reference"
 
 
+class GpuMergeBase:
+    """The GPU kernel's two split merges (its Pallas kernel, the default; jnp) give one result,
+    over a partials buffer with more splits than were written (3 of 4)."""
+
+    options: dict = {}
+
+    @pytest.mark.parametrize("g", [3, 4])
+    def test_the_pallas_merge_equals_the_jnp_one(self, g):
+        rng = np.random.default_rng(g)
+        q, k, v, lengths, idx, counts = _case(rng, 2, 2, g, 32, 96, 16, [96, 20], 6, jnp.bfloat16)
+        run = lambda merge: jax.jit(functools.partial(  # noqa: E731
+            sparse_decode, block_size=16, implementation="pallas_gpu", blocks_per_split=2, merge=merge,
+            **self.options))(q, k, v, lengths, idx, counts)
+        (o1, l1), (o2, l2) = run("pallas"), run("jnp")
+        assert o1.dtype == o2.dtype == jnp.bfloat16 and o1.shape == o2.shape == q.shape
+        np.testing.assert_allclose(np.asarray(o1, np.float32), np.asarray(o2, np.float32), atol=1e-2)
+        np.testing.assert_allclose(np.asarray(l1), np.asarray(l2), rtol=1e-6)
+        with pytest.raises(ValueError, match="merge"):
+            run("xla")
+
+
+class TestGpuMergeInterpret(GpuMergeBase):
+    options = {"interpret": True}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+class TestGpuMerge(GpuMergeBase):
+    pass
+
+
 class TestPallasGpuInterpret(SparseDecodeBase):
     implementation = "pallas_gpu"
     options = {"interpret": True}
@@ -119,6 +150,20 @@ class TestPallasTpuInterpret(SparseDecodeBase):
 @pytest.mark.skipif(jax.default_backend() != "tpu", reason="needs a TPU")
 class TestPallasTpu(SparseDecodeBase):
     implementation = "pallas_tpu"
+
+
+def test_the_gpu_kernels_lower_for_an_h200():
+    """Pallas's Triton lowering of the decode kernel and its split merge at the bench's shape
+    (GQA 4, head dim 128, 64 blocks of 64 a KV head), exported for the card on the CPU."""
+    from jaxkv.kernels.sparse_decode.pallas_gpu import sparse_decode_pallas_gpu
+    from tests.gpu_lowering import lower_for_gpu
+
+    spec = jax.ShapeDtypeStruct
+    text = lower_for_gpu(functools.partial(sparse_decode_pallas_gpu, block_size=64),
+                         spec((4, 8, 4, 128), jnp.bfloat16), spec((4, 8, 8192, 128), jnp.bfloat16),
+                         spec((4, 8, 8192, 128), jnp.bfloat16), spec((4,), jnp.int32), spec((4, 8, 64), jnp.int32),
+                         spec((4, 8), jnp.int32))
+    assert "jaxkv_sparse_decode" in text and "jaxkv_merge_splits" in text
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])

@@ -32,8 +32,8 @@ def page_select(q: Array, kmin: Array, kmax: Array, *, group: int, count: int, i
     per-channel key min/max (``+inf``/``-inf`` for an empty page); ``group`` logical pages a
     physical page. ``implementation``: ``"pallas_gpu"`` or ``"reference"`` (no TPU kernel yet:
     ``"pallas_tpu"`` raises); an explicit one that cannot run raises, None takes the GPU kernel
-    on a GPU, else the reference with a warning. ``kernel_options``: ``step``, ``steps``,
-    ``num_warps``, ``num_stages`` (the scoring kernel), ``select_warps``, ``interpret``."""
+    on a GPU, else the reference with a warning. ``kernel_options``: ``chunk``, ``num_warps``
+    (the scoring kernel), ``select_warps``, ``interpret``."""
     _check(q, kmin, kmax, group, count)
     if implementation == "pallas_tpu":
         raise ValueError("page_select has no TPU kernel: implementation must be 'pallas_gpu', 'reference' or None")

@@ -50,7 +50,7 @@ def sparse_decode(q: Array, k: Array, v: Array, lengths: Array, block_indices: A
     an explicit one that cannot run raises; None takes the GPU kernel on a GPU, else the
     reference with a warning (the TPU kernel is asked for by name: tested in the TPU interpreter
     and lowered for the TPU, not yet run on one). ``kernel_options`` go to the kernel:
-    ``blocks_per_split``, ``num_warps``, ``num_stages``, ``interpret`` for the GPU's,
+    ``blocks_per_split``, ``num_warps``, ``num_stages``, ``merge``, ``interpret`` for the GPU's,
     ``interpret`` for the TPU's."""
     _check(q, k, v, lengths, block_indices, block_counts, block_size)
     if use_tpu_kernel(implementation, kernel_options, ("interpret",)):

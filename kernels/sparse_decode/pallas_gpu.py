@@ -4,8 +4,10 @@ Grid ``(B, K, splits)``: each program takes one (row, KV head) and a contiguous 
 listed blocks (``blocks_per_split`` of them, split-K), loads each block's ``block_size`` keys
 and values once for all ``G`` query heads of the KV head (GQA packed: the queries padded to 16
 rows so the scores are one ``dot``), keeps an online softmax, and writes its normalised partial
-output and log-sum-exp; a log-sum-exp merge over the splits follows in jnp (``splitk.merge_splits``). Same signature and
-result as ``reference.sparse_decode_reference`` plus the block sizes and ``interpret``.
+output and log-sum-exp. A log-sum-exp merge over the splits follows, by default as one more Pallas
+kernel (``splitk.merge_splits_pallas_gpu``: one launch where the jnp merge ran four small XLA
+kernels, 5.4 of the 27.8 us of a 4,096-token sparse decode on the H200). Same signature and
+result as ``reference.sparse_decode_reference`` plus the block sizes, ``merge`` and ``interpret``.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxkv.kernels.splitk import default_blocks_per_split, merge_splits
+from jaxkv.kernels.splitk import default_blocks_per_split, merge_splits, merge_splits_pallas_gpu
 
 Array = jax.Array
 _NEG = -1e30  # masked scores: finite, so that a program with nothing visible makes no NaN
@@ -55,17 +57,23 @@ def _kernel(lengths_ref, counts_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_re
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "blocks_per_split", "scale", "num_warps", "num_stages",
-                                             "interpret"))
+                                             "merge", "interpret"))
 def sparse_decode_pallas_gpu(q: Array, k: Array, v: Array, lengths: Array, block_indices: Array, block_counts: Array,
                              *, block_size: int, scale: float | None = None, blocks_per_split: int | None = None,
-                             num_warps: int = 4, num_stages: int = 2, interpret: bool = False) -> tuple[Array, Array]:
-    """``(out [B, K, G, H], lse [B, K, G])``: see ``reference.sparse_decode_reference``."""
+                             num_warps: int = 4, num_stages: int = 2, merge: str = "pallas",
+                             interpret: bool = False) -> tuple[Array, Array]:
+    """``(out [B, K, G, H], lse [B, K, G])``: see ``reference.sparse_decode_reference``.
+    ``merge``: ``"pallas"`` merges the splits in one more Pallas kernel
+    (``splitk.merge_splits_pallas_gpu``), ``"jnp"`` in XLA (``splitk.merge_splits``)."""
+    if merge not in ("pallas", "jnp"):
+        raise ValueError(f"merge must be 'pallas' or 'jnp', got {merge!r}")
     b, kh, g, h = q.shape
     s_len = k.shape[2]
     m = block_indices.shape[-1]
     scale = h ** -0.5 if scale is None else float(scale)
     per = blocks_per_split or default_blocks_per_split(b, kh, m)
     splits = max(1, -(-m // per))
+    s2 = 1 << (splits - 1).bit_length()  # the partials buffer: a power of two of splits for the merge's tile
     rows = max(_MIN_ROWS, 1 << (g - 1).bit_length())
     qp = jnp.pad(q, ((0, 0), (0, 0), (0, rows - g), (0, 0)))
     m_pad = 1 << max(m - 1, 0).bit_length()  # the block list padded to a power of two (never read past counts)
@@ -87,11 +95,13 @@ def sparse_decode_pallas_gpu(q: Array, k: Array, v: Array, lengths: Array, block
             pl.BlockSpec((None, None, None, rows, h), lambda i, j, s: (i, j, s, 0, 0)),
             pl.BlockSpec((None, None, None, rows), lambda i, j, s: (i, j, s, 0)),
         ],
-        out_shape=[jax.ShapeDtypeStruct((b, kh, splits, rows, h), jnp.float32),
-                   jax.ShapeDtypeStruct((b, kh, splits, rows), jnp.float32)],
+        out_shape=[jax.ShapeDtypeStruct((b, kh, s2, rows, h), jnp.float32),
+                   jax.ShapeDtypeStruct((b, kh, s2, rows), jnp.float32)],
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="jaxkv_sparse_decode",
     )(lengths.astype(jnp.int32), block_counts.astype(jnp.int32)[:, :, None], idx, qp, k, v)
-    out, lse_out = merge_splits(o, lse)
+    if merge == "pallas":
+        return merge_splits_pallas_gpu(o, lse, splits=splits, rows=g, dtype=q.dtype, interpret=interpret)
+    out, lse_out = merge_splits(o[:, :, :splits], lse[:, :, :splits])
     return out[:, :, :g].astype(q.dtype), lse_out[:, :, :g]
