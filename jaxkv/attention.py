@@ -19,6 +19,7 @@ garbage by design and callers ignore it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 
@@ -29,7 +30,8 @@ from jaxkv.typing import Array
 from jaxkv.errors import UserError
 
 __all__ = ["visibility_mask", "attention_scores", "attention_weights", "attend_reference", "attend_with_lse", "merge_attention",
-           "contiguous_layout", "attend_sinks_window", "attend_dense", "same_sharding", "AttentionSharding"]
+           "contiguous_layout", "attend_sinks_window", "attend_dense", "same_sharding", "AttentionSharding",
+           "attend_chunk", "attend_sequence_sharded"]
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -185,13 +187,17 @@ def attend_dense(
     reference otherwise; an explicit request that cannot run fails loudly. (A query that sees
     nothing, padding, gets 0 from the kernel and a uniform average from the others: garbage
     either way, ignored by callers.) ``sharding``: the mesh axes cuDNN's inputs are constrained
-    to under a mesh (``same_sharding``). ``anchor`` (with ``segment_ids``): every document also
+    to under a mesh (``same_sharding``); where its ``sequence_axis`` spans more than one device
+    of the mesh in context, the row's tokens are split over it (``attend_sequence_sharded``). ``anchor`` (with ``segment_ids``): every document also
     sees the row's first token (AnchorAttention's shared anchor).
     """
     if anchor and segment_ids is None:
         raise UserError("anchor needs segment_ids: it opens the row's first key to every document")
     if implementation is not None and implementation not in DENSE_IMPLEMENTATIONS:
         raise UserError(f"implementation must be one of {DENSE_IMPLEMENTATIONS}, got {implementation!r}")
+    if _sequence_shards(sharding) > 1:
+        return attend_sequence_sharded(q, k, v, positions, window=window, segment_ids=segment_ids,
+                                       implementation=implementation, sharding=sharding, anchor=anchor)
     impl = implementation or _default_dense_implementation(q.dtype, segment_ids is not None, q.shape[-1])
     if impl == "pallas_gpu":
         from jaxkv.kernels.block_sparse_attention import MaskSpec, block_sparse_attention
@@ -217,10 +223,13 @@ def attend_dense(
 @dataclasses.dataclass(frozen=True)
 class AttentionSharding:
     """The mesh axes attention's inputs are laid out over (the caller's names): rows over
-    ``batch_axes``, heads over ``head_axis``."""
+    ``batch_axes``, heads over ``head_axis``, and tokens over ``sequence_axis`` (context
+    parallelism: ``attend_dense`` then gathers the keys and values of the whole row, and each
+    device attends its own queries; see ``attend_sequence_sharded``)."""
 
     batch_axes: tuple[str, ...] = ()
     head_axis: str | None = None
+    sequence_axis: str | None = None
 
 
 def same_sharding(q: Array, k: Array, v: Array, mask: Array, sharding: AttentionSharding | None = None
@@ -246,6 +255,87 @@ def same_sharding(q: Array, k: Array, v: Array, mask: Array, sharding: Attention
     q, k, v = (jax.lax.with_sharding_constraint(x, qkv) for x in (q, k, v))
     mask = jax.lax.with_sharding_constraint(mask, P(batch_spec, None, None, None))
     return q, k, v, mask
+
+
+def _sequence_shards(sharding: AttentionSharding | None) -> int:
+    """How many devices the tokens are split over under the mesh in context (1: none)."""
+    if sharding is None or sharding.sequence_axis is None:
+        return 1
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    return dict(zip(mesh.axis_names, mesh.axis_sizes)).get(sharding.sequence_axis, 1)
+
+
+def attend_chunk(q: Array, k: Array, v: Array, q_positions: Array, k_positions: Array, *,
+                 window: int | None = None, q_segments: Array | None = None, k_segments: Array | None = None,
+                 implementation: str = "reference", anchor: bool = False, **kernel_options) -> Array:
+    """Attention of a chunk of queries ``q [B,T,K,G,H]`` over a longer run of keys ``k, v
+    [B,S,K,H]`` (token-major), the mask from the positions and segment ids of each side (the
+    module rules; ``anchor``: key 0 of ``k`` is the shared anchor). ``implementation``:
+    ``'reference'`` or ``'pallas_gpu'`` (the block-sparse kernel; ``kernel_options`` go to it,
+    e.g. ``interpret``)."""
+    if implementation == "pallas_gpu":
+        from jaxkv.kernels.block_sparse_attention import MaskSpec, block_sparse_attention
+
+        b, t, kh, g, h = q.shape
+        out = block_sparse_attention(q.reshape(b, t, kh * g, h), k, v, q_positions, k_positions,
+                                     mask=MaskSpec(window=window, anchor=anchor), q_segments=q_segments,
+                                     k_segments=k_segments, implementation="pallas_gpu", **kernel_options)
+        return out.reshape(b, t, kh, g, h)
+    if implementation != "reference" or kernel_options:
+        raise UserError(f"attend_chunk takes implementation 'reference' or 'pallas_gpu' (kernel options only "
+                        f"with the kernel); got {implementation!r} with {sorted(kernel_options)}")
+    return attend_reference(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), q_positions, k_positions,
+                            window=window, q_segments=q_segments, k_segments=k_segments, anchor=anchor)
+
+
+def attend_sequence_sharded(q: Array, k: Array, v: Array, positions: Array, *, sharding: AttentionSharding,
+                            window: int | None = None, segment_ids: Array | None = None,
+                            implementation: str | None = None, anchor: bool = False, **kernel_options) -> Array:
+    """``attend_dense`` with the row's tokens split over ``sharding.sequence_axis`` of the mesh in
+    context (context parallelism), as a ``shard_map`` over every mesh axis: each device
+    all-gathers the keys, values, positions and segment ids of its rows along the sequence axis
+    and attends its own ``T / n`` queries over them (``attend_chunk``); the gradient of the
+    gather is a reduce-scatter of the keys' and values' gradients. Rows go over
+    ``sharding.batch_axes`` and KV heads over ``sharding.head_axis`` where they divide. The
+    mask is the positions' and segments', so every packing mode (documents, restarted
+    positions, the shared anchor: key 0 of the gathered row) is the unsharded one.
+    ``implementation``: ``'reference'``, ``'pallas_gpu'``, or None (the kernel on a GPU for
+    16-bit inputs with power-of-two head dims, else the reference); cuDNN, whose causal mask
+    assumes aligned queries and keys, is not used here."""
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.sharding.get_abstract_mesh()
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    seq = sharding.sequence_axis
+    b, t, kh, _, h = q.shape
+    if t % sizes[seq]:
+        raise UserError(f"the sequence axis {seq!r} splits tokens {sizes[seq]} ways: the row's {t} tokens must "
+                        "be a multiple of that")
+    if implementation is None:
+        kernel_ok = (jax.default_backend() == "gpu" and jnp.dtype(q.dtype) in (jnp.bfloat16, jnp.float16)
+                     and h >= 16 and not h & (h - 1))
+        implementation = "pallas_gpu" if kernel_ok else "reference"
+    if implementation not in ("reference", "pallas_gpu"):
+        raise UserError(f"sequence-sharded attention takes implementation 'reference' or 'pallas_gpu', "
+                        f"got {implementation!r}")
+    batch = tuple(a for a in sharding.batch_axes if sizes.get(a, 1) > 1)
+    batch_spec = batch if batch and b % math.prod(sizes[a] for a in batch) == 0 else None
+    tp = sizes.get(sharding.head_axis, 1) if sharding.head_axis else 1
+    heads = sharding.head_axis if tp > 1 and kh % tp == 0 else None
+    qspec, kvspec, tspec = P(batch_spec, seq, heads, None, None), P(batch_spec, seq, heads, None), P(batch_spec, seq)
+    gather = functools.partial(jax.lax.all_gather, axis_name=seq, axis=1, tiled=True)
+
+    def local(q, k, v, pos, *seg):
+        segs = {} if not seg else {"q_segments": seg[0], "k_segments": gather(seg[0])}
+        return attend_chunk(q, gather(k), gather(v), pos, gather(pos), window=window, implementation=implementation,
+                            anchor=anchor, **segs, **kernel_options)
+
+    args = (q, k, v, positions) + (() if segment_ids is None else (segment_ids,))
+    specs = (qspec, kvspec, kvspec, tspec) + (() if segment_ids is None else (tspec,))
+    # check_vma off: a Pallas kernel's outputs carry no record of the mesh axes they vary over
+    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=qspec, check_vma=False)(*args)
 
 
 def contiguous_layout(positions: Array) -> Array:

@@ -18,7 +18,7 @@
                     [--problems N] [--ks 4,8] [--complete-from original|navigated] [--chat]
   jaxkv train lm (--model-preset NAME | --model M) --data SRC... --out DIR [--seq-len N]
                  [--attention full|intra|reset|anchor|anchor-bos] [--rope-theta THETA] [--shuffle]
-                 [--whole-documents] [--batch-size N] [--steps N] [--lr LR] [--seed S] [--save-every N] [--mesh d,f,t]
+                 [--whole-documents] [--batch-size N] [--steps N] [--lr LR] [--seed S] [--save-every N] [--mesh d,f,t[,c]]
   jaxkv train cskv [--model M] --out DIR [--key-density D] [--value-density D] [--calibration FILE]
                    [--data SRC...] [--steps N] [--lr LR] ...
   jaxkv train mamba --data SRC... --out DIR [--model DIR | --hidden-size D --layers L --state-size N]
@@ -1025,7 +1025,7 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--seed", type=_seed, default=0)
     ck.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
                     help="compute dtype of the frozen model")
-    ck.add_argument("--mesh", default="1,1,1", help="data,fsdp,tensor device counts")
+    ck.add_argument("--mesh", default="1,1,1", help="data,fsdp,tensor[,context] device counts")
     ck.add_argument("--save-every", type=_positive_int, default=100)
     ck.add_argument("--keep", type=_positive_int, default=3)
     ck.set_defaults(func=_cmd_train_cskv, interrupted=lambda a: (
@@ -1114,7 +1114,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=_positive_int, default=4)
     t.add_argument("--grad-accum", type=_positive_int, default=1)
     t.add_argument("--steps", type=_positive_int, default=10)
-    t.add_argument("--mesh", default="1,1,1", help="data,fsdp,tensor device counts (batch-size is global)")
+    t.add_argument("--mesh", default="1,1,1", help="data,fsdp,tensor[,context] device counts (batch-size is "
+                   "global; context splits each row's tokens)")
     t.add_argument("--attention", default="auto", choices=("auto", "cudnn", "pallas_gpu", "reference"),
                    help="the step's attention (auto: the block-sparse kernel for packed rows on one GPU)")
     t.add_argument("--mode", default="reset", choices=["full", "intra", "reset", "anchor", "anchor-bos"],
@@ -1288,7 +1289,8 @@ def _add_run_arguments(p, *, lr: float, schedule: str, out_help: str) -> None:
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="compute dtype")
-    p.add_argument("--mesh", default="1,1,1", help="data,fsdp,tensor device counts")
+    p.add_argument("--mesh", default="1,1,1", help="data,fsdp,tensor[,context] device counts (context splits "
+                   "each row's tokens)")
     p.add_argument("--out", required=True, help=out_help)
     p.add_argument("--save-every", type=_positive_int, default=100)
     p.add_argument("--keep", type=_positive_int, default=3)

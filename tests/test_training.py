@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from jaxkv.config import preset
+from jaxkv.errors import UserError
 from jaxkv.training.config import DataConfig, OptimConfig, TrainConfig, TrainConfigError
 from jaxkv.training.data import Batches, pack_documents, synthetic_documents
 from jaxkv.training.loop import TrainingDiverged, train_lm
@@ -280,6 +281,82 @@ def test_data_fsdp_tensor_mesh_on_8_cpu_devices_matches_one_device():
     assert "('data', 'fsdp')" in mask and "tensor" not in mask
     assert len(set(out["no_mesh"][:3])) > 1  # without a mesh in context nothing is imposed
     assert len(set(out["no_names"][:3])) > 1  # nor without the axis names: attention names none itself
+
+
+_CONTEXT = textwrap.dedent("""
+    import os, json, functools
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import jax, jax.numpy as jnp, numpy as np
+    from jaxkv.config import preset
+    from jaxkv.training.config import DataConfig, OptimConfig, TrainConfig
+    from jaxkv.training.data import synthetic_documents
+    from jaxkv.training.loop import train_lm
+    from jaxkv.training.sharding import ATTENTION_SHARDING, make_mesh
+    from jaxkv.attention import attend_dense, attend_reference, attend_sequence_sharded
+    cfg = preset("tiny")
+    docs = synthetic_documents("count", vocab_size=cfg.vocab_size, seed=0, num_docs=400)
+    out = {"loss": {}}
+    runs = [(m, mesh) for m in ("full", "intra", "reset", "anchor") for mesh in ((1, 1, 1), (2, 1, 2, 2))]
+    runs += [("full", (1, 1, 1, 8)), ("anchor", (1, 1, 1, 8))]
+    for mode, mesh in runs:
+        r = train_lm(cfg, docs, optim=OptimConfig(lr=3e-3, warmup_steps=2, total_steps=3),
+                     data=DataConfig(seq_len=64, attention=mode),
+                     train=TrainConfig(batch_size=8, steps=3, compute_dtype="float32", mesh=mesh))
+        out["loss"][f"{mode} {mesh}"] = [h["loss"] for h in r.history]
+    # the kernel inside the shard_map (interpret mode), against the reference over whole rows
+    rng = np.random.default_rng(0)
+    b, t, kh, g, h = 2, 64, 2, 2, 16
+    q = jnp.asarray(rng.normal(size=(b, t, kh, g, h)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(b, t, kh, h)), jnp.float32) for _ in range(2))
+    seg = jnp.asarray(np.sort(rng.integers(0, 4, size=(b, t)), axis=1), jnp.int32)
+    pos = jnp.asarray(np.concatenate([np.arange(np.sum(r == d)) for r in np.asarray(seg) for d in range(4)]
+                                     ).reshape(b, t), jnp.int32)
+    mesh = make_mesh(2, 1, 1, 4)
+    errs = {}
+    for name, kw in {"segments": {}, "anchor": {"anchor": True}, "window": {"window": 5}}.items():
+        want = attend_reference(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), pos, pos, q_segments=seg,
+                                k_segments=seg, **kw)
+        with jax.set_mesh(mesh):
+            got = jax.jit(functools.partial(attend_sequence_sharded, sharding=ATTENTION_SHARDING, segment_ids=seg,
+                                            implementation="pallas_gpu", interpret=True, **kw))(q, k, v, pos)
+            dense = jax.jit(functools.partial(attend_dense, segment_ids=seg, sharding=ATTENTION_SHARDING, **kw))
+            text = str(jax.make_jaxpr(dense)(q, k, v, pos))
+        errs[name] = float(jnp.max(jnp.abs(got - want)))
+        out.setdefault("routed", []).append("shard_map" in text and "all_gather" in text)
+    out["errs"] = errs
+    print(json.dumps(out))
+""")
+
+
+def test_context_parallel_meshes_on_8_cpu_devices_match_one_device():
+    """Tokens split over the mesh's context axis (with data and tensor, or alone over 8
+    devices): every packing mode's losses equal one device's (fp32); attend_dense under such a
+    mesh goes through the shard_map (keys and values gathered), and the block-sparse kernel
+    inside it (interpret mode) equals the reference over whole rows."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", _CONTEXT], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    loss = out["loss"]
+    for key, got in loss.items():
+        mode = key.split()[0]
+        np.testing.assert_allclose(got, loss[f"{mode} (1, 1, 1)"], rtol=1e-5, err_msg=key)
+    assert len({round(v[0], 4) for k, v in loss.items() if k.endswith("(1, 1, 1)")}) > 1  # the modes differ
+    assert all(out["routed"]), out["routed"]
+    assert max(out["errs"].values()) < 1e-5, out["errs"]
+
+
+def test_meshes_of_four_axes_parse_and_refuse_what_they_cannot_do():
+    from jaxkv.training.sharding import parse_mesh
+    from jaxkv.training.config import TrainConfig, TrainConfigError
+
+    assert parse_mesh("1,2,1") == (1, 2, 1) and parse_mesh("2,1,1,4") == (2, 1, 1, 4)
+    for bad in ("1,1", "1,1,1,1,1", "1,0,1,2", "a,b,c"):
+        with pytest.raises(UserError, match="--mesh"):
+            parse_mesh(bad)
+    with pytest.raises(TrainConfigError, match="mesh"):
+        TrainConfig(mesh=(1, 1))
+    assert TrainConfig(mesh=(1, 1, 1, 2)).mesh == (1, 1, 1, 2)
 
 
 _PROCESS = textwrap.dedent("""

@@ -120,7 +120,7 @@ class TrainConfig:
     keep: int = 3
     log_every: int = 1
     compute_dtype: str = "bfloat16"
-    mesh: tuple[int, int, int] = (1, 1, 1)  # data, fsdp, tensor
+    mesh: tuple[int, ...] = (1, 1, 1)  # data, fsdp, tensor[, context]
 
     def __post_init__(self):
         positive_ints(self, "batch_size", "grad_accum", "steps", "save_every", "keep", "log_every")
@@ -128,6 +128,7 @@ class TrainConfig:
             raise TrainConfigError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
         if self.compute_dtype not in ("float32", "bfloat16"):
             raise TrainConfigError(f"compute_dtype must be 'float32' or 'bfloat16', got {self.compute_dtype!r}")
-        if len(self.mesh) != 3 or any(not isinstance(m, int) or m <= 0 for m in self.mesh):
-            raise TrainConfigError(f"mesh must be three positive integers (data, fsdp, tensor), got {self.mesh!r}")
+        if len(self.mesh) not in (3, 4) or any(not isinstance(m, int) or m <= 0 for m in self.mesh):
+            raise TrainConfigError(f"mesh must be three or four positive integers (data, fsdp, tensor[, context]), "
+                                   f"got {self.mesh!r}")
         object.__setattr__(self, "mesh", tuple(self.mesh))

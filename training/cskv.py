@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxkv.training.config import DataConfig, OptimConfig, TrainConfig
+from jaxkv.training.config import DataConfig, OptimConfig, TrainConfig, TrainConfigError
 from jaxkv.training.data import Batches, pack_documents
 from jaxkv.training.loop import TrainResult, open_run, run_meta, run_steps
 from jaxkv.training.metrics import plot_metrics
@@ -71,6 +71,9 @@ def train_cskv(config, params: dict, documents: Sequence, *, key_density: float,
 
     start_policy = CSKVCache(key_density=key_density, value_density=value_density, calibration=calibration)
     init = start_policy.prepare(params, config).factors
+    if len(train.mesh) > 3 and train.mesh[3] > 1:
+        raise TrainConfigError("train cskv: the context axis (tokens split over devices) is for language-model "
+                               "training; give mesh as data,fsdp,tensor")
     mesh = make_mesh(*train.mesh)
     tx, schedule = make_optimizer(optim), make_schedule(optim)
     compute_dtype = jnp.bfloat16 if train.compute_dtype == "bfloat16" else jnp.float32

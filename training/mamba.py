@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from jaxkv.checkpoints import save_checkpoint
 from jaxkv.models import mamba2
-from jaxkv.training.config import DataConfig, OptimConfig, TrainConfig
+from jaxkv.training.config import DataConfig, OptimConfig, TrainConfig, TrainConfigError
 from jaxkv.training.data import Batches, pack_documents
 from jaxkv.training.loop import TrainResult, open_run, run_meta, run_steps
 from jaxkv.training.metrics import plot_metrics
@@ -70,6 +70,9 @@ def train_mamba(model_config: mamba2.Mamba2Config, documents: Sequence[Sequence[
     a ``tokenizers.Tokenizer``, beside them when given: ``jaxkv generate --model out/hf`` then runs)."""
     if data.seq_len % segment_len:
         raise ValueError(f"seq_len ({data.seq_len}) must be a multiple of segment_len ({segment_len})")
+    if len(train.mesh) > 3 and train.mesh[3] > 1:
+        raise TrainConfigError("train mamba: the context axis (tokens split over devices) is for language-model "
+                               "training; give mesh as data,fsdp,tensor")
     mesh = make_mesh(*train.mesh)
     tx, schedule = make_optimizer(optim), make_schedule(optim)
     compute_dtype = jnp.bfloat16 if train.compute_dtype == "bfloat16" else jnp.float32

@@ -1,4 +1,4 @@
-"""Meshes with named axes (data, fsdp, tensor) and partition rules for the Llama parameters.
+"""Meshes with named axes (data, fsdp, tensor, context) and partition rules for the Llama parameters.
 
 XLA SPMD is the distributed engine: parameters and batches carry ``NamedSharding``s and jit
 inserts the collectives. The same code runs on one device (a 1x1x1 mesh) or many, on one host
@@ -8,7 +8,9 @@ Rules (matrices are ``[out, in]``; ``fsdp`` shards the model dimension D of ever
 ``tensor`` the heads / FFN / vocabulary dimension): q/k/v, gate/up, lm_head and the embedding
 ``[*, D] -> (tensor, fsdp)``; o, down ``[D, *] -> (fsdp, tensor)``; norms and biases
 replicated. An axis that does not divide its dimension is dropped (replicated) for that array.
-Batches shard their rows over ``(data, fsdp)``.
+Batches shard their rows over ``(data, fsdp)`` and their tokens over ``context`` (context
+parallelism: parameters are replicated over it, every token-wise layer runs on its share of the
+row, and attention gathers the row's keys and values: ``attention.attend_sequence_sharded``).
 """
 
 from __future__ import annotations
@@ -26,30 +28,31 @@ from jaxkv.errors import UserError
 
 __all__ = ["parse_mesh", "make_mesh", "param_specs", "state_shardings", "batch_sharding", "initialize_distributed"]
 
-AXES = ("data", "fsdp", "tensor")
-# attention's inputs under these meshes: rows over data and fsdp, heads over tensor
-ATTENTION_SHARDING = AttentionSharding(batch_axes=("data", "fsdp"), head_axis="tensor")
+AXES = ("data", "fsdp", "tensor", "context")
+# attention's inputs under these meshes: rows over data and fsdp, heads over tensor, tokens over context
+ATTENTION_SHARDING = AttentionSharding(batch_axes=("data", "fsdp"), head_axis="tensor", sequence_axis="context")
 
 
-def parse_mesh(text: str) -> tuple[int, int, int]:
-    """``'DATA,FSDP,TENSOR'`` -> three positive device counts (``--mesh`` of the CLI)."""
+def parse_mesh(text: str) -> tuple[int, ...]:
+    """``'DATA,FSDP,TENSOR[,CONTEXT]'`` -> three or four positive device counts (``--mesh`` of
+    the CLI; context, the ways a row's tokens are split, defaults to 1)."""
     try:
         shape = tuple(int(x) for x in text.split(","))
     except ValueError:
         shape = ()
-    if len(shape) != 3 or min(shape) < 1:
-        raise UserError(f"--mesh must be three positive integers data,fsdp,tensor; got {text!r}")
+    if len(shape) not in (3, 4) or min(shape) < 1:
+        raise UserError(f"--mesh must be three or four positive integers data,fsdp,tensor[,context]; got {text!r}")
     return shape
 
 
-def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
-    """A mesh over the first ``data * fsdp * tensor`` devices (all of them by default)."""
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, context: int = 1, devices=None) -> Mesh:
+    """A mesh over the first ``data * fsdp * tensor * context`` devices (all of them by default)."""
     devices = jax.devices() if devices is None else devices
-    n = data * fsdp * tensor
+    n = data * fsdp * tensor * context
     if n > len(devices):
-        raise TrainConfigError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} needs {n} devices, "
-                               f"but {len(devices)} are available")
-    return Mesh(np.asarray(devices[:n]).reshape(data, fsdp, tensor), AXES)
+        raise TrainConfigError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} x context={context} needs {n} "
+                               f"devices, but {len(devices)} are available")
+    return Mesh(np.asarray(devices[:n]).reshape(data, fsdp, tensor, context), AXES)
 
 
 def _rule(path: tuple, ndim: int) -> P:
@@ -85,8 +88,8 @@ def state_shardings(abstract_state, tx: optax.GradientTransformation, mesh: Mesh
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Batches are ``[accum, rows, T]``: rows split over data and fsdp."""
-    return NamedSharding(mesh, P(None, ("data", "fsdp"), None))
+    """Batches are ``[accum, rows, T]``: rows split over data and fsdp, tokens over context."""
+    return NamedSharding(mesh, P(None, ("data", "fsdp"), "context"))
 
 
 def initialize_distributed() -> None:
