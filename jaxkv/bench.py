@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import statistics
 import time
 from jaxkv.errors import UserError
@@ -124,9 +125,14 @@ def bench_train(args) -> dict:
     from jaxkv.training.config import DataConfig, OptimConfig
     from jaxkv.training.data import Batches, pack_documents
     from jaxkv.training.optim import make_optimizer, make_schedule
-    from jaxkv.training.sharding import batch_sharding, make_mesh, parse_mesh, state_shardings
+    from jaxkv.training.sharding import (batch_sharding, enable_collective_overlap, make_mesh, parse_mesh,
+                                         state_shardings)
     from jaxkv.training.state import init_state
     from jaxkv.training.step import make_train_step
+
+    mesh_shape = parse_mesh(args.mesh)
+    overlap = getattr(args, "collective_overlap", True) and math.prod(mesh_shape) > 1
+    overlap = overlap and enable_collective_overlap()  # before the first array: XLA reads its flags once
 
     config = get_preset(args.preset)
     optim = OptimConfig(lr=1e-4, warmup_steps=10, total_steps=1000)
@@ -141,7 +147,6 @@ def bench_train(args) -> dict:
     batches = Batches(pack_documents(docs, DataConfig(seq_len=args.seq_len, attention=mode),
                                      anchor_id=config.bos_token_id), batch_size=args.batch_size,
                       grad_accum=args.grad_accum, seed=0)
-    mesh_shape = parse_mesh(args.mesh)
     mesh = make_mesh(*mesh_shape)
     make = lambda k: init_state(init_params(config, k), tx, 0)  # noqa: E731
     shardings = state_shardings(jax.eval_shape(make, jax.random.key(0)), tx, mesh)
@@ -165,7 +170,7 @@ def bench_train(args) -> dict:
     flops = train_flops_per_token(config, args.seq_len) * tokens / seconds
     n_dev = mesh.devices.size
     return {"bench": "train", "preset": args.preset, "params": config.num_params, "seq_len": args.seq_len,
-            "mesh": list(mesh_shape), "devices": n_dev, "tokens_per_s_per_device": tokens / seconds / n_dev,
+            "mesh": list(mesh_shape), "devices": n_dev, "collective_overlap": bool(overlap), "tokens_per_s_per_device": tokens / seconds / n_dev,
             "batch_size": args.batch_size, "grad_accum": args.grad_accum, "step_s": seconds,
             "tokens_per_s": tokens / seconds, "model_tflops": flops / 1e12,
             "mfu": flops / (n_dev * args.peak_tflops * 1e12), "loss": float(m["loss"]),

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -573,8 +574,10 @@ def train_setup(args) -> dict:
 
 def _cmd_train_lm(args) -> int:
     from jaxkv.training.loop import train_lm
-    from jaxkv.training.sharding import initialize_distributed
+    from jaxkv.training.sharding import enable_collective_overlap, initialize_distributed, parse_mesh
 
+    if args.collective_overlap and math.prod(parse_mesh(args.mesh)) > 1:
+        enable_collective_overlap()  # before any backend starts: XLA reads its flags once
     initialize_distributed()
     result = train_lm(**train_setup(args))
     last = result.history[-1] if result.history else None
@@ -959,6 +962,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="training recipes")
     tsub = t.add_subparsers(dest="recipe", required=True)
     lm = tsub.add_parser("lm", help="next-token training of a Llama-family model (resumes from --out)")
+    lm.add_argument("--collective-overlap", action=argparse.BooleanOptionalAction, default=True,
+                    help="on a mesh of several devices, set XLA's flags that overlap collectives with compute "
+                    "(jaxkv.training.sharding.OVERLAP_XLA_FLAGS; default on)")
     lm.add_argument("--model-preset", default=None, help="random init from a preset (e.g. tiny)")
     lm.add_argument("--model", default=None, help="start from a model: " + MODEL_HELP)
     lm.add_argument("--data", nargs="+", required=True,
@@ -1120,6 +1126,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the step's attention (auto: the block-sparse kernel for packed rows on one GPU)")
     t.add_argument("--mode", default="reset", choices=["full", "intra", "reset", "anchor", "anchor-bos"],
                    help="how the packed documents attend (jaxkv train lm --attention)")
+    t.add_argument("--collective-overlap", action=argparse.BooleanOptionalAction, default=True,
+                   help="on a mesh of several devices, XLA's collective-overlap flags (default on)")
     t.add_argument("--peak-tflops", type=_positive_float, default=989.0,
                    help="dense bf16 peak of the card (H100/H200 SXM: 989)")
     t.add_argument("--json", default=None)

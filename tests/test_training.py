@@ -346,6 +346,33 @@ def test_context_parallel_meshes_on_8_cpu_devices_match_one_device():
     assert max(out["errs"].values()) < 1e-5, out["errs"]
 
 
+_OVERLAP = textwrap.dedent("""
+    import os, warnings
+    os.environ["XLA_FLAGS"] = "--xla_gpu_all_gather_combine_threshold_bytes=1024"  # the user's own, kept
+    from jaxkv.training.sharding import OVERLAP_XLA_FLAGS, enable_collective_overlap
+    assert enable_collective_overlap()
+    flags = os.environ["XLA_FLAGS"].split()
+    assert "--xla_gpu_all_gather_combine_threshold_bytes=1024" in flags
+    assert sum(f.startswith("--xla_gpu_all_gather_combine_threshold_bytes") for f in flags) == 1
+    assert all(f in flags for f in OVERLAP_XLA_FLAGS if "all_gather_combine" not in f)
+    import jax
+    assert float(jax.numpy.ones(3).sum()) == 3.0  # XLA parsed every flag (an unknown one aborts it)
+    os.environ["XLA_FLAGS"] = ""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert not enable_collective_overlap()  # too late: the backend has started
+    assert "not in effect" in str(seen[0].message) and os.environ["XLA_FLAGS"] == ""
+    print("ok")
+""")
+
+
+def test_collective_overlap_flags_are_xlas_and_keep_the_users_own():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-c", _OVERLAP], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
 def test_meshes_of_four_axes_parse_and_refuse_what_they_cannot_do():
     from jaxkv.training.sharding import parse_mesh
     from jaxkv.training.config import TrainConfig, TrainConfigError

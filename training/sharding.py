@@ -26,11 +26,51 @@ from jaxkv.attention import AttentionSharding
 from jaxkv.training.config import TrainConfigError
 from jaxkv.errors import UserError
 
-__all__ = ["parse_mesh", "make_mesh", "param_specs", "state_shardings", "batch_sharding", "initialize_distributed"]
+__all__ = ["parse_mesh", "make_mesh", "param_specs", "state_shardings", "batch_sharding", "initialize_distributed",
+           "OVERLAP_XLA_FLAGS", "enable_collective_overlap"]
 
 AXES = ("data", "fsdp", "tensor", "context")
 # attention's inputs under these meshes: rows over data and fsdp, heads over tensor, tokens over context
 ATTENTION_SHARDING = AttentionSharding(batch_axes=("data", "fsdp"), head_axis="tensor", sequence_axis="context")
+
+
+# XLA's flags that overlap the collectives of a sharded step with its compute on GPUs, named in
+# one place (``enable_collective_overlap``). The layer stack is unrolled, so the latency-hiding
+# scheduler is what moves each layer's weight all-gather (FSDP) ahead of the compute that needs
+# it and each gradient's reduce-scatter under the backward of the layers below; the pipelined
+# forms act on loops (a scanned stack, a microbatch loop); the combine thresholds batch small
+# collectives into large ones. Each name is checked by XLA's flag parser in the tests (an
+# unknown flag stops XLA), on any backend.
+OVERLAP_XLA_FLAGS = (
+    "--xla_gpu_enable_latency_hiding_scheduler=true",
+    "--xla_gpu_enable_highest_priority_async_stream=true",
+    "--xla_gpu_enable_pipelined_all_gather=true",
+    "--xla_gpu_enable_pipelined_reduce_scatter=true",
+    "--xla_gpu_enable_pipelined_all_reduce=true",
+    "--xla_gpu_all_gather_combine_threshold_bytes=134217728",
+    "--xla_gpu_reduce_scatter_combine_threshold_bytes=134217728",
+)
+
+
+def enable_collective_overlap(environ=None) -> bool:
+    """Add ``OVERLAP_XLA_FLAGS`` to ``XLA_FLAGS`` in ``environ`` (``os.environ`` by default),
+    keeping any of those flags the user already set, before jax starts its backends (XLA reads
+    the variable once, then). True if the flags are in effect for this process; False with a
+    warning if a backend already started, since the flags would then be ignored."""
+    import warnings
+
+    environ = os.environ if environ is None else environ
+    set_by_user = {f.split("=")[0] for f in environ.get("XLA_FLAGS", "").split()}
+    extra = [f for f in OVERLAP_XLA_FLAGS if f.split("=")[0] not in set_by_user]
+    if extra:
+        from jax._src import xla_bridge
+
+        if environ is os.environ and xla_bridge.backends_are_initialized():
+            warnings.warn("collective overlap: jax's backends already started, so XLA_FLAGS is not read again; "
+                          "the overlap flags are not in effect", stacklevel=2)
+            return False
+        environ["XLA_FLAGS"] = " ".join([environ.get("XLA_FLAGS", "")] + extra).strip()
+    return True
 
 
 def parse_mesh(text: str) -> tuple[int, ...]:
