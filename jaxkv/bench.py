@@ -152,8 +152,9 @@ def bench_train(args) -> dict:
     shardings = state_shardings(jax.eval_shape(make, jax.random.key(0)), tx, mesh)
     state = jax.jit(make, out_shardings=shardings)(jax.random.key(0))
     attention = None if args.attention == "auto" else args.attention
+    remat = getattr(args, "remat", "none")
     step = jax.jit(make_train_step(config, tx, schedule, compute_dtype=jnp.bfloat16, attention_implementation=attention,
-                                   attention=mode),
+                                   attention=mode, remat=None if remat == "none" else remat),
                    in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, None),
                    donate_argnums=0)
     batch = {k: jax.device_put(v, batch_sharding(mesh)) for k, v in batches.get(0).items()}
@@ -170,7 +171,8 @@ def bench_train(args) -> dict:
     flops = train_flops_per_token(config, args.seq_len) * tokens / seconds
     n_dev = mesh.devices.size
     return {"bench": "train", "preset": args.preset, "params": config.num_params, "seq_len": args.seq_len,
-            "mesh": list(mesh_shape), "devices": n_dev, "collective_overlap": bool(overlap), "tokens_per_s_per_device": tokens / seconds / n_dev,
+            "mesh": list(mesh_shape), "devices": n_dev, "collective_overlap": bool(overlap), "remat": remat,
+            "tokens_per_s_per_device": tokens / seconds / n_dev,
             "batch_size": args.batch_size, "grad_accum": args.grad_accum, "step_s": seconds,
             "tokens_per_s": tokens / seconds, "model_tflops": flops / 1e12,
             "mfu": flops / (n_dev * args.peak_tflops * 1e12), "loss": float(m["loss"]),

@@ -567,7 +567,7 @@ def train_setup(args) -> dict:
                         split_documents=not args.whole_documents),
         train=TrainConfig(batch_size=args.batch_size, grad_accum=args.grad_accum, steps=args.steps,
                           seed=args.seed, save_every=args.save_every, keep=args.keep,
-                          compute_dtype=args.dtype, mesh=mesh),
+                          compute_dtype=args.dtype, mesh=mesh, remat=args.remat),
         extra_meta=extra, tokenizer=tokenizer,
     )
 
@@ -962,6 +962,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="training recipes")
     tsub = t.add_subparsers(dest="recipe", required=True)
     lm = tsub.add_parser("lm", help="next-token training of a Llama-family model (resumes from --out)")
+    lm.add_argument("--remat", default="none", choices=["none", "full", "dots"],
+                    help="rematerialise each layer in the backward: full keeps only its input, dots its matmuls' "
+                    "outputs too (less memory, more compute, the same losses)")
     lm.add_argument("--collective-overlap", action=argparse.BooleanOptionalAction, default=True,
                     help="on a mesh of several devices, set XLA's flags that overlap collectives with compute "
                     "(jaxkv.training.sharding.OVERLAP_XLA_FLAGS; default on)")
@@ -1128,6 +1131,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the packed documents attend (jaxkv train lm --attention)")
     t.add_argument("--collective-overlap", action=argparse.BooleanOptionalAction, default=True,
                    help="on a mesh of several devices, XLA's collective-overlap flags (default on)")
+    t.add_argument("--remat", default="none", choices=["none", "full", "dots"],
+                   help="each layer's rematerialisation (jaxkv train lm --remat)")
     t.add_argument("--peak-tflops", type=_positive_float, default=989.0,
                    help="dense bf16 peak of the card (H100/H200 SXM: 989)")
     t.add_argument("--json", default=None)

@@ -283,6 +283,38 @@ def test_data_fsdp_tensor_mesh_on_8_cpu_devices_matches_one_device():
     assert len(set(out["no_names"][:3])) > 1  # nor without the axis names: attention names none itself
 
 
+def test_remat_policies_give_the_same_gradients_and_runs_resume_across_them(tmp_path):
+    """Each layer rematerialised (full, dots): the same gradients as keeping every activation,
+    the checkpoint in the traced step; a run trained without remat resumes with it, and
+    reaches the losses of the run that never stopped."""
+    from jaxkv.models.llama import forward, init_params
+
+    cfg = preset("tiny")
+    params = init_params(cfg, jax.random.key(0))
+    tok = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 32)), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(32), (2, 32))
+    grad = lambda remat: jax.grad(lambda p: jnp.mean(forward(p, tok, pos, config=cfg, remat=remat)[0] ** 2))  # noqa
+    g0 = jax.jit(grad(None))(params)
+    for remat in ("full", "dots"):
+        g = jax.jit(grad(remat))(params)
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+        assert "remat" in str(jax.make_jaxpr(grad(remat))(params))
+    with pytest.raises(UserError, match="remat"):
+        forward(params, tok, pos, config=cfg, remat="some")
+    with pytest.raises(TrainConfigError, match="remat"):
+        TrainConfig(remat="some")
+    docs = synthetic_documents("count", vocab_size=cfg.vocab_size, seed=0, num_docs=200)
+    kw = dict(optim=OptimConfig(lr=3e-3, warmup_steps=1, total_steps=4), data=DataConfig(seq_len=32))
+    whole = train_lm(cfg, docs, **kw, train=TrainConfig(batch_size=4, steps=4, save_every=2, compute_dtype="float32"))
+    run = tmp_path / "run"
+    train_lm(cfg, docs, **kw, out=run, train=TrainConfig(batch_size=4, steps=2, save_every=2, compute_dtype="float32"))
+    resumed = train_lm(cfg, docs, **kw, out=run, train=TrainConfig(batch_size=4, steps=4, save_every=2,
+                                                                     compute_dtype="float32", remat="full"))
+    np.testing.assert_allclose([h["loss"] for h in resumed.history], [h["loss"] for h in whole.history[2:]],
+                               rtol=1e-5)
+
+
 _CONTEXT = textwrap.dedent("""
     import os, json, functools
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
@@ -296,7 +328,8 @@ _CONTEXT = textwrap.dedent("""
     cfg = preset("tiny")
     docs = synthetic_documents("count", vocab_size=cfg.vocab_size, seed=0, num_docs=400)
     out = {"loss": {}}
-    runs = [(m, mesh) for m in ("full", "intra", "reset", "anchor") for mesh in ((1, 1, 1), (2, 1, 2, 2))]
+    runs = [(m, mesh) for m in ("full", "intra", "reset", "anchor", "anchor-bos")
+            for mesh in ((1, 1, 1), (2, 1, 2, 2), (1, 2, 1, 4))]
     runs += [("full", (1, 1, 1, 8)), ("anchor", (1, 1, 1, 8))]
     for mode, mesh in runs:
         r = train_lm(cfg, docs, optim=OptimConfig(lr=3e-3, warmup_steps=2, total_steps=3),
@@ -329,8 +362,8 @@ _CONTEXT = textwrap.dedent("""
 
 
 def test_context_parallel_meshes_on_8_cpu_devices_match_one_device():
-    """Tokens split over the mesh's context axis (with data and tensor, or alone over 8
-    devices): every packing mode's losses equal one device's (fp32); attend_dense under such a
+    """Tokens split over the mesh's context axis (with data and tensor, with fsdp, or alone over
+    8 devices): every packing mode's losses equal one device's (fp32); attend_dense under such a
     mesh goes through the shard_map (keys and values gathered), and the block-sparse kernel
     inside it (interpret mode) equals the reference over whole rows."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}

@@ -107,6 +107,9 @@ class DataConfig:
             raise TrainConfigError(f"split_documents must be a bool, got {self.split_documents!r}")
 
 
+REMAT_CHOICES = ("none", "full", "dots")  # TrainConfig.remat; "none" keeps every activation
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """One run: ``batch_size`` rows a step (split into ``grad_accum`` micro-batches), ``steps``
@@ -121,6 +124,7 @@ class TrainConfig:
     log_every: int = 1
     compute_dtype: str = "bfloat16"
     mesh: tuple[int, ...] = (1, 1, 1)  # data, fsdp, tensor[, context]
+    remat: str = "none"  # each layer's rematerialisation: none | full | dots (models.llama.REMAT_POLICIES)
 
     def __post_init__(self):
         positive_ints(self, "batch_size", "grad_accum", "steps", "save_every", "keep", "log_every")
@@ -132,3 +136,5 @@ class TrainConfig:
             raise TrainConfigError(f"mesh must be three or four positive integers (data, fsdp, tensor[, context]), "
                                    f"got {self.mesh!r}")
         object.__setattr__(self, "mesh", tuple(self.mesh))
+        if self.remat not in REMAT_CHOICES:
+            raise TrainConfigError(f"remat must be one of {REMAT_CHOICES}, got {self.remat!r}")

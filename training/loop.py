@@ -57,6 +57,7 @@ def run_meta(optim: OptimConfig, data: DataConfig, train: TrainConfig, documents
     meta = {"optim": dataclasses.asdict(optim), "data": dataclasses.asdict(data), "train": dataclasses.asdict(train)}
     meta["train"]["mesh"] = list(train.mesh)
     meta["steps"] = meta["train"].pop("steps")
+    meta["train"].pop("remat")  # memory against compute, the same math: a run may resume with another
     meta["optim"].pop("total_steps")
     meta["data_fingerprint"] = data_fingerprint(documents)
     return meta
@@ -174,7 +175,9 @@ def train_lm(
         return TrainResult(state=state, history=[], out=Path(out), step=start)
     bsharding = batch_sharding(mesh)
 
-    step_fn = jax.jit(make_train_step(model_config, tx, schedule, compute_dtype=compute_dtype, attention=data.attention),
+    remat = None if train.remat == "none" else train.remat
+    step_fn = jax.jit(make_train_step(model_config, tx, schedule, compute_dtype=compute_dtype, attention=data.attention,
+                                      remat=remat),
                       in_shardings=(shardings, bsharding), out_shardings=(shardings, None),
                       donate_argnums=0)
     state, history = run_steps(step_fn, state, start=start, batches=batches, bsharding=bsharding, mesh=mesh,

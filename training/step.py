@@ -34,7 +34,7 @@ def loss_chunk(batch: int, seq_len: int, vocab_size: int) -> int:
 
 def lm_loss(params, batch: dict, *, config: LlamaConfig, compute_dtype, chunk: int | None = None,
             attention_implementation: str | None = None, attention_sharding=ATTENTION_SHARDING,
-            attention: str = "reset") -> tuple[jax.Array, jax.Array]:
+            attention: str = "reset", remat: str | None = None) -> tuple[jax.Array, jax.Array]:
     """``(sum of token NLL, number of valid targets)`` for one batch of ``[b, T]`` rows.
 
     Chunked cross-entropy: the LM head and the log-softmax run on ``chunk`` tokens at a time
@@ -43,12 +43,14 @@ def lm_loss(params, batch: dict, *, config: LlamaConfig, compute_dtype, chunk: i
 
     ``attention``: the packing's mode (``training.config.ATTENTION_MODES``): 'full' attends across
     the row (no segment mask, the fused causal kernel), 'anchor' opens the row's first token to
-    every document; the others mask by segment ids as packed."""
+    every document; the others mask by segment ids as packed. ``remat``: each layer's
+    rematerialisation policy (``models.llama.REMAT_POLICIES``; None: none)."""
     tokens, positions, segments = batch["tokens"], batch["positions"], batch["segment_ids"]
     hidden, _ = forward(params, tokens, positions, config=config,
                         segment_ids=None if attention == "full" else segments, anchor=attention == "anchor",
                         compute_dtype=compute_dtype, hidden_only=True,
-                        attention_implementation=attention_implementation, attention_sharding=attention_sharding)
+                        attention_implementation=attention_implementation, attention_sharding=attention_sharding,
+                        remat=remat)
     valid = (positions[:, 1:] >= 0) & (positions[:, :-1] >= 0) & (segments[:, 1:] == segments[:, :-1])
     if "loss_mask" in batch:
         valid &= batch["loss_mask"][:, 1:]
@@ -74,7 +76,7 @@ def lm_loss(params, batch: dict, *, config: LlamaConfig, compute_dtype, chunk: i
 
 def make_train_step(config: LlamaConfig, tx: optax.GradientTransformation, schedule, *,
                     compute_dtype=jnp.bfloat16, loss=None, attention_implementation: str | None = None,
-                    attention: str = "reset"):
+                    attention: str = "reset", remat: str | None = None):
     """``step(state, batch, *frozen) -> (state, metrics)``; ``batch`` arrays are ``[accum, b, T]``.
 
     ``loss(params, micro_batch, *frozen) -> (sum, count)`` defaults to ``lm_loss``; ``frozen``
@@ -82,7 +84,7 @@ def make_train_step(config: LlamaConfig, tx: optax.GradientTransformation, sched
     if loss is None:
         def loss(p, mb):
             return lm_loss(p, mb, config=config, compute_dtype=compute_dtype,
-                           attention_implementation=attention_implementation, attention=attention)
+                           attention_implementation=attention_implementation, attention=attention, remat=remat)
 
     def step(state: TrainState, batch: dict, *frozen):
         def micro(carry, mb):

@@ -120,6 +120,7 @@ def train_testbed(config: tb.TestbedConfig, *, out: str | os.PathLike | None, op
         meta = {"testbed": dataclasses.asdict(config), "pool": pool, "optim": dataclasses.asdict(optim),
                 "train": {**dataclasses.asdict(train), "mesh": list(train.mesh)}}
         meta["steps"] = meta["train"].pop("steps")
+        meta["train"].pop("remat")  # the language model's option, not the test bed's: runs resume as before
         meta["optim"].pop("total_steps")
     state, start, run, shardings = open_run(make_state, tx=tx, mesh=mesh, out=out, meta=meta, train=train)
     if start < train.steps:

@@ -130,7 +130,7 @@ class LlamaForCausalLM(nnx.Module):
 
     def __call__(self, tokens, positions, cache: ModelCache | None = None, *,
                  segment_ids=None, compute_dtype=jnp.float32, logits_at=None, hidden_only=False,
-                 attention_implementation=None, attention_sharding=None, packing=None, anchor=False):
+                 attention_implementation=None, attention_sharding=None, packing=None, anchor=False, remat=None):
         cfg = self.config
         if cache is not None and segment_ids is not None:
             raise UserError("segment_ids are for the cache-free forward of packed rows; "
@@ -150,6 +150,11 @@ class LlamaForCausalLM(nnx.Module):
         states = None if cache is None else list(cache.layers)
         for i, layer in enumerate(self.layers):
             spec = LayerSpec(i, cfg)
+            if remat is not None and cache is None:  # the cache-free forward, each layer rematerialised
+                x = _remat_layer(layer, x, remat, positions, cos, sin, layer=spec, segment_ids=segment_ids,
+                                 inv_freq=inv_freq, attention_implementation=attention_implementation,
+                                 attention_sharding=attention_sharding, anchor=anchor)
+                continue
             # a state may serve several layers (CachePolicy.state_index): read and update its owner's
             owner = i if cache is None else cache.policies[i].state_index(spec)
             x, layer_cache = layer(
@@ -216,10 +221,29 @@ def abstract_params(config: LlamaConfig, dtype=jnp.float32) -> dict:
     return nnx.to_pure_dict(nnx.state(model))
 
 
+# ``forward(remat=)``: what each layer's backward keeps from its forward (the rest is recomputed)
+REMAT_POLICIES = {
+    "full": None,  # nothing but the layer's input: the whole layer runs again in the backward
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # the matmuls' outputs kept
+}
+
+
+def _remat_layer(module, x, remat: str, positions, cos, sin, **kwargs):
+    """One cache-free layer (``module``) under ``jax.checkpoint`` with ``REMAT_POLICIES[remat]``."""
+    graphdef, state = nnx.split(module)
+
+    def run(state, x):
+        out, _ = nnx.merge(graphdef, state)(x, positions, cos, sin, layer_cache=None, policy=None, params=None,
+                                            phase=None, packing=None, **kwargs)
+        return out
+
+    return jax.checkpoint(run, policy=REMAT_POLICIES[remat])(state, x)
+
+
 def forward(params: dict, tokens: Array, positions: Array, cache: ModelCache | None = None, *,
             config: LlamaConfig, segment_ids: Array | None = None, compute_dtype=None,
             logits_at: Array | None = None, hidden_only: bool = False, attention_implementation: str | None = None,
-            attention_sharding=None, packing=None, anchor: bool = False):
+            attention_sharding=None, packing=None, anchor: bool = False, remat: str | None = None):
     """``(logits [B, T, V] float32, cache)``; pure and jit-able (``config`` is static).
 
     ``logits_at [B]`` (token indices): run the LM head only there and return ``[B, 1, V]`` (a
@@ -233,6 +257,10 @@ def forward(params: dict, tokens: Array, positions: Array, cache: ModelCache | N
 
     ``anchor`` (cache-free, with ``segment_ids``): every document of a row also sees the row's
     first token, the shared anchor of AnchorAttention.
+
+    ``remat`` (cache-free): rematerialise each layer in the backward, keeping what
+    ``REMAT_POLICIES[remat]`` says (``'full'``: only the layer's input; ``'dots'``: the matmuls'
+    outputs too); None keeps every activation. The same values, less memory, more compute.
 
     ``packing``: a ``jaxkv.prepack.PackedLayout`` for a packed prefill: ``tokens, positions`` are
     the packed rows ``[R, C]``, ``cache`` an empty cache with one row per prompt; returns the
@@ -258,12 +286,15 @@ def forward(params: dict, tokens: Array, positions: Array, cache: ModelCache | N
         raise UserError(f"logits_at must be [B] token indices; got shape {jnp.shape(logits_at)} for B={tokens.shape[0]}")
     if hidden_only and (cache is not None or logits_at is not None):
         raise UserError("hidden_only is for the cache-free forward of every token: drop cache and logits_at")
+    if remat is not None and (remat not in REMAT_POLICIES or cache is not None):
+        raise UserError(f"remat must be one of {sorted(REMAT_POLICIES)} or None, and for the cache-free forward "
+                        f"(training); got {remat!r}" + (" with a cache" if cache is not None else ""))
     if compute_dtype is None:
         compute_dtype = params["embed"]["embedding"].dtype
     model = nnx.merge(_graphdef(config), params)
     return model(tokens, positions, cache, segment_ids=segment_ids, compute_dtype=compute_dtype, logits_at=logits_at,
                  hidden_only=hidden_only, attention_implementation=attention_implementation,
-                 attention_sharding=attention_sharding, packing=packing, anchor=anchor)
+                 attention_sharding=attention_sharding, packing=packing, anchor=anchor, remat=remat)
 
 
 def lm_head(params: dict, hidden: Array, *, config: LlamaConfig) -> Array:
