@@ -119,6 +119,16 @@ class TestPallasGpuInterpret(PageSelectBase):
     kernel = True
 
 
+class TestPallasTpuInterpret(PageSelectBase):
+    implementation = "pallas_tpu"
+    options = {"interpret": True}
+
+
+@pytest.mark.skipif(jax.default_backend() != "tpu", reason="needs a TPU")
+class TestPallasTpu(PageSelectBase):
+    implementation = "pallas_tpu"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
 class TestPallasGpu(PageSelectBase):
@@ -138,6 +148,19 @@ def test_the_gpu_kernels_lower_for_an_h200():
     assert "jaxkv_page_scores" in text and "jaxkv_page_select" in text
 
 
+@pytest.mark.parametrize("h,logical", [(128, 8192), (64, 200)])  # the second padded to lane tiles
+def test_the_tpu_kernel_lowers_for_the_tpu(h, logical):
+    """Pallas's Mosaic lowering of the scoring kernel at LServe's 128k decode shape (8,192
+    logical pages, head dim 128) and at a page count that is no lane-tile multiple."""
+    from jaxkv.kernels.page_select.pallas_tpu import page_select_pallas_tpu
+    from tests.tpu_lowering import lower_for_tpu
+
+    spec = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)  # noqa: E731
+    text = lower_for_tpu(functools.partial(page_select_pallas_tpu, group=4, count=64),
+                         spec(2, 8, 4, h), spec(2, 8, logical, h), spec(2, 8, logical, h))
+    assert "tpu_custom_call" in text and "jaxkv_page_scores_tpu" in text
+
+
 def test_bad_arguments_name_themselves():
     q, lo, hi = _case(np.random.default_rng(5), 1, 2, 2, 16, 8)
     with pytest.raises(ValueError, match="group"):
@@ -146,8 +169,10 @@ def test_bad_arguments_name_themselves():
         page_select(q, lo, hi, group=2, count=0, implementation="reference")
     with pytest.raises(ValueError, match="kmin"):
         page_select(q, lo[:, :1], hi[:, :1], group=2, count=2, implementation="reference")
-    with pytest.raises(ValueError, match="no TPU kernel"):
-        page_select(q, lo, hi, group=2, count=2, implementation="pallas_tpu")
+    with pytest.raises(ValueError, match="not tpu"):
+        page_select(q, lo, hi, group=2, count=2, implementation="pallas_tpu")  # no TPU here, no interpret
+    with pytest.raises(ValueError, match="kernel options"):
+        page_select(q, lo, hi, group=2, count=2, implementation="pallas_tpu", interpret=True, chunk=2)
     from jaxkv.kernels.page_select.pallas_gpu import default_chunk, page_select_pallas_gpu
 
     with pytest.raises(ValueError, match="chunk"):

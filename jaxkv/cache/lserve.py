@@ -14,8 +14,8 @@
    physical page scores the max of its logical pages. The top ``token_budget / page`` physical
    pages are attended, plus always the page of the newest token; the selection is reused for
    ``reuse`` decode steps (``jaxkv.kernels.page_select``: with ``decode_kernel="pallas_gpu"``
-   its GPU kernels score and choose the pages without a sort). With fewer pages than the budget
-   every page is attended (dense).
+   its GPU kernels score and choose the pages without a sort; with ``"pallas_tpu"`` its TPU
+   kernel scores them). With fewer pages than the budget every page is attended (dense).
    An extend chunk (``T > 1``) attends every page and makes the next decode step select anew.
    ``decode_kernel="pallas_gpu"`` (or ``"pallas_tpu"``, ``"reference"``) runs that attention through
    ``jaxkv.kernels.sparse_decode`` over the chosen pages in place (no gather into a copy);
@@ -217,10 +217,10 @@ class LServeLayer(_Paging):
     # ------------------------------------------------------------------ append
     def _select(self, state, q):
         """The top physical pages for ``q [B, 1, Kd, G, H]`` within the token budget, ascending
-        (``jaxkv.kernels.page_select``: its GPU kernel where ``decode_kernel`` is
-        ``pallas_gpu``, else the jnp reference)."""
-        impl = "pallas_gpu" if self.decode_kernel == "pallas_gpu" else "reference"
-        options = {"interpret": True} if impl == "pallas_gpu" and self.kernel_interpret else {}
+        (``jaxkv.kernels.page_select``: its GPU or TPU kernel where ``decode_kernel`` names one,
+        else the jnp reference)."""
+        impl = self.decode_kernel if self.decode_kernel in ("pallas_gpu", "pallas_tpu") else "reference"
+        options = {"interpret": True} if impl != "reference" and self.kernel_interpret else {}
         return page_select(q[:, 0], state.kmin, state.kmax, group=self.page // self.logical_page,
                            count=self.selected_pages(), implementation=impl, **options)
 

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import jax
 
-from jaxkv.kernels.dispatch import IMPLEMENTATIONS, use_kernel
+from jaxkv.kernels.dispatch import IMPLEMENTATIONS, use_kernel, use_tpu_kernel
 from jaxkv.kernels.page_select.reference import page_select_reference
 
 Array = jax.Array
 __all__ = ["IMPLEMENTATIONS", "MAX_KERNEL_PAGES", "page_select"]
 MAX_KERNEL_PAGES = 32768  # the select kernel holds a row's physical-page scores in registers
+TPU_OPTIONS = ("block_l", "interpret")
 
 
 def _check(q, kmin, kmax, group, count):
@@ -30,13 +31,17 @@ def page_select(q: Array, kmin: Array, kmax: Array, *, group: int, count: int, i
     ``count`` physical pages of highest Quest bound in ascending order, -1 after them where
     fewer pages hold keys. ``q [B, K, G, H]``; ``kmin, kmax [B, K, L, H]`` each logical page's
     per-channel key min/max (``+inf``/``-inf`` for an empty page); ``group`` logical pages a
-    physical page. ``implementation``: ``"pallas_gpu"`` or ``"reference"`` (no TPU kernel yet:
-    ``"pallas_tpu"`` raises); an explicit one that cannot run raises, None takes the GPU kernel
-    on a GPU, else the reference with a warning. ``kernel_options``: ``chunk``, ``num_warps``
-    (the scoring kernel), ``select_warps``, ``interpret``."""
+    physical page. ``implementation``: ``"pallas_gpu"``, ``"pallas_tpu"`` or ``"reference"``; an
+    explicit one that cannot run raises, None takes the GPU kernel on a GPU, else the reference
+    with a warning (the TPU kernel is asked for by name: tested in the TPU interpreter and lowered
+    for the TPU, not yet run on one). ``kernel_options``: ``chunk``, ``num_warps`` (the scoring
+    kernel), ``select_warps``, ``interpret`` for the GPU's; ``block_l``, ``interpret`` for the
+    TPU's."""
     _check(q, kmin, kmax, group, count)
-    if implementation == "pallas_tpu":
-        raise ValueError("page_select has no TPU kernel: implementation must be 'pallas_gpu', 'reference' or None")
+    if use_tpu_kernel(implementation, kernel_options, TPU_OPTIONS):
+        from jaxkv.kernels.page_select.pallas_tpu import page_select_pallas_tpu
+
+        return page_select_pallas_tpu(q, kmin, kmax, group=group, count=count, **kernel_options)
 
     def why_not():
         h, pages = q.shape[-1], kmin.shape[2] // group

@@ -32,18 +32,26 @@ def page_scores(q: Array, kmin: Array, kmax: Array) -> Array:
 
 def physical_scores(q: Array, kmin: Array, kmax: Array, *, group: int) -> Array:
     """Steps 1-2: ``[B, K, L / group]`` fp32."""
-    s = page_scores(q, kmin, kmax)
-    b, kh, n = s.shape
-    s = jnp.max(s.reshape(b, kh, n // group, group), axis=-1)
+    return group_scores(page_scores(q, kmin, kmax), group=group)
+
+
+def group_scores(logical: Array, *, group: int) -> Array:
+    """Step 2 from step 1's ``[B, K, L]``: each physical page's score ``[B, K, L / group]``."""
+    b, kh, n = logical.shape
+    s = jnp.max(logical.reshape(b, kh, n // group, group), axis=-1)
     return jnp.where(jnp.isnan(s), -jnp.inf, s)
 
 
-def page_select_reference(q: Array, kmin: Array, kmax: Array, *, group: int, count: int) -> Array:
-    """``[B, K, count]`` int32: the chosen physical pages ascending, then -1 (module docstring)."""
-    s = physical_scores(q, kmin, kmax, group=group)
-    n = min(count, s.shape[-1])
-    best, idx = jax.lax.top_k(s, n)
+def select_pages(physical: Array, *, count: int) -> Array:
+    """Step 3 from step 2's ``[B, K, P]``: ``[B, K, count]`` int32, ascending, then -1."""
+    n = min(count, physical.shape[-1])
+    best, idx = jax.lax.top_k(physical, n)
     big = jnp.iinfo(jnp.int32).max
     idx = jnp.sort(jnp.where(best > -jnp.inf, idx, big), axis=-1)
     idx = jnp.where(idx == big, -1, idx).astype(jnp.int32)
     return jnp.pad(idx, ((0, 0), (0, 0), (0, count - n)), constant_values=-1) if count > n else idx
+
+
+def page_select_reference(q: Array, kmin: Array, kmax: Array, *, group: int, count: int) -> Array:
+    """``[B, K, count]`` int32: the chosen physical pages ascending, then -1 (module docstring)."""
+    return select_pages(physical_scores(q, kmin, kmax, group=group), count=count)
