@@ -240,12 +240,6 @@ def device_kernel_times(f, *xs, calls: int = 10) -> dict[str, float] | None:
     return times or None
 
 
-def _device_kernel_seconds(f, *xs, calls: int = 10) -> float | None:
-    """The sum of ``device_kernel_times``: a call's GPU kernel time."""
-    times = device_kernel_times(f, *xs, calls=calls)
-    return None if times is None else sum(times.values())
-
-
 def bench_kernels(*, batch: int = 4, num_heads: int = 32, num_kv_heads: int = 8, head_dim: int = 128,
                   context: int = 131072, budget: int = 4096, block_size: int = 64, repeats: int = 20,
                   interpret: bool = False, seed: int = 0) -> list[dict]:
@@ -258,7 +252,8 @@ def bench_kernels(*, batch: int = 4, num_heads: int = 32, num_kv_heads: int = 8,
     LServe's 16-token logical pages), and Squeezed's centroid scoring (one cluster per 20 keys,
     with its threshold).
     Each row: seconds (a call in a jitted loop of chained calls), kernel_seconds (the GPU's kernel
-    time per call, from the profiler; None off a GPU), KV bytes it must read, bytes/s, and its
+    time per call, from the profiler; None off a GPU) and kernel_breakdown (that time by kernel
+    name), KV bytes it must read, bytes/s, and its
     largest deviation from
     the reference. ``interpret`` runs the Pallas kernel in interpret mode (a CPU check of the
     bench itself; its times mean nothing)."""
@@ -286,13 +281,15 @@ def bench_kernels(*, batch: int = 4, num_heads: int = 32, num_kv_heads: int = 8,
 
     def timed(f, *xs, repeats):  # interpret mode checks the bench itself: one round is enough
         loop = _time_on_device(f, *xs, repeats=repeats, rounds=1 if interpret else 3)
-        return loop, (None if interpret else _device_kernel_seconds(f, *xs))
+        return loop, (None if interpret else device_kernel_times(f, *xs))
 
     def row(name, times, nbytes, out=None, against=want, **extra):
         err = None if out is None else float(jnp.max(jnp.abs(out.astype(jnp.float32) - against)))
-        seconds, kernel_s = times
+        seconds, by_kernel = times
+        kernel_s = None if by_kernel is None else sum(by_kernel.values())
         r = {"kernel": name, "batch": b, "heads": f"{num_heads}/{kh}", "head_dim": h, "context": s,
-             "seconds": seconds, "kernel_seconds": kernel_s, "kv_bytes": nbytes, "bytes_per_s": nbytes / seconds,
+             "seconds": seconds, "kernel_seconds": kernel_s, "kernel_breakdown": by_kernel, "kv_bytes": nbytes,
+             "bytes_per_s": nbytes / seconds,
              "kernel_bytes_per_s": None if not kernel_s else nbytes / kernel_s, "max_abs_err": err,
              "device": jax.devices()[0].device_kind, "jax": jax.__version__, **extra}
         rows.append(r)
