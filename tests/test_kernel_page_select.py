@@ -109,6 +109,19 @@ class PageSelectBase:
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+    @pytest.mark.parametrize("q_dtype,group", [(jnp.float32, 1), (jnp.bfloat16, 4), (jnp.bfloat16, 3)])
+    def test_scoring_on_the_tensor_cores(self, q_dtype, group):
+        """``scoring='dots'``: the bound as two products, max(q, 0) hi + min(q, 0) lo."""
+        if not self.kernel:
+            pytest.skip("the reference has one scoring")
+        rng = np.random.default_rng(group)
+        q, lo, hi = _case(rng, 2, 2, 3, 32, 64 * group, empty=group * 5)
+        q = q.astype(q_dtype)
+        want = page_select_reference(q, lo, hi, group=group, count=12)
+        got = self.select(q, lo, hi, group=group, count=12, scoring="dots", chunk=16)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 class TestReference(PageSelectBase):
     implementation = "reference"
 
@@ -146,6 +159,9 @@ def test_the_gpu_kernels_lower_for_an_h200():
     text = lower_for_gpu(functools.partial(page_select_pallas_gpu, group=4, count=64),
                          spec(4, 8, 4, 128), spec(4, 8, 8192, 128), spec(4, 8, 8192, 128))
     assert "jaxkv_page_scores" in text and "jaxkv_page_select" in text
+    text = lower_for_gpu(functools.partial(page_select_pallas_gpu, group=4, count=64, scoring="dots"),
+                         spec(4, 8, 4, 128), spec(4, 8, 8192, 128), spec(4, 8, 8192, 128))
+    assert "jaxkv_page_scores" in text
 
 
 @pytest.mark.parametrize("h,logical", [(128, 8192), (64, 200)])  # the second padded to lane tiles
@@ -178,5 +194,9 @@ def test_bad_arguments_name_themselves():
     with pytest.raises(ValueError, match="chunk"):
         page_select_pallas_gpu(q, lo, hi, group=2, count=2, chunk=8, interpret=True)  # 4 pages
     assert default_chunk(2048, 1) == 64 and default_chunk(2048, 4) == 16 and default_chunk(20, 1) == 4
+    with pytest.raises(ValueError, match="scoring"):
+        page_select_pallas_gpu(q, lo, hi, group=2, count=2, scoring="mxu", interpret=True)
+    with pytest.raises(ValueError, match="chunk >= 16"):
+        page_select_pallas_gpu(q, lo, hi, group=2, count=2, scoring="dots", interpret=True)  # 4 pages
     with pytest.raises(ValueError, match="cannot run"):
         page_select(q, lo, hi, group=2, count=2, implementation="pallas_gpu")  # the CPU: no GPU

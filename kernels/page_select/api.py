@@ -34,8 +34,8 @@ def page_select(q: Array, kmin: Array, kmax: Array, *, group: int, count: int, i
     physical page. ``implementation``: ``"pallas_gpu"``, ``"pallas_tpu"`` or ``"reference"``; an
     explicit one that cannot run raises, None takes the GPU kernel on a GPU, else the reference
     with a warning (the TPU kernel is asked for by name: tested in the TPU interpreter and lowered
-    for the TPU, not yet run on one). ``kernel_options``: ``chunk``, ``num_warps`` (the scoring
-    kernel), ``select_warps``, ``interpret`` for the GPU's; ``block_l``, ``interpret`` for the
+    for the TPU, not yet run on one). ``kernel_options``: ``chunk``, ``scoring``, ``num_warps`` (the
+    scoring kernel), ``select_warps``, ``interpret`` for the GPU's; ``block_l``, ``interpret`` for the
     TPU's."""
     _check(q, kmin, kmax, group, count)
     if use_tpu_kernel(implementation, kernel_options, TPU_OPTIONS):

@@ -63,6 +63,29 @@ def _score_kernel(q_ref, lo_ref, hi_ref, o_ref, *, group: int, chunk: int, heads
     o_ref[...] = jnp.where(best != best, -jnp.inf, best)  # NaN is never chosen
 
 
+def _score_kernel_dots(qp_ref, qn_ref, lo_ref, hi_ref, o_ref, *, group: int, chunk: int, heads: int,
+                       exact: bool):
+    """``_score_kernel`` on the tensor cores: for ``lo <= hi``, ``max(q lo, q hi) = max(q, 0) hi +
+    min(q, 0) lo``, so each tile's bounds are two ``dot``s of the padded query heads ``[16, H]``
+    with the tile ``[chunk, H]`` (``chunk >= 16``), maxed over the real heads."""
+    first = pl.program_id(2) * chunk * group
+    qp, qn = qp_ref[...], qn_ref[...]  # [R, H]: max(q, 0), min(q, 0), rows past ``heads`` zero
+    real = (jnp.arange(qp.shape[0]) < heads)[:, None]
+    allow_tf32 = False if exact else None
+    best = jnp.full((chunk,), -jnp.inf, jnp.float32)
+    for r in range(group):
+        rows = pl.ds(first + r, chunk, stride=group)
+        lo, hi = lo_ref[rows, :], hi_ref[rows, :]  # [chunk, H] as stored
+        empty = jnp.min(lo.astype(jnp.float32), axis=1) == jnp.inf
+        lo = jnp.where(jnp.abs(lo) == jnp.inf, 0.0, lo).astype(qp.dtype)
+        hi = jnp.where(jnp.abs(hi) == jnp.inf, 0.0, hi).astype(qp.dtype)
+        s = (plgpu.dot(qp, hi, trans_b=True, allow_tf32=allow_tf32).astype(jnp.float32)
+             + plgpu.dot(qn, lo, trans_b=True, allow_tf32=allow_tf32).astype(jnp.float32))  # [R, chunk]
+        bound = jnp.max(jnp.where(real, s, -jnp.inf), axis=0)
+        best = jnp.maximum(best, jnp.where(empty, -jnp.inf, bound))
+    o_ref[...] = jnp.where(best != best, -jnp.inf, best)
+
+
 def _select_kernel(s_ref, o_ref, *, pages: int, count: int, slots: int):
     s = s_ref[...]  # [P2] fp32; past ``pages`` unwritten
     size = s.shape[0]
@@ -94,31 +117,51 @@ def _select_kernel(s_ref, o_ref, *, pages: int, count: int, slots: int):
     plgpu.store(o_ref.at[pl.ds(0, slots)], jnp.full((slots,), -1, jnp.int32), mask=j >= total)
 
 
-@functools.partial(jax.jit, static_argnames=("group", "count", "chunk", "num_warps", "select_warps", "interpret"))
+@functools.partial(jax.jit, static_argnames=("group", "count", "chunk", "scoring", "num_warps", "select_warps",
+                                             "interpret"))
 def page_select_pallas_gpu(q: Array, kmin: Array, kmax: Array, *, group: int, count: int, chunk: int | None = None,
-                           num_warps: int = 8, select_warps: int = 8, interpret: bool = False) -> Array:
+                           scoring: str = "elementwise", num_warps: int = 8, select_warps: int = 8,
+                           interpret: bool = False) -> Array:
     """``[B, K, count]`` int32: see ``reference.page_select_reference``. ``chunk``: physical
     pages per scoring program (a power of two dividing the page count; default
-    ``default_chunk``)."""
+    ``default_chunk``). ``scoring``: ``"elementwise"`` (the measured default) or ``"dots"``
+    (``_score_kernel_dots``, on the tensor cores; needs ``chunk >= 16``; not yet timed on a GPU;
+    in 16 bits the query is rounded to the bounds' dtype, so scores can differ from the
+    reference's in the last bits)."""
+    if scoring not in ("elementwise", "dots"):
+        raise ValueError(f"scoring must be 'elementwise' or 'dots', got {scoring!r}")
     b, kh, g, h = q.shape
     logical = kmin.shape[2]
     pages = logical // group
     chunk = chunk or default_chunk(pages, group)
     if pages % chunk or chunk & (chunk - 1):
         raise ValueError(f"chunk must be a power of two dividing the {pages} physical pages, got {chunk}")
+    if scoring == "dots" and chunk < 16:
+        raise ValueError(f"scoring='dots' needs chunk >= 16 (a dot's smallest side), got {chunk} for {pages} pages")
     p2, slots = _pow2_at_least(pages), _pow2_at_least(count)
+    bounds = [pl.BlockSpec((None, None, logical, h), lambda i, j, c: (i, j, 0, 0))] * 2
+    if scoring == "dots":
+        exact = jnp.float32 in (q.dtype, kmin.dtype)
+        dt = jnp.float32 if exact else kmin.dtype
+        rows = max(16, _pow2_at_least(g))
+        qf = jnp.pad(q.astype(jnp.float32), ((0, 0), (0, 0), (0, rows - g), (0, 0)))
+        q_args = (jnp.maximum(qf, 0.0).astype(dt), jnp.minimum(qf, 0.0).astype(dt))
+        kernel = functools.partial(_score_kernel_dots, group=group, chunk=chunk, heads=g, exact=exact)
+        q_specs = [pl.BlockSpec((None, None, rows, h), lambda i, j, c: (i, j, 0, 0))] * 2
+    else:
+        q_args = (q,)
+        kernel = functools.partial(_score_kernel, group=group, chunk=chunk, heads=g)
+        q_specs = [pl.BlockSpec((None, None, g, h), lambda i, j, c: (i, j, 0, 0))]
     scores = pl.pallas_call(
-        functools.partial(_score_kernel, group=group, chunk=chunk, heads=g),
+        kernel,
         grid=(b, kh, pages // chunk),
-        in_specs=[pl.BlockSpec((None, None, g, h), lambda i, j, c: (i, j, 0, 0)),
-                  pl.BlockSpec((None, None, logical, h), lambda i, j, c: (i, j, 0, 0)),
-                  pl.BlockSpec((None, None, logical, h), lambda i, j, c: (i, j, 0, 0))],
+        in_specs=q_specs + bounds,
         out_specs=pl.BlockSpec((None, None, chunk), lambda i, j, c: (i, j, c)),
         out_shape=jax.ShapeDtypeStruct((b, kh, p2), jnp.float32),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name="jaxkv_page_scores",
-    )(q, kmin, kmax)
+    )(*q_args, kmin, kmax)
     chosen = pl.pallas_call(
         functools.partial(_select_kernel, pages=pages, count=count, slots=slots),
         grid=(b, kh),
