@@ -188,7 +188,8 @@ def attend_dense(
     nothing, padding, gets 0 from the kernel and a uniform average from the others: garbage
     either way, ignored by callers.) ``sharding``: the mesh axes cuDNN's inputs are constrained
     to under a mesh (``same_sharding``); where its ``sequence_axis`` spans more than one device
-    of the mesh in context, the row's tokens are split over it (``attend_sequence_sharded``). ``anchor`` (with ``segment_ids``): every document also
+    of the mesh in context, the row's tokens are split over it (``attend_sequence_sharded``).
+    ``anchor`` (with ``segment_ids``): every document also
     sees the row's first token (AnchorAttention's shared anchor).
     """
     if anchor and segment_ids is None:
