@@ -328,9 +328,8 @@ _CONTEXT = textwrap.dedent("""
     cfg = preset("tiny")
     docs = synthetic_documents("count", vocab_size=cfg.vocab_size, seed=0, num_docs=400)
     out = {"loss": {}}
-    runs = [(m, mesh) for m in ("full", "intra", "reset", "anchor", "anchor-bos")
-            for mesh in ((1, 1, 1), (2, 1, 2, 2), (1, 2, 1, 4))]
-    runs += [("full", (1, 1, 1, 8)), ("anchor", (1, 1, 1, 8))]
+    runs = [(m, mesh) for m in ("full", "intra", "reset", "anchor", "anchor-bos") for mesh in ((1, 1, 1), (2, 1, 2, 2))]
+    runs += [("reset", (1, 2, 1, 4)), ("anchor", (1, 2, 1, 4)), ("full", (1, 1, 1, 8)), ("anchor", (1, 1, 1, 8))]
     for mode, mesh in runs:
         r = train_lm(cfg, docs, optim=OptimConfig(lr=3e-3, warmup_steps=2, total_steps=3),
                      data=DataConfig(seq_len=64, attention=mode),
