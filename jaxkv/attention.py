@@ -200,14 +200,10 @@ def attend_dense(
         return attend_sequence_sharded(q, k, v, positions, window=window, segment_ids=segment_ids,
                                        implementation=implementation, sharding=sharding, anchor=anchor)
     impl = implementation or _default_dense_implementation(q.dtype, segment_ids is not None, q.shape[-1])
+    chunk = functools.partial(attend_chunk, q, k, v, positions, positions, window=window, q_segments=segment_ids,
+                              k_segments=segment_ids, anchor=anchor)
     if impl == "pallas_gpu":
-        from jaxkv.kernels.block_sparse_attention import MaskSpec, block_sparse_attention
-
-        b, t, kh, g, h = q.shape
-        out = block_sparse_attention(q.reshape(b, t, kh * g, h), k, v, positions, positions,
-                                     mask=MaskSpec(window=window, anchor=anchor), q_segments=segment_ids, k_segments=segment_ids,
-                                     implementation="pallas_gpu")
-        return out.reshape(b, t, kh, g, h)
+        return chunk(implementation="pallas_gpu")
     if impl == "cudnn":
         if jax.default_backend() != "gpu":
             raise UserError("implementation='cudnn' needs a GPU backend")
@@ -217,8 +213,7 @@ def attend_dense(
             if implementation == "cudnn":
                 raise
             warnings.warn(f"cuDNN attention unavailable for q {q.shape} {q.dtype} ({e}); using the reference")
-    return attend_reference(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions, positions,
-                            window=window, q_segments=segment_ids, k_segments=segment_ids, anchor=anchor)
+    return chunk(implementation="reference")
 
 
 @dataclasses.dataclass(frozen=True)

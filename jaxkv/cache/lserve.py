@@ -46,8 +46,7 @@ from jaxkv.cache.policy import (CachePolicy, LayerSpec, Phase, check_decode_kern
 from jaxkv.cache.razor import check_heads, normalize_heads, retrieval_scores, select_heads, split_heads
 from jaxkv.cache.streaming import StreamingCache
 from jaxkv.errors import UserError
-from jaxkv.kernels.page_select import page_scores as kernel_page_scores
-from jaxkv.kernels.page_select import page_select
+from jaxkv.kernels.page_select import page_scores, page_select  # page_scores: Quest's bound, re-exported
 from jaxkv.typing import Array
 
 __all__ = ["LServeCache", "LServeLayer", "LServeState", "page_bounds", "page_scores"]
@@ -78,13 +77,6 @@ def page_bounds(k: Array, positions: Array, logical_page: int) -> tuple[Array, A
     pages = k.astype(jnp.float32).reshape(b, kh, s // logical_page, logical_page, h)
     real = (positions >= 0).reshape(b, kh, s // logical_page, logical_page)[..., None]
     return (jnp.min(jnp.where(real, pages, jnp.inf), axis=3), jnp.max(jnp.where(real, pages, -jnp.inf), axis=3))
-
-
-def page_scores(q: Array, kmin: Array, kmax: Array) -> Array:
-    """Quest's bound: for ``q [B, K, G, H]`` the largest ``q . k`` any key within the page
-    bounds ``[B, K, P, H]`` can reach, maxed over the ``G`` query heads -> ``[B, K, P]`` (an empty
-    page scores -inf). The same function as ``jaxkv.kernels.page_select.page_scores``."""
-    return kernel_page_scores(q, kmin, kmax)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
