@@ -396,7 +396,8 @@ def bench_prefill(*, batch: int = 1, num_heads: int = 32, num_kv_heads: int = 8,
                   lengths: tuple[int, ...] = (8192, 32768), densities: tuple[float, ...] = (0.5, 0.25, 0.1),
                   documents: int = 8, block_q: int = 128, block_k: int = 64, num_warps: int = 4,
                   num_stages: int = 3, mask_block: int = 128, repeats: int = 5, interpret: bool = False,
-                  seed: int = 0) -> list[dict]:
+                  implementations: tuple[str, ...] = ("pallas_gpu",), mosaic_block_k: int = 128,
+                  mosaic_stages: int = 2, seed: int = 0) -> list[dict]:
     """Prefill attention (``jaxkv.kernels.block_sparse_attention``) against cuDNN in one process,
     bf16, token-major ``[B, T, N, H]``: (1) dense causal forward at each length; (2) block-sparse
     forward at each density (random ``mask_block``-square cells per row and KV head, non-causal)
@@ -404,7 +405,10 @@ def bench_prefill(*, batch: int = 1, num_heads: int = 32, num_kv_heads: int = 8,
     documents (segment ids), forward + backward, against cuDNN with the dense ``[B, 1, T, T]``
     mask and against cuDNN over each document alone (causal), at the first length. FLOPs are
     counted by hand over the visible blocks' share (4 B N H per visible query-key pair forward,
-    3.5x that forward + backward). Without a GPU only the kernel rows run (a check of the bench)."""
+    3.5x that forward + backward). ``implementations``: the kernels' rows, each in turn
+    (``pallas_gpu``: Triton, ``block_q x block_k``; ``mosaic_gpu``: Hopper, 128 x
+    ``mosaic_block_k``, ``mosaic_stages`` K/V slots, the Triton backward). Without a GPU only the
+    ``pallas_gpu`` rows run, in interpret mode (a check of the bench)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -417,8 +421,15 @@ def bench_prefill(*, batch: int = 1, num_heads: int = 32, num_kv_heads: int = 8,
         raise UserError(f"every length must be a multiple of mask_block ({mask_block})")
     b, n, kh, h = batch, num_heads, num_kv_heads, head_dim
     gpu = jax.default_backend() == "gpu"
-    kernel = {"implementation": "pallas_gpu", "block_q": block_q, "block_k": block_k, "num_warps": num_warps,
-              "num_stages": num_stages, **({"interpret": True} if interpret else {})}
+    bad = sorted(set(implementations) - {"pallas_gpu", "mosaic_gpu"})
+    if bad or not implementations:
+        raise UserError(f"implementations must be pallas_gpu and/or mosaic_gpu, got {list(implementations)}")
+    kernels = {"pallas_gpu": {"implementation": "pallas_gpu", "block_q": block_q, "block_k": block_k,
+                              "num_warps": num_warps, "num_stages": num_stages,
+                              **({"interpret": True} if interpret else {})},
+               "mosaic_gpu": {"implementation": "mosaic_gpu", "block_q": 128, "block_k": mosaic_block_k,
+                              "stages": mosaic_stages, "num_warps": num_warps, "num_stages": num_stages}}
+    kernels = {name: kernels[name] for name in implementations}
     rows = []
 
     def timed(f, *xs):
@@ -441,13 +452,17 @@ def bench_prefill(*, batch: int = 1, num_heads: int = 32, num_kv_heads: int = 8,
         q, k, v = inputs(t, seed + t)
         pos = jnp.broadcast_to(jnp.arange(t), (b, t))
         flops = 4 * b * n * h * t * (t + 1) / 2
-        f = jax.jit(lambda q, k, v: block_sparse_attention(q, k, v, pos, pos, mask=MaskSpec(), **kernel))
-        out = f(q, k, v)
         ref = cudnn(is_causal=True)(q, k, v) if gpu else None
-        row("causal forward, pallas_gpu", t, timed(f, q, k, v), flops, out if gpu else None, ref)
+        ours = []
+        for impl, kernel in kernels.items():
+            f = jax.jit(lambda q, k, v, kernel=kernel: block_sparse_attention(q, k, v, pos, pos, mask=MaskSpec(),
+                                                                              **kernel))
+            out = f(q, k, v)
+            ours.append(row(f"causal forward, {impl}", t, timed(f, q, k, v), flops, out if gpu else None, ref))
         if gpu:
             r = row("causal forward, cuDNN", t, timed(cudnn(is_causal=True), q, k, v), flops)
-            rows[-2]["share_of_cudnn"] = rows[-2]["tflops"] / r["tflops"]
+            for o in ours:
+                o["share_of_cudnn"] = o["tflops"] / r["tflops"]
         del q, k, v
     t = lengths[0]
     q, k, v = inputs(t, seed)
@@ -463,16 +478,17 @@ def bench_prefill(*, batch: int = 1, num_heads: int = 32, num_kv_heads: int = 8,
         plan = block_plan(MaskSpec(causal=False), pos, pos, block_q=min(block_q, mask_block),
                           block_k=min(block_k, mask_block), block_mask=sel, mask_block=mask_block)
         real_d = float(jnp.mean(plan.density))
-        f = jax.jit(lambda q, k, v, sel: block_sparse_attention(q, k, v, pos, pos, mask=MaskSpec(causal=False),
-                                                                block_mask=sel, mask_block=mask_block, **kernel))
-        out = f(q, k, v, sel)
         want = block_sparse_attention(q, k, v, pos, pos, mask=MaskSpec(causal=False), block_mask=sel,
                                       mask_block=mask_block, implementation="reference") if t <= 8192 else None
-        r = row(f"block-sparse forward, density {d}, pallas_gpu", t, timed(f, q, k, v, sel), dense_flops * real_d,
-                out if want is not None else None, want, density=real_d)
-        if gpu:
-            r["time_vs_cudnn_dense"] = r["seconds"] / dense_s
-            r["goal_time_vs_cudnn_dense"] = 1.25 * real_d
+        for impl, kernel in kernels.items():
+            f = jax.jit(lambda q, k, v, sel, kernel=kernel: block_sparse_attention(
+                q, k, v, pos, pos, mask=MaskSpec(causal=False), block_mask=sel, mask_block=mask_block, **kernel))
+            out = f(q, k, v, sel)
+            r = row(f"block-sparse forward, density {d}, {impl}", t, timed(f, q, k, v, sel), dense_flops * real_d,
+                    out if want is not None else None, want, density=real_d)
+            if gpu:
+                r["time_vs_cudnn_dense"] = r["seconds"] / dense_s
+                r["goal_time_vs_cudnn_dense"] = 1.25 * real_d
     # (3) a packed row of ragged documents, forward + backward
     cuts = np.sort(rng.choice(np.arange(1, t // 16), documents - 1, replace=False)) * 16
     lens = np.diff(np.concatenate([[0], cuts, [t]]))
@@ -489,11 +505,14 @@ def bench_prefill(*, batch: int = 1, num_heads: int = 32, num_kv_heads: int = 8,
             return dq + (0 * (jnp.sum(dk.astype(jnp.float32)) + jnp.sum(dv.astype(jnp.float32)))).astype(dq.dtype)
         return jax.jit(step)
 
-    ours = train(lambda q, k, v: block_sparse_attention(q, k, v, pos, pos, mask=MaskSpec(), q_segments=seg,
-                                                         k_segments=seg, **kernel))
-    got = ours(q, k, v)[0]
-    row(f"documents ({documents}) forward + backward, pallas_gpu", t, timed(ours, q, k, v), flops,
-        documents=[int(m) for m in lens])
+    got = None
+    for impl, kernel in kernels.items():
+        ours = train(lambda q, k, v, kernel=kernel: block_sparse_attention(q, k, v, pos, pos, mask=MaskSpec(),
+                                                                            q_segments=seg, k_segments=seg, **kernel))
+        out = ours(q, k, v)[0]
+        row(f"documents ({documents}) forward + backward, {impl}", t, timed(ours, q, k, v), flops,
+            None if got is None else out, got, documents=[int(m) for m in lens])
+        got = out if got is None else got
     if gpu:
         from jaxkv.attention import visibility_mask
 
@@ -532,7 +551,8 @@ def _main_prefill(args) -> int:
     rows = bench_prefill(batch=args.batch, num_heads=num_heads, num_kv_heads=num_kv, head_dim=args.head_dim,
                          lengths=lengths, densities=densities, documents=args.documents, block_q=args.block_q,
                          block_k=args.block_k, num_warps=args.num_warps, num_stages=args.num_stages,
-                         repeats=args.repeats)
+                         repeats=args.repeats, implementations=tuple(args.implementations.split(",")),
+                         mosaic_block_k=args.mosaic_block_k, mosaic_stages=args.mosaic_stages)
     r0 = rows[0]
     print(f"device {r0['device']}, jax {r0['jax']}; batch {r0['batch']}, heads {r0['heads']}, head dim "
           f"{r0['head_dim']}, bf16")

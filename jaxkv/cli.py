@@ -35,6 +35,7 @@
   jaxkv bench decode [--model M | --preset llama-1b] [--batch 1,32] ...
   jaxkv bench kernels [--batch 4] [--heads 32/8] [--context 131072] [--budget 4096]
   jaxkv bench prefill [--batch 1] [--heads 32/8] [--lengths 8192,32768] [--densities 0.5,0.25,0.1]
+                      [--implementations pallas_gpu,mosaic_gpu]
   jaxkv bench ssd [--batch 8] [--length 2048] [--heads 24] [--head-dim 64] [--state 128]
   jaxkv bench mamba-decode [--shapes mamba2-130m,mamba2-1.3b] [--batch 1,32]
   jaxkv bench prepack [--model M | --preset llama-1b] [--prompts 64] [--batches 4] [--median 120]
@@ -1156,6 +1157,10 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--block-k", type=_positive_int, default=64)
     pf.add_argument("--num-warps", type=_positive_int, default=4)
     pf.add_argument("--num-stages", type=_positive_int, default=3)
+    pf.add_argument("--implementations", default="pallas_gpu",
+                    help="comma-separated: pallas_gpu (Triton), mosaic_gpu (Hopper: wgmma forward, Triton backward)")
+    pf.add_argument("--mosaic-block-k", type=_positive_int, default=128, help="mosaic_gpu's keys a block")
+    pf.add_argument("--mosaic-stages", type=_positive_int, default=2, help="mosaic_gpu's K/V slots in flight")
     pf.add_argument("--repeats", type=_positive_int, default=5)
     pf.add_argument("--json", default=None)
     sd = bsub.add_parser("ssd", help="Mamba-2's SSD scan: the Pallas kernel against the XLA reference (GPU)")

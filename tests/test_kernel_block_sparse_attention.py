@@ -289,6 +289,122 @@ class TestPallasTpu(BlockSparseAttentionBase):
     implementation = "pallas_tpu"
 
 
+# ------------------------------------------------------------------ the Mosaic GPU (Hopper) forward
+# Its own cases: bf16/fp16 only, head dims a multiple of 64, blocks of 128 x 64|128 (jax 0.11.2's
+# Mosaic GPU interpreter rejects wgmma's accumulator, so it runs only on a GPU; lowered on the CPU).
+MOSAIC_CASES = {  # name: (b, t, s, n, kh, h, block_k, spec, docs, selection)
+    "causal, ragged batch": (2, 384, 384, 4, 2, 128, 128, MaskSpec(), 0, False),
+    "causal, not a block multiple": (1, 300, 300, 4, 1, 64, 64, MaskSpec(), 0, False),
+    "sinks + local": (1, 512, 512, 2, 2, 64, 128, MaskSpec(window=200, sinks=16), 0, False),
+    "documents + anchor": (2, 512, 512, 8, 2, 128, 128, MaskSpec(anchor=True), 5, False),
+    "selected blocks, non-causal": (1, 512, 512, 4, 2, 128, 128, MaskSpec(causal=False), 0, True),
+    "chunk over a longer cache": (1, 256, 640, 4, 2, 128, 64, MaskSpec(), 0, False),
+}
+
+
+def _mosaic_inputs(name, dtype=jnp.bfloat16):
+    b, t, s, n, kh, h, bk, spec, docs, selection = MOSAIC_CASES[name]
+    rng = np.random.default_rng(len(name))
+    q, k, v = _qkv(rng, b, t, s, n, kh, h, dtype)
+    kp = jnp.broadcast_to(jnp.arange(s), (b, s))
+    qp = kp[:, s - t:]
+    if b > 1:
+        kp = kp.at[1, s - 37:].set(-1)
+        qp = qp.at[1, t - 37:].set(-1)
+    kw = dict(mask=spec, block_k=bk)
+    if docs:
+        seg = _segments(rng, b, s, docs)
+        kw.update(q_segments=seg[:, s - t:], k_segments=seg)
+    if selection:
+        kw.update(block_mask=jnp.asarray(rng.random((b, kh, -(-t // 128), -(-s // 128))) < 0.5), mask_block=128)
+    return q, k, v, qp, kp, kw, s
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+class TestMosaicGpu:
+    @pytest.fixture(autouse=True)
+    def _hopper(self):
+        if not str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9"):
+            pytest.skip("mosaic_gpu needs a Hopper GPU")
+
+    @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "fp16"])
+    @pytest.mark.parametrize("name", list(MOSAIC_CASES))
+    def test_forward_matches_the_reference(self, name, dtype):
+        q, k, v, qp, kp, kw, s = _mosaic_inputs(name, dtype)
+        arrays, static = _split(kw)
+        up = lambda x: x.astype(jnp.float32)  # noqa: E731
+        want, want_lse = _jit_bsa(implementation="reference", return_lse=True, **static)(
+            up(q), up(k), up(v), qp, kp, arrays)
+        got, lse = _jit_bsa(implementation="mosaic_gpu", return_lse=True, **static)(q, k, v, qp, kp, arrays)
+        got, want = np.asarray(got, np.float32), np.asarray(want)
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, want, atol=TOL[jnp.bfloat16] * np.sqrt(s) / 4)
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
+        real = np.isfinite(np.asarray(want_lse))
+        np.testing.assert_array_equal(np.isfinite(np.asarray(lse)), real)
+        np.testing.assert_allclose(np.asarray(lse)[real], np.asarray(want_lse)[real], atol=2e-2)
+
+    @pytest.mark.parametrize("name", ["causal, not a block multiple", "documents + anchor"])
+    def test_gradients_through_the_triton_backward(self, name):
+        q, k, v, qp, kp, kw, s = _mosaic_inputs(name)
+        w = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
+
+        def grads(impl, dtype):
+            loss = lambda q, k, v: jnp.sum(w * block_sparse_attention(q, k, v, qp, kp, implementation=impl,  # noqa: E731
+                                                                       **kw).astype(jnp.float32))
+            return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q.astype(dtype), k.astype(dtype), v.astype(dtype))
+        want = grads("reference", jnp.float32)
+        got = grads("mosaic_gpu", jnp.bfloat16)
+        for name_, a, b in zip("qkv", got, want):
+            a, b = np.asarray(a, np.float32), np.asarray(b)
+            assert np.linalg.norm(a - b) / np.linalg.norm(b) < 2e-2, f"d{name_}"
+
+
+def test_the_mosaic_gpu_forward_lowers_for_an_h200():
+    """Pallas's Mosaic GPU lowering of the Hopper forward (documents + anchor, GQA 8/2, head dim
+    128, bf16) and of a gradient through it (the Triton backward), exported for an H200 here; what
+    only ptxas checks on the card is not covered."""
+    from jaxkv.kernels.block_sparse_attention.api import _mosaic_attention, _pad_and_plan
+    from jaxkv.kernels.block_sparse_attention.mosaic_gpu import MosaicConfig
+    from jaxkv.kernels.block_sparse_attention.pallas_gpu import Config
+    from tests.gpu_lowering import lower_for_gpu
+
+    rng = np.random.default_rng(0)
+    q, k, v = _qkv(rng, 1, 500, 500, 8, 2, 128, jnp.bfloat16)
+    pos = jnp.broadcast_to(jnp.arange(500), (1, 500))
+    seg = _segments(rng, 1, 500, 3)
+    spec = MaskSpec(anchor=True)
+    q, k, v, qp, kp, qs, ks, plan = _pad_and_plan(q, k, v, pos, pos, seg, seg, None, spec, None, 128, 128)
+    bwd = block_plan(spec, qp, kp, block_q=64, block_k=64, q_segments=qs, k_segments=ks)
+    mcfg = MosaicConfig(spec=spec, scale=128 ** -0.5)
+    tcfg = Config(spec=spec, scale=128 ** -0.5, block_q=64, block_k=64, num_warps=4, num_stages=3, interpret=False)
+
+    def f(q, k, v):
+        loss = lambda q, k, v: jnp.sum(_mosaic_attention(mcfg, tcfg, q, k, v, qp, qs, kp, ks, plan, bwd)[0]  # noqa: E731
+                                       .astype(jnp.float32))
+        return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+    text = lower_for_gpu(f, q, k, v)
+    assert "mosaic_gpu" in text and "jaxkv_block_sparse_dq" in text
+
+
+def test_mosaic_gpu_refuses_what_it_cannot_run():
+    from jaxkv.kernels.block_sparse_attention.mosaic_gpu import why_no_mosaic
+
+    q = jnp.zeros((1, 128, 4, 128), jnp.bfloat16)
+    assert why_no_mosaic(q, 64, 128, 2) is None
+    assert "bf16 or fp16" in why_no_mosaic(q.astype(jnp.float32), 64, 128, 2)
+    assert "head_dim" in why_no_mosaic(jnp.zeros((1, 128, 4, 96), jnp.bfloat16), 64, 128, 2)
+    assert "block_k" in why_no_mosaic(q, 64, 96, 2)
+    assert "shared memory" in why_no_mosaic(jnp.zeros((1, 128, 4, 256), jnp.bfloat16), 64, 256, 3)
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="not gpu"):
+            block_sparse_attention(q, q[:, :, :2], q[:, :, :2], jnp.arange(128)[None], jnp.arange(128)[None],
+                                   implementation="mosaic_gpu")
+    with pytest.raises(ValueError, match="implementation"):
+        block_sparse_attention(q, q, q, jnp.arange(128)[None], jnp.arange(128)[None], implementation="mosaic")
+
+
 @pytest.mark.parametrize("anchor", [False, True], ids=["causal", "documents + anchor"])
 def test_the_tpu_kernel_lowers_for_the_tpu(anchor):
     """Pallas's Mosaic lowering of the TPU forward (1,024 tokens, blocks of 128, GQA 8/2, head

@@ -2,6 +2,7 @@
 builds the block plan and picks the implementation."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -55,7 +56,8 @@ def block_sparse_attention(q: Array, k: Array, v: Array, q_positions: Array, k_p
                            mask: MaskSpec = MaskSpec(), q_segments: Array | None = None,
                            k_segments: Array | None = None, block_mask: Array | None = None,
                            mask_block: int | None = None, scale: float | None = None,
-                           implementation: str | None = None, block_q: int = 128, block_k: int = 64,
+                           implementation: str | None = None, block_q: int | None = None,
+                           block_k: int | None = None,
                            backward_blocks: tuple[int, int] | None = (64, 64), return_lse: bool = False,
                            **kernel_options):
     """Attention of ``q [B, T, N, H]`` over ``k, v [B, S, K, H]`` (GQA: query head ``n`` reads KV
@@ -65,14 +67,22 @@ def block_sparse_attention(q: Array, k: Array, v: Array, q_positions: Array, k_p
     the log-sum-exp ``[B, N, T]`` fp32, not differentiated). Differentiable in ``q, k, v``.
 
     ``implementation``: ``"pallas_gpu"`` (blocks of ``block_q x block_k``, powers of two >= 16,
-    at most ``mask_block``; empty blocks skipped; the backward in blocks of ``backward_blocks``,
-    None: the forward's), ``"pallas_tpu"`` (asked for by name: the forward in the same blocks,
+    default 128 x 64, at most ``mask_block``; empty blocks skipped; the backward in blocks of
+    ``backward_blocks``, None: the forward's), ``"mosaic_gpu"`` (Hopper GPUs, bf16/fp16: the
+    forward by ``wgmma`` in blocks of 128 x ``block_k``, default 128; the Triton backward;
+    ``kernel_options`` ``stages``, ``num_warps``, ``num_stages``), ``"pallas_tpu"`` (asked for by name: the forward in the same blocks,
     ``block_k`` a multiple of 128 on a TPU; the backward by ``jax.vjp`` of the dense reference;
     tested in the TPU interpreter and lowered for the TPU, not yet run on one) or
     ``"reference"`` (dense jnp); an explicit one
     that cannot run raises, None takes the kernel on a GPU and otherwise warns and runs the
     reference. ``kernel_options`` (``num_warps``, ``num_stages``, ``interpret``) go to the kernel."""
     _check(q, k, v, q_positions, k_positions, mask, q_segments, k_segments, block_mask, mask_block)
+    if implementation not in (None, "mosaic_gpu") + IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS + ('mosaic_gpu',)} or None, "
+                         f"got {implementation!r}")
+    mosaic = implementation == "mosaic_gpu" or (implementation is None and _mosaic_by_default(q, mask_block))
+    block_q = 128 if block_q is None else block_q
+    block_k = (128 if mosaic else 64) if block_k is None else block_k
     backward_blocks = (block_q, block_k) if backward_blocks is None else tuple(backward_blocks)
     if mask_block is not None:
         block_q, block_k = min(block_q, mask_block), min(block_k, mask_block)
@@ -89,6 +99,10 @@ def block_sparse_attention(q: Array, k: Array, v: Array, q_positions: Array, k_p
         raise ValueError(f"block_q and block_k must be powers of two >= 16, got {block_q!r} and {block_k!r}")
     if len(backward_blocks) != 2 or not all(_pow2(x) for x in backward_blocks):
         raise ValueError(f"backward_blocks must be two powers of two >= 16, got {backward_blocks!r}")
+    if mosaic:
+        out, lse = _mosaic(q, k, v, q_positions, k_positions, q_segments, k_segments, block_mask, mask, mask_block,
+                           scale, block_q, block_k, backward_blocks, kernel_options)
+        return (out, jax.lax.stop_gradient(lse)) if return_lse else out
     if use_tpu_kernel(implementation, kernel_options, ("interpret",)):
         interpret = bool(kernel_options.get("interpret"))
         if not interpret and block_k % 128:
@@ -167,3 +181,87 @@ def _tpu_bwd(mask, mask_block, scale, block_q, block_k, interpret, res, cts):
 
 
 _tpu.defvjp(_tpu_fwd, _tpu_bwd)
+
+
+# None picks the Mosaic GPU forward on a Hopper GPU where it can run (measured faster than the
+# Triton forward on the H200: BENCHMARKS.md, prefill kernels)
+MOSAIC_BY_DEFAULT = False
+
+
+def _hopper() -> bool:
+    dev = jax.devices()[0]
+    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
+
+
+def _mosaic_by_default(q, mask_block) -> bool:
+    if not MOSAIC_BY_DEFAULT or jax.default_backend() != "gpu" or not _hopper():
+        return False
+    from jaxkv.kernels.block_sparse_attention.mosaic_gpu import why_no_mosaic
+
+    return why_no_mosaic(q, 64, 128, 2) is None and (mask_block is None or mask_block % 128 == 0)
+
+
+def _mosaic(q, k, v, q_positions, k_positions, q_segments, k_segments, block_mask, mask, mask_block, scale,
+            block_q, block_k, backward_blocks, kernel_options):
+    """The Mosaic GPU forward (Hopper: wgmma, TMA) and the Triton backward in one ``custom_vjp``;
+    ``kernel_options``: ``stages`` (K/V slots in flight) for the forward, ``num_warps`` and
+    ``num_stages`` for the backward."""
+    from jaxkv.kernels.block_sparse_attention import mosaic_gpu, pallas_gpu
+
+    other = sorted(set(kernel_options) - {"stages", "num_warps", "num_stages"})
+    if other:
+        raise ValueError(f"kernel options {other} are not the Mosaic GPU kernel's (it takes stages, and num_warps "
+                         f"and num_stages for its Triton backward)")
+    if jax.default_backend() != "gpu":
+        raise ValueError(f"implementation='mosaic_gpu' cannot run: the backend is {jax.default_backend()}, not gpu")
+    if not _hopper():
+        raise ValueError(f"implementation='mosaic_gpu' needs a Hopper GPU (wgmma), got {jax.devices()[0].device_kind}")
+    stages = kernel_options.get("stages", 2)
+    if block_q != 128:
+        raise ValueError(f"block_q ({block_q}) must be 128 for mosaic_gpu: two warpgroups of 64 query rows")
+    if mask_block is not None and (mask_block % block_q or mask_block % block_k):
+        raise ValueError(f"mask_block ({mask_block}) must be a multiple of block_q ({block_q}) and block_k "
+                         f"({block_k}) for mosaic_gpu")
+    why = mosaic_gpu.why_no_mosaic(q, 64, block_k, stages)
+    if why is not None:
+        raise ValueError(f"implementation='mosaic_gpu' cannot run: {why}")
+    t = q.shape[1]
+    qq, kk, vv, qp, kp, qs, ks, plan = _pad_and_plan(
+        q, k, v, q_positions, k_positions, q_segments, k_segments, block_mask, mask, mask_block, block_q, block_k,
+        multiple=(max(block_q, backward_blocks[0]), max(block_k, backward_blocks[1])))
+    bwd_plan = block_plan(mask, qp, kp, block_q=backward_blocks[0], block_k=backward_blocks[1], q_segments=qs,
+                          k_segments=ks, block_mask=block_mask, mask_block=mask_block)
+    spec = mask if q_segments is not None or not mask.anchor else dataclasses.replace(mask, anchor=False)
+    h = q.shape[-1]
+    sc = h ** -0.5 if scale is None else float(scale)
+    mcfg = mosaic_gpu.MosaicConfig(spec=spec, scale=sc, block_q=64, block_k=block_k, stages=stages)
+    tcfg = pallas_gpu.Config(spec=spec, scale=sc, block_q=backward_blocks[0], block_k=backward_blocks[1],
+                             num_warps=kernel_options.get("num_warps", 4),
+                             num_stages=kernel_options.get("num_stages", 3), interpret=False)
+    zeros = lambda p: jnp.zeros(p.shape, jnp.int32)  # noqa: E731
+    qs = zeros(qp) if qs is None else qs.astype(jnp.int32)
+    ks = zeros(kp) if ks is None else ks.astype(jnp.int32)
+    out, lse = _mosaic_attention(mcfg, tcfg, qq, kk.astype(q.dtype), vv.astype(q.dtype), qp.astype(jnp.int32), qs,
+                                 kp.astype(jnp.int32), ks, plan, bwd_plan)
+    return out[:, :t], lse[:, :, :t]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _mosaic_attention(mcfg, tcfg, q, k, v, qp, qs, kp, ks, plan, plan_bwd):
+    from jaxkv.kernels.block_sparse_attention.mosaic_gpu import _forward
+
+    return tuple(_forward(mcfg, q, k, v, qp, qs, kp, ks, plan))
+
+
+def _mosaic_attention_fwd(mcfg, tcfg, q, k, v, qp, qs, kp, ks, plan, plan_bwd):
+    out, lse = _mosaic_attention(mcfg, tcfg, q, k, v, qp, qs, kp, ks, plan, plan_bwd)
+    return (out, lse), (q, k, v, qp, qs, kp, ks, plan_bwd, out, lse)
+
+
+def _mosaic_attention_bwd(mcfg, tcfg, res, cts):
+    from jaxkv.kernels.block_sparse_attention.pallas_gpu import _backward
+
+    return _backward(tcfg, res, cts)
+
+
+_mosaic_attention.defvjp(_mosaic_attention_fwd, _mosaic_attention_bwd)
