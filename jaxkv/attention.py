@@ -147,7 +147,7 @@ def merge_attention(parts: list[tuple[Array, Array]]) -> Array:
     return out.astype(parts[0][0].dtype)
 
 
-DENSE_IMPLEMENTATIONS = ("reference", "cudnn", "pallas_gpu")
+DENSE_IMPLEMENTATIONS = ("reference", "cudnn", "pallas_gpu", "mosaic_gpu")
 
 
 def _default_dense_implementation(dtype, packed: bool, head_dim: int) -> str:
@@ -180,9 +180,10 @@ def attend_dense(
     as projected). The mask follows the module rules (positions, window, segments).
 
     ``implementation``: ``'reference'`` (plain jnp, any backend), ``'cudnn'`` (fused flash
-    attention through ``jax.nn.dot_product_attention``; GPU, bf16/fp16) or ``'pallas_gpu'`` (the
+    attention through ``jax.nn.dot_product_attention``; GPU, bf16/fp16), ``'pallas_gpu'`` (the
     block-sparse kernel, ``jaxkv.kernels.block_sparse_attention``: segment ids and windows from
-    the positions, never a dense mask; forward and backward). ``None`` picks the kernel on a GPU
+    the positions, never a dense mask; forward and backward) or ``'mosaic_gpu'`` (the same mask
+    through that kernel's Hopper forward, ``wgmma``, and its Triton backward). ``None`` picks the kernel on a GPU
     for 16-bit packed rows on one device, cudnn for other 16-bit inputs on a GPU, and the
     reference otherwise; an explicit request that cannot run fails loudly. (A query that sees
     nothing, padding, gets 0 from the kernel and a uniform average from the others: garbage
@@ -202,8 +203,8 @@ def attend_dense(
     impl = implementation or _default_dense_implementation(q.dtype, segment_ids is not None, q.shape[-1])
     chunk = functools.partial(attend_chunk, q, k, v, positions, positions, window=window, q_segments=segment_ids,
                               k_segments=segment_ids, anchor=anchor)
-    if impl == "pallas_gpu":
-        return chunk(implementation="pallas_gpu")
+    if impl in ("pallas_gpu", "mosaic_gpu"):
+        return chunk(implementation=impl)
     if impl == "cudnn":
         if jax.default_backend() != "gpu":
             raise UserError("implementation='cudnn' needs a GPU backend")
@@ -269,19 +270,19 @@ def attend_chunk(q: Array, k: Array, v: Array, q_positions: Array, k_positions: 
     """Attention of a chunk of queries ``q [B,T,K,G,H]`` over a longer run of keys ``k, v
     [B,S,K,H]`` (token-major), the mask from the positions and segment ids of each side (the
     module rules; ``anchor``: key 0 of ``k`` is the shared anchor). ``implementation``:
-    ``'reference'`` or ``'pallas_gpu'`` (the block-sparse kernel; ``kernel_options`` go to it,
-    e.g. ``interpret``)."""
-    if implementation == "pallas_gpu":
+    ``'reference'``, ``'pallas_gpu'`` or ``'mosaic_gpu'`` (the block-sparse kernel's Triton or
+    Hopper forward; ``kernel_options`` go to it, e.g. ``interpret``)."""
+    if implementation in ("pallas_gpu", "mosaic_gpu"):
         from jaxkv.kernels.block_sparse_attention import MaskSpec, block_sparse_attention
 
         b, t, kh, g, h = q.shape
         out = block_sparse_attention(q.reshape(b, t, kh * g, h), k, v, q_positions, k_positions,
                                      mask=MaskSpec(window=window, anchor=anchor), q_segments=q_segments,
-                                     k_segments=k_segments, implementation="pallas_gpu", **kernel_options)
+                                     k_segments=k_segments, implementation=implementation, **kernel_options)
         return out.reshape(b, t, kh, g, h)
     if implementation != "reference" or kernel_options:
-        raise UserError(f"attend_chunk takes implementation 'reference' or 'pallas_gpu' (kernel options only "
-                        f"with the kernel); got {implementation!r} with {sorted(kernel_options)}")
+        raise UserError(f"attend_chunk takes implementation 'reference', 'pallas_gpu' or 'mosaic_gpu' (kernel "
+                        f"options only with a kernel); got {implementation!r} with {sorted(kernel_options)}")
     return attend_reference(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), q_positions, k_positions,
                             window=window, q_segments=q_segments, k_segments=k_segments, anchor=anchor)
 

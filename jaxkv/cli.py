@@ -1126,8 +1126,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=_positive_int, default=10)
     t.add_argument("--mesh", default="1,1,1", help="data,fsdp,tensor[,context] device counts (batch-size is "
                    "global; context splits each row's tokens)")
-    t.add_argument("--attention", default="auto", choices=("auto", "cudnn", "pallas_gpu", "reference"),
-                   help="the step's attention (auto: the block-sparse kernel for packed rows on one GPU)")
+    t.add_argument("--attention", default="auto", choices=("auto", "cudnn", "pallas_gpu", "mosaic_gpu", "reference"),
+                   help="the step's attention (auto: the block-sparse kernel for packed rows on one GPU; mosaic_gpu: "
+                        "its Hopper forward)")
     t.add_argument("--mode", default="reset", choices=["full", "intra", "reset", "anchor", "anchor-bos"],
                    help="how the packed documents attend (jaxkv train lm --attention)")
     t.add_argument("--collective-overlap", action=argparse.BooleanOptionalAction, default=True,
@@ -1161,6 +1162,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated: pallas_gpu (Triton), mosaic_gpu (Hopper: wgmma forward, Triton backward)")
     pf.add_argument("--mosaic-block-k", type=_positive_int, default=128, help="mosaic_gpu's keys a block")
     pf.add_argument("--mosaic-stages", type=_positive_int, default=2, help="mosaic_gpu's K/V slots in flight")
+    pf.add_argument("--mosaic-programs", default="tiles",
+                    help="mosaic_gpu's CTAs, comma-separated, a row each: 'tiles' (one a tile) or a count (persistent)")
     pf.add_argument("--repeats", type=_positive_int, default=5)
     pf.add_argument("--json", default=None)
     sd = bsub.add_parser("ssd", help="Mamba-2's SSD scan: the Pallas kernel against the XLA reference (GPU)")
