@@ -70,7 +70,7 @@ def block_sparse_attention(q: Array, k: Array, v: Array, q_positions: Array, k_p
     default 128 x 64, at most ``mask_block``; empty blocks skipped; the backward in blocks of
     ``backward_blocks``, None: the forward's), ``"mosaic_gpu"`` (Hopper GPUs, bf16/fp16: the
     forward by ``wgmma`` in blocks of 128 x ``block_k``, default 128; the Triton backward;
-    ``kernel_options`` ``stages``, ``programs``, ``num_warps``, ``num_stages``), ``"pallas_tpu"`` (asked for by name: the forward in the same blocks,
+    ``kernel_options`` ``stages``, ``num_warps``, ``num_stages``), ``"pallas_tpu"`` (asked for by name: the forward in the same blocks,
     ``block_k`` a multiple of 128 on a TPU; the backward by ``jax.vjp`` of the dense reference;
     tested in the TPU interpreter and lowered for the TPU, not yet run on one) or
     ``"reference"`` (dense jnp); an explicit one
@@ -204,15 +204,14 @@ def _mosaic_by_default(q, mask_block) -> bool:
 def _mosaic(q, k, v, q_positions, k_positions, q_segments, k_segments, block_mask, mask, mask_block, scale,
             block_q, block_k, backward_blocks, kernel_options):
     """The Mosaic GPU forward (Hopper: wgmma, TMA) and the Triton backward in one ``custom_vjp``;
-    ``kernel_options``: ``stages`` (K/V slots in flight) and ``programs`` (None: one CTA a tile;
-    an int: that many persistent CTAs) for the forward, ``num_warps`` and ``num_stages`` for the
-    backward."""
+    ``kernel_options``: ``stages`` (K/V slots in flight) for the forward, ``num_warps`` and
+    ``num_stages`` for the backward."""
     from jaxkv.kernels.block_sparse_attention import mosaic_gpu, pallas_gpu
 
-    other = sorted(set(kernel_options) - {"stages", "programs", "num_warps", "num_stages"})
+    other = sorted(set(kernel_options) - {"stages", "num_warps", "num_stages"})
     if other:
-        raise ValueError(f"kernel options {other} are not the Mosaic GPU kernel's (it takes stages and programs, "
-                         f"and num_warps and num_stages for its Triton backward)")
+        raise ValueError(f"kernel options {other} are not the Mosaic GPU kernel's (it takes stages, and num_warps "
+                         f"and num_stages for its Triton backward)")
     if jax.default_backend() != "gpu":
         raise ValueError(f"implementation='mosaic_gpu' cannot run: the backend is {jax.default_backend()}, not gpu")
     if not _hopper():
@@ -235,11 +234,7 @@ def _mosaic(q, k, v, q_positions, k_positions, q_segments, k_segments, block_mas
     spec = mask if q_segments is not None or not mask.anchor else dataclasses.replace(mask, anchor=False)
     h = q.shape[-1]
     sc = h ** -0.5 if scale is None else float(scale)
-    programs = kernel_options.get("programs")
-    if programs is not None and (isinstance(programs, bool) or not isinstance(programs, int) or programs < 1):
-        raise ValueError(f"programs must be None or a positive int, got {programs!r}")
-    mcfg = mosaic_gpu.MosaicConfig(spec=spec, scale=sc, block_q=64, block_k=block_k, stages=stages,
-                                   programs=programs)
+    mcfg = mosaic_gpu.MosaicConfig(spec=spec, scale=sc, block_q=64, block_k=block_k, stages=stages)
     tcfg = pallas_gpu.Config(spec=spec, scale=sc, block_q=backward_blocks[0], block_k=backward_blocks[1],
                              num_warps=kernel_options.get("num_warps", 4),
                              num_stages=kernel_options.get("num_stages", 3), interpret=False)
