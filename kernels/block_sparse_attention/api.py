@@ -80,7 +80,7 @@ def block_sparse_attention(q: Array, k: Array, v: Array, q_positions: Array, k_p
     if implementation not in (None, "mosaic_gpu") + IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS + ('mosaic_gpu',)} or None, "
                          f"got {implementation!r}")
-    mosaic = implementation == "mosaic_gpu" or (implementation is None and _mosaic_by_default(q, mask_block))
+    mosaic = implementation == "mosaic_gpu"  # asked for by name: None keeps the Triton kernel
     block_q = 128 if block_q is None else block_q
     block_k = (128 if mosaic else 64) if block_k is None else block_k
     backward_blocks = (block_q, block_k) if backward_blocks is None else tuple(backward_blocks)
@@ -183,22 +183,9 @@ def _tpu_bwd(mask, mask_block, scale, block_q, block_k, interpret, res, cts):
 _tpu.defvjp(_tpu_fwd, _tpu_bwd)
 
 
-# None picks the Mosaic GPU forward on a Hopper GPU where it can run (measured faster than the
-# Triton forward on the H200: BENCHMARKS.md, prefill kernels)
-MOSAIC_BY_DEFAULT = False
-
-
 def _hopper() -> bool:
     dev = jax.devices()[0]
     return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
-
-
-def _mosaic_by_default(q, mask_block) -> bool:
-    if not MOSAIC_BY_DEFAULT or jax.default_backend() != "gpu" or not _hopper():
-        return False
-    from jaxkv.kernels.block_sparse_attention.mosaic_gpu import why_no_mosaic
-
-    return why_no_mosaic(q, 64, 128, 2) is None and (mask_block is None or mask_block % 128 == 0)
 
 
 def _mosaic(q, k, v, q_positions, k_positions, q_segments, k_segments, block_mask, mask, mask_block, scale,
