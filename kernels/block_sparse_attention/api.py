@@ -68,14 +68,15 @@ def block_sparse_attention(q: Array, k: Array, v: Array, q_positions: Array, k_p
 
     ``implementation``: ``"pallas_gpu"`` (blocks of ``block_q x block_k``, powers of two >= 16,
     default 128 x 64, at most ``mask_block``; empty blocks skipped; the backward in blocks of
-    ``backward_blocks``, None: the forward's), ``"mosaic_gpu"`` (Hopper GPUs, bf16/fp16: the
-    forward by ``wgmma`` in blocks of 128 x ``block_k``, default 128; the Triton backward;
-    ``kernel_options`` ``stages``, ``num_warps``, ``num_stages``), ``"pallas_tpu"`` (asked for by name: the forward in the same blocks,
+    ``backward_blocks``, None: the forward's), ``"mosaic_gpu"`` (asked for by name; Hopper GPUs,
+    bf16/fp16, head dims a multiple of 64: the forward by ``wgmma`` in blocks of 128 x
+    ``block_k``, default 128, the Triton backward; ``kernel_options`` ``stages``, ``num_warps``,
+    ``num_stages``), ``"pallas_tpu"`` (asked for by name: the forward in the same blocks,
     ``block_k`` a multiple of 128 on a TPU; the backward by ``jax.vjp`` of the dense reference;
     tested in the TPU interpreter and lowered for the TPU, not yet run on one) or
-    ``"reference"`` (dense jnp); an explicit one
-    that cannot run raises, None takes the kernel on a GPU and otherwise warns and runs the
-    reference. ``kernel_options`` (``num_warps``, ``num_stages``, ``interpret``) go to the kernel."""
+    ``"reference"`` (dense jnp); an explicit one that cannot run raises, None takes the Triton
+    kernel on a GPU and otherwise warns and runs the reference. ``kernel_options``
+    (``num_warps``, ``num_stages``, ``interpret``) go to the kernel."""
     _check(q, k, v, q_positions, k_positions, mask, q_segments, k_segments, block_mask, mask_block)
     if implementation not in (None, "mosaic_gpu") + IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS + ('mosaic_gpu',)} or None, "
@@ -204,11 +205,10 @@ def _mosaic(q, k, v, q_positions, k_positions, q_segments, k_segments, block_mas
     if not _hopper():
         raise ValueError(f"implementation='mosaic_gpu' needs a Hopper GPU (wgmma), got {jax.devices()[0].device_kind}")
     stages = kernel_options.get("stages", 2)
+    if mask_block is not None and mask_block % 128:
+        raise ValueError(f"mask_block ({mask_block}) must be a multiple of 128 for mosaic_gpu (its query tiles)")
     if block_q != 128:
         raise ValueError(f"block_q ({block_q}) must be 128 for mosaic_gpu: two warpgroups of 64 query rows")
-    if mask_block is not None and (mask_block % block_q or mask_block % block_k):
-        raise ValueError(f"mask_block ({mask_block}) must be a multiple of block_q ({block_q}) and block_k "
-                         f"({block_k}) for mosaic_gpu")
     why = mosaic_gpu.why_no_mosaic(q, 64, block_k, stages)
     if why is not None:
         raise ValueError(f"implementation='mosaic_gpu' cannot run: {why}")
@@ -235,9 +235,9 @@ def _mosaic(q, k, v, q_positions, k_positions, q_segments, k_segments, block_mas
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _mosaic_attention(mcfg, tcfg, q, k, v, qp, qs, kp, ks, plan, plan_bwd):
-    from jaxkv.kernels.block_sparse_attention.mosaic_gpu import _forward
+    from jaxkv.kernels.block_sparse_attention.mosaic_gpu import block_sparse_attention_mosaic_gpu
 
-    return tuple(_forward(mcfg, q, k, v, qp, qs, kp, ks, plan))
+    return tuple(block_sparse_attention_mosaic_gpu(mcfg, q, k, v, qp, qs, kp, ks, plan))
 
 
 def _mosaic_attention_fwd(mcfg, tcfg, q, k, v, qp, qs, kp, ks, plan, plan_bwd):

@@ -69,8 +69,8 @@ def why_no_mosaic(q: Array, block_q: int, block_k: int, stages: int) -> str | No
         return f"head_dim ({h}) must be a multiple of 64, at most 256, for the Mosaic GPU kernel"
     if block_q != 64:
         return f"block_q ({block_q}) must be 64 for the Mosaic GPU kernel (one wgmma tile a warpgroup)"
-    if block_k % 64 or block_k > 256:
-        return f"block_k ({block_k}) must be 64, 128, 192 or 256 for the Mosaic GPU kernel"
+    if block_k not in (64, 128, 256):
+        return f"block_k ({block_k}) must be 64, 128 or 256 for the Mosaic GPU kernel"
     if stages < 2:
         return f"stages ({stages}) must be at least 2"
     smem = 2 * (_COMPUTE_WGS * block_q * h + 2 * stages * block_k * h)
@@ -79,7 +79,13 @@ def why_no_mosaic(q: Array, block_q: int, block_k: int, stages: int) -> str | No
     return None
 
 
-def _forward(cfg: MosaicConfig, q, k, v, qp, qs, kp, ks, plan: BlockPlan):
+def block_sparse_attention_mosaic_gpu(cfg: MosaicConfig, q: Array, k: Array, v: Array, qp: Array, qs: Array,
+                                      kp: Array, ks: Array, plan: BlockPlan) -> tuple[Array, Array]:
+    """``(out [B, T, N, H], lse [B, N, T])``, the forward only (``api`` pairs it with the Triton
+    backward), over a ``plan`` of ``2 * cfg.block_q x cfg.block_k`` blocks made for these
+    positions ``qp``, ``kp`` and segment ids ``qs``, ``ks`` (int32; zeros without documents) with
+    ``cfg.spec``; q, k, v of one 16-bit dtype, T and S multiples of the plan's blocks (``api``
+    pads)."""
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
     g = n // kh
@@ -237,24 +243,3 @@ def _forward(cfg: MosaicConfig, q, k, v, qp, qs, kp, ks, plan: BlockPlan):
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(q, k, v, qp, qs, kp, ks, plan.kv_blocks, plan.n_full, plan.n_partial)
     return out, lse
-
-
-def block_sparse_attention_mosaic_gpu(q: Array, k: Array, v: Array, q_positions: Array, k_positions: Array,
-                                      plan: BlockPlan, *, mask: MaskSpec, q_segments: Array | None = None,
-                                      k_segments: Array | None = None, scale: float | None = None,
-                                      block_q: int = 64, stages: int = 2) -> tuple[Array, Array]:
-    """``(out [B, T, N, H], lse [B, N, T])``, the forward only (not differentiable by itself: the
-    api pairs it with the Triton backward), over a ``plan`` of ``2 * block_q x block_k`` blocks made
-    for these positions and segment ids with the same ``mask``."""
-    why = why_no_mosaic(q, block_q, plan.block_k, stages)
-    if why is not None:
-        raise ValueError(why)
-    h = q.shape[-1]
-    cfg = MosaicConfig(spec=mask, scale=h ** -0.5 if scale is None else float(scale), block_q=block_q,
-                       block_k=plan.block_k, stages=stages)
-    qs = jnp.zeros(q_positions.shape, jnp.int32) if q_segments is None else q_segments.astype(jnp.int32)
-    ks = jnp.zeros(k_positions.shape, jnp.int32) if k_segments is None else k_segments.astype(jnp.int32)
-    if q_segments is None and mask.anchor:
-        cfg = dataclasses.replace(cfg, spec=dataclasses.replace(mask, anchor=False))
-    return _forward(cfg, q, k.astype(q.dtype), v.astype(q.dtype), q_positions.astype(jnp.int32), qs,
-                    k_positions.astype(jnp.int32), ks, plan)
