@@ -325,7 +325,9 @@ def _mosaic_inputs(name, dtype=jnp.bfloat16):
 class TestMosaicGpu:
     @pytest.fixture(autouse=True)
     def _hopper(self):
-        if not str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9"):
+        from jaxkv.kernels.block_sparse_attention.api import _hopper
+
+        if not _hopper():
             pytest.skip("mosaic_gpu needs a Hopper GPU")
 
     @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "fp16"])

@@ -2,13 +2,12 @@
 builds the block plan and picks the implementation."""
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
-from jaxkv.kernels.block_sparse_attention.mask import MaskSpec, block_plan
+from jaxkv.kernels.block_sparse_attention.mask import MaskSpec, block_plan, kernel_segments
 from jaxkv.kernels.block_sparse_attention.reference import block_sparse_attention_reference
 from jaxkv.kernels.dispatch import IMPLEMENTATIONS, use_kernel, use_tpu_kernel
 
@@ -119,10 +118,7 @@ def block_sparse_attention(q: Array, k: Array, v: Array, q_positions: Array, k_p
         qq, kk, vv, qp, kp, qs, ks, plan = _pad_and_plan(
             q, k, v, q_positions, k_positions, q_segments, k_segments, block_mask, mask, mask_block, block_q, block_k,
             multiple=(max(block_q, backward_blocks[0]), max(block_k, backward_blocks[1])))
-        backward_plan = None
-        if backward_blocks != (block_q, block_k):
-            backward_plan = block_plan(mask, qp, kp, block_q=backward_blocks[0], block_k=backward_blocks[1],
-                                       q_segments=qs, k_segments=ks, block_mask=block_mask, mask_block=mask_block)
+        backward_plan = _backward_plan(plan, backward_blocks, mask, qp, kp, qs, ks, block_mask, mask_block)
         out, lse = block_sparse_attention_pallas_gpu(qq, kk, vv, qp, kp, plan, mask=mask, q_segments=qs,
                                                      k_segments=ks, scale=scale, backward_plan=backward_plan,
                                                      **kernel_options)
@@ -149,6 +145,14 @@ def _pad_and_plan(q, k, v, q_positions, k_positions, q_segments, k_segments, blo
     plan = block_plan(mask, qp, kp, block_q=block_q, block_k=block_k, q_segments=qs, k_segments=ks,
                       block_mask=block_mask, mask_block=mask_block)
     return pad(q, pt, 0), pad(k, ps, 0), pad(v, ps, 0), qp, kp, qs, ks, plan
+
+
+def _backward_plan(plan, backward_blocks, mask, qp, kp, qs, ks, block_mask, mask_block):
+    """The plan in the backward's blocks: ``plan`` itself when they are the forward's."""
+    if tuple(backward_blocks) == (plan.block_q, plan.block_k):
+        return plan
+    return block_plan(mask, qp, kp, block_q=backward_blocks[0], block_k=backward_blocks[1], q_segments=qs,
+                      k_segments=ks, block_mask=block_mask, mask_block=mask_block)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11, 12, 13))
@@ -216,18 +220,14 @@ def _mosaic(q, k, v, q_positions, k_positions, q_segments, k_segments, block_mas
     qq, kk, vv, qp, kp, qs, ks, plan = _pad_and_plan(
         q, k, v, q_positions, k_positions, q_segments, k_segments, block_mask, mask, mask_block, block_q, block_k,
         multiple=(max(block_q, backward_blocks[0]), max(block_k, backward_blocks[1])))
-    bwd_plan = block_plan(mask, qp, kp, block_q=backward_blocks[0], block_k=backward_blocks[1], q_segments=qs,
-                          k_segments=ks, block_mask=block_mask, mask_block=mask_block)
-    spec = mask if q_segments is not None or not mask.anchor else dataclasses.replace(mask, anchor=False)
+    bwd_plan = _backward_plan(plan, backward_blocks, mask, qp, kp, qs, ks, block_mask, mask_block)
+    spec, qs, ks = kernel_segments(mask, qp, kp, qs, ks)
     h = q.shape[-1]
     sc = h ** -0.5 if scale is None else float(scale)
     mcfg = mosaic_gpu.MosaicConfig(spec=spec, scale=sc, block_q=64, block_k=block_k, stages=stages)
     tcfg = pallas_gpu.Config(spec=spec, scale=sc, block_q=backward_blocks[0], block_k=backward_blocks[1],
                              num_warps=kernel_options.get("num_warps", 4),
                              num_stages=kernel_options.get("num_stages", 3), interpret=False)
-    zeros = lambda p: jnp.zeros(p.shape, jnp.int32)  # noqa: E731
-    qs = zeros(qp) if qs is None else qs.astype(jnp.int32)
-    ks = zeros(kp) if ks is None else ks.astype(jnp.int32)
     out, lse = _mosaic_attention(mcfg, tcfg, qq, kk.astype(q.dtype), vv.astype(q.dtype), qp.astype(jnp.int32), qs,
                                  kp.astype(jnp.int32), ks, plan, bwd_plan)
     return out[:, :t], lse[:, :, :t]

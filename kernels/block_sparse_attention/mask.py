@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from flax import struct
 
 Array = jax.Array
-__all__ = ["MaskSpec", "BlockPlan", "visible", "block_plan", "EMPTY", "PARTIAL", "FULL"]
+__all__ = ["MaskSpec", "BlockPlan", "visible", "block_plan", "kernel_segments", "EMPTY", "PARTIAL", "FULL"]
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 _BIG = 2 ** 30
@@ -169,3 +169,14 @@ def block_plan(spec: MaskSpec, q_positions: Array, k_positions: Array, *, block_
     q_blocks, nq_full, nq_partial = _order(jnp.swapaxes(states, 2, 3))
     return BlockPlan(kv_blocks=kv_blocks, n_full=n_full, n_partial=n_partial, q_blocks=q_blocks, nq_full=nq_full,
                      nq_partial=nq_partial, states=states, block_q=block_q, block_k=block_k)
+
+
+def kernel_segments(spec: MaskSpec, q_positions: Array, k_positions: Array, q_segments: Array | None,
+                    k_segments: Array | None) -> tuple[MaskSpec, Array, Array]:
+    """What the kernels take: int32 segment rows (zeros without documents, so every key is in
+    the query's document) and ``spec`` without the anchor when there are no documents (it opens
+    the first key to other documents; with one document it adds nothing)."""
+    if q_segments is None:
+        zeros = lambda p: jnp.zeros(p.shape, jnp.int32)  # noqa: E731
+        return dataclasses.replace(spec, anchor=False), zeros(q_positions), zeros(k_positions)
+    return spec, q_segments.astype(jnp.int32), k_segments.astype(jnp.int32)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxkv.kernels.block_sparse_attention.mask import BlockPlan, MaskSpec, visible
+from jaxkv.kernels.block_sparse_attention.mask import BlockPlan, MaskSpec, kernel_segments, visible
 
 Array = jax.Array
 _NEG = -1e30  # masked scores: finite, so a row with nothing visible makes no NaN
@@ -245,12 +245,8 @@ def block_sparse_attention_pallas_gpu(q: Array, k: Array, v: Array, q_positions:
     ids with the same ``mask`` (and ``backward_plan``, the same mask in the backward's blocks;
     default: ``plan``); ``T`` and ``S`` multiples of both plans' blocks (``api`` pads)."""
     h = q.shape[-1]
+    mask, qs, ks = kernel_segments(mask, q_positions, k_positions, q_segments, k_segments)
     cfg = Config(spec=mask, scale=h ** -0.5 if scale is None else float(scale), block_q=plan.block_q,
                  block_k=plan.block_k, num_warps=num_warps, num_stages=num_stages, interpret=interpret)
-    qs = jnp.zeros(q_positions.shape, jnp.int32) if q_segments is None else q_segments.astype(jnp.int32)
-    ks = jnp.zeros(k_positions.shape, jnp.int32) if k_segments is None else k_segments.astype(jnp.int32)
-    if q_segments is None and mask.anchor:  # without documents the anchor adds nothing
-        mask = dataclasses.replace(mask, anchor=False)
-        cfg = dataclasses.replace(cfg, spec=mask)
     return _attention(cfg, q, k, v, q_positions.astype(jnp.int32), qs, k_positions.astype(jnp.int32), ks, plan,
                       plan if backward_plan is None else backward_plan)
