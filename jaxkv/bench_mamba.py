@@ -29,10 +29,13 @@ def mamba2_shape(name: str):
 
 
 def bench_ssd(*, batch: int = 8, length: int = 2048, heads: int = 24, head_dim: int = 64, state: int = 128,
-              groups: int = 1, configs=((64, 64, 4, False), (64, 64, 8, False), (64, 32, 4, False), (64, 64, 4, True), (64, 64, 8, True)),
+              groups: int = 1, configs=((64, 64, 4, False, 1), (64, 64, 4, False, 2), (64, 64, 4, False, 4),
+                                        (64, 64, 4, False, 8), (64, 64, 4, False, 24), (64, 64, 8, False, 1),
+                                        (64, 32, 4, False, 1), (64, 64, 4, True, 1)),
               repeats: int = 10, interpret: bool = False, seed: int = 0) -> list[dict]:
     """The SSD scan at training shapes, bf16 inputs: the Pallas kernel (each ``(block_t,
-    block_p, num_warps, split)`` of ``configs``) against the XLA reference (``ssd_chunked`` at the
+    block_p, num_warps, split, backward_heads)`` of ``configs``; those whose ``backward_heads``
+    does not divide the heads per group are left out) against the XLA reference (``ssd_chunked`` at the
     model's chunk of 256 and at 64), forward and forward + backward, in one process. The
     roofline is the bytes a forward must move (x, dt, B, C read once, y written, bf16 except dt)
     over the read bandwidth measured in the same run."""
@@ -72,10 +75,11 @@ def bench_ssd(*, batch: int = 8, length: int = 2048, heads: int = 24, head_dim: 
     ref_y = None
     variants = [(f"reference (XLA), chunk {q}", functools.partial(ssd_chunked, chunk_size=q), None)
                 for q in ((256, 64) if not interpret else (64,))]
-    variants += [(f"pallas_gpu {'split' if sp else 'fused'} block_t {bt} block_p {bp} warps {w}",
+    configs = [c for c in configs if (h // g) % c[4] == 0]
+    variants += [(f"pallas_gpu {'split' if sp else 'fused'} block_t {bt} block_p {bp} warps {w} bwd heads {hb}",
                   functools.partial(ssd_pallas_gpu, block_t=bt, block_p=bp, split=sp, num_warps=w,
-                                    interpret=interpret),
-                  (bt, bp, w, sp)) for bt, bp, w, sp in (configs if not interpret else configs[:1])]
+                                    backward_heads=hb, interpret=interpret),
+                  (bt, bp, w, sp, hb)) for bt, bp, w, sp, hb in (configs if not interpret else configs[:1])]
     for name, fn, cfg in variants:
         y, _ = jax.jit(fn)(x, dt, A, B, C)
         if ref_y is None:
@@ -157,9 +161,9 @@ def main(args) -> int:
         print(f"device {r0['device']}, jax {r0['jax']}; batch {r0['batch']}, length {r0['length']}, heads "
               f"{r0['heads']} x {r0['head_dim']}, state {r0['state']}, groups {r0['groups']}, bf16; roofline "
               f"(forward bytes / {r0['bandwidth_bytes_per_s'] / 1e12:.2f} TB/s) {r0['roofline_forward_s'] * 1e3:.3f} ms")
-        print(f"{'variant':<50} {'fwd ms':>8} {'x':>6} {'fwd+bwd ms':>11} {'x':>6} {'rel err':>8}")
+        print(f"{'variant':<64} {'fwd ms':>8} {'x':>6} {'fwd+bwd ms':>11} {'x':>6} {'rel err':>8}")
         for r in rows:
-            print(f"{r['variant']:<50} {r['forward_s'] * 1e3:>8.3f} {r['forward_speedup']:>6.2f} "
+            print(f"{r['variant']:<64} {r['forward_s'] * 1e3:>8.3f} {r['forward_speedup']:>6.2f} "
                   f"{r['forward_backward_s'] * 1e3:>11.3f} {r['forward_backward_speedup']:>6.2f} "
                   f"{r['max_rel_err_vs_reference']:>8.1e}")
         _write(rows, args.json)

@@ -10,8 +10,10 @@ def lower_for_gpu(fn, *args, device_kind: str = "NVIDIA H200", **kwargs) -> str:
     it as a Triton custom call."""
     from jax._src.mesh import AbstractDevice, AbstractMesh
 
-    mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind=device_kind, num_cores=None,
-                                                                     platform="cuda"))
+    # Auto axes: under Explicit ones the avals carry shardings that Pallas Triton's reduction
+    # lowering (jax 0.11.2) does not update when it drops an axis
+    mesh = AbstractMesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,),
+                        abstract_device=AbstractDevice(device_kind=device_kind, num_cores=None, platform="cuda"))
     with jax.sharding.use_abstract_mesh(mesh):
         triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
         return jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton])(*args, **kwargs

@@ -38,12 +38,12 @@ class SSDBase:
     kernel = False  # takes block_t
     forms = False  # takes block_p and split (the GPU kernel's fused and split forwards)
 
-    def _fn(self, block_t, block_p, split=None):
+    def _fn(self, block_t, block_p, split=None, backward_heads=1):
         opts = dict(self.options)
         if self.kernel:
             opts["block_t"] = block_t
         if self.forms:
-            opts.update(block_p=block_p, split=split)
+            opts.update(block_p=block_p, split=split, backward_heads=backward_heads)
         return functools.partial(ssd, chunk_size=16, implementation=self.implementation, **opts)
 
     @pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])  # the forward's two forms
@@ -66,9 +66,13 @@ class SSDBase:
         rel = lambda a, w: float(jnp.linalg.norm(a - w) / jnp.linalg.norm(w))  # noqa: E731
         assert rel(y, want_y) < 2e-2 and rel(final, want_f) < 2e-2
 
-    @pytest.mark.parametrize("b,t,h,p,g,n,block_t,block_p,split", [c + (False,) for c in CASES[:2]]
-                             + [CASES[2] + (True,)])
-    def test_gradients_match_the_reference(self, b, t, h, p, g, n, block_t, block_p, split):
+    @pytest.mark.parametrize("b,t,h,p,g,n,block_t,block_p,split,heads", [
+        CASES[0] + (False, 1), CASES[0] + (False, 2), CASES[1] + (False, 1), CASES[2] + (True, 1),
+        (1, 40, 6, 16, 2, 16, 16, 16, False, 3),  # three heads a backward program, summing their dB, dC
+    ])
+    def test_gradients_match_the_reference(self, b, t, h, p, g, n, block_t, block_p, split, heads):
+        if heads > 1 and not self.forms:
+            pytest.skip("the backward's heads a program are the GPU kernel's")
         args = _case(np.random.default_rng(t + 1), b, t, h, p, g, n, jnp.float32)
         wy, wf = _weights((b, t, h, p), 0), _weights((b, h, p, n), 1)
 
@@ -78,7 +82,7 @@ class SSDBase:
                 return jnp.sum(y * wy) + jnp.sum(f * wf)
             return jax.jit(jax.grad(loss, argnums=tuple(range(6))))(*args)
 
-        got = grads(self._fn(block_t, block_p, split))
+        got = grads(self._fn(block_t, block_p, split, heads))
         want = grads(functools.partial(ssd_chunked, chunk_size=16))
         for name, a, w in zip(("x", "dt", "A", "B", "C", "initial_state"), got, want):
             assert a.shape == w.shape, name
@@ -159,6 +163,10 @@ def test_bad_arguments_name_themselves():
         ssd(x, dt, a, b, c, implementation="pallas_gpu", interpret=True, block_t=24)
     with pytest.raises(ValueError, match="kernel options"):
         ssd(x, dt, a, b, c, implementation="reference", block_t=16)
+    for bad in (0, 2, True):  # 2 heads, one group: 2 divides; 1 head per group here
+        with pytest.raises(ValueError, match="backward_heads"):
+            ssd(x[:, :, :1], dt[:, :, :1], a[:1], b, c, implementation="pallas_gpu", interpret=True,
+                backward_heads=bad)
     with pytest.raises(ValueError, match=r"\['block_p'\] are not the TPU kernel's"):
         ssd(x, dt, a, b, c, implementation="pallas_tpu", interpret=True, block_p=16)
     with pytest.raises(ValueError, match="multiple of 8"):
@@ -178,7 +186,8 @@ def test_bench_ssd_on_a_tiny_shape():
     is timed against and both rows carry their timings."""
     from jaxkv.bench_mamba import bench_ssd
 
-    rows = bench_ssd(batch=1, length=48, heads=2, head_dim=16, state=16, configs=((16, 16, 4, True),), interpret=True)
+    rows = bench_ssd(batch=1, length=48, heads=2, head_dim=16, state=16, configs=((16, 16, 4, True, 2),),
+                     interpret=True)
     assert [r["kernel"] for r in rows] == [False, True]
     for r in rows:
         assert r["forward_s"] > 0 and r["forward_backward_s"] > 0 and r["io_bytes"] > 0
@@ -200,3 +209,19 @@ def test_the_model_runs_the_kernel_as_the_reference():
     want, ws = run(params, tokens, config=config, ssd_implementation="reference")
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4)
     np.testing.assert_allclose(np.asarray(gs.layers[1].ssm), np.asarray(ws.layers[1].ssm), atol=1e-4)
+
+
+@pytest.mark.parametrize("heads", [1, 3], ids=["a head a program", "3 heads a program"])
+def test_the_gpu_backward_lowers_for_an_h200(heads):
+    """Pallas's Triton lowering of the forward and backward (6 heads in 2 groups, bf16), exported
+    for an H200 on any machine; ``heads`` > 1 walks a group's heads with a dynamic head index."""
+    from jaxkv.kernels.ssd.pallas_gpu import ssd_pallas_gpu
+    from tests.gpu_lowering import lower_for_gpu
+
+    args = _case(np.random.default_rng(0), 2, 128, 6, 64, 2, 64, jnp.bfloat16)
+
+    def f(x, dt, a, b, c, s0):
+        loss = lambda *z: jnp.sum(ssd_pallas_gpu(*z, backward_heads=heads)[0])  # noqa: E731
+        return jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5))(x, dt, a, b, c, s0)
+    text = lower_for_gpu(f, *args)
+    assert "jaxkv_ssd_bwd_grads" in text and "jaxkv_ssd_fwd" in text

@@ -145,17 +145,11 @@ def _dstates_kernel(la_ref, c_ref, dy_ref, dsf_ref, dso_ref, ds0_ref, *, q: int,
     ds0_ref[...] = jax.lax.fori_loop(0, chunks, body, dsf_ref[...].astype(jnp.float32))
 
 
-def _grads_kernel(x_ref, dt_ref, la_ref, b_ref, c_ref, s_ref, dy_ref, ds_ref,
-                  dx_ref, ddt_ref, dla_ref, db_ref, dc_ref, *, q: int, exact: bool):
-    """Backward pass 2 (one program per chunk and channel block, all in parallel): every gradient
-    of one chunk from its start state ``s`` (stored by the forward) and the gradient ``ds`` of its
-    end state (pass 1), for the block's channels: ``dx`` whole, the others (sums over channels)
-    as this block's part."""
-    dtype = x_ref.dtype if not exact else jnp.float32
+def _chunk_grads(x, dt, la, bm, cm, s, ds, dy, *, q: int, exact: bool, dtype):
+    """Every gradient of one chunk of one head for a block of channels, from its start state
+    ``s`` and its end state's gradient ``ds``: ``(dx, ddt, dla, dB, dC)`` (the last four sums
+    over the block's channels)."""
     tri = _tri(q)
-    x, dt, la, bm, cm = (x_ref[...].astype(jnp.float32), dt_ref[...].astype(jnp.float32),
-                         la_ref[...].astype(jnp.float32), b_ref[...].astype(dtype), c_ref[...].astype(dtype))
-    s, ds, dy = s_ref[...], ds_ref[...], dy_ref[...].astype(jnp.float32)  # [P, N], [P, N], [Q, P]
     cum = _cumsum(la, q)
     tot = jnp.sum(la)
     e, w, et = jnp.exp(cum), jnp.exp(tot - cum), jnp.exp(tot)
@@ -173,16 +167,41 @@ def _grads_kernel(x_ref, dt_ref, la_ref, b_ref, c_ref, s_ref, dy_ref, ds_ref,
     ys = _dot(cm, s.astype(dtype), exact=exact, trans_b=True)  # C S^T [Q, P]
     dys = _dot(dyc, s.astype(dtype), exact=exact)  # dy S [Q, N]
     xds = _dot(xxc, dsc, exact=exact)  # X dS [Q, N]
-    dc_ref[...] = _dot(dg, bm, exact=exact) + e[:, None] * dys
-    db_ref[...] = _dot(dg, cm, exact=exact, trans_a=True) + w[:, None] * xds
+    dc = _dot(dg, bm, exact=exact) + e[:, None] * dys
+    db = _dot(dg, cm, exact=exact, trans_a=True) + w[:, None] * xds
     # the log-decays, through cum (inside L, exp(cum), exp(cum_Q - cum)) and tot = cum_Q
     r = dm * m
     dw = jnp.sum(bm.astype(jnp.float32) * xds, axis=1)  # [Q]
     dcum = jnp.sum(r, axis=1) - jnp.sum(r, axis=0) + e * jnp.sum(dy * ys, axis=1) - w * dw
     dtot = jnp.sum(w * dw) + et * jnp.sum(ds * s)
-    dla_ref[...] = jnp.sum(jnp.where(tri, dcum[:, None], 0.0), axis=0) + dtot  # reverse running sum
-    dx_ref[...] = (dxx * dt[:, None]).astype(dx_ref.dtype)
-    ddt_ref[...] = jnp.sum(dxx * x, axis=1)
+    dla = jnp.sum(jnp.where(tri, dcum[:, None], 0.0), axis=0) + dtot  # reverse running sum
+    return dxx * dt[:, None], jnp.sum(dxx * x, axis=1), dla, db, dc
+
+
+def _grads_kernel(x_ref, dt_ref, la_ref, b_ref, c_ref, s_ref, dy_ref, ds_ref,
+                  dx_ref, ddt_ref, dla_ref, db_ref, dc_ref, *, q: int, heads: int, exact: bool):
+    """Backward pass 2 (one program per chunk, channel block and run of ``heads`` heads of one
+    group, all in parallel): every gradient of one chunk from each head's start state ``s``
+    (stored by the forward) and the gradient ``ds`` of its end state (pass 1), for the block's
+    channels: ``dx`` whole, ``ddt`` and ``dla`` as this block's part, ``dB`` and ``dC`` as this
+    block's part summed over the program's heads (they share the group's B and C)."""
+    dtype = x_ref.dtype if not exact else jnp.float32
+    bm, cm = b_ref[...].astype(dtype), c_ref[...].astype(dtype)
+
+    def head(i, acc):
+        dx, ddt, dla, db, dc = _chunk_grads(
+            x_ref[:, i, :].astype(jnp.float32), dt_ref[:, i].astype(jnp.float32), la_ref[:, i].astype(jnp.float32),
+            bm, cm, s_ref[i, :, :], ds_ref[i, :, :], dy_ref[:, i, :].astype(jnp.float32), q=q, exact=exact,
+            dtype=dtype)
+        dx_ref[:, i, :] = dx.astype(dx_ref.dtype)
+        ddt_ref[:, i] = ddt
+        dla_ref[:, i] = dla
+        return acc[0] + db, acc[1] + dc
+
+    zero = jnp.zeros(b_ref.shape, jnp.float32)
+    db, dc = jax.lax.fori_loop(0, heads, head, (zero, zero)) if heads > 1 else head(0, (zero, zero))
+    db_ref[...] = db
+    dc_ref[...] = dc
 
 
 def _specs(b, t, h, p, g, n, bp):
@@ -257,7 +276,7 @@ def _forward_split(x, dt, la, bm, cm, s0, *, q, bp, num_warps, num_stages, inter
     return y, final, states
 
 
-def _backward(x, dt, la, bm, cm, states, dy, dsf, *, q, bp, num_warps, num_stages, interpret):
+def _backward(x, dt, la, bm, cm, states, dy, dsf, *, q, bp, bwd_heads, num_warps, num_stages, interpret):
     b, t, h, p = x.shape
     g, n = bm.shape[2], bm.shape[3]
     chunks = t // q
@@ -275,33 +294,37 @@ def _backward(x, dt, la, bm, cm, states, dy, dsf, *, q, bp, num_warps, num_stage
         out_shape=[jax.ShapeDtypeStruct((b, h, chunks, p, n), f32), jax.ShapeDtypeStruct((b, h, p, n), f32)],
         compiler_params=params, interpret=interpret, name="jaxkv_ssd_bwd_states",
     )(la, cm, dy, dsf)
-    # pass 2: one program per (row, head, chunk, channel block), the grid's last axis holding
-    # chunk x channel block; every gradient but dx is a sum over channels, so each channel block
-    # writes its part and the parts are summed here
+    # pass 2: one program per (row, run of ``hb`` heads of one group, chunk, channel block), the
+    # grid's last axis holding chunk x channel block; dx is whole, the other gradients are sums
+    # over channels (and dB, dC over the heads of a group), so each program writes its part and
+    # the parts are summed here
     npb = p // bp
-    tok = lambda last: pl.BlockSpec((None, q, None) + last, lambda i, j, c: (i, c // npb, j) + (0,) * len(last))  # noqa: E731
-    chan = pl.BlockSpec((None, q, None, bp), lambda i, j, c: (i, c // npb, j, c % npb))
-    part = lambda last: pl.BlockSpec((None, q, None, None) + last,  # noqa: E731
+    hb = bwd_heads
+    tok = lambda last: pl.BlockSpec((None, q, hb) + last, lambda i, j, c: (i, c // npb, j) + (0,) * len(last))  # noqa: E731
+    chan = pl.BlockSpec((None, q, hb, bp), lambda i, j, c: (i, c // npb, j, c % npb))
+    part = lambda last: pl.BlockSpec((None, q, hb, None) + last,  # noqa: E731
                                      lambda i, j, c: (i, c // npb, j, c % npb) + (0,) * len(last))
-    grp = pl.BlockSpec((None, q, None, n), lambda i, j, c: (i, c // npb, j // hpg, 0))
-    st = pl.BlockSpec((None, None, None, bp, n), lambda i, j, c: (i, j, c // npb, c % npb, 0))
+    grp_part = pl.BlockSpec((None, q, None, None, n), lambda i, j, c: (i, c // npb, j, c % npb, 0))
+    grp = pl.BlockSpec((None, q, None, n), lambda i, j, c: (i, c // npb, (j * hb) // hpg, 0))
+    st = pl.BlockSpec((None, hb, None, bp, n), lambda i, j, c: (i, j, c // npb, c % npb, 0))
     dx, ddt, dla, db, dc = pl.pallas_call(
-        functools.partial(_grads_kernel, q=q, exact=exact),
-        grid=(b, h, chunks * npb),
+        functools.partial(_grads_kernel, q=q, heads=hb, exact=exact),
+        grid=(b, h // hb, chunks * npb),
         in_specs=[chan, tok(()), tok(()), grp, grp, st, chan, st],
-        out_specs=[chan, part(()), part(()), part((n,)), part((n,))],
+        out_specs=[chan, part(()), part(()), grp_part, grp_part],
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((b, t, h, npb), f32),
-                   jax.ShapeDtypeStruct((b, t, h, npb), f32), jax.ShapeDtypeStruct((b, t, h, npb, n), f32),
-                   jax.ShapeDtypeStruct((b, t, h, npb, n), f32)],
+                   jax.ShapeDtypeStruct((b, t, h, npb), f32), jax.ShapeDtypeStruct((b, t, h // hb, npb, n), f32),
+                   jax.ShapeDtypeStruct((b, t, h // hb, npb, n), f32)],
         compiler_params=params, interpret=interpret, name="jaxkv_ssd_bwd_grads",
     )(x, dt, la, bm, cm, states, dy, dso)
-    group = lambda a: a.sum(axis=3).reshape(b, t, g, hpg, n).sum(axis=3)  # noqa: E731  parts, heads -> group
+    group = lambda a: a.sum(axis=3).reshape(b, t, g, hpg // hb, n).sum(axis=3)  # noqa: E731  parts -> group
     return dx, ddt.sum(-1), dla.sum(-1), group(db), group(dc), ds0
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _ssd(x, dt, la, bm, cm, s0, opts):
     opts = dict(opts)
+    opts.pop("backward_heads")
     if opts.pop("split"):
         y, sf, _ = _forward_split(x, dt, la, bm, cm, s0, **opts)
     else:
@@ -311,6 +334,7 @@ def _ssd(x, dt, la, bm, cm, s0, opts):
 
 def _ssd_fwd(x, dt, la, bm, cm, s0, opts):
     opts = dict(opts)
+    opts.pop("backward_heads")
     if opts.pop("split"):
         y, sf, states = _forward_split(x, dt, la, bm, cm, s0, **opts)
     else:
@@ -323,6 +347,7 @@ def _ssd_bwd(opts, res, cts):
     dy, dsf = cts
     opts = dict(opts)
     opts.pop("split")
+    opts["bwd_heads"] = opts.pop("backward_heads")
     dx, ddt, dla, db, dc, ds0 = _backward(x, dt, la, bm, cm, states, dy.astype(x.dtype), dsf.astype(jnp.float32),
                                           **opts)
     return dx, ddt.astype(dt.dtype), dla.astype(la.dtype), db.astype(bm.dtype), dc.astype(cm.dtype), ds0
@@ -331,22 +356,32 @@ def _ssd_bwd(opts, res, cts):
 _ssd.defvjp(_ssd_fwd, _ssd_bwd)
 
 
-@functools.partial(jax.jit, static_argnames=("block_t", "block_p", "split", "num_warps", "num_stages", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_t", "block_p", "split", "backward_heads", "num_warps",
+                                             "num_stages", "interpret"))
 def ssd_pallas_gpu(x: Array, dt: Array, A: Array, B: Array, C: Array, initial_state: Array | None = None, *,
-                   block_t: int = 64, block_p: int = 64, split: bool | None = None, num_warps: int = 4,
-                   num_stages: int = 1, interpret: bool = False) -> tuple[Array, Array]:
+                   block_t: int = 64, block_p: int = 64, split: bool | None = None,
+                   backward_heads: int = 1, num_warps: int = 4, num_stages: int = 1,
+                   interpret: bool = False) -> tuple[Array, Array]:
     """``(y [b, T, H, P] fp32, final_state [b, H, P, N] fp32)``, the reference's contract.
     ``block_t`` (the kernel's chunk: any chunk gives the same result, so the model's
     ``chunk_size`` is not this) and ``block_p`` are powers of two >= 16 (``block_p`` is capped at
     P); T is padded to a ``block_t`` multiple with dt = 0 (no decay, no input) when it is not one.
     ``split``: the forward as a state pass plus a chunk-parallel output pass instead of one
-    kernel fused over chunks; None picks it when ``b x H`` is below ``SPLIT_BELOW`` programs."""
+    kernel fused over chunks; None picks it when ``b x H`` is below ``SPLIT_BELOW`` programs.
+    ``backward_heads``: the heads one program of the backward's gradient pass walks, summing their
+    dB and dC in registers (a divisor of the heads per group of B and C); more heads, fewer
+    fp32 partial sums written to HBM and read back."""
     b, t, h, p = x.shape
     n = B.shape[-1]
     for name, v in (("block_t", block_t), ("block_p", block_p)):
         if not isinstance(v, int) or v < 16 or v & (v - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {v!r}")
     q, bp = int(block_t), min(int(block_p), p)
+    hpg = h // B.shape[2]
+    if isinstance(backward_heads, bool) or not isinstance(backward_heads, int) or backward_heads < 1 \
+            or hpg % backward_heads:
+        raise ValueError(f"backward_heads must be a positive divisor of the heads per group ({hpg}), "
+                         f"got {backward_heads!r}")
     pad = -t % q
     la = (dt.astype(jnp.float32) * jnp.broadcast_to(A.astype(jnp.float32), dt.shape))  # log-decay [b, T, H]
     dt = dt.astype(jnp.float32)
@@ -355,7 +390,7 @@ def ssd_pallas_gpu(x: Array, dt: Array, A: Array, B: Array, C: Array, initial_st
         x, dt, la, B, C = tp(x), tp(dt), tp(la), tp(B), tp(C)
     s0 = jnp.zeros((b, h, p, n), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
     split = b * h < SPLIT_BELOW if split is None else bool(split)
-    opts = (("q", q), ("bp", bp), ("split", split), ("num_warps", num_warps), ("num_stages", num_stages),
-            ("interpret", interpret))
+    opts = (("q", q), ("bp", bp), ("split", split), ("backward_heads", backward_heads), ("num_warps", num_warps),
+            ("num_stages", num_stages), ("interpret", interpret))
     y, final = _ssd(x, dt, la, B.astype(x.dtype), C.astype(x.dtype), s0, opts)
     return y[:, :t].astype(jnp.float32), final
