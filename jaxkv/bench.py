@@ -397,7 +397,8 @@ def bench_prefill(*, batch: int = 1, num_heads: int = 32, num_kv_heads: int = 8,
                   documents: int = 8, block_q: int = 128, block_k: int = 64, num_warps: int = 4,
                   num_stages: int = 3, mask_block: int = 128, repeats: int = 5, interpret: bool = False,
                   implementations: tuple[str, ...] = ("pallas_gpu",), mosaic_block_k: int = 128,
-                  mosaic_stages: int = 2, seed: int = 0) -> list[dict]:
+                  mosaic_stages: int = 2, mosaic_programs: tuple[int | str | None, ...] = (None,),
+                  seed: int = 0) -> list[dict]:
     """Prefill attention (``jaxkv.kernels.block_sparse_attention``) against cuDNN in one process,
     bf16, token-major ``[B, T, N, H]``: (1) dense causal forward at each length; (2) block-sparse
     forward at each density (random ``mask_block``-square cells per row and KV head, non-causal)
@@ -407,8 +408,10 @@ def bench_prefill(*, batch: int = 1, num_heads: int = 32, num_kv_heads: int = 8,
     counted by hand over the visible blocks' share (4 B N H per visible query-key pair forward,
     3.5x that forward + backward). ``implementations``: the kernels' rows, each in turn
     (``pallas_gpu``: Triton, ``block_q x block_k``; ``mosaic_gpu``: Hopper, 128 x
-    ``mosaic_block_k``, ``mosaic_stages`` K/V slots, the Triton backward). Without a GPU only the
-    ``pallas_gpu`` rows run, in interpret mode (a check of the bench)."""
+    ``mosaic_block_k``, ``mosaic_stages`` K/V slots, the Triton backward; a row per entry of
+    ``mosaic_programs``: None one CTA a tile, n persistent CTAs, ``"sms"`` one persistent CTA per
+    streaming multiprocessor). Without a GPU only the ``pallas_gpu`` rows run, in interpret mode (a
+    check of the bench)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -429,7 +432,18 @@ def bench_prefill(*, batch: int = 1, num_heads: int = 32, num_kv_heads: int = 8,
                               **({"interpret": True} if interpret else {})},
                "mosaic_gpu": {"implementation": "mosaic_gpu", "block_q": 128, "block_k": mosaic_block_k,
                               "stages": mosaic_stages, "num_warps": num_warps, "num_stages": num_stages}}
-    kernels = {name: kernels[name] for name in implementations}
+    sms = getattr(jax.devices()[0], "core_count", None) if gpu else None
+
+    def programs(p):
+        if p != "sms":
+            return p
+        if not sms:
+            raise UserError("mosaic_programs 'sms' needs a GPU that reports its multiprocessor count")
+        return int(sms)
+
+    kernels = {label: {**kernels[name], **({} if p is None else {"programs": programs(p)})}
+               for name in implementations for p in (mosaic_programs if name == "mosaic_gpu" else (None,))
+               for label in [name if p is None else f"{name}, {programs(p)} programs"]}
     rows = []
 
     def timed(f, *xs):
@@ -540,6 +554,20 @@ def _parse_heads(text: str) -> tuple[int, int]:
         raise UserError(f"--heads must look like 32/8 (query/KV heads), got {text!r}") from None
 
 
+def _mosaic_programs(text: str) -> tuple[int | str | None, ...]:
+    """``--mosaic-programs``: comma-separated ``tiles`` (one CTA a tile), ``sms`` (one persistent
+    CTA per multiprocessor) or positive ints (that many persistent CTAs)."""
+    out = []
+    for item in text.split(","):
+        if item in ("tiles", "sms"):
+            out.append(None if item == "tiles" else item)
+        elif item.isdigit() and int(item) > 0:
+            out.append(int(item))
+        else:
+            raise UserError(f"--mosaic-programs must be comma-separated 'tiles', 'sms' or positive ints, got {text!r}")
+    return tuple(out)
+
+
 def _main_prefill(args) -> int:
     num_heads, num_kv = _parse_heads(args.heads)
     try:
@@ -552,7 +580,8 @@ def _main_prefill(args) -> int:
                          lengths=lengths, densities=densities, documents=args.documents, block_q=args.block_q,
                          block_k=args.block_k, num_warps=args.num_warps, num_stages=args.num_stages,
                          repeats=args.repeats, implementations=tuple(args.implementations.split(",")),
-                         mosaic_block_k=args.mosaic_block_k, mosaic_stages=args.mosaic_stages)
+                         mosaic_block_k=args.mosaic_block_k, mosaic_stages=args.mosaic_stages,
+                         mosaic_programs=_mosaic_programs(args.mosaic_programs))
     r0 = rows[0]
     print(f"device {r0['device']}, jax {r0['jax']}; batch {r0['batch']}, heads {r0['heads']}, head dim "
           f"{r0['head_dim']}, bf16")

@@ -31,20 +31,22 @@ def mamba2_shape(name: str):
 def bench_ssd(*, batch: int = 8, length: int = 2048, heads: int = 24, head_dim: int = 64, state: int = 128,
               groups: int = 1, configs=((64, 64, 4, False, 1), (64, 64, 4, False, 2), (64, 64, 4, False, 4),
                                         (64, 64, 4, False, 8), (64, 64, 4, False, 24), (64, 64, 8, False, 1),
-                                        (64, 32, 4, False, 1), (64, 64, 4, True, 1)),
+                                        (64, 64, 8, False, 4), (64, 64, 8, False, 24), (64, 32, 4, False, 1),
+                                        (64, 32, 4, False, 4), (64, 64, 4, True, 1), (128, 64, 8, False, 4)),
               repeats: int = 10, interpret: bool = False, seed: int = 0) -> list[dict]:
     """The SSD scan at training shapes, bf16 inputs: the Pallas kernel (each ``(block_t,
     block_p, num_warps, split, backward_heads)`` of ``configs``; those whose ``backward_heads``
     does not divide the heads per group are left out) against the XLA reference (``ssd_chunked`` at the
     model's chunk of 256 and at 64), forward and forward + backward, in one process. The
     roofline is the bytes a forward must move (x, dt, B, C read once, y written, bf16 except dt)
-    over the read bandwidth measured in the same run."""
+    over the read bandwidth measured in the same run. On a GPU each kernel row also carries the
+    profiler's GPU time of the forward + backward's eight longest kernels (``kernel_times_s``)."""
     import functools
 
     import jax
     import jax.numpy as jnp
 
-    from jaxkv.bench import _time_on_device, measure_read_bandwidth
+    from jaxkv.bench import _time_on_device, device_kernel_times, measure_read_bandwidth
     from jaxkv.kernels.ssd import ssd_chunked
     from jaxkv.kernels.ssd.pallas_gpu import ssd_pallas_gpu
 
@@ -87,8 +89,9 @@ def bench_ssd(*, batch: int = 8, length: int = 2048, heads: int = 24, head_dim: 
         err = float(jnp.max(jnp.abs(y - ref_y)) / jnp.max(jnp.abs(ref_y)))
         fwd = timed(lambda x, dt, B, C, fn=fn: fn(x, dt, A, B, C)[0], x, dt, B, C)
         both = timed(with_grad(fn), x, dt, B, C)
+        parts = device_kernel_times(jax.jit(with_grad(fn)), x, dt, B, C) if cfg is not None and gpu else None
         rows.append({"bench": "ssd", "variant": name, "kernel": cfg is not None, "batch": b, "length": t,
-                     "heads": h, "head_dim": p, "state": n, "groups": g, "forward_s": fwd,
+                     "kernel_times_s": dict(sorted((parts or {}).items(), key=lambda kv: -kv[1])[:8]), "heads": h, "head_dim": p, "state": n, "groups": g, "forward_s": fwd,
                      "forward_backward_s": both, "io_bytes": io_bytes, "bandwidth_bytes_per_s": bandwidth,
                      "roofline_forward_s": io_bytes / bandwidth, "max_rel_err_vs_reference": err,
                      "device": str(jax.devices()[0].device_kind), "jax": jax.__version__})
@@ -166,6 +169,10 @@ def main(args) -> int:
             print(f"{r['variant']:<64} {r['forward_s'] * 1e3:>8.3f} {r['forward_speedup']:>6.2f} "
                   f"{r['forward_backward_s'] * 1e3:>11.3f} {r['forward_backward_speedup']:>6.2f} "
                   f"{r['max_rel_err_vs_reference']:>8.1e}")
+        for r in rows:
+            if r["kernel_times_s"]:
+                print(f"  {r['variant']}: " + ", ".join(f"{k} {v * 1e3:.3f} ms"
+                                                         for k, v in r["kernel_times_s"].items()))
         _write(rows, args.json)
         return 0
     try:

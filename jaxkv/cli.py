@@ -1162,6 +1162,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated: pallas_gpu (Triton), mosaic_gpu (Hopper: wgmma forward, Triton backward)")
     pf.add_argument("--mosaic-block-k", type=_positive_int, default=128, help="mosaic_gpu's keys a block")
     pf.add_argument("--mosaic-stages", type=_positive_int, default=2, help="mosaic_gpu's K/V slots in flight")
+    pf.add_argument("--mosaic-programs", default="tiles",
+                    help="mosaic_gpu's CTAs, comma-separated, a row each: 'tiles' (one a tile), 'sms' (one persistent "
+                         "CTA per multiprocessor) or a count of persistent CTAs")
     pf.add_argument("--repeats", type=_positive_int, default=5)
     pf.add_argument("--json", default=None)
     sd = bsub.add_parser("ssd", help="Mamba-2's SSD scan: the Pallas kernel against the XLA reference (GPU)")

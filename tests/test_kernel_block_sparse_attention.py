@@ -330,11 +330,16 @@ class TestMosaicGpu:
         if not _hopper():
             pytest.skip("mosaic_gpu needs a Hopper GPU")
 
+    @pytest.mark.parametrize("options", [{}, {"programs": 5}, {"programs": 3, "stages": 3}],
+                             ids=["a CTA a tile", "5 persistent CTAs", "3 persistent CTAs, 3 stages"])
     @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "fp16"])
     @pytest.mark.parametrize("name", list(MOSAIC_CASES))
-    def test_forward_matches_the_reference(self, name, dtype):
+    def test_forward_matches_the_reference(self, name, dtype, options):
+        if dtype == jnp.float16 and options:
+            pytest.skip("the tile walk and the ring do not depend on the dtype: bf16 covers them")
         q, k, v, qp, kp, kw, s = _mosaic_inputs(name, dtype)
         arrays, static = _split(kw)
+        static.update(options)
         up = lambda x: x.astype(jnp.float32)  # noqa: E731
         want, want_lse = _jit_bsa(implementation="reference", return_lse=True, **static)(
             up(q), up(k), up(v), qp, kp, arrays)
@@ -363,10 +368,11 @@ class TestMosaicGpu:
             assert np.linalg.norm(a - b) / np.linalg.norm(b) < 2e-2, f"d{name_}"
 
 
-def test_the_mosaic_gpu_forward_lowers_for_an_h200():
+@pytest.mark.parametrize("programs", [None, 3], ids=["a CTA a tile", "3 persistent CTAs"])
+def test_the_mosaic_gpu_forward_lowers_for_an_h200(programs):
     """Pallas's Mosaic GPU lowering of the Hopper forward (documents + anchor, GQA 8/2, head dim
-    128, bf16) and of a gradient through it (the Triton backward), exported for an H200 here; what
-    only ptxas checks on the card is not covered."""
+    128, bf16; one CTA a tile and persistent CTAs) and of a gradient through it (the Triton
+    backward), exported for an H200 here; what only ptxas checks on the card is not covered."""
     from jaxkv.kernels.block_sparse_attention.api import _mosaic_attention, _pad_and_plan
     from jaxkv.kernels.block_sparse_attention.mosaic_gpu import MosaicConfig
     from jaxkv.kernels.block_sparse_attention.pallas_gpu import Config
@@ -379,7 +385,7 @@ def test_the_mosaic_gpu_forward_lowers_for_an_h200():
     spec = MaskSpec(anchor=True)
     q, k, v, qp, kp, qs, ks, plan = _pad_and_plan(q, k, v, pos, pos, seg, seg, None, spec, None, 128, 128)
     bwd = block_plan(spec, qp, kp, block_q=64, block_k=64, q_segments=qs, k_segments=ks)
-    mcfg = MosaicConfig(spec=spec, scale=128 ** -0.5)
+    mcfg = MosaicConfig(spec=spec, scale=128 ** -0.5, programs=programs)
     tcfg = Config(spec=spec, scale=128 ** -0.5, block_q=64, block_k=64, num_warps=4, num_stages=3, interpret=False)
 
     def f(q, k, v):
@@ -405,6 +411,10 @@ def test_mosaic_gpu_refuses_what_it_cannot_run():
                                    implementation="mosaic_gpu")
     with pytest.raises(ValueError, match="implementation"):
         block_sparse_attention(q, q, q, jnp.arange(128)[None], jnp.arange(128)[None], implementation="mosaic")
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match="programs"):
+            block_sparse_attention(q, q[:, :, :2], q[:, :, :2], jnp.arange(128)[None], jnp.arange(128)[None],
+                                   implementation="mosaic_gpu", programs=bad)
 
 
 @pytest.mark.parametrize("anchor", [False, True], ids=["causal", "documents + anchor"])
@@ -467,3 +477,15 @@ def test_bench_prefill_on_a_tiny_shape():
             assert r["max_abs_err"] < 3e-2, r
     sparse = [r for r in rows if r["kernel"].startswith("block-sparse")]
     assert sparse[0]["density"] > sparse[1]["density"] > 0
+
+
+def test_bench_prefill_reads_its_mosaic_programs():
+    """`--mosaic-programs`: one CTA a tile, one per multiprocessor, or a count; anything else is
+    refused by name."""
+    from jaxkv.bench import _mosaic_programs
+    from jaxkv.errors import UserError
+
+    assert _mosaic_programs("tiles,sms,132") == (None, "sms", 132)
+    for bad in ("0", "tiles,-1", "many", ""):
+        with pytest.raises(UserError, match="--mosaic-programs"):
+            _mosaic_programs(bad)

@@ -69,10 +69,11 @@ def block_sparse_attention(q: Array, k: Array, v: Array, q_positions: Array, k_p
     default 128 x 64, at most ``mask_block``; empty blocks skipped; the backward in blocks of
     ``backward_blocks``, None: the forward's), ``"mosaic_gpu"`` (asked for by name; Hopper GPUs,
     bf16/fp16, head dims a multiple of 64: the forward by ``wgmma`` in blocks of 128 x
-    ``block_k``, default 128, the Triton backward; ``kernel_options`` ``stages``, ``num_warps``,
-    ``num_stages``), ``"pallas_tpu"`` (asked for by name: the forward in the same blocks,
-    ``block_k`` a multiple of 128 on a TPU; the backward by ``jax.vjp`` of the dense reference;
-    tested in the TPU interpreter and lowered for the TPU, not yet run on one) or
+    ``block_k``, default 128, the Triton backward; ``kernel_options`` ``stages``, ``programs``
+    (persistent CTAs), ``num_warps``, ``num_stages``), ``"pallas_tpu"`` (asked for by name: the
+    forward in the same blocks, ``block_k`` a multiple of 128 on a TPU; the backward by
+    ``jax.vjp`` of the dense reference; tested in the TPU interpreter and lowered for the TPU,
+    not yet run on one) or
     ``"reference"`` (dense jnp); an explicit one that cannot run raises, None takes the Triton
     kernel on a GPU and otherwise warns and runs the reference. ``kernel_options``
     (``num_warps``, ``num_stages``, ``interpret``) go to the kernel."""
@@ -196,14 +197,18 @@ def _hopper() -> bool:
 def _mosaic(q, k, v, q_positions, k_positions, q_segments, k_segments, block_mask, mask, mask_block, scale,
             block_q, block_k, backward_blocks, kernel_options):
     """The Mosaic GPU forward (Hopper: wgmma, TMA) and the Triton backward in one ``custom_vjp``;
-    ``kernel_options``: ``stages`` (K/V slots in flight) for the forward, ``num_warps`` and
+    ``kernel_options``: ``stages`` (K/V slots in flight) and ``programs`` (None: one CTA a tile;
+    an int: that many persistent CTAs walk the tiles) for the forward, ``num_warps`` and
     ``num_stages`` for the backward."""
     from jaxkv.kernels.block_sparse_attention import mosaic_gpu, pallas_gpu
 
-    other = sorted(set(kernel_options) - {"stages", "num_warps", "num_stages"})
+    other = sorted(set(kernel_options) - {"stages", "programs", "num_warps", "num_stages"})
     if other:
-        raise ValueError(f"kernel options {other} are not the Mosaic GPU kernel's (it takes stages, and num_warps "
-                         f"and num_stages for its Triton backward)")
+        raise ValueError(f"kernel options {other} are not the Mosaic GPU kernel's (it takes stages and programs, "
+                         f"and num_warps and num_stages for its Triton backward)")
+    programs = kernel_options.get("programs")
+    if programs is not None and (isinstance(programs, bool) or not isinstance(programs, int) or programs < 1):
+        raise ValueError(f"programs must be None or a positive int, got {programs!r}")
     if jax.default_backend() != "gpu":
         raise ValueError(f"implementation='mosaic_gpu' cannot run: the backend is {jax.default_backend()}, not gpu")
     if not _hopper():
@@ -224,7 +229,8 @@ def _mosaic(q, k, v, q_positions, k_positions, q_segments, k_segments, block_mas
     spec, qs, ks = kernel_segments(mask, qp, kp, qs, ks)
     h = q.shape[-1]
     sc = h ** -0.5 if scale is None else float(scale)
-    mcfg = mosaic_gpu.MosaicConfig(spec=spec, scale=sc, block_q=64, block_k=block_k, stages=stages)
+    mcfg = mosaic_gpu.MosaicConfig(spec=spec, scale=sc, block_q=64, block_k=block_k, stages=stages,
+                                   programs=programs)
     tcfg = pallas_gpu.Config(spec=spec, scale=sc, block_q=backward_blocks[0], block_k=backward_blocks[1],
                              num_warps=kernel_options.get("num_warps", 4),
                              num_stages=kernel_options.get("num_stages", 3), interpret=False)
