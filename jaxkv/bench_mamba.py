@@ -68,8 +68,8 @@ def bench_ssd(*, batch: int = 8, length: int = 2048, heads: int = 24, head_dim: 
     def timed(f, *xs):
         return _time_on_device(f, *xs, repeats=1 if interpret else repeats, rounds=1 if interpret else 3)
 
-    def with_grad(fn):
-        def loss(x, dt, B, C):
+    def with_grad(fn):  # wy an argument, not a closed-over constant XLA would try to fold
+        def loss(x, dt, B, C, wy):
             y, final = fn(x, dt, A, B, C)
             return jnp.sum(y * wy) + jnp.sum(final)
         return jax.grad(loss, argnums=(0, 1, 2, 3))
@@ -88,8 +88,8 @@ def bench_ssd(*, batch: int = 8, length: int = 2048, heads: int = 24, head_dim: 
             ref_y = y
         err = float(jnp.max(jnp.abs(y - ref_y)) / jnp.max(jnp.abs(ref_y)))
         fwd = timed(lambda x, dt, B, C, fn=fn: fn(x, dt, A, B, C)[0], x, dt, B, C)
-        both = timed(with_grad(fn), x, dt, B, C)
-        parts = device_kernel_times(jax.jit(with_grad(fn)), x, dt, B, C) if cfg is not None and gpu else None
+        both = timed(with_grad(fn), x, dt, B, C, wy)
+        parts = device_kernel_times(jax.jit(with_grad(fn)), x, dt, B, C, wy) if cfg is not None and gpu else None
         rows.append({"bench": "ssd", "variant": name, "kernel": cfg is not None, "batch": b, "length": t,
                      "kernel_times_s": dict(sorted((parts or {}).items(), key=lambda kv: -kv[1])[:8]), "heads": h, "head_dim": p, "state": n, "groups": g, "forward_s": fwd,
                      "forward_backward_s": both, "io_bytes": io_bytes, "bandwidth_bytes_per_s": bandwidth,

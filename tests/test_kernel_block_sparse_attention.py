@@ -339,11 +339,11 @@ class TestMosaicGpu:
             pytest.skip("the tile walk and the ring do not depend on the dtype: bf16 covers them")
         q, k, v, qp, kp, kw, s = _mosaic_inputs(name, dtype)
         arrays, static = _split(kw)
-        static.update(options)
         up = lambda x: x.astype(jnp.float32)  # noqa: E731
         want, want_lse = _jit_bsa(implementation="reference", return_lse=True, **static)(
             up(q), up(k), up(v), qp, kp, arrays)
-        got, lse = _jit_bsa(implementation="mosaic_gpu", return_lse=True, **static)(q, k, v, qp, kp, arrays)
+        got, lse = _jit_bsa(implementation="mosaic_gpu", return_lse=True, **static, **options)(
+            q, k, v, qp, kp, arrays)
         got, want = np.asarray(got, np.float32), np.asarray(want)
         assert np.isfinite(got).all()
         np.testing.assert_allclose(got, want, atol=TOL[jnp.bfloat16] * np.sqrt(s) / 4)
