@@ -91,7 +91,8 @@ def bench_ssd(*, batch: int = 8, length: int = 2048, heads: int = 24, head_dim: 
         both = timed(with_grad(fn), x, dt, B, C, wy)
         parts = device_kernel_times(jax.jit(with_grad(fn)), x, dt, B, C, wy) if cfg is not None and gpu else None
         rows.append({"bench": "ssd", "variant": name, "kernel": cfg is not None, "batch": b, "length": t,
-                     "kernel_times_s": dict(sorted((parts or {}).items(), key=lambda kv: -kv[1])[:8]), "heads": h, "head_dim": p, "state": n, "groups": g, "forward_s": fwd,
+                     "kernel_times_s": dict(sorted((parts or {}).items(), key=lambda kv: -kv[1])[:8]),
+                     "heads": h, "head_dim": p, "state": n, "groups": g, "forward_s": fwd,
                      "forward_backward_s": both, "io_bytes": io_bytes, "bandwidth_bytes_per_s": bandwidth,
                      "roofline_forward_s": io_bytes / bandwidth, "max_rel_err_vs_reference": err,
                      "device": str(jax.devices()[0].device_kind), "jax": jax.__version__})

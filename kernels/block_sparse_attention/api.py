@@ -198,8 +198,8 @@ def _mosaic(q, k, v, q_positions, k_positions, q_segments, k_segments, block_mas
             block_q, block_k, backward_blocks, kernel_options):
     """The Mosaic GPU forward (Hopper: wgmma, TMA) and the Triton backward in one ``custom_vjp``;
     ``kernel_options``: ``stages`` (K/V slots in flight) and ``programs`` (None: one CTA a tile;
-    an int: that many persistent CTAs walk the tiles) for the forward, ``num_warps`` and
-    ``num_stages`` for the backward."""
+    an int: that many persistent CTAs walk the tiles; lowered, not yet run on a GPU) for the
+    forward, ``num_warps`` and ``num_stages`` for the backward."""
     from jaxkv.kernels.block_sparse_attention import mosaic_gpu, pallas_gpu
 
     other = sorted(set(kernel_options) - {"stages", "programs", "num_warps", "num_stages"})

@@ -30,7 +30,9 @@ dims a multiple of 64; query and key lengths a multiple of the plan's blocks, wh
 
 jax 0.11.2's Mosaic GPU interpreter rejects ``wgmma``'s accumulator effect, so this kernel is not
 run on a CPU: it is lowered there (``tests/gpu_lowering.py``) and compiled and checked against the
-reference on a GPU (``pytest -m gpu``).
+reference on a GPU (``pytest -m gpu``). One CTA a tile (the default) has passed those checks on an
+H100 in this form; the persistent walk (``programs=n``, one or two Q buffers) is lowered and
+shares its body, but has not yet run on a GPU.
 """
 from __future__ import annotations
 
@@ -59,7 +61,8 @@ __all__ = ["block_sparse_attention_mosaic_gpu", "MosaicConfig", "why_no_mosaic"]
 class MosaicConfig:
     """The static part of one call: ``block_q`` rows per compute warpgroup (a CTA holds two),
     ``block_k`` keys a block, ``stages`` K/V slots in flight, ``programs`` CTAs (None: one a
-    tile; n: n persistent CTAs walk the tiles, e.g. the GPU's SM count)."""
+    tile; n: n persistent CTAs walk the tiles, e.g. the GPU's SM count; lowered, not yet run on
+    a GPU)."""
 
     spec: MaskSpec
     scale: float

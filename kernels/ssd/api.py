@@ -50,7 +50,7 @@ def ssd(x: Array, dt: Array, A: Array, B: Array, C: Array, initial_state: Array 
     raises, None takes the GPU kernel on a GPU and otherwise warns and runs the reference (the
     TPU kernel is asked for by name: it is tested in interpret mode and lowered for the TPU, not
     yet run on one). ``kernel_options`` go to the kernel: ``block_t``, ``block_p``, ``split``,
-    ``num_warps``, ``num_stages``, ``interpret`` for the GPU's; ``block_t``, ``interpret`` for
+    ``backward_heads``, ``num_warps``, ``num_stages``, ``interpret`` for the GPU's; ``block_t``, ``interpret`` for
     the TPU's."""
     _check(x, dt, A, B, C, initial_state)
     if use_tpu_kernel(implementation, kernel_options, TPU_OPTIONS):

@@ -21,13 +21,15 @@ each chunk's start state (one dot per chunk), then one program per chunk compute
 
 The backward (``jax.custom_vjp``) runs in two passes. (1) A sequential reverse walk over the
 chunks carries only the state's gradient (one dot per chunk) and stores it at every chunk
-boundary. (2) One program per (batch row, head, chunk, block of ``block_p`` channels), all in
-parallel, computes every gradient of its chunk from the chunk's start state (stored by the forward, ``[b, H, chunks, P, N]`` fp32,
-kept only when differentiating) and its end state's gradient. (A single sequential backward,
-``b x H`` programs doing all the work in order, made forward + backward 2.22 ms at 8 x 2,048
-tokens of mamba2-130m's shapes on an H200; this form 1.64 ms.) Pass 2 returns per-head ``dB, dC`` (summed over a group's heads afterwards) and the
-gradients of ``x``, ``dt`` (through ``X``), the log-decays (``dt`` and ``A`` get theirs by the
-chain rule outside) and the initial state. Hand-derived; tested against ``jax.vjp`` of the
+boundary. (2) One program per (batch row, run of ``backward_heads`` heads of one group, chunk,
+block of ``block_p`` channels), all in parallel, computes every gradient of its chunk from the
+chunk's start state (stored by the forward, ``[b, H, chunks, P, N]`` fp32, kept only when
+differentiating) and its end state's gradient. (A single sequential backward, ``b x H``
+programs doing all the work in order, made forward + backward 2.22 ms at 8 x 2,048 tokens of
+mamba2-130m's shapes on an H200; this form 1.64 ms.) Pass 2 returns ``dB, dC`` summed over the
+program's heads (then over the group's runs of heads afterwards) and the gradients of ``x``,
+``dt`` (through ``X``), the log-decays (``dt`` and ``A`` get theirs by the chain rule outside)
+and the initial state. Hand-derived; tested against ``jax.vjp`` of the
 reference.
 """
 from __future__ import annotations
@@ -300,7 +302,8 @@ def _backward(x, dt, la, bm, cm, states, dy, dsf, *, q, bp, bwd_heads, num_warps
     # the parts are summed here
     npb = p // bp
     hb = bwd_heads
-    tok = lambda last: pl.BlockSpec((None, q, hb) + last, lambda i, j, c: (i, c // npb, j) + (0,) * len(last))  # noqa: E731
+    tok = lambda last: pl.BlockSpec((None, q, hb) + last,  # noqa: E731
+                                    lambda i, j, c: (i, c // npb, j) + (0,) * len(last))
     chan = pl.BlockSpec((None, q, hb, bp), lambda i, j, c: (i, c // npb, j, c % npb))
     part = lambda last: pl.BlockSpec((None, q, hb, None) + last,  # noqa: E731
                                      lambda i, j, c: (i, c // npb, j, c % npb) + (0,) * len(last))
