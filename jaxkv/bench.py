@@ -17,6 +17,7 @@ import functools
 import json
 import math
 import statistics
+import sys
 import time
 from jaxkv.errors import UserError
 
@@ -398,7 +399,7 @@ def bench_prefill(*, batch: int = 1, num_heads: int = 32, num_kv_heads: int = 8,
                   num_stages: int = 3, mask_block: int = 128, repeats: int = 5, interpret: bool = False,
                   implementations: tuple[str, ...] = ("pallas_gpu",), mosaic_block_k: int = 128,
                   mosaic_stages: int = 2, mosaic_programs: tuple[int | str | None, ...] = (None,),
-                  seed: int = 0) -> list[dict]:
+                  seed: int = 0, progress=None) -> list[dict]:
     """Prefill attention (``jaxkv.kernels.block_sparse_attention``) against cuDNN in one process,
     bf16, token-major ``[B, T, N, H]``: (1) dense causal forward at each length; (2) block-sparse
     forward at each density (random ``mask_block``-square cells per row and KV head, non-causal)
@@ -411,7 +412,8 @@ def bench_prefill(*, batch: int = 1, num_heads: int = 32, num_kv_heads: int = 8,
     ``mosaic_block_k``, ``mosaic_stages`` K/V slots, the Triton backward; a row per entry of
     ``mosaic_programs``: None one CTA a tile, n persistent CTAs, ``"sms"`` one persistent CTA per
     streaming multiprocessor). Without a GPU only the ``pallas_gpu`` rows run, in interpret mode (a
-    check of the bench)."""
+    check of the bench). ``progress``: called with each row as it is measured (the CLI prints it,
+    so a run cut short keeps what it measured)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -454,6 +456,8 @@ def bench_prefill(*, batch: int = 1, num_heads: int = 32, num_kv_heads: int = 8,
         rows.append({"kernel": name, "batch": b, "heads": f"{n}/{kh}", "head_dim": h, "length": t, "seconds": seconds,
                      "tflops": flops / seconds / 1e12, "max_abs_err": err, "device": jax.devices()[0].device_kind,
                      "jax": jax.__version__, **extra})
+        if progress is not None:
+            progress(rows[-1])
         return rows[-1]
 
     def inputs(t, key):
@@ -568,7 +572,24 @@ def _mosaic_programs(text: str) -> tuple[int | str | None, ...]:
     return tuple(out)
 
 
+def _prefill_line(r: dict, file=None) -> None:
+    """One ``bench prefill`` row as a line (to stderr while the bench runs, stdout in the table)."""
+    err = "-" if r["max_abs_err"] is None else f"{r['max_abs_err']:.1e}"
+    print(f"{r['kernel']:<56} {r['length']:>7} {r['seconds'] * 1e3:>9.3f} {r['tflops']:>8.1f} {err:>9}",
+          file=sys.stderr if file is None else file, flush=True)
+
+
+def _need_gpu(what: str) -> None:
+    """The CLI's GPU benches refuse another backend by name (their library functions run a
+    check of themselves in interpret mode instead)."""
+    import jax
+
+    if jax.default_backend() != "gpu":
+        raise UserError(f"jaxkv bench {what} times GPU kernels; the backend here is {jax.default_backend()}")
+
+
 def _main_prefill(args) -> int:
+    _need_gpu("prefill")
     num_heads, num_kv = _parse_heads(args.heads)
     try:
         lengths = tuple(int(x) for x in args.lengths.split(","))
@@ -581,14 +602,13 @@ def _main_prefill(args) -> int:
                          block_k=args.block_k, num_warps=args.num_warps, num_stages=args.num_stages,
                          repeats=args.repeats, implementations=tuple(args.implementations.split(",")),
                          mosaic_block_k=args.mosaic_block_k, mosaic_stages=args.mosaic_stages,
-                         mosaic_programs=_mosaic_programs(args.mosaic_programs))
+                         mosaic_programs=_mosaic_programs(args.mosaic_programs), progress=_prefill_line)
     r0 = rows[0]
     print(f"device {r0['device']}, jax {r0['jax']}; batch {r0['batch']}, heads {r0['heads']}, head dim "
           f"{r0['head_dim']}, bf16")
     print(f"{'kernel':<56} {'length':>7} {'ms':>9} {'TFLOP/s':>8} {'max err':>9}")
     for r in rows:
-        err = "-" if r["max_abs_err"] is None else f"{r['max_abs_err']:.1e}"
-        print(f"{r['kernel']:<56} {r['length']:>7} {r['seconds'] * 1e3:>9.3f} {r['tflops']:>8.1f} {err:>9}")
+        _prefill_line(r, file=sys.stdout)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

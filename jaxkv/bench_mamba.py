@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import time
 
 from jaxkv.errors import UserError
@@ -33,14 +34,15 @@ def bench_ssd(*, batch: int = 8, length: int = 2048, heads: int = 24, head_dim: 
                                         (64, 64, 4, False, 8), (64, 64, 4, False, 24), (64, 64, 8, False, 1),
                                         (64, 64, 8, False, 4), (64, 64, 8, False, 24), (64, 32, 4, False, 1),
                                         (64, 32, 4, False, 4), (64, 64, 4, True, 1), (128, 64, 8, False, 4)),
-              repeats: int = 10, interpret: bool = False, seed: int = 0) -> list[dict]:
+              repeats: int = 10, interpret: bool = False, seed: int = 0, progress=None) -> list[dict]:
     """The SSD scan at training shapes, bf16 inputs: the Pallas kernel (each ``(block_t,
     block_p, num_warps, split, backward_heads)`` of ``configs``; those whose ``backward_heads``
     does not divide the heads per group are left out) against the XLA reference (``ssd_chunked`` at the
     model's chunk of 256 and at 64), forward and forward + backward, in one process. The
     roofline is the bytes a forward must move (x, dt, B, C read once, y written, bf16 except dt)
     over the read bandwidth measured in the same run. On a GPU each kernel row also carries the
-    profiler's GPU time of the forward + backward's eight longest kernels (``kernel_times_s``)."""
+    profiler's GPU time of the forward + backward's eight longest kernels (``kernel_times_s``).
+    ``progress``: called with each row as it is measured."""
     import functools
 
     import jax
@@ -96,6 +98,8 @@ def bench_ssd(*, batch: int = 8, length: int = 2048, heads: int = 24, head_dim: 
                      "forward_backward_s": both, "io_bytes": io_bytes, "bandwidth_bytes_per_s": bandwidth,
                      "roofline_forward_s": io_bytes / bandwidth, "max_rel_err_vs_reference": err,
                      "device": str(jax.devices()[0].device_kind), "jax": jax.__version__})
+        if progress is not None:
+            progress(rows[-1])
     base = rows[0]
     for r in rows:
         r["forward_speedup"] = base["forward_s"] / r["forward_s"]
@@ -159,8 +163,15 @@ def _write(rows, path):
 
 def main(args) -> int:
     if args.bench == "ssd":
+        from jaxkv.bench import _need_gpu
+
+        _need_gpu("ssd")
+        def progress(r):  # each row to stderr as it is measured: a run cut short keeps what it measured
+            print(f"{r['variant']}: fwd {r['forward_s'] * 1e3:.3f} ms, fwd+bwd {r['forward_backward_s'] * 1e3:.3f} ms",
+                  file=sys.stderr, flush=True)
+
         rows = bench_ssd(batch=args.batch, length=args.length, heads=args.heads, head_dim=args.head_dim,
-                         state=args.state, groups=args.groups, repeats=args.repeats)
+                         state=args.state, groups=args.groups, repeats=args.repeats, progress=progress)
         r0 = rows[0]
         print(f"device {r0['device']}, jax {r0['jax']}; batch {r0['batch']}, length {r0['length']}, heads "
               f"{r0['heads']} x {r0['head_dim']}, state {r0['state']}, groups {r0['groups']}, bf16; roofline "

@@ -465,8 +465,11 @@ def test_bench_prefill_on_a_tiny_shape():
     not a timing), each checked where it has a reference."""
     from jaxkv.bench import bench_prefill
 
+    seen = []
     rows = bench_prefill(batch=1, num_heads=4, num_kv_heads=2, head_dim=16, lengths=(128,), densities=(0.5, 0.25),
-                         documents=3, block_q=32, block_k=16, num_warps=4, mask_block=32, repeats=1, interpret=True)
+                         documents=3, block_q=32, block_k=16, num_warps=4, mask_block=32, repeats=1, interpret=True,
+                         progress=seen.append)
+    assert seen == rows  # each row reported as it is measured
     names = [r["kernel"] for r in rows]
     assert names[0] == "causal forward, pallas_gpu"
     assert sum(n.startswith("block-sparse forward") for n in names) == 2
@@ -489,3 +492,12 @@ def test_bench_prefill_reads_its_mosaic_programs():
     for bad in ("0", "tiles,-1", "many", ""):
         with pytest.raises(UserError, match="--mosaic-programs"):
             _mosaic_programs(bad)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="the refusal is for other backends")
+def test_the_gpu_benches_refuse_another_backend_by_name(capsys):
+    from jaxkv.cli import main
+
+    for what in ("prefill", "ssd"):
+        assert main(["bench", what]) == 2
+        assert f"jaxkv bench {what} times GPU kernels; the backend here is cpu" in capsys.readouterr().err

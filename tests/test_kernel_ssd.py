@@ -186,9 +186,10 @@ def test_bench_ssd_on_a_tiny_shape():
     is timed against and both rows carry their timings."""
     from jaxkv.bench_mamba import bench_ssd
 
+    seen = []
     rows = bench_ssd(batch=1, length=48, heads=2, head_dim=16, state=16, configs=((16, 16, 4, True, 2),),
-                     interpret=True)
-    assert [r["kernel"] for r in rows] == [False, True]
+                     interpret=True, progress=seen.append)
+    assert [r["kernel"] for r in rows] == [False, True] and seen == rows
     for r in rows:
         assert r["forward_s"] > 0 and r["forward_backward_s"] > 0 and r["io_bytes"] > 0
         assert r["max_rel_err_vs_reference"] < 1e-2, r  # bf16 inputs, bf16 dots in the kernel
