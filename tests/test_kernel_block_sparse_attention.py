@@ -501,3 +501,25 @@ def test_the_gpu_benches_refuse_another_backend_by_name(capsys):
     for what in ("prefill", "ssd"):
         assert main(["bench", what]) == 2
         assert f"jaxkv bench {what} times GPU kernels; the backend here is cpu" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rows,heads,q_blocks", [(1, 4, 3), (2, 3, 5)])
+def test_the_mosaic_gpu_programs_walk_every_tile_once(rows, heads, q_blocks):
+    """The persistent walk's bookkeeping (run on the CPU; the kernel runs it per CTA): for any
+    number of programs, the programs' tiles cover every (row, head, query block) exactly once,
+    and each program meets the last query blocks first."""
+    from jaxkv.kernels.block_sparse_attention.mosaic_gpu import tile_coords, tiles_of_program
+
+    tiles = rows * heads * q_blocks
+    for programs in (1, 2, 5, tiles - 1, tiles):
+        if programs > tiles:
+            continue
+        seen = []
+        for cta in range(programs):
+            mine = int(tiles_of_program(jnp.int32(cta), tiles=tiles, programs=programs))
+            assert mine == len(range(cta, tiles, programs))
+            walk = [tuple(int(v) for v in tile_coords(jnp.int32(cta + i * programs), rows=rows, heads=heads,
+                                                       q_blocks=q_blocks)) for i in range(mine)]
+            assert [qi for _, _, qi in walk] == sorted((qi for _, _, qi in walk), reverse=True)
+            seen += walk
+        assert sorted(seen) == sorted((r, h, qi) for r in range(rows) for h in range(heads) for qi in range(q_blocks))

@@ -54,7 +54,7 @@ _LOG2E = math.log2(math.e)
 _COMPUTE_WGS = 2
 _SMEM_LIMIT = 220 * 1024  # of the 227 KiB a Hopper CTA may hold, some left for the barriers
 
-__all__ = ["block_sparse_attention_mosaic_gpu", "MosaicConfig", "why_no_mosaic"]
+__all__ = ["block_sparse_attention_mosaic_gpu", "MosaicConfig", "tile_coords", "tiles_of_program", "why_no_mosaic"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +81,21 @@ def _q_buffers(cfg: MosaicConfig, h: int) -> int:
     this one runs) where shared memory holds them, else one."""
     two = cfg.programs is not None and _smem_bytes(h, cfg.block_q, cfg.block_k, cfg.stages, 2) <= _SMEM_LIMIT
     return 2 if two else 1
+
+
+def tile_coords(tid, *, rows: int, heads: int, q_blocks: int):
+    """Tile ``tid``'s (row, head, query block): the last query blocks first (under a causal mask
+    they list the most key blocks), the heads of one row side by side (a KV head's query heads
+    read the same blocks while they are in L2). ``tid`` an int32 scalar, traced or not."""
+    qi = q_blocks - 1 - lax.div(tid, jnp.int32(rows * heads))
+    rest = lax.rem(tid, jnp.int32(rows * heads))
+    return lax.div(rest, jnp.int32(heads)), lax.rem(rest, jnp.int32(heads)), qi
+
+
+def tiles_of_program(cta, *, tiles: int, programs: int):
+    """How many tiles program ``cta`` walks (it takes ``cta, cta + programs, ...`` below
+    ``tiles``); ``programs <= tiles``."""
+    return lax.div(jnp.int32(tiles) - 1 - cta, jnp.int32(programs)) + 1
 
 
 def why_no_mosaic(q: Array, block_q: int, block_k: int, stages: int) -> str | None:
@@ -130,20 +145,14 @@ def block_sparse_attention_mosaic_gpu(cfg: MosaicConfig, q: Array, k: Array, v: 
     programs = tiles if cfg.programs is None else min(cfg.programs, tiles)
     qbufs = _q_buffers(cfg, h)
 
-    def coords(tid):
-        """Tile ``tid``'s (row, head, query block): the last query blocks first (under a causal
-        mask they list the most key blocks), the heads of one row side by side (a KV head's query
-        heads read the same blocks while they are in L2)."""
-        qi = nq - 1 - lax.div(tid, jnp.int32(b * n))
-        rest = lax.rem(tid, jnp.int32(b * n))
-        return lax.div(rest, jnp.int32(n)), lax.rem(rest, jnp.int32(n)), qi
+    coords = functools.partial(tile_coords, rows=b, heads=n, q_blocks=nq)
 
     def kernel(q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, kvb_ref, nf_ref, np_ref, out_ref, lse_ref,
                scoped):
         cta = lax.axis_index("program")
         wg = lax.axis_index("wg")
         (q_smem3, k_smem, v_smem, lse_smem2), (k_ready, v_ready, q_ready), (k_free, v_free), turn = scoped
-        mine = lax.div(jnp.int32(tiles) - 1 - cta, jnp.int32(programs)) + 1  # this program's tiles
+        mine = tiles_of_program(cta, tiles=tiles, programs=programs)
 
         def counts(tid):
             row, head, qi = coords(tid)
