@@ -183,9 +183,9 @@ def attend_dense(
     attention through ``jax.nn.dot_product_attention``; GPU, bf16/fp16), ``'pallas_gpu'`` (the
     block-sparse kernel, ``jaxkv.kernels.block_sparse_attention``: segment ids and windows from
     the positions, never a dense mask; forward and backward) or ``'mosaic_gpu'`` (the same mask
-    through that kernel's Hopper forward, ``wgmma``, and its Triton backward). ``None`` picks the kernel on a GPU
-    for 16-bit packed rows on one device, cudnn for other 16-bit inputs on a GPU, and the
-    reference otherwise; an explicit request that cannot run fails loudly. (A query that sees
+    through that kernel's Hopper forward, ``wgmma``, and its Triton backward). ``None`` picks the
+    Triton kernel on a GPU for 16-bit packed rows on one device, cudnn for other 16-bit inputs on
+    a GPU, and the reference otherwise; an explicit request that cannot run fails loudly. (A query that sees
     nothing, padding, gets 0 from the kernel and a uniform average from the others: garbage
     either way, ignored by callers.) ``sharding``: the mesh axes cuDNN's inputs are constrained
     to under a mesh (``same_sharding``); where its ``sequence_axis`` spans more than one device

@@ -411,9 +411,9 @@ def bench_prefill(*, batch: int = 1, num_heads: int = 32, num_kv_heads: int = 8,
     (``pallas_gpu``: Triton, ``block_q x block_k``; ``mosaic_gpu``: Hopper, 128 x
     ``mosaic_block_k``, ``mosaic_stages`` K/V slots, the Triton backward; a row per entry of
     ``mosaic_programs``: None one CTA a tile, n persistent CTAs, ``"sms"`` one persistent CTA per
-    streaming multiprocessor). Without a GPU only the ``pallas_gpu`` rows run, in interpret mode (a
-    check of the bench). ``progress``: called with each row as it is measured (the CLI prints it,
-    so a run cut short keeps what it measured)."""
+    streaming multiprocessor). Without a GPU the ``pallas_gpu`` rows run in interpret mode (a check
+    of the bench); ``mosaic_gpu`` needs a Hopper GPU. ``progress``: called with each row as it is
+    measured (the CLI prints it, so a run cut short keeps what it measured)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -443,9 +443,10 @@ def bench_prefill(*, batch: int = 1, num_heads: int = 32, num_kv_heads: int = 8,
             raise UserError("mosaic_programs 'sms' needs a GPU that reports its multiprocessor count")
         return int(sms)
 
-    kernels = {label: {**kernels[name], **({} if p is None else {"programs": programs(p)})}
-               for name in implementations for p in (mosaic_programs if name == "mosaic_gpu" else (None,))
-               for label in [name if p is None else f"{name}, {programs(p)} programs"]}
+    runs = [(name, programs(p)) for name in implementations
+            for p in (mosaic_programs if name == "mosaic_gpu" else (None,))]
+    kernels = {(name if p is None else f"{name}, {p} programs"):
+               {**kernels[name], **({} if p is None else {"programs": p})} for name, p in runs}
     rows = []
 
     def timed(f, *xs):

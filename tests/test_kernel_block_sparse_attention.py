@@ -320,6 +320,15 @@ def _mosaic_inputs(name, dtype=jnp.bfloat16):
     return q, k, v, qp, kp, kw, s
 
 
+def _most_mosaic_stages(q, block_k):
+    from jaxkv.kernels.block_sparse_attention.mosaic_gpu import why_no_mosaic
+
+    stages = 2
+    while why_no_mosaic(q, 64, block_k, stages + 1) is None:
+        stages += 1
+    return stages
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
 class TestMosaicGpu:
@@ -330,8 +339,8 @@ class TestMosaicGpu:
         if not _hopper():
             pytest.skip("mosaic_gpu needs a Hopper GPU")
 
-    @pytest.mark.parametrize("options", [{}, {"programs": 5}, {"programs": 3, "stages": 3}],
-                             ids=["a CTA a tile", "5 persistent CTAs", "3 persistent CTAs, 3 stages"])
+    @pytest.mark.parametrize("options", [{}, {"programs": 5}, {"programs": 3, "stages": "most"}],
+                             ids=["a CTA a tile", "5 persistent CTAs", "3 persistent CTAs, the most stages"])
     @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "fp16"])
     @pytest.mark.parametrize("name", list(MOSAIC_CASES))
     def test_forward_matches_the_reference(self, name, dtype, options):
@@ -339,6 +348,8 @@ class TestMosaicGpu:
             pytest.skip("the tile walk and the ring do not depend on the dtype: bf16 covers them")
         q, k, v, qp, kp, kw, s = _mosaic_inputs(name, dtype)
         arrays, static = _split(kw)
+        if options.get("stages") == "most":  # the deepest K/V ring that fits (one Q buffer where two do not)
+            options = dict(options, stages=_most_mosaic_stages(q, static["block_k"]))
         up = lambda x: x.astype(jnp.float32)  # noqa: E731
         want, want_lse = _jit_bsa(implementation="reference", return_lse=True, **static)(
             up(q), up(k), up(v), qp, kp, arrays)
@@ -368,13 +379,16 @@ class TestMosaicGpu:
             assert np.linalg.norm(a - b) / np.linalg.norm(b) < 2e-2, f"d{name_}"
 
 
-@pytest.mark.parametrize("programs", [None, 3], ids=["a CTA a tile", "3 persistent CTAs"])
-def test_the_mosaic_gpu_forward_lowers_for_an_h200(programs):
+@pytest.mark.parametrize("block_k,options,q_buffers", [(128, {}, 1), (128, {"programs": 3}, 2),
+                                                       (64, {"programs": 3, "stages": 5}, 1)],
+                         ids=["a CTA a tile", "3 persistent CTAs, two Q buffers", "3 persistent CTAs, one Q buffer"])
+def test_the_mosaic_gpu_forward_lowers_for_an_h200(block_k, options, q_buffers):
     """Pallas's Mosaic GPU lowering of the Hopper forward (documents + anchor, GQA 8/2, head dim
-    128, bf16; one CTA a tile and persistent CTAs) and of a gradient through it (the Triton
-    backward), exported for an H200 here; what only ptxas checks on the card is not covered."""
+    128, bf16; one CTA a tile, and persistent CTAs with one or two Q buffers) and of a gradient
+    through it (the Triton backward), exported for an H200 here; what only ptxas checks on the
+    card is not covered."""
     from jaxkv.kernels.block_sparse_attention.api import _mosaic_attention, _pad_and_plan
-    from jaxkv.kernels.block_sparse_attention.mosaic_gpu import MosaicConfig
+    from jaxkv.kernels.block_sparse_attention.mosaic_gpu import MosaicConfig, _q_buffers, why_no_mosaic
     from jaxkv.kernels.block_sparse_attention.pallas_gpu import Config
     from tests.gpu_lowering import lower_for_gpu
 
@@ -383,9 +397,10 @@ def test_the_mosaic_gpu_forward_lowers_for_an_h200(programs):
     pos = jnp.broadcast_to(jnp.arange(500), (1, 500))
     seg = _segments(rng, 1, 500, 3)
     spec = MaskSpec(anchor=True)
-    q, k, v, qp, kp, qs, ks, plan = _pad_and_plan(q, k, v, pos, pos, seg, seg, None, spec, None, 128, 128)
+    q, k, v, qp, kp, qs, ks, plan = _pad_and_plan(q, k, v, pos, pos, seg, seg, None, spec, None, 128, block_k)
     bwd = block_plan(spec, qp, kp, block_q=64, block_k=64, q_segments=qs, k_segments=ks)
-    mcfg = MosaicConfig(spec=spec, scale=128 ** -0.5, programs=programs)
+    mcfg = MosaicConfig(spec=spec, scale=128 ** -0.5, block_k=block_k, **options)
+    assert why_no_mosaic(q, 64, block_k, mcfg.stages) is None and _q_buffers(mcfg, 128) == q_buffers
     tcfg = Config(spec=spec, scale=128 ** -0.5, block_q=64, block_k=64, num_warps=4, num_stages=3, interpret=False)
 
     def f(q, k, v):

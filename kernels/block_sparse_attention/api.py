@@ -73,10 +73,9 @@ def block_sparse_attention(q: Array, k: Array, v: Array, q_positions: Array, k_p
     (persistent CTAs), ``num_warps``, ``num_stages``), ``"pallas_tpu"`` (asked for by name: the
     forward in the same blocks, ``block_k`` a multiple of 128 on a TPU; the backward by
     ``jax.vjp`` of the dense reference; tested in the TPU interpreter and lowered for the TPU,
-    not yet run on one) or
-    ``"reference"`` (dense jnp); an explicit one that cannot run raises, None takes the Triton
-    kernel on a GPU and otherwise warns and runs the reference. ``kernel_options``
-    (``num_warps``, ``num_stages``, ``interpret``) go to the kernel."""
+    not yet run on one) or ``"reference"`` (dense jnp); an explicit one that cannot run raises,
+    None takes the Triton kernel on a GPU and otherwise warns and runs the reference.
+    ``kernel_options`` (``num_warps``, ``num_stages``, ``interpret``) go to the kernel."""
     _check(q, k, v, q_positions, k_positions, mask, q_segments, k_segments, block_mask, mask_block)
     if implementation not in (None, "mosaic_gpu") + IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS + ('mosaic_gpu',)} or None, "

@@ -54,7 +54,8 @@ _LOG2E = math.log2(math.e)
 _COMPUTE_WGS = 2
 _SMEM_LIMIT = 220 * 1024  # of the 227 KiB a Hopper CTA may hold, some left for the barriers
 
-__all__ = ["block_sparse_attention_mosaic_gpu", "MosaicConfig", "tile_coords", "tiles_of_program", "why_no_mosaic"]
+__all__ = ["block_sparse_attention_mosaic_gpu", "MosaicConfig", "tile_coords", "tiles_of_program",
+           "why_no_mosaic"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,7 +183,7 @@ def block_sparse_attention_mosaic_gpu(cfg: MosaicConfig, q: Array, k: Array, v: 
                 tid = cta + i * programs
                 row, head, qi, mh, n_full, n_steps = counts(tid)
                 q_base = qi * (_COMPUTE_WGS * bq) + wg * bq
-                buf = lax.rem(i, jnp.int32(qbufs))
+                buf = lax.rem(i, jnp.int32(2)) if qbufs == 2 else 0
                 qo_smem = q_smem3.at[wg, buf]  # this tile's Q, then its output
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's output has left shared memory
                 if qbufs == 2:
@@ -297,10 +298,10 @@ def block_sparse_attention_mosaic_gpu(cfg: MosaicConfig, q: Array, k: Array, v: 
             lax.fori_loop(0, mine, tile, jnp.int32(0))
 
     def entry(*refs):
-        tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-        scratch = [plgpu.SMEM((_COMPUTE_WGS, qbufs, bq, h), dtype, transforms=tiles),
-                   plgpu.SMEM((stages, bk, h), dtype, transforms=tiles),
-                   plgpu.SMEM((stages, bk, h), dtype, transforms=tiles),
+        swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+        scratch = [plgpu.SMEM((_COMPUTE_WGS, qbufs, bq, h), dtype, transforms=swizzled),
+                   plgpu.SMEM((stages, bk, h), dtype, transforms=swizzled),
+                   plgpu.SMEM((stages, bk, h), dtype, transforms=swizzled),
                    plgpu.SMEM((_COMPUTE_WGS, bq), jnp.float32)]
         pl.run_scoped(lambda *scoped: kernel(*refs, scoped), scratch,
                       (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
