@@ -83,6 +83,45 @@ class SparseDecodeBase:
         assert got[0].dtype == q.dtype
         np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), atol=tol)  # -inf where empty
 
+    takes_mask = True  # kv_mask (the TPU kernel refuses one by name)
+
+    @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+    def test_a_slot_mask_leaves_slots_of_listed_blocks_out(self, dtype):
+        """``kv_mask``: the reference equals attention over the slots that are listed, real and
+        masked in (numpy); every backend equals the reference, and a mask of all True changes
+        nothing."""
+        rng = np.random.default_rng(11)
+        q, k, v, lengths, idx, counts = _case(rng, 2, 2, 4, 32, 96, 16, [90, 40], 4, dtype)
+        mask = jnp.asarray(rng.random((2, 2, 96)) < 0.6)
+        call = functools.partial(sparse_decode, block_size=16, implementation=self.implementation, **self.options)
+        if not self.takes_mask:
+            with pytest.raises(ValueError, match="kv_mask"):
+                call(q, k, v, lengths, idx, counts, kv_mask=mask)
+            return
+        ref = jax.jit(functools.partial(sparse_decode_reference, block_size=16))
+        want = ref(q, k, v, lengths, idx, counts, kv_mask=mask)
+        got = jax.jit(call)(q, k, v, lengths, idx, counts, kv_mask=mask)
+        tol = TOL[dtype] * np.sqrt(64)
+        np.testing.assert_allclose(np.asarray(got[0], np.float32), np.asarray(want[0], np.float32), atol=tol)
+        np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), atol=tol)
+        unmasked = ref(q, k, v, lengths, idx, counts)
+        assert not np.allclose(np.asarray(want[0], np.float32), np.asarray(unmasked[0], np.float32), atol=tol)
+        np.testing.assert_array_equal(np.asarray(ref(q, k, v, lengths, idx, counts, kv_mask=jnp.ones(mask.shape, bool))[0]),
+                                      np.asarray(unmasked[0]))
+        if dtype == jnp.float32:  # the reference against numpy, slot by slot
+            qn, kn, vn, mn = (np.asarray(x) for x in (q, k, v, mask))
+            for b in range(2):
+                for h in range(2):
+                    slots = [s for blk in np.asarray(idx)[b, h, :int(counts[b, h])] for s in range(blk * 16, blk * 16 + 16)
+                             if s < int(lengths[b]) and mn[b, h, s]]
+                    if not slots:
+                        assert np.all(np.asarray(want[1])[b, h] == -np.inf)
+                        continue
+                    sc = qn[b, h] @ kn[b, h, sorted(slots)].T / np.sqrt(32)
+                    p = np.exp(sc - sc.max(-1, keepdims=True))
+                    np.testing.assert_allclose(np.asarray(want[0])[b, h],
+                                               (p / p.sum(-1, keepdims=True)) @ vn[b, h, sorted(slots)], atol=1e-5)
+
     def test_dense_decode_equals_attention_over_every_real_slot(self):
         rng = np.random.default_rng(7)
         q, k, v, lengths, _, _ = _case(rng, 2, 2, 4, 32, 64, 16, [64, 21], 1, jnp.float32)
@@ -145,11 +184,13 @@ class TestPallasGpu(SparseDecodeBase):
 class TestPallasTpuInterpret(SparseDecodeBase):
     implementation = "pallas_tpu"
     options = {"interpret": True}
+    takes_mask = False
 
 
 @pytest.mark.skipif(jax.default_backend() != "tpu", reason="needs a TPU")
 class TestPallasTpu(SparseDecodeBase):
     implementation = "pallas_tpu"
+    takes_mask = False
 
 
 def test_the_gpu_kernels_lower_for_an_h200():
@@ -164,6 +205,11 @@ def test_the_gpu_kernels_lower_for_an_h200():
                          spec((4, 8, 8192, 128), jnp.bfloat16), spec((4,), jnp.int32), spec((4, 8, 64), jnp.int32),
                          spec((4, 8), jnp.int32))
     assert "jaxkv_sparse_decode" in text and "jaxkv_merge_splits" in text
+    masked = lower_for_gpu(lambda q, k, v, n, i, c, m: sparse_decode_pallas_gpu(q, k, v, n, i, c, block_size=64, kv_mask=m),
+                           spec((4, 8, 4, 128), jnp.bfloat16), spec((4, 8, 8192, 128), jnp.bfloat16),
+                           spec((4, 8, 8192, 128), jnp.bfloat16), spec((4,), jnp.int32), spec((4, 8, 64), jnp.int32),
+                           spec((4, 8), jnp.int32), spec((4, 8, 8192), jnp.bool_))  # with a slot mask (int8 loads)
+    assert "jaxkv_sparse_decode" in masked
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
@@ -188,6 +234,8 @@ def test_bad_arguments_name_themselves():
         sparse_decode(q, k, k, jnp.asarray([3, 4]), idx, counts, block_size=16)
     with pytest.raises(ValueError, match="block_counts"):
         sparse_decode(q, k, k, lengths, idx, counts[:, :1], block_size=16)
+    with pytest.raises(ValueError, match="kv_mask"):
+        sparse_decode(q, k, k, lengths, idx, counts, block_size=16, kv_mask=jnp.ones((1, 2, 16), bool))
     with pytest.raises(ValueError, match="implementation"):
         sparse_decode(q, k, k, lengths, idx, counts, block_size=16, implementation="cuda")
     with pytest.raises(ValueError, match=r"\['num_warps'\] are not the TPU kernel's"):

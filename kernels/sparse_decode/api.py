@@ -11,7 +11,7 @@ Array = jax.Array
 __all__ = ["IMPLEMENTATIONS", "dense_decode", "sparse_decode"]
 
 
-def _check(q, k, v, lengths, block_indices, block_counts, block_size):
+def _check(q, k, v, lengths, block_indices, block_counts, block_size, kv_mask=None):
     if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
         raise ValueError(f"q must be [B, K, G, H] and k, v one [B, K, S, H] shape; got q {q.shape}, k {k.shape}, "
                          f"v {v.shape}")
@@ -24,6 +24,8 @@ def _check(q, k, v, lengths, block_indices, block_counts, block_size):
         raise ValueError(f"block_indices must be [B, K, M] = [{b}, {kh}, M], got {block_indices.shape}")
     if block_counts.shape != (b, kh):
         raise ValueError(f"block_counts must be [B, K] = [{b}, {kh}], got {block_counts.shape}")
+    if kv_mask is not None and kv_mask.shape != k.shape[:3]:
+        raise ValueError(f"kv_mask must be [B, K, S] = {list(k.shape[:3])}, got {kv_mask.shape}")
     if not isinstance(block_size, int) or block_size < 1 or k.shape[2] % block_size:
         raise ValueError(f"block_size must be a positive int dividing the cache's {k.shape[2]} slots, "
                          f"got {block_size!r}")
@@ -40,21 +42,26 @@ def _pallas_gpu_ok(q, block_size) -> str | None:
 
 
 def sparse_decode(q: Array, k: Array, v: Array, lengths: Array, block_indices: Array, block_counts: Array, *,
-                  block_size: int, scale: float | None = None, implementation: str | None = None,
-                  **kernel_options) -> tuple[Array, Array]:
+                  block_size: int, scale: float | None = None, kv_mask: Array | None = None,
+                  implementation: str | None = None, **kernel_options) -> tuple[Array, Array]:
     """Attention of one new token per row over the listed KV blocks of a head-major cache:
     ``(out [B, K, G, H], lse [B, K, G])``. ``q [B, K, G, H]`` (the query heads of each KV head),
     ``k, v [B, K, S, H]``, ``lengths [B]`` (slots ``< lengths`` hold tokens), ``block_indices [B,
     K, M]`` blocks of ``block_size`` slots, the first ``block_counts [B, K]`` of them real and
-    none listed twice. ``implementation``: ``"pallas_gpu"``, ``"pallas_tpu"`` or ``"reference"``;
+    none listed twice. ``kv_mask [B, K, S]`` (bool, optional): slots of the listed blocks to leave
+    out too (a layout whose blocks mix kept and dropped tokens, e.g. ``squeezed``'s clusters);
+    the TPU kernel does not take one (it raises). ``implementation``: ``"pallas_gpu"``, ``"pallas_tpu"`` or ``"reference"``;
     an explicit one that cannot run raises; None takes the GPU kernel on a GPU, else the
     reference with a warning (the TPU kernel is asked for by name: tested in the TPU interpreter
     and lowered for the TPU, not yet run on one). ``kernel_options`` go to the kernel:
     ``blocks_per_split``, ``num_warps``, ``num_stages``, ``merge``, ``interpret`` for the GPU's,
     ``interpret`` for the TPU's."""
-    _check(q, k, v, lengths, block_indices, block_counts, block_size)
+    _check(q, k, v, lengths, block_indices, block_counts, block_size, kv_mask)
     if use_tpu_kernel(implementation, kernel_options, ("interpret",)):
         from jaxkv.kernels.sparse_decode.pallas_tpu import sparse_decode_pallas_tpu
+
+        if kv_mask is not None:
+            raise ValueError("kv_mask: the pallas_tpu sparse decode kernel does not take a slot mask")
 
         return sparse_decode_pallas_tpu(q, k, v, lengths, block_indices, block_counts, block_size=block_size,
                                         scale=scale, **kernel_options)
@@ -62,9 +69,9 @@ def sparse_decode(q: Array, k: Array, v: Array, lengths: Array, block_indices: A
         from jaxkv.kernels.sparse_decode.pallas_gpu import sparse_decode_pallas_gpu
 
         return sparse_decode_pallas_gpu(q, k, v, lengths, block_indices, block_counts, block_size=block_size,
-                                        scale=scale, **kernel_options)
+                                        scale=scale, kv_mask=kv_mask, **kernel_options)
     return sparse_decode_reference(q, k, v, lengths, block_indices, block_counts, block_size=block_size,
-                                   scale=scale)
+                                   scale=scale, kv_mask=kv_mask)
 
 
 def dense_decode(q: Array, k: Array, v: Array, lengths: Array, *, block_size: int = 64, **options

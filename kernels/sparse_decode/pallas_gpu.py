@@ -25,8 +25,9 @@ _NEG = -1e30  # masked scores: finite, so that a program with nothing visible ma
 _MIN_ROWS = 16  # tl.dot's smallest M
 
 
-def _kernel(lengths_ref, counts_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_size: int,
+def _kernel(lengths_ref, counts_ref, idx_ref, q_ref, k_ref, v_ref, *refs, block_size: int,
             blocks_per_split: int, scale: float, exact: bool):
+    mask_ref, o_ref, lse_ref = refs if len(refs) == 3 else (None, *refs)
     split = pl.program_id(2)
     length = lengths_ref[0]
     first = split * blocks_per_split
@@ -40,7 +41,10 @@ def _kernel(lengths_ref, counts_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_re
         start = pl.multiple_of(idx_ref[j] * block_size, block_size)
         kb = k_ref[pl.ds(start, block_size), :]  # [bs, H]
         s = plgpu.dot(q, kb, trans_b=True, allow_tf32=allow_tf32).astype(jnp.float32) * scale  # [Gp, bs]
-        seen = (start + jnp.arange(block_size) < length)[None, :]
+        seen = start + jnp.arange(block_size) < length
+        if mask_ref is not None:  # slots of a listed block left out by the caller's mask
+            seen = seen & (mask_ref[pl.ds(start, block_size)] != 0)
+        seen = seen[None, :]
         s = jnp.where(seen, s, _NEG)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         p = jnp.where(seen, jnp.exp(s - m_new[:, None]), 0.0)
@@ -57,12 +61,13 @@ def _kernel(lengths_ref, counts_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_re
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "blocks_per_split", "scale", "num_warps", "num_stages",
-                                             "merge", "interpret"))
+                                             "merge", "interpret"))  # kv_mask: None or an array (traced)
 def sparse_decode_pallas_gpu(q: Array, k: Array, v: Array, lengths: Array, block_indices: Array, block_counts: Array,
                              *, block_size: int, scale: float | None = None, blocks_per_split: int | None = None,
                              num_warps: int = 4, num_stages: int = 2, merge: str = "pallas",
-                             interpret: bool = False) -> tuple[Array, Array]:
-    """``(out [B, K, G, H], lse [B, K, G])``: see ``reference.sparse_decode_reference``.
+                             interpret: bool = False, kv_mask: Array | None = None) -> tuple[Array, Array]:
+    """``(out [B, K, G, H], lse [B, K, G])``: see ``reference.sparse_decode_reference``
+    (``kv_mask``: read as int8, one byte a slot, inside the listed blocks only).
     ``merge``: ``"pallas"`` merges the splits in one more Pallas kernel
     (``splitk.merge_splits_pallas_gpu``), ``"jnp"`` in XLA (``splitk.merge_splits``)."""
     if merge not in ("pallas", "jnp"):
@@ -90,7 +95,7 @@ def sparse_decode_pallas_gpu(q: Array, k: Array, v: Array, lengths: Array, block
             pl.BlockSpec((None, None, rows, h), lambda i, j, s: (i, j, 0, 0)),  # q
             pl.BlockSpec((None, None, s_len, h), lambda i, j, s: (i, j, 0, 0)),  # k: the row's head, sliced by block
             pl.BlockSpec((None, None, s_len, h), lambda i, j, s: (i, j, 0, 0)),  # v
-        ],
+        ] + ([] if kv_mask is None else [pl.BlockSpec((None, None, s_len), lambda i, j, s: (i, j, 0))]),
         out_specs=[
             pl.BlockSpec((None, None, None, rows, h), lambda i, j, s: (i, j, s, 0, 0)),
             pl.BlockSpec((None, None, None, rows), lambda i, j, s: (i, j, s, 0)),
@@ -100,7 +105,8 @@ def sparse_decode_pallas_gpu(q: Array, k: Array, v: Array, lengths: Array, block
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="jaxkv_sparse_decode",
-    )(lengths.astype(jnp.int32), block_counts.astype(jnp.int32)[:, :, None], idx, qp, k, v)
+    )(lengths.astype(jnp.int32), block_counts.astype(jnp.int32)[:, :, None], idx, qp, k, v,
+      *([] if kv_mask is None else [kv_mask.astype(jnp.int8)]))
     if merge == "pallas":
         return merge_splits_pallas_gpu(o, lse, splits=splits, rows=g, dtype=q.dtype, interpret=interpret)
     out, lse_out = merge_splits(o[:, :, :splits], lse[:, :, :splits])

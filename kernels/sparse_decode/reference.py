@@ -8,6 +8,7 @@ row holds a token only if ``s < lengths[b]``. The ``G = N / K`` query heads of a
 its blocks (GQA): ``q [B, K, G, H]``.
 
   1. visible[b, k, s] = s < lengths[b]  and  s // block_size in block_indices[b, k, :count]
+     (and ``kv_mask[b, k, s]`` when a mask is given: slots inside a listed block left out)
   2. scores = q . k / sqrt(H) (or ``scale``), -inf where not visible
   3. out = softmax(scores) @ v; lse = logsumexp(scores) (-inf, and out = 0, if nothing is visible)
 
@@ -33,12 +34,14 @@ def visible_slots(block_indices: Array, block_counts: Array, lengths: Array, *, 
 
 
 def sparse_decode_reference(q: Array, k: Array, v: Array, lengths: Array, block_indices: Array,
-                            block_counts: Array, *, block_size: int, scale: float | None = None
-                            ) -> tuple[Array, Array]:
+                            block_counts: Array, *, block_size: int, scale: float | None = None,
+                            kv_mask: Array | None = None) -> tuple[Array, Array]:
     """``(out [B, K, G, H] in q's dtype, lse [B, K, G] fp32)``; see the module docstring."""
     s_len, h = k.shape[2], q.shape[-1]
     scale = h ** -0.5 if scale is None else scale
     vis = visible_slots(block_indices, block_counts, lengths, num_slots=s_len, block_size=block_size)
+    if kv_mask is not None:
+        vis = vis & kv_mask.astype(bool)
     scores = jnp.einsum("BKGH,BKSH->BKGS", q.astype(jnp.float32), k.astype(jnp.float32), precision="highest") * scale
     scores = jnp.where(vis[:, :, None, :], scores, -jnp.inf)
     lse = jax.nn.logsumexp(scores, axis=-1)
