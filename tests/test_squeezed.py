@@ -142,7 +142,8 @@ def test_a_tight_share_attends_fewer_keys_and_differs_from_full(parity_models):
 
 @pytest.mark.parametrize("kwargs, field", [({"keep": 0}, "keep"), ({"centroid_share": 2}, "centroid_share"),
                                            ({"max_iters": 0}, "max_iters"), ({"window": -1}, "window"),
-                                           ({"levels": 3}, "levels"), ({"coarse_keep": 0}, "coarse_keep")])
+                                           ({"levels": 3}, "levels"), ({"coarse_keep": 0}, "coarse_keep"),
+                                           ({"decode_block": 24}, "decode_block"), ({"decode_block": 8}, "decode_block")])
 def test_bad_settings_name_the_argument(kwargs, field):
     with pytest.raises(UserError, match=field):
         SqueezedCache(**kwargs)
@@ -238,3 +239,62 @@ def test_decode_scores_through_the_centroid_kernel_as_without_it(parity_models):
             assert attended_fraction(c2, n, config) == attended_fraction(c1, n, config) < 1
     with pytest.raises(UserError, match="decode_kernel"):
         SqueezedCache(decode_kernel="cuda")
+
+
+def test_decode_attends_a_cluster_ordered_layout_through_sparse_decode(tiny_model):
+    """decode_kernel pallas_gpu / reference: the prefill lays each KV head's context out as the
+    window, then whole clusters (heaviest first), then the empty slots, the context in slots
+    [0, n); decode steps attend through ``sparse_decode`` over the blocks holding a kept slot
+    (fewer than all) and give the jnp path's logits and attended keys, on a ragged batch."""
+    from unittest import mock
+
+    import jaxkv.kernels.sparse_decode as sd
+    from jaxkv.cache.policy import LayerSpec
+
+    config, params = tiny_model
+    n, steps, window = 150, 3, 8
+    lengths = np.array([150, 97])
+    tokens = jax.random.randint(jax.random.key(2), (2, n + steps), 3, config.vocab_size)
+    pos = np.where(np.arange(n)[None] < lengths[:, None], np.arange(n)[None], -1)
+    base = dict(keep=0.15, centroid_share=0.1, window=window)
+
+    def run(policy):
+        cache = init_cache(config, policy, batch=2, max_len=n + steps, dtype=jnp.float32)
+        logits, cache = jax.jit(lambda c: forward(params, tokens[:, :n], jnp.asarray(pos), c, config=config))(cache)
+        prefilled, out = cache, []
+        step = jax.jit(lambda t, p, c: forward(params, t, p, c, config=config))
+        for i in range(steps):
+            p = jnp.asarray(lengths + i)[:, None]
+            lg, cache = step(jnp.take_along_axis(tokens, p, axis=1), p, cache)
+            out.append(lg)
+        return jnp.concatenate(out, 1), prefilled, cache
+
+    want, _, plain = run(SqueezedCache(**base))
+    blocks = []
+    real = sd.sparse_decode
+
+    def spy(*a, **k):  # (counts [B, K], blocks a head) of each traced step, as it runs
+        jax.debug.callback(lambda c, per=a[4].shape[-1]: blocks.append((np.asarray(c), per)), a[5])
+        return real(*a, **k)
+
+    for kernel in ("reference", "pallas_gpu"):
+        policy = SqueezedCache(**base, decode_kernel=kernel, kernel_interpret=True, decode_block=16)
+        with mock.patch.object(sd, "sparse_decode", spy):
+            got, prefilled, cache = run(policy)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, err_msg=kernel)
+        np.testing.assert_array_equal(np.asarray(cache.layers[0].attended), np.asarray(plain.layers[0].attended))
+        counts, per_head = blocks[-1]
+        assert per_head == 160 // 16 and 0 < counts.max() < per_head, kernel  # slots rounded up to blocks
+        assert prefilled.nbytes == sum(policy.for_layer(LayerSpec(i, config)).expected_nbytes(
+            batch=2, max_len=n + steps, dtype=jnp.float32, layer=LayerSpec(i, config)) for i in range(config.num_layers))
+        layer = prefilled.layers[0]
+        kpos, labels = np.asarray(layer.kv.positions), np.asarray(layer.labels)
+        for b in range(2):
+            for h in range(kpos.shape[1]):
+                m = lengths[b]
+                assert sorted(kpos[b, h, :m]) == list(range(m)) and np.all(kpos[b, h, m:] == -1)
+                in_window = kpos[b, h, :m] >= m - window
+                assert np.all(in_window[:window]) and not np.any(in_window[window:])
+                rest = labels[b, h, window:m]  # each cluster's members side by side
+                runs = rest[np.r_[True, rest[1:] != rest[:-1]]]
+                assert len(runs) == len(set(runs.tolist())), (b, h)

@@ -30,16 +30,24 @@ exact prompt length; calibration queries see the whole context's centroids (the 
 calibration does the same); with ``levels=2`` the coarse level clusters the fine centroids and
 its own threshold (``coarse_keep`` of the keys) prunes fine clusters before theirs is applied,
 but the pure-jnp path still scores every fine centroid (the saving is the kernel's);
-attention over the kept keys is a masked pure-jnp pass (the centroid-attention kernel is a later
-step), so reads are saved only in what ``attended_keys`` counts.
+without a decode kernel, attention over the kept keys is a masked pure-jnp pass, so reads are
+saved only in what ``attended_keys`` counts.
 
 ``decode_kernel="pallas_gpu"`` (or ``"pallas_tpu"``, ``"reference"``) scores a decode step's clusters (both levels)
-and applies the threshold through ``jaxkv.kernels.centroid_scores``; the attention stays jnp.
+and applies the threshold through ``jaxkv.kernels.centroid_scores``. With ``pallas_gpu`` or
+``reference`` the decode step's attention runs through ``jaxkv.kernels.sparse_decode`` too: the
+prefill lays each KV head's context out by cluster (the clusters in order of their calibration
+weight, heaviest first, so the clusters a query keeps tend to share blocks; slots no longer
+equal positions there, which attention never assumed), and a step reads only the blocks of
+``decode_block`` slots that hold a kept cluster, the window or a token after the context, with
+a slot mask for the dropped tokens inside them. The slots are rounded up to whole blocks.
+``pallas_tpu`` keeps the jnp attention (its sparse decode kernel takes no slot mask).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -183,12 +191,16 @@ class _IndexSettings(CachePolicy):
     decode_calibration: str = "mean"  # decode steps' threshold: the paper's one ("mean"), or per calibration query
     decode_kernel: str | None = None  # pallas_gpu | pallas_tpu | reference: decode steps' scores via centroid_scores
     kernel_interpret: bool = False    # run that kernel in Pallas interpret mode (a CPU check; slow)
+    decode_block: int = 32            # decode_kernel pallas_gpu / reference: slots a block of the clustered layout
 
     def __post_init__(self):
         super().__post_init__()
         check_decode_kernel("squeezed", self.decode_kernel, self.kernel_interpret)
         check_shares("squeezed", self, ("keep", "centroid_share", "coarse_share", "coarse_keep"), zero_ok=False)
-        check_ints("squeezed", self, {"max_iters": 1, "calib_queries": 1, "window": 0, "seed": 0})
+        check_ints("squeezed", self, {"max_iters": 1, "calib_queries": 1, "window": 0, "seed": 0, "decode_block": 16})
+        if self.decode_block & (self.decode_block - 1):
+            raise UserError(f"squeezed: decode_block must be a power of two >= 16 (the GPU kernel's blocks), "
+                            f"got {self.decode_block}")
         if self.levels not in (1, 2) or isinstance(self.levels, bool):
             raise UserError(f"squeezed: levels must be 1 or 2, got {self.levels!r}")
         if self.decode_calibration not in ("query", "mean"):
@@ -197,13 +209,18 @@ class _IndexSettings(CachePolicy):
     def settings(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(_IndexSettings)}
 
+    @property
+    def clustered(self) -> bool:
+        """Whether decode steps attend through ``sparse_decode`` over a cluster-ordered layout."""
+        return self.decode_kernel in ("pallas_gpu", "reference") and self.kv_bits is None
+
+    def capacity(self, max_len):
+        return math.ceil(max_len / self.decode_block) * self.decode_block if self.clustered else max_len
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SqueezedLayer(_IndexSettings):
     name = "_squeezed_layer"
-
-    def capacity(self, max_len):
-        return max_len
 
     def clusters(self, slots: int) -> int:
         return max(1, round(self.centroid_share * slots))
@@ -213,10 +230,11 @@ class SqueezedLayer(_IndexSettings):
 
     def init(self, *, batch, max_len, dtype, layer):
         k, h, c = layer.num_kv_heads, layer.head_dim, self.clusters(max_len)
+        slots = self.capacity(max_len)
         return SqueezedState(
-            kv=self.new_kv(batch=batch, num_kv_heads=k, slots=max_len, head_dim=h, dtype=dtype),
-            labels=jnp.full((batch, k, max_len), -1, jnp.int32), centroids=jnp.zeros((batch, k, c, h), jnp.float32),
-            counts=jnp.zeros((batch, k, c), jnp.float32), estimate=jnp.zeros((batch, k, max_len), jnp.float32),
+            kv=self.new_kv(batch=batch, num_kv_heads=k, slots=slots, head_dim=h, dtype=dtype),
+            labels=jnp.full((batch, k, slots), -1, jnp.int32), centroids=jnp.zeros((batch, k, c, h), jnp.float32),
+            counts=jnp.zeros((batch, k, c), jnp.float32), estimate=jnp.zeros((batch, k, slots), jnp.float32),
             threshold=jnp.zeros((batch,), jnp.float32), context_len=jnp.zeros((batch,), jnp.int32),
             attended=jnp.zeros((batch,), jnp.float32),
             # held only when it differs from `threshold`: one value in two leaves of a donated cache
@@ -226,15 +244,15 @@ class SqueezedLayer(_IndexSettings):
                 parent=jnp.zeros((batch, k, c), jnp.int32),
                 centroids=jnp.zeros((batch, k, self.coarse_clusters(max_len), h), jnp.float32),
                 counts=jnp.zeros((batch, k, self.coarse_clusters(max_len)), jnp.float32),
-                estimate=jnp.zeros((batch, k, max_len), jnp.float32), threshold=jnp.zeros((batch,), jnp.float32)))
+                estimate=jnp.zeros((batch, k, slots), jnp.float32), threshold=jnp.zeros((batch,), jnp.float32)))
 
     def expected_nbytes(self, *, batch, max_len, dtype, layer):
-        k, h, c = layer.num_kv_heads, layer.head_dim, self.clusters(max_len)
-        kv = batch * k * max_len * self.kv_slot_bytes(h, dtype)
-        index = batch * k * (max_len * (4 + 4) + c * (h * 4 + 4))
+        k, h, c, slots = layer.num_kv_heads, layer.head_dim, self.clusters(max_len), self.capacity(max_len)
+        kv = batch * k * slots * self.kv_slot_bytes(h, dtype)
+        index = batch * k * (slots * (4 + 4) + c * (h * 4 + 4))
         if self.levels == 2:
             cc = self.coarse_clusters(max_len)
-            index += batch * k * (c * 4 + cc * (h * 4 + 4) + max_len * 4) + batch * 4
+            index += batch * k * (c * 4 + cc * (h * 4 + 4) + slots * 4) + batch * 4
         return kv + index + batch * (16 if self.decode_calibration == "query" else 12)
 
     def prefill(self, state, *, q, k, v, positions, layer, params=None):
@@ -266,9 +284,48 @@ class SqueezedLayer(_IndexSettings):
         coarse = None
         if self.levels == 2:
             coarse = self._coarse(state.coarse, centroids, counts, labels, keys, valid, q_obs, real, seeds)
-        return SqueezedState(kv=kv, labels=labels, centroids=centroids, counts=counts, estimate=estimate,
-                             threshold=threshold, context_len=context_len, attended=state.attended,
-                             decode_threshold=decode_threshold, coarse=coarse, calibration=calibration)
+        state = SqueezedState(kv=kv, labels=labels, centroids=centroids, counts=counts, estimate=estimate,
+                              threshold=threshold, context_len=context_len, attended=state.attended,
+                              decode_threshold=decode_threshold, coarse=coarse, calibration=calibration)
+        return self._cluster_layout(state, weights) if self.clustered else state
+
+    def _cluster_layout(self, state: SqueezedState, weights: Array) -> SqueezedState:
+        """The context's slots reordered per (row, KV head): the window's tokens first, then each
+        cluster's members together, the clusters heaviest first by calibration weight
+        (``weights [B, K, C]``), then the empty slots. The context's n tokens stay in slots
+        ``[0, n)``, so later tokens still go to slot = position."""
+        kv, labels = state.kv, state.labels
+        s = labels.shape[-1]
+        rank = jnp.argsort(jnp.argsort(-weights, axis=-1), axis=-1)  # [B, K, C]: 0 the heaviest
+        ctx = state.context_len[:, None, None]
+        group = jnp.where(labels >= 0, 1 + jnp.take_along_axis(rank, jnp.maximum(labels, 0), axis=2),
+                          weights.shape[-1] + 1)
+        group = jnp.where((labels >= 0) & (kv.positions >= ctx - self.window), 0, group)
+        order = jnp.argsort(group * s + jnp.arange(s), axis=-1)  # [B, K, S]; stable within a group
+        take = lambda x: jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 3)), axis=2)  # noqa: E731
+        kv = KVCache(k=take(kv.k), v=take(kv.v), positions=take(kv.positions))
+        coarse = state.coarse.replace(estimate=take(state.coarse.estimate)) if state.coarse is not None else None
+        return state.replace(kv=kv, labels=take(labels), estimate=take(state.estimate), coarse=coarse)
+
+    def _kernel_decode(self, state: SqueezedState, q: Array, visible: Array) -> Array:
+        """A decode step's attention through ``sparse_decode``: the blocks of ``decode_block``
+        slots holding a visible slot (``visible [B, K, S]``), in memory order, with ``visible`` as
+        the slot mask inside them; ``q [B, 1, K, G, H]`` -> ``[B, 1, K, G, H]``."""
+        from jaxkv.kernels.sparse_decode import sparse_decode
+
+        kv = state.kv
+        b, kh, s = visible.shape
+        bs = self.decode_block
+        n = s // bs
+        used = jnp.any(visible.reshape(b, kh, n, bs), axis=-1)  # [B, K, n]
+        idx = jnp.sort(jnp.where(used, jnp.arange(n, dtype=jnp.int32), n), axis=-1)
+        counts = jnp.sum(used, axis=-1).astype(jnp.int32)
+        idx = jnp.where(idx < n, idx, 0).astype(jnp.int32)
+        lengths = jnp.full((b,), s, jnp.int32)  # the mask says which slots hold a token
+        options = kernel_options(self.decode_kernel, self.kernel_interpret)
+        out, _ = sparse_decode(q[:, 0], kv.k, kv.v, lengths, idx, counts, block_size=bs, kv_mask=visible,
+                               implementation=self.decode_kernel, **options)
+        return out[:, None]
 
     def _coarse(self, old, centroids, counts, labels, keys, valid, q_obs, real, seeds):
         """Cluster the fine centroids (normalised, only those with members) into coarse ones."""
@@ -322,9 +379,13 @@ class SqueezedLayer(_IndexSettings):
         context = self.visible_context(state, q, positions, decode=phase is Phase.DECODE)
         after = kv.positions >= state.context_len[:, None, None]
         w = layer.sliding_window
-        parts = [attend_with_lse(q, kv.k, kv.v, positions, kv.positions, window=w, visible=context),
-                 attend_with_lse(q, kv.k, kv.v, positions, kv.positions, window=w, visible=after)]
-        out = merge_attention(parts)
+        if phase is Phase.DECODE and self.clustered and w is None and isinstance(kv, KVCache):
+            newest = jnp.max(positions, axis=1)[:, None, None]  # a row at -1 sees nothing, as below
+            out = self._kernel_decode(state, q, (context | after) & (kv.positions >= 0) & (kv.positions <= newest))
+        else:
+            parts = [attend_with_lse(q, kv.k, kv.v, positions, kv.positions, window=w, visible=context),
+                     attend_with_lse(q, kv.k, kv.v, positions, kv.positions, window=w, visible=after)]
+            out = merge_attention(parts)
         lost = FullCache._overflow(kv, positions).reshape((-1,) + (1,) * (out.ndim - 1))
         out = jnp.where(lost, jnp.nan, out).astype(out.dtype)
         newest = jnp.max(positions, axis=1)[:, None, None]
@@ -346,9 +407,6 @@ class SqueezedCache(_IndexSettings):
     @classmethod
     def from_budget(cls, budget: float, context_len: int) -> "SqueezedCache":
         return cls(keep=float(budget))
-
-    def capacity(self, max_len):
-        return max_len
 
     def for_layer(self, layer: LayerSpec) -> SqueezedLayer:
         return SqueezedLayer(**self.settings())
