@@ -246,6 +246,16 @@ def test_decode_attends_a_cluster_ordered_layout_through_sparse_decode(tiny_mode
     window, then whole clusters (heaviest first), then the empty slots, the context in slots
     [0, n); decode steps attend through ``sparse_decode`` over the blocks holding a kept slot
     (fewer than all) and give the jnp path's logits and attended keys, on a ragged batch."""
+    _check_clustered_decode(tiny_model, (("reference", True), ("pallas_gpu", True)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+def test_clustered_decode_through_the_compiled_gpu_kernel(tiny_model):
+    _check_clustered_decode(tiny_model, (("pallas_gpu", False),))
+
+
+def _check_clustered_decode(tiny_model, kernels):
     from unittest import mock
 
     import jaxkv.kernels.sparse_decode as sd
@@ -277,8 +287,8 @@ def test_decode_attends_a_cluster_ordered_layout_through_sparse_decode(tiny_mode
         jax.debug.callback(lambda c, per=a[4].shape[-1]: blocks.append((np.asarray(c), per)), a[5])
         return real(*a, **k)
 
-    for kernel in ("reference", "pallas_gpu"):
-        policy = SqueezedCache(**base, decode_kernel=kernel, kernel_interpret=True, decode_block=16)
+    for kernel, interpret in kernels:
+        policy = SqueezedCache(**base, decode_kernel=kernel, kernel_interpret=interpret, decode_block=16)
         with mock.patch.object(sd, "sparse_decode", spy):
             got, prefilled, cache = run(policy)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, err_msg=kernel)
