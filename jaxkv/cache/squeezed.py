@@ -295,13 +295,12 @@ class SqueezedLayer(_IndexSettings):
         (``weights [B, K, C]``), then the empty slots. The context's n tokens stay in slots
         ``[0, n)``, so later tokens still go to slot = position."""
         kv, labels = state.kv, state.labels
-        s = labels.shape[-1]
         rank = jnp.argsort(jnp.argsort(-weights, axis=-1), axis=-1)  # [B, K, C]: 0 the heaviest
         ctx = state.context_len[:, None, None]
         group = jnp.where(labels >= 0, 1 + jnp.take_along_axis(rank, jnp.maximum(labels, 0), axis=2),
                           weights.shape[-1] + 1)
         group = jnp.where((labels >= 0) & (kv.positions >= ctx - self.window), 0, group)
-        order = jnp.argsort(group * s + jnp.arange(s), axis=-1)  # [B, K, S]; stable within a group
+        order = jnp.argsort(group, axis=-1, stable=True)  # [B, K, S]; slot order kept within a group
         take = lambda x: jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 3)), axis=2)  # noqa: E731
         kv = KVCache(k=take(kv.k), v=take(kv.v), positions=take(kv.positions))
         coarse = state.coarse.replace(estimate=take(state.coarse.estimate)) if state.coarse is not None else None
