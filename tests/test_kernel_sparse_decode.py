@@ -83,7 +83,6 @@ class SparseDecodeBase:
         assert got[0].dtype == q.dtype
         np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), atol=tol)  # -inf where empty
 
-    takes_mask = True  # kv_mask (the TPU kernel refuses one by name)
 
     @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
     def test_a_slot_mask_leaves_slots_of_listed_blocks_out(self, dtype):
@@ -94,10 +93,6 @@ class SparseDecodeBase:
         q, k, v, lengths, idx, counts = _case(rng, 2, 2, 4, 32, 96, 16, [90, 40], 4, dtype)
         mask = jnp.asarray(rng.random((2, 2, 96)) < 0.6)
         call = functools.partial(sparse_decode, block_size=16, implementation=self.implementation, **self.options)
-        if not self.takes_mask:
-            with pytest.raises(ValueError, match="kv_mask"):
-                call(q, k, v, lengths, idx, counts, kv_mask=mask)
-            return
         ref = jax.jit(functools.partial(sparse_decode_reference, block_size=16))
         want = ref(q, k, v, lengths, idx, counts, kv_mask=mask)
         got = jax.jit(call)(q, k, v, lengths, idx, counts, kv_mask=mask)
@@ -184,13 +179,11 @@ class TestPallasGpu(SparseDecodeBase):
 class TestPallasTpuInterpret(SparseDecodeBase):
     implementation = "pallas_tpu"
     options = {"interpret": True}
-    takes_mask = False
 
 
 @pytest.mark.skipif(jax.default_backend() != "tpu", reason="needs a TPU")
 class TestPallasTpu(SparseDecodeBase):
     implementation = "pallas_tpu"
-    takes_mask = False
 
 
 def test_the_gpu_kernels_lower_for_an_h200():
@@ -223,6 +216,10 @@ def test_the_tpu_kernel_lowers_for_the_tpu(dtype):
     q, k, v, lengths, idx, counts = _case(np.random.default_rng(0), 2, 2, 4, 128, 512, 64, [500, 77], 4, dtype)
     text = lower_for_tpu(functools.partial(sparse_decode_pallas_tpu, block_size=64), q, k, v, lengths, idx, counts)
     assert "tpu_custom_call" in text and "jaxkv_sparse_decode_tpu" in text
+    mask = jnp.asarray(np.random.default_rng(1).random((2, 2, 512)) < 0.5)
+    masked = lower_for_tpu(lambda *a: sparse_decode_pallas_tpu(*a[:6], block_size=64, kv_mask=a[6]),
+                           q, k, v, lengths, idx, counts, mask)  # each listed block's mask row beside its keys
+    assert "jaxkv_sparse_decode_tpu" in masked
 
 
 def test_bad_arguments_name_themselves():

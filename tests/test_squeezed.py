@@ -242,11 +242,11 @@ def test_decode_scores_through_the_centroid_kernel_as_without_it(parity_models):
 
 
 def test_decode_attends_a_cluster_ordered_layout_through_sparse_decode(tiny_model):
-    """decode_kernel pallas_gpu / reference: the prefill lays each KV head's context out as the
+    """decode_kernel (each backend; interpret mode): the prefill lays each KV head's context out as the
     window, then whole clusters (heaviest first), then the empty slots, the context in slots
     [0, n); decode steps attend through ``sparse_decode`` over the blocks holding a kept slot
     (fewer than all) and give the jnp path's logits and attended keys, on a ragged batch."""
-    _check_clustered_decode(tiny_model, (("reference", True), ("pallas_gpu", True)))
+    _check_clustered_decode(tiny_model, (("reference", True), ("pallas_gpu", True), ("pallas_tpu", True)))
 
 
 @pytest.mark.gpu

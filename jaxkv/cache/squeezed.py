@@ -34,14 +34,14 @@ without a decode kernel, attention over the kept keys is a masked pure-jnp pass,
 saved only in what ``attended_keys`` counts.
 
 ``decode_kernel="pallas_gpu"`` (or ``"pallas_tpu"``, ``"reference"``) scores a decode step's clusters (both levels)
-and applies the threshold through ``jaxkv.kernels.centroid_scores``. With ``pallas_gpu`` or
-``reference`` the decode step's attention runs through ``jaxkv.kernels.sparse_decode`` too: the
+and applies the threshold through ``jaxkv.kernels.centroid_scores``, and the decode step's
+attention runs through ``jaxkv.kernels.sparse_decode`` (same backend) too: the
 prefill lays each KV head's context out by cluster (the clusters in order of their calibration
 weight, heaviest first, so the clusters a query keeps tend to share blocks; slots no longer
 equal positions there, which attention never assumed), and a step reads only the blocks of
 ``decode_block`` slots that hold a kept cluster, the window or a token after the context, with
-a slot mask for the dropped tokens inside them. The slots are rounded up to whole blocks.
-``pallas_tpu`` keeps the jnp attention (its sparse decode kernel takes no slot mask).
+a slot mask for the dropped tokens inside them. The slots are rounded up to whole blocks. In
+low-bit storage (``kv_bits``) the attention stays jnp.
 """
 
 from __future__ import annotations
@@ -191,7 +191,7 @@ class _IndexSettings(CachePolicy):
     decode_calibration: str = "mean"  # decode steps' threshold: the paper's one ("mean"), or per calibration query
     decode_kernel: str | None = None  # pallas_gpu | pallas_tpu | reference: decode steps' scores via centroid_scores
     kernel_interpret: bool = False    # run that kernel in Pallas interpret mode (a CPU check; slow)
-    decode_block: int = 32            # decode_kernel pallas_gpu / reference: slots a block of the clustered layout
+    decode_block: int = 32            # decode_kernel: slots a block of the clustered layout
 
     def __post_init__(self):
         super().__post_init__()
@@ -212,7 +212,7 @@ class _IndexSettings(CachePolicy):
     @property
     def clustered(self) -> bool:
         """Whether decode steps attend through ``sparse_decode`` over a cluster-ordered layout."""
-        return self.decode_kernel in ("pallas_gpu", "reference") and self.kv_bits is None
+        return self.decode_kernel is not None and self.kv_bits is None
 
     def capacity(self, max_len):
         return math.ceil(max_len / self.decode_block) * self.decode_block if self.clustered else max_len

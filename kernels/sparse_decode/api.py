@@ -49,8 +49,8 @@ def sparse_decode(q: Array, k: Array, v: Array, lengths: Array, block_indices: A
     ``k, v [B, K, S, H]``, ``lengths [B]`` (slots ``< lengths`` hold tokens), ``block_indices [B,
     K, M]`` blocks of ``block_size`` slots, the first ``block_counts [B, K]`` of them real and
     none listed twice. ``kv_mask [B, K, S]`` (bool, optional): slots of the listed blocks to leave
-    out too (a layout whose blocks mix kept and dropped tokens, e.g. ``squeezed``'s clusters);
-    the TPU kernel does not take one (it raises). ``implementation``: ``"pallas_gpu"``, ``"pallas_tpu"`` or ``"reference"``;
+    out too (a layout whose blocks mix kept and dropped tokens, e.g. ``squeezed``'s clusters).
+    ``implementation``: ``"pallas_gpu"``, ``"pallas_tpu"`` or ``"reference"``;
     an explicit one that cannot run raises; None takes the GPU kernel on a GPU, else the
     reference with a warning (the TPU kernel is asked for by name: tested in the TPU interpreter
     and lowered for the TPU, not yet run on one). ``kernel_options`` go to the kernel:
@@ -60,11 +60,9 @@ def sparse_decode(q: Array, k: Array, v: Array, lengths: Array, block_indices: A
     if use_tpu_kernel(implementation, kernel_options, ("interpret",)):
         from jaxkv.kernels.sparse_decode.pallas_tpu import sparse_decode_pallas_tpu
 
-        if kv_mask is not None:
-            raise ValueError("kv_mask: the pallas_tpu sparse decode kernel does not take a slot mask")
 
         return sparse_decode_pallas_tpu(q, k, v, lengths, block_indices, block_counts, block_size=block_size,
-                                        scale=scale, **kernel_options)
+                                        scale=scale, kv_mask=kv_mask, **kernel_options)
     if use_kernel("sparse_decode", implementation, kernel_options, lambda: _pallas_gpu_ok(q, block_size)):
         from jaxkv.kernels.sparse_decode.pallas_gpu import sparse_decode_pallas_gpu
 

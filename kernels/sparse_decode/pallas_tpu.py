@@ -8,7 +8,8 @@ list (``m >= count``) maps to the last real block, which is already in VMEM (no 
 its step is skipped. The online softmax (running max, sum and output of the ``G`` query heads
 of the KV head) lives in VMEM scratch across the blocks and is written at the last one:
 ``out [G, H]`` and ``lse [G]`` (-inf, out 0, when no slot is visible). Slots at or past the
-row's length are masked inside their block.
+row's length are masked inside their block, and so are the slots a ``kv_mask`` leaves out (read
+as ``[B, K, S / bs, 1, bs]`` int32, each listed block's mask row fetched beside its keys).
 
 Tested in the TPU interpreter (``pltpu.InterpretParams``) on the CPU against the reference,
 and lowered for the TPU (``jax.export`` with ``platforms=["tpu"]``: Pallas's Mosaic lowering,
@@ -29,8 +30,8 @@ Array = jax.Array
 __all__ = ["sparse_decode_pallas_tpu"]
 
 
-def _kernel(idx_ref, cnt_ref, len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *,
-            block_size: int, scale: float, exact: bool):
+def _kernel(idx_ref, cnt_ref, len_ref, q_ref, k_ref, v_ref, *refs, block_size: int, scale: float, exact: bool):
+    mask_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr = refs if len(refs) == 6 else (None, *refs)
     b, kh, m = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     count = cnt_ref[b, kh]
 
@@ -45,7 +46,10 @@ def _kernel(idx_ref, cnt_ref, len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc
         s = jax.lax.dot_general(q_ref[...].astype(dtype), k_ref[...].astype(dtype), (((1,), (1,)), ((), ())),
                                 precision=prec, preferred_element_type=jnp.float32) * scale  # [G, bs]
         slot = idx_ref[b, kh, m] * block_size + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
-        s = jnp.where(slot < len_ref[b], s, -jnp.inf)
+        seen = slot < len_ref[b]
+        if mask_ref is not None:
+            seen = seen & (mask_ref[...] != 0)  # [1, bs] against [G, bs]
+        s = jnp.where(seen, s, -jnp.inf)
         softmax_step(s, v_ref[...], m_scr, l_scr, acc_scr, dtype=dtype, precision=prec)
 
     @pl.when(m == pl.num_programs(2) - 1)
@@ -56,7 +60,7 @@ def _kernel(idx_ref, cnt_ref, len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc
 @functools.partial(jax.jit, static_argnames=("block_size", "scale", "interpret"))
 def sparse_decode_pallas_tpu(q: Array, k: Array, v: Array, lengths: Array, block_indices: Array,
                              block_counts: Array, *, block_size: int, scale: float | None = None,
-                             interpret: bool = False) -> tuple[Array, Array]:
+                             interpret: bool = False, kv_mask: Array | None = None) -> tuple[Array, Array]:
     """``(out [B, K, G, H] in q's dtype, lse [B, K, G] fp32)``, the reference's contract.
     ``block_size`` must be a multiple of 8 (a whole number of sublane tiles). ``interpret``: run
     in the TPU interpreter on any backend."""
@@ -72,13 +76,17 @@ def sparse_decode_pallas_tpu(q: Array, k: Array, v: Array, lengths: Array, block
         last = jnp.maximum(cnt_ref[bi, ki] - 1, 0)  # padding entries: the last real block again (no copy)
         return bi, ki, idx_ref[bi, ki, jnp.minimum(mi, last)], 0
 
+    def mask_map(bi, ki, mi, idx_ref, cnt_ref, len_ref):
+        return kv_map(bi, ki, mi, idx_ref, cnt_ref, len_ref)[:3] + (0, 0)
+
     head = lambda bi, ki, mi, *_: (bi, ki, 0, 0)  # noqa: E731
+    masks = [] if kv_mask is None else [pl.BlockSpec((None, None, None, 1, block_size), mask_map)]
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=3,
         grid=(b, kh, m),
         in_specs=[pl.BlockSpec((None, None, g, h), head),
                   pl.BlockSpec((None, None, block_size, h), kv_map),
-                  pl.BlockSpec((None, None, block_size, h), kv_map)],
+                  pl.BlockSpec((None, None, block_size, h), kv_map)] + masks,
         out_specs=[pl.BlockSpec((None, None, g, h), head), pl.BlockSpec((None, None, g, 1), head)],
         scratch_shapes=[pltpu.VMEM((g, 1), jnp.float32), pltpu.VMEM((g, 1), jnp.float32),
                         pltpu.VMEM((g, h), jnp.float32)],
@@ -90,5 +98,6 @@ def sparse_decode_pallas_tpu(q: Array, k: Array, v: Array, lengths: Array, block
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=pltpu.InterpretParams() if interpret else False,
         name="jaxkv_sparse_decode_tpu",
-    )(idx, cnt, lengths.astype(jnp.int32), q, k, v)
+    )(idx, cnt, lengths.astype(jnp.int32), q, k, v,
+      *([] if kv_mask is None else [kv_mask.astype(jnp.int32).reshape(b, kh, -1, 1, block_size)]))
     return out, lse[..., 0]
