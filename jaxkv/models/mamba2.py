@@ -355,7 +355,9 @@ def _mixer(p, x, real, state: Mamba2LayerState, c: Mamba2Config, chunk_size: int
     conv = sum(full[:, j:j + t] * w[j] for j in range(k))
     if "bias" in p["conv"]:
         conv = conv + p["conv"]["bias"].astype(xbc.dtype)
-    if k > 1:  # the conv's next state: the last K-1 real inputs (the state's own count as real)
+    if k > 1 and t == 1:  # a decode step: shifted by one where the token is real, else as it was (no sort)
+        new_conv = jnp.where(real[:, :, None], full[:, 1:], full[:, :k - 1])
+    elif k > 1:  # the conv's next state: the last K-1 real inputs (the state's own count as real)
         seen = jnp.concatenate([jnp.ones((b, k - 1), bool), real], axis=1)
         order = jnp.argsort(~seen, axis=1, stable=True)  # real entries first, in order
         last = jnp.sum(seen, axis=1, keepdims=True) - (k - 1) + jnp.arange(k - 1)[None]
