@@ -64,6 +64,9 @@ def ssd_recurrent(x: Array, dt: Array, A: Array, B: Array, C: Array, initial_sta
             s = s / jnp.maximum(norm / norm_cap.astype(jnp.float32), 1.0)[..., None, None]
         return s, jnp.einsum("bhpn,bhn->bhp", s, ct, precision=_HI)
 
+    if t == 1:  # a decode step: the step itself, no loop around it
+        final, y = step(s0, tuple(v[:, 0] for v in (x, dt, A, B, C)))
+        return y[:, None], final
     final, y = jax.lax.scan(step, s0, tuple(jnp.moveaxis(v, 1, 0) for v in (x, dt, A, B, C)))
     return jnp.moveaxis(y, 0, 1), final
 
