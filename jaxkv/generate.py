@@ -125,23 +125,40 @@ def prefill(params, tokens, positions, lengths, cache: ModelCache, *, config: Ll
     return _prefill(params, tokens, positions, lengths, big, small, config=config, tree=tree)
 
 
+def _concrete(x):
+    """``x`` as a numpy value, or None when it is traced (decode called under an outer jit)."""
+    try:
+        return np.asarray(x)
+    except jax.errors.ConcretizationTypeError:
+        return None
+
+
 def decode(params, cache: ModelCache, first_logits, lengths, key, temperature, top_p, stop_tokens,
            *, config: LlamaConfig, max_new_tokens: int):
     """Sample up to ``max_new_tokens`` tokens per row; returns ``(tokens [B, N], cache)`` with -1
-    after a row's stop token (the stop token itself is kept). Jitted, one compile per shape; the
-    cache's large buffers are donated."""
+    after a row's stop token (the stop token itself is kept). Jitted, one compile per shape (and
+    per mode: a temperature of 0 compiles a greedy loop without the sampling branch, and stop
+    tokens that cannot occur, all negative, a loop of a fixed trip count: on a GPU a runtime
+    branch or loop condition is read back by the host every step); the cache's large buffers are
+    donated."""
     big, small, tree = split_donated(cache)
+    t, stops = _concrete(temperature), _concrete(stop_tokens)
+    greedy = t is not None and float(t) == 0.0
+    fixed = stops is not None and bool(np.all(stops < 0))
     return _decode(params, big, small, first_logits, lengths, key, temperature, top_p, stop_tokens,
-                   config=config, max_new_tokens=max_new_tokens, tree=tree)
+                   config=config, max_new_tokens=max_new_tokens, tree=tree, greedy=greedy, fixed=fixed)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "tree"), donate_argnames=("big",))
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "tree", "greedy", "fixed"),
+                   donate_argnames=("big",))
 def _decode(params, big, small, first_logits, lengths, key, temperature, top_p, stop_tokens,
-            *, config: LlamaConfig, max_new_tokens: int, tree):
+            *, config: LlamaConfig, max_new_tokens: int, tree, greedy: bool = False, fixed: bool = False):
     cache = join_donated(big, small, tree)
     b = first_logits.shape[0]
 
     def pick(logits, step):
+        if greedy:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
         return sample_logits(logits, jax.random.fold_in(key, step), temperature, top_p)
 
     def stopped(tok):
@@ -165,7 +182,10 @@ def _decode(params, big, small, first_logits, lengths, key, temperature, top_p, 
         out = out.at[:, step].set(tok)
         return step + 1, cache, out, done | stopped(tok)
 
-    _, cache, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, out, done))
+    if fixed:  # no stop token can end a row: every step runs, and the loop's trip count is static
+        _, cache, out, _ = jax.lax.fori_loop(1, max_new_tokens, lambda i, c: body(c), (jnp.int32(1), cache, out, done))
+    else:
+        _, cache, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, out, done))
     return out, cache
 
 

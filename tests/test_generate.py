@@ -154,3 +154,32 @@ def test_only_the_large_leaves_of_a_cache_are_donated():
     assert jax.tree.structure(back) == jax.tree.structure(tree)
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(tree)):
         assert a is b
+
+
+def test_greedy_and_stopless_decoding_compile_no_branch_and_give_the_general_loops_tokens(parity_models):
+    """A temperature of 0 compiles argmax without the sampling branch, and stop tokens that cannot
+    occur (all negative) a loop of a fixed trip count; the tokens equal the general loop's (the
+    runtime branch and the early-exit while loop), and a real stop token keeps the early exit."""
+    from jaxkv.generate import _decode, split_donated
+
+    config, params, e = parity_models["llama3"]
+    tokens, positions, lengths, cache = _inputs(config, e["prompt_a"], 12)
+    last, cache = prefill(params, tokens, positions, lengths, cache, config=config)
+    args = (last, lengths, jax.random.key(0), np.float32(0), np.float32(1), np.array([-2], np.int32))
+
+    def run(greedy, fixed):
+        big, small, tree = split_donated(jax.tree.map(jnp.copy, cache))
+        return np.asarray(_decode(params, big, small, *args, config=config, max_new_tokens=12, tree=tree,
+                                  greedy=greedy, fixed=fixed)[0])
+
+    want = run(False, False)
+    np.testing.assert_array_equal(run(True, True), want)
+    np.testing.assert_array_equal(run(True, False), want)
+
+    big, small, tree = split_donated(cache)
+    text = str(jax.make_jaxpr(lambda b, s: _decode.__wrapped__(params, b, s, *args, config=config, max_new_tokens=12,
+                                                              tree=tree, greedy=True, fixed=True))(big, small))
+    assert " cond[" not in text and "scan[" in text and "while[" not in text  # a static trip count
+    text = str(jax.make_jaxpr(lambda b, s: _decode.__wrapped__(params, b, s, *args, config=config, max_new_tokens=12,
+                                                              tree=tree))(big, small))
+    assert " cond[" in text  # the general loop keeps the sampling branch
