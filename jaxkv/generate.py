@@ -1,4 +1,4 @@
-"""jit-compiled generation: one prefill call, then the whole decode loop in one ``while_loop``.
+"""jit-compiled generation: one prefill call, then the whole decode loop in one jitted loop.
 
 Prompts of different lengths are right-padded to a bucket (the next power of two, at least 16)
 with position -1 on the padding, so every prompt of a bucket reuses the same compiled prefill
@@ -7,7 +7,9 @@ produced a stop token; rows that stopped feed position -1, which writes nothing 
 
 Sampling: ``temperature == 0`` is greedy (argmax); otherwise softmax sampling at that
 temperature, restricted to the smallest set of tokens whose probability reaches ``top_p``.
-Temperature and top-p are traced values, so changing them does not recompile.
+Temperature and top-p are traced values, so changing them does not recompile; only switching
+between greedy and sampling does (greedy compiles no sampling branch), as does switching between
+stop tokens and none (without any, the loop has a static trip count instead of an early exit).
 
 The same functions run a Mamba-2 (``jaxkv.models.mamba2``): its cache is its fixed-size state
 (``Mamba2State``), which right padding and the padded steps of finished rows leave as it was.
