@@ -131,7 +131,7 @@ def _concrete(x):
     """``x`` as a numpy value, or None when it is traced (decode called under an outer jit)."""
     try:
         return np.asarray(x)
-    except jax.errors.ConcretizationTypeError:
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
         return None
 
 

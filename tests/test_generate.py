@@ -183,3 +183,17 @@ def test_greedy_and_stopless_decoding_compile_no_branch_and_give_the_general_loo
     text = str(jax.make_jaxpr(lambda b, s: _decode.__wrapped__(params, b, s, *args, config=config, max_new_tokens=12,
                                                               tree=tree))(big, small))
     assert " cond[" in text  # the general loop keeps the sampling branch
+
+
+def test_decode_under_an_outer_jit_keeps_the_general_loop(parity_models):
+    """Traced temperature and stop tokens (decode called inside a jit) cannot pick a mode: the
+    general loop runs, with the tokens of the concrete call."""
+    config, params, e = parity_models["llama3"]
+    tokens, positions, lengths, cache = _inputs(config, e["prompt_a"], 6)
+    last, cache = prefill(params, tokens, positions, lengths, cache, config=config)
+    stops = np.array([-2], np.int32)
+    run = lambda c, t, s: decode(params, c, last, lengths, jax.random.key(0), t, np.float32(1), s,  # noqa: E731
+                                 config=config, max_new_tokens=6)[0]
+    want = np.asarray(run(jax.tree.map(jnp.copy, cache), np.float32(0), stops))
+    got = np.asarray(jax.jit(run)(cache, jnp.float32(0), jnp.asarray(stops)))
+    np.testing.assert_array_equal(got, want)
