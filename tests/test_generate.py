@@ -159,7 +159,7 @@ def test_only_the_large_leaves_of_a_cache_are_donated():
 def test_greedy_and_stopless_decoding_compile_no_branch_and_give_the_general_loops_tokens(parity_models):
     """A temperature of 0 compiles argmax without the sampling branch, and stop tokens that cannot
     occur (all negative) a loop of a fixed trip count; the tokens equal the general loop's (the
-    runtime branch and the early-exit while loop), and a real stop token keeps the early exit."""
+    runtime branch and the early-exit while loop), which the default flags keep."""
     from jaxkv.generate import _decode, split_donated
 
     config, params, e = parity_models["llama3"]
@@ -182,7 +182,7 @@ def test_greedy_and_stopless_decoding_compile_no_branch_and_give_the_general_loo
     assert " cond[" not in text and "scan[" in text and "while[" not in text  # a static trip count
     text = str(jax.make_jaxpr(lambda b, s: _decode.__wrapped__(params, b, s, *args, config=config, max_new_tokens=12,
                                                               tree=tree))(big, small))
-    assert " cond[" in text  # the general loop keeps the sampling branch
+    assert " cond[" in text and "while[" in text  # the general loop keeps the branch and the early exit
 
 
 def test_decode_under_an_outer_jit_keeps_the_general_loop(parity_models):
