@@ -382,17 +382,16 @@ class SqueezedLayer(_IndexSettings):
         context = self.visible_context(state, q, positions, decode=phase is Phase.DECODE)
         after = kv.positions >= state.context_len[:, None, None]
         w = layer.sliding_window
+        newest = jnp.max(positions, axis=1)[:, None, None]
+        seen = (context | after) & (kv.positions <= newest)  # what the step attends (a row at -1: nothing)
         if phase is Phase.DECODE and self.clustered and w is None and isinstance(kv, KVCache):
-            newest = jnp.max(positions, axis=1)[:, None, None]  # a row at -1 sees nothing, as below
-            out = self._kernel_decode(state, q, (context | after) & (kv.positions >= 0) & (kv.positions <= newest))
+            out = self._kernel_decode(state, q, seen)
         else:
             parts = [attend_with_lse(q, kv.k, kv.v, positions, kv.positions, window=w, visible=context),
                      attend_with_lse(q, kv.k, kv.v, positions, kv.positions, window=w, visible=after)]
             out = merge_attention(parts)
         lost = FullCache._overflow(kv, positions).reshape((-1,) + (1,) * (out.ndim - 1))
         out = jnp.where(lost, jnp.nan, out).astype(out.dtype)
-        newest = jnp.max(positions, axis=1)[:, None, None]
-        seen = (context | after) & (kv.positions <= newest)
         return out, state.replace(attended=jnp.sum(seen, axis=(1, 2)).astype(jnp.float32))
 
     def attended_keys(self, state):
