@@ -317,17 +317,15 @@ def bench_kernels(*, batch: int = 4, num_heads: int = 32, num_kv_heads: int = 8,
         qk, qv = quantize(k, bits), quantize(v, bits)
         packed = (qk.codes, qk.scale[..., 0], qk.zero[..., 0], qv.codes, qv.scale[..., 0], qv.zero[..., 0], positions)
         q_ref = jax.jit(lambda q, *c: quantized_decode_reference(q, *c, bits=bits))
+        q_kernel = jax.jit(lambda q, *c: quantized_decode(q, *c, bits=bits, block_size=block_size, **impl))
         q_want = q_ref(q, *packed)[0].astype(jnp.float32)
         nbytes = sum(int(a.size) * a.dtype.itemsize for a in packed)
-        for unpack, label in (("split", ""), ("tile", " (one tile a block)")):  # the kernel's two unpackings
-            opts = dict(impl, unpack=unpack)
-            q_kernel = jax.jit(lambda q, *c, o=opts: quantized_decode(q, *c, bits=bits, block_size=block_size, **o))
-            r = row(f"quantized decode INT{bits}{label}, pallas_gpu", timed(q_kernel, q, *packed, repeats=repeats),
-                    nbytes, q_kernel(q, *packed)[0], against=q_want)
-            r["bytes_ratio_vs_dense"] = nbytes / dense_bytes
-            r["time_ratio_vs_dense"] = r["seconds"] / rows[0]["seconds"]
-            if r["kernel_seconds"] and rows[0]["kernel_seconds"]:
-                r["kernel_time_ratio_vs_dense"] = r["kernel_seconds"] / rows[0]["kernel_seconds"]
+        r = row(f"quantized decode INT{bits}, pallas_gpu", timed(q_kernel, q, *packed, repeats=repeats),
+                nbytes, q_kernel(q, *packed)[0], against=q_want)
+        r["bytes_ratio_vs_dense"] = nbytes / dense_bytes
+        r["time_ratio_vs_dense"] = r["seconds"] / rows[0]["seconds"]
+        if r["kernel_seconds"] and rows[0]["kernel_seconds"]:
+            r["kernel_time_ratio_vs_dense"] = r["kernel_seconds"] / rows[0]["kernel_seconds"]
         del qk, qv, packed
     # sparse: the top budget/block_size pages by Quest's bound from each page's key min/max (page_select)
     from jaxkv.kernels.page_select import page_select

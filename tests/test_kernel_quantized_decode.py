@@ -100,31 +100,15 @@ class TestPallasGpu(QuantizedDecodeBase):
     kernel = splits = True
 
 
-class TestPallasGpuTileInterpret(QuantizedDecodeBase):
-    """``unpack="tile"``: a byte's codes interleaved into one ``[bs, H]`` tile, one dot a block."""
-    implementation = "pallas_gpu"
-    options = {"interpret": True, "unpack": "tile"}
-    kernel = splits = True
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
-class TestPallasGpuTile(QuantizedDecodeBase):
-    implementation = "pallas_gpu"
-    options = {"unpack": "tile"}
-    kernel = splits = True
-
-
-@pytest.mark.parametrize("unpack", ["split", "tile"])
 @pytest.mark.parametrize("bits", [2, 4])
-def test_the_gpu_kernel_lowers_for_an_h200(bits, unpack):
-    """Pallas's Triton lowering at the bench's shape (GQA 4, head dim 128, blocks of 64), both
-    ways of unpacking the codes, exported for the card on the CPU."""
+def test_the_gpu_kernel_lowers_for_an_h200(bits):
+    """Pallas's Triton lowering at the bench's shape (GQA 4, head dim 128, blocks of 64),
+    exported for the card on the CPU."""
     from jaxkv.kernels.quantized_decode.pallas_gpu import quantized_decode_pallas_gpu
     from tests.gpu_lowering import lower_for_gpu
 
     args, _, _ = _case(np.random.default_rng(0), 2, 2, 4, 128, 512, bits, jnp.bfloat16, [512, 100])
-    text = lower_for_gpu(functools.partial(quantized_decode_pallas_gpu, bits=bits, unpack=unpack), *args)
+    text = lower_for_gpu(functools.partial(quantized_decode_pallas_gpu, bits=bits), *args)
     assert "jaxkv_quantized_decode" in text
 
 
@@ -166,8 +150,6 @@ def test_bad_arguments_name_themselves():
         quantized_decode(*bad, bits=4, implementation="reference")
     with pytest.raises(ValueError, match="block_size .* must divide"):
         quantized_decode(*args, bits=4, implementation="pallas_gpu", interpret=True, block_size=64)
-    with pytest.raises(ValueError, match="unpack must be 'split' or 'tile'"):
-        quantized_decode(*args, bits=4, implementation="pallas_gpu", interpret=True, block_size=16, unpack="whole")
     with pytest.raises(ValueError, match=r"\['blocks_per_split'\] are not the TPU kernel's"):
         quantized_decode(*args, bits=4, implementation="pallas_tpu", interpret=True, block_size=16,
                          blocks_per_split=2)

@@ -12,10 +12,9 @@ into ``per`` sub-vectors of ``H / per`` channels, and per token
 
 each ``codes_i = (byte >> i * bits) & mask`` a shift and a mask in registers and each sum a
 ``dot`` over ``H / per`` channels. The partial outputs per ``i`` are interleaved back into
-``H`` channels once, after the kernel (``unpack="split"``, the default). ``unpack="tile"``
-interleaves the ``per`` code arrays into one ``[bs, H]`` tile in registers instead (``stack`` on
-the last axis, then a reshape: Triton's ``join``) and takes one ``dot`` a block with the whole
-query, and the output needs no interleave; it is tested against the reference but not yet timed.
+``H`` channels once, after the kernel. (Interleaving the codes into one ``[bs, H]`` tile in
+registers for one ``dot`` a block, via Triton's ``join``, was tried and dropped: 1.2-1.6x slower
+on an H100, and wrong for 2- and 3-bit codes in bf16 once compiled; BENCHMARKS.md.)
 Same result as ``reference.quantized_decode_reference``.
 """
 from __future__ import annotations
@@ -34,21 +33,9 @@ _NEG = -1e30  # finite: a program with nothing visible makes no NaN
 _MIN_ROWS = 16  # tl.dot's smallest M
 
 
-def _interleave(cs: list) -> Array:
-    """``per`` arrays ``[bs, Hs]`` -> ``[bs, Hs * per]`` with channel ``j * per + i`` from
-    ``cs[i][:, j]``: pairs stacked on a new last axis (``cs[b]`` with ``cs[b + half]``), level by
-    level, then one reshape."""
-    rows, per = cs[0].shape[0], len(cs)
-    while len(cs) > 1:
-        half = len(cs) // 2
-        cs = [jnp.stack([cs[b], cs[b + half]], axis=-1) for b in range(half)]
-    return cs[0].reshape(rows, -1) if per > 1 else cs[0]
-
-
 def _kernel(q_ref, qsum_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, pos_ref, o_ref, lse_ref, *,
-            bits: int, block_size: int, blocks_per_split: int, scale: float, exact: bool, unpack: str):
-    per = 8 // bits
-    tile = unpack == "tile"
+            bits: int, block_size: int, blocks_per_split: int, scale: float, exact: bool):
+    per = q_ref.shape[0]
     split = pl.program_id(2)
     n_blocks = kc_ref.shape[0] // block_size
     first = split * blocks_per_split
@@ -56,21 +43,20 @@ def _kernel(q_ref, qsum_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, pos
     mask = (1 << bits) - 1
     dt = jnp.float32 if exact else jnp.bfloat16  # codes < 256 are exact in bf16
     allow_tf32 = False if exact else None
-    qs = [q_ref[...].astype(dt)] if tile else [q_ref[i].astype(dt) for i in range(per)]  # [Gp, H (/ per)]
+    qs = [q_ref[i].astype(dt) for i in range(per)]  # [Gp, H / per] each
     qsum = qsum_ref[...]  # [Gp] fp32
     rows, hs = qs[0].shape
 
     def codes(ref, start):
         packed = ref[pl.ds(start, block_size), :].astype(jnp.int32)  # [bs, H / per]
-        cs = [((packed >> (i * bits)) & mask).astype(dt) for i in range(per)]
-        return [_interleave(cs)] if tile else cs  # one [bs, H] tile, or per [bs, H / per] parts
+        return [((packed >> (i * bits)) & mask).astype(dt) for i in range(per)]
 
     def body(j, carry):
         accs, zacc, m, l = carry
         start = pl.multiple_of(j * block_size, block_size)
         kcs = codes(kc_ref, start)
         raw = sum(plgpu.dot(qs[i], kcs[i], trans_b=True, allow_tf32=allow_tf32).astype(jnp.float32)
-                  for i in range(len(kcs)))  # [Gp, bs]
+                  for i in range(per))  # [Gp, bs]
         k_scale = ks_ref[pl.ds(start, block_size)].astype(jnp.float32)
         k_zero = kz_ref[pl.ds(start, block_size)].astype(jnp.float32)
         s = (raw * k_scale[None, :] + qsum[:, None] * k_zero[None, :]) * scale
@@ -84,36 +70,29 @@ def _kernel(q_ref, qsum_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, pos
         pw = (p * v_scale[None, :]).astype(dt)
         vcs = codes(vc_ref, start)
         accs = tuple(alpha[:, None] * accs[i] + plgpu.dot(pw, vcs[i], allow_tf32=allow_tf32).astype(jnp.float32)
-                     for i in range(len(vcs)))
+                     for i in range(per))
         zacc = alpha * zacc + jnp.sum(p * v_zero[None, :], axis=1)
         return accs, zacc, m_new, alpha * l + jnp.sum(p, axis=1)
 
-    init = (tuple(jnp.zeros((rows, hs), jnp.float32) for _ in qs), jnp.zeros((rows,), jnp.float32),
+    init = (tuple(jnp.zeros((rows, hs), jnp.float32) for _ in range(per)), jnp.zeros((rows,), jnp.float32),
             jnp.full((rows,), _NEG, jnp.float32), jnp.zeros((rows,), jnp.float32))
     accs, zacc, m, l = jax.lax.fori_loop(first, jnp.maximum(last, first), body, init)
     some = l > 0
     inv = 1.0 / jnp.where(some, l, 1.0)
-    for i, acc in enumerate(accs):
-        o = jnp.where(some[:, None], (acc + zacc[:, None]) * inv[:, None], 0.0)
-        if tile:
-            o_ref[...] = o
-        else:
-            o_ref[i] = o
+    for i in range(per):
+        o_ref[i] = jnp.where(some[:, None], (accs[i] + zacc[:, None]) * inv[:, None], 0.0)
     lse_ref[...] = jnp.where(some, m + jnp.log(jnp.where(some, l, 1.0)), -jnp.inf)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "block_size", "scale", "blocks_per_split", "num_warps",
-                                             "num_stages", "interpret", "unpack"))
+                                             "num_stages", "interpret"))
 def quantized_decode_pallas_gpu(q: Array, k_codes: Array, k_scale: Array, k_zero: Array, v_codes: Array,
                                 v_scale: Array, v_zero: Array, kv_positions: Array, *, bits: int,
                                 block_size: int = 64, scale: float | None = None,
                                 blocks_per_split: int | None = None, num_warps: int = 4, num_stages: int = 2,
-                                interpret: bool = False, unpack: str = "split") -> tuple[Array, Array]:
+                                interpret: bool = False) -> tuple[Array, Array]:
     """``(out [B, K, G, H], lse [B, K, G])``: see ``reference.quantized_decode_reference``.
-    The cache's slots must be a multiple of ``block_size``. ``unpack``: ``"split"`` (a ``dot``
-    per code of a byte) or ``"tile"`` (the codes interleaved into one tile, one ``dot``)."""
-    if unpack not in ("split", "tile"):
-        raise ValueError(f"unpack must be 'split' or 'tile', got {unpack!r}")
+    The cache's slots must be a multiple of ``block_size``."""
     b, kh, g, h = q.shape
     s_len, hs = k_codes.shape[2], k_codes.shape[3]
     per = 8 // bits
@@ -124,37 +103,32 @@ def quantized_decode_pallas_gpu(q: Array, k_codes: Array, k_scale: Array, k_zero
     rows = max(_MIN_ROWS, 1 << (g - 1).bit_length())
     qf = jnp.pad(q.astype(jnp.float32), ((0, 0), (0, 0), (0, rows - g), (0, 0)))
     qsum = jnp.sum(qf, axis=-1)  # [B, K, Gp]
-    qdt = jnp.float32 if q.dtype == jnp.float32 else jnp.bfloat16
-    tile = unpack == "tile"
-    q_in = qf.astype(qdt) if tile else jnp.moveaxis(qf.reshape(b, kh, rows, hs, per), -1, 2).astype(qdt)
-    parts = () if tile else (per,)  # [B, K, (per,) Gp, H (/ per)]
+    q_split = jnp.moveaxis(qf.reshape(b, kh, rows, hs, per), -1, 2)  # [B, K, per, Gp, H / per]
+    q_split = q_split.astype(jnp.float32 if q.dtype == jnp.float32 else jnp.bfloat16)
     per_token = lambda: pl.BlockSpec((None, None, s_len), lambda i, j, t: (i, j, 0))  # noqa: E731
     packed = lambda: pl.BlockSpec((None, None, s_len, hs), lambda i, j, t: (i, j, 0, 0))  # noqa: E731
     kernel = functools.partial(_kernel, bits=bits, block_size=block_size, blocks_per_split=bps, scale=scale,
-                               exact=q.dtype == jnp.float32, unpack=unpack)
-    width = h if tile else hs
-    zeros = (0,) * (len(parts) + 2)
+                               exact=q.dtype == jnp.float32)
     o, lse = pl.pallas_call(
         kernel,
         grid=(b, kh, splits),
         in_specs=[
-            pl.BlockSpec((None, None) + parts + (rows, width), lambda i, j, t: (i, j) + zeros),  # q (by code index)
+            pl.BlockSpec((None, None, per, rows, hs), lambda i, j, t: (i, j, 0, 0, 0)),  # q by code index
             pl.BlockSpec((None, None, rows), lambda i, j, t: (i, j, 0)),  # sum(q)
             packed(), per_token(), per_token(),  # k codes, scale, zero
             packed(), per_token(), per_token(),  # v codes, scale, zero
             per_token(),  # kv positions
         ],
         out_specs=[
-            pl.BlockSpec((None, None, None) + parts + (rows, width), lambda i, j, t: (i, j, t) + zeros),
+            pl.BlockSpec((None, None, None, per, rows, hs), lambda i, j, t: (i, j, t, 0, 0, 0)),
             pl.BlockSpec((None, None, None, rows), lambda i, j, t: (i, j, t, 0)),
         ],
-        out_shape=[jax.ShapeDtypeStruct((b, kh, splits) + parts + (rows, width), jnp.float32),
+        out_shape=[jax.ShapeDtypeStruct((b, kh, splits, per, rows, hs), jnp.float32),
                    jax.ShapeDtypeStruct((b, kh, splits, rows), jnp.float32)],
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="jaxkv_quantized_decode",
-    )(q_in, qsum, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, kv_positions.astype(jnp.int32))
-    if not tile:
-        o = jnp.moveaxis(o, 3, -1).reshape(b, kh, splits, rows, h)  # channel j * per + i
+    )(q_split, qsum, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, kv_positions.astype(jnp.int32))
+    o = jnp.moveaxis(o, 3, -1).reshape(b, kh, splits, rows, h)  # channel j * per + i
     out, lse_out = merge_splits(o, lse)
     return out[:, :, :g].astype(q.dtype), lse_out[:, :, :g]
