@@ -26,6 +26,8 @@ def _check(q, k, v, lengths, block_indices, block_counts, block_size, kv_mask=No
         raise ValueError(f"block_counts must be [B, K] = [{b}, {kh}], got {block_counts.shape}")
     if kv_mask is not None and kv_mask.shape != k.shape[:3]:
         raise ValueError(f"kv_mask must be [B, K, S] = {list(k.shape[:3])}, got {kv_mask.shape}")
+    if kv_mask is not None and kv_mask.dtype != jnp.bool_:  # the backends would read other dtypes differently
+        raise ValueError(f"kv_mask must be bool, got {kv_mask.dtype}")
     if not isinstance(block_size, int) or block_size < 1 or k.shape[2] % block_size:
         raise ValueError(f"block_size must be a positive int dividing the cache's {k.shape[2]} slots, "
                          f"got {block_size!r}")
@@ -47,9 +49,10 @@ def sparse_decode(q: Array, k: Array, v: Array, lengths: Array, block_indices: A
     """Attention of one new token per row over the listed KV blocks of a head-major cache:
     ``(out [B, K, G, H], lse [B, K, G])``. ``q [B, K, G, H]`` (the query heads of each KV head),
     ``k, v [B, K, S, H]``, ``lengths [B]`` (slots ``< lengths`` hold tokens), ``block_indices [B,
-    K, M]`` blocks of ``block_size`` slots, the first ``block_counts [B, K]`` of them real and
-    none listed twice. ``kv_mask [B, K, S]`` (bool, optional): slots of the listed blocks to leave
-    out too (a layout whose blocks mix kept and dropped tokens, e.g. ``squeezed``'s clusters).
+    K, M]`` blocks of ``block_size`` slots, the first ``block_counts [B, K]`` of them real (a
+    count above M counts as M), none listed twice, the padding never attended. ``kv_mask [B, K,
+    S]`` (bool, optional): slots of the listed blocks to leave out too (a layout whose blocks mix
+    kept and dropped tokens, e.g. ``squeezed``'s clusters).
     ``implementation``: ``"pallas_gpu"``, ``"pallas_tpu"`` or ``"reference"``;
     an explicit one that cannot run raises; None takes the GPU kernel on a GPU, else the
     reference with a warning (the TPU kernel is asked for by name: tested in the TPU interpreter
@@ -57,6 +60,9 @@ def sparse_decode(q: Array, k: Array, v: Array, lengths: Array, block_indices: A
     ``blocks_per_split``, ``num_warps``, ``num_stages``, ``merge``, ``interpret`` for the GPU's,
     ``interpret`` for the TPU's."""
     _check(q, k, v, lengths, block_indices, block_counts, block_size, kv_mask)
+    if block_indices.shape[-1] == 0:  # nothing listed: nothing visible (a kernel would have no block to run)
+        b, kh, g, _ = q.shape
+        return jnp.zeros(q.shape, q.dtype), jnp.full((b, kh, g), -jnp.inf, jnp.float32)
     if use_tpu_kernel(implementation, kernel_options, ("interpret",)):
         from jaxkv.kernels.sparse_decode.pallas_tpu import sparse_decode_pallas_tpu
 

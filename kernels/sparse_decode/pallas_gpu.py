@@ -32,14 +32,15 @@ def _kernel(lengths_ref, counts_ref, idx_ref, q_ref, k_ref, v_ref, *refs, block_
     length = lengths_ref[0]
     first = split * blocks_per_split
     last = jnp.minimum(first + blocks_per_split, counts_ref[0])
-    q = q_ref[...]  # [Gp, H]
+    cdt = jnp.float32 if exact else k_ref.dtype  # fp32 queries: fp32 dots, whatever the cache holds
+    q = q_ref[...].astype(cdt)  # [Gp, H]
     rows, h = q.shape
     allow_tf32 = False if exact else None
 
     def body(j, carry):
         acc, m, l = carry
         start = pl.multiple_of(idx_ref[j] * block_size, block_size)
-        kb = k_ref[pl.ds(start, block_size), :]  # [bs, H]
+        kb = k_ref[pl.ds(start, block_size), :].astype(cdt)  # [bs, H]
         s = plgpu.dot(q, kb, trans_b=True, allow_tf32=allow_tf32).astype(jnp.float32) * scale  # [Gp, bs]
         seen = start + jnp.arange(block_size) < length
         if mask_ref is not None:  # slots of a listed block left out by the caller's mask
@@ -49,8 +50,8 @@ def _kernel(lengths_ref, counts_ref, idx_ref, q_ref, k_ref, v_ref, *refs, block_
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         p = jnp.where(seen, jnp.exp(s - m_new[:, None]), 0.0)
         alpha = jnp.exp(m - m_new)
-        vb = v_ref[pl.ds(start, block_size), :]
-        pv = plgpu.dot(p.astype(vb.dtype), vb, allow_tf32=allow_tf32).astype(jnp.float32)
+        vb = v_ref[pl.ds(start, block_size), :].astype(cdt)
+        pv = plgpu.dot(p.astype(cdt), vb, allow_tf32=allow_tf32).astype(jnp.float32)
         return alpha[:, None] * acc + pv, m_new, alpha * l + jnp.sum(p, axis=1)
 
     init = (jnp.zeros((rows, h), jnp.float32), jnp.full((rows,), _NEG, jnp.float32), jnp.zeros((rows,), jnp.float32))
@@ -105,7 +106,7 @@ def sparse_decode_pallas_gpu(q: Array, k: Array, v: Array, lengths: Array, block
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="jaxkv_sparse_decode",
-    )(lengths.astype(jnp.int32), block_counts.astype(jnp.int32)[:, :, None], idx, qp, k, v,
+    )(lengths.astype(jnp.int32), jnp.minimum(block_counts.astype(jnp.int32), m)[:, :, None], idx, qp, k, v,
       *([] if kv_mask is None else [kv_mask.astype(jnp.int8)]))
     if merge == "pallas":
         return merge_splits_pallas_gpu(o, lse, splits=splits, rows=g, dtype=q.dtype, interpret=interpret)

@@ -69,7 +69,8 @@ def sparse_decode_pallas_tpu(q: Array, k: Array, v: Array, lengths: Array, block
     if block_size % 8:
         raise ValueError(f"block_size must be a multiple of 8 for the TPU kernel, got {block_size}")
     scale = h ** -0.5 if scale is None else float(scale)
-    idx = block_indices.astype(jnp.int32)
+    # in bounds whatever the padding holds: a head with no block still fetches one (never attended)
+    idx = jnp.clip(block_indices.astype(jnp.int32), 0, k.shape[2] // block_size - 1)
     cnt = jnp.minimum(block_counts.astype(jnp.int32), m)
 
     def kv_map(bi, ki, mi, idx_ref, cnt_ref, len_ref):
