@@ -252,7 +252,9 @@ def test_decode_attends_a_cluster_ordered_layout_through_sparse_decode(tiny_mode
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
 def test_clustered_decode_through_the_compiled_gpu_kernel(tiny_model):
-    _check_clustered_decode(tiny_model, (("pallas_gpu", False),))
+    # fp32 at full precision on both sides: the kernel's fp32 dots are exact, XLA's default would be TF32
+    with jax.default_matmul_precision("highest"):
+        _check_clustered_decode(tiny_model, (("pallas_gpu", False),))
 
 
 def _check_clustered_decode(tiny_model, kernels):
