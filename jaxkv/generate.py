@@ -143,6 +143,11 @@ def decode(params, cache: ModelCache, first_logits, lengths, key, temperature, t
     tokens that cannot occur, all negative, a loop of a fixed trip count: on a GPU a runtime
     branch or loop condition is read back by the host every step); the cache's large buffers are
     donated."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    max_new_tokens = int(max_new_tokens)
+    if isinstance(stop_tokens, (list, tuple)):  # a list would reach the jit as a pytree of scalars
+        stop_tokens = np.asarray(stop_tokens, np.int32).reshape(-1)
     big, small, tree = split_donated(cache)
     t, stops = _concrete(temperature), _concrete(stop_tokens)
     greedy = t is not None and float(t) == 0.0
@@ -247,8 +252,9 @@ def generate(
     paper's form; a compressing policy then compresses all but that token).
     """
     prompts = _validate_prompts(prompts, config.vocab_size)
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    max_new_tokens = int(max_new_tokens)
     if not temperature >= 0:
         raise UserError(f"temperature must be >= 0, got {temperature}")
     if not 0 < top_p <= 1:

@@ -197,3 +197,23 @@ def test_decode_under_an_outer_jit_keeps_the_general_loop(parity_models):
     want = np.asarray(run(jax.tree.map(jnp.copy, cache), np.float32(0), stops))
     got = np.asarray(jax.jit(run)(cache, jnp.float32(0), jnp.asarray(stops)))
     np.testing.assert_array_equal(got, want)
+
+
+def test_decode_takes_a_list_of_stop_tokens_and_refuses_no_new_tokens(parity_models):
+    """Stop tokens as a Python list give the array's tokens (a list reached the jit as a pytree);
+    ``max_new_tokens`` of 0 is refused by name, and a numpy integer is a valid count."""
+    config, params, e = parity_models["llama3"]
+    tokens, positions, lengths, cache = _inputs(config, e["prompt_a"], 6)
+    last, cache = prefill(params, tokens, positions, lengths, cache, config=config)
+    run = lambda s, n=6: decode(params, jax.tree.map(jnp.copy, cache), last, lengths, jax.random.key(0),  # noqa: E731
+                                np.float32(0), np.float32(1), s, config=config, max_new_tokens=n)[0]
+    want = np.asarray(run(np.array([-2], np.int32)))
+    np.testing.assert_array_equal(np.asarray(run([-2])), want)
+    np.testing.assert_array_equal(np.asarray(run((-2,), np.int64(6))), want)
+    stop = int(want[0, 2])  # the third token: the row ends there, kept, -1 after
+    got = np.asarray(run([stop]))
+    assert got[0, :3].tolist() == want[0, :3].tolist() and got[0, 3:].tolist() == [-1] * 3
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive integer, got 0"):
+        run([-2], 0)
+    out = generate(params, config, [e["prompt_a"]], max_new_tokens=np.int64(3)).tokens
+    assert len(out[0]) == 3
