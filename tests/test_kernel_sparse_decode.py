@@ -290,6 +290,14 @@ def test_bad_arguments_name_themselves():
             sparse_decode(q, k, k, lengths, idx, counts, block_size=16, implementation="pallas_gpu")
         with pytest.warns(UserWarning, match="reference"):
             sparse_decode(q, k, k, lengths, idx, counts, block_size=16)
+    from unittest import mock
+
+    from jaxkv.kernels.sparse_decode import api
+
+    with mock.patch.object(api.jax, "default_backend", return_value="gpu"):  # a head dim tl.dot cannot take
+        with pytest.raises(ValueError, match=r"head_dim \(8\) .* powers of two >= 16"):
+            sparse_decode(q[..., :8], k[..., :8], k[..., :8], lengths, idx, counts, block_size=16,
+                          implementation="pallas_gpu")
 
 
 def test_dense_blocks_cover_each_rows_length():

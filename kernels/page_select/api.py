@@ -47,8 +47,8 @@ def page_select(q: Array, kmin: Array, kmax: Array, *, group: int, count: int, i
         h, pages = q.shape[-1], kmin.shape[2] // group
         if jax.default_backend() != "gpu":
             return f"the backend is {jax.default_backend()}, not gpu"
-        if h & (h - 1):
-            return f"head_dim ({h}) must be a power of two"
+        if h & (h - 1) or h < 16:  # tl.dot: K >= 16
+            return f"head_dim ({h}) must be a power of two >= 16"
         if pages > MAX_KERNEL_PAGES:
             return f"{pages} physical pages a row exceed the kernel's {MAX_KERNEL_PAGES}"
         return None

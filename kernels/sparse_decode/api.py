@@ -38,8 +38,8 @@ def _pallas_gpu_ok(q, block_size) -> str | None:
     if jax.default_backend() != "gpu":
         return f"the backend is {jax.default_backend()}, not gpu"
     h = q.shape[-1]
-    if h & (h - 1) or block_size & (block_size - 1) or block_size < 16:
-        return f"head_dim ({h}) and block_size ({block_size}) must be powers of two, block_size >= 16"
+    if h & (h - 1) or h < 16 or block_size & (block_size - 1) or block_size < 16:  # tl.dot: K and N >= 16
+        return f"head_dim ({h}) and block_size ({block_size}) must be powers of two >= 16"
     return None
 
 
