@@ -398,3 +398,23 @@ def test_analyze_mamba_states(tmp_path):
     assert main(cli + ["--streams", "2", "--out", str(tmp_path / "y")]) == 0
     assert json.loads((tmp_path / "y" / "mamba_states.json").read_text())["stream"]["streams"] == 2
     assert main(cli + ["--streams", "5000", "--out", str(tmp_path / "z")]) == 2  # 80k synthetic tokens: too few
+
+
+def test_the_length_training_loss_counts_only_the_targets_a_loss_mask_marks():
+    """``(tokens, loss_mask)`` documents: the loss is the NLL of the marked targets alone, as the
+    language-model loss counts them."""
+    from jaxkv.training.mamba import mamba_loss
+
+    params = init_params(TINY_MAMBA, jax.random.key(0))
+    batch = _batch(2, 32)
+    mask = np.zeros((2, 32), bool)
+    mask[:, 20:] = True  # the last twelve tokens of each row are targets
+    masked = {**batch, "loss_mask": jnp.asarray(mask)}
+    run = jax.jit(lambda b: mamba_loss(params, b, config=TINY_MAMBA, segment_len=16, compute_dtype=jnp.float32))
+    total, n = run(masked)
+    logits, _ = forward(params, batch["tokens"], batch["positions"], config=TINY_MAMBA)
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1], -1), batch["tokens"][:, 1:, None], -1)[..., 0]
+    ok = (batch["positions"][:, 1:] >= 0) & (batch["segment_ids"][:, 1:] == batch["segment_ids"][:, :-1]) \
+        & mask[:, 1:]
+    assert float(n) == float(np.sum(ok)) < float(run(batch)[1])
+    np.testing.assert_allclose(float(total), float(jnp.sum(jnp.where(ok, nll, 0))), rtol=1e-5)

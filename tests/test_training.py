@@ -167,10 +167,14 @@ def test_sigkill_after_a_checkpoint_then_resume_logs_the_same_losses(tmp_path):
     assert [s for s, _ in _losses(killed)] == list(range(1, 10))
     assert main(_train_cmd(killed, 12)) == 0
     assert _losses(killed) == _losses(tmp_path / "straight")  # bitwise: floats compared exactly
-    # and a longer --steps on the same folder resumes again
-    assert main(_train_cmd(killed, 14)) == 0
+    # and a longer --steps on the same folder resumes again, on the run's own schedule (cosine over
+    # 12 steps): the steps past it keep its final learning rate, with a warning
+    with pytest.warns(UserWarning, match="spans 12 steps"):
+        assert main(_train_cmd(killed, 14)) == 0
     assert [s for s, _ in _losses(killed)] == list(range(1, 15))
     rows = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert rows[12]["lr"] == rows[13]["lr"] < rows[11]["lr"]  # the step-13 and -14 rates: the end value
+    assert json.loads((killed / "run.json").read_text())["optim"]["total_steps"] == 12
     assert {"step", "loss", "lr", "tokens_per_s"} <= set(rows[-1])
     assert (killed / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the final weights are an HF checkpoint that generates
@@ -221,7 +225,7 @@ def test_bad_run_folders(tmp_path, capsys):
         if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
             f.write_bytes(b"\0" * 7)
     meta_before = (run / "run.json").read_text()
-    assert main(_train_cmd(run, 8)) == 2
+    assert main(_train_cmd(run, 4)) == 2  # the run is at its end: its checkpoint is still read (for hf/)
     err = capsys.readouterr().err
     assert "is damaged" in err and "checkpoints/4" in err and "checksum mismatch" in err
     assert (run / "run.json").read_text() == meta_before
@@ -479,3 +483,42 @@ def test_a_run_folder_from_before_the_attention_modes_resumes_under_the_mode_it_
         else:
             with pytest.raises(RunDirError, match="data.attention"):
                 RunDir(folder, new, keep=1)
+
+
+def test_a_run_stopped_before_its_checksums_or_its_hf_folder_recovers(tmp_path):
+    """A checkpoint orbax finished whose hashes were never recorded (the run stopped in between)
+    is hashed on resume, with a warning, instead of blocking the folder; a run at its last step
+    whose ``hf/`` is missing or older than its checkpoint writes it again."""
+    from jaxkv.checkpoints import load_checkpoint
+
+    out = tmp_path / "run"
+    first = train_lm(TINY, COUNT, out=out, **_cfgs(steps=4))
+    sums = json.loads((out / "checksums.json").read_text())
+    assert set(sums) == {"4"} and json.loads((out / "export.json").read_text()) == {"step": 4}
+    (out / "checksums.json").write_text(json.dumps({}))  # as if stopped between orbax and the hashes
+    import shutil
+
+    shutil.rmtree(out / "hf")  # ... and before hf/ was written
+    with pytest.warns(UserWarning, match="checksums were not recorded"):
+        again = train_lm(TINY, COUNT, out=out, **_cfgs(steps=4))
+    assert again.history == [] and again.step == 4
+    assert json.loads((out / "checksums.json").read_text()) == sums  # the same files, the same hashes
+    _, params = load_checkpoint(out / "hf", dtype=jnp.float32)
+    want = first.state.params["layers"][0]["attn"]["q"]["kernel"]
+    np.testing.assert_array_equal(np.asarray(params["layers"][0]["attn"]["q"]["kernel"]), np.asarray(want))
+    (out / "export.json").write_text(json.dumps({"step": 2}))  # hf/ from an earlier step: written again
+    stamp = (out / "hf" / "model.safetensors").stat().st_mtime_ns
+    train_lm(TINY, COUNT, out=out, **_cfgs(steps=4))
+    assert (out / "hf" / "model.safetensors").stat().st_mtime_ns != stamp
+    assert json.loads((out / "export.json").read_text()) == {"step": 4}
+    stamp = (out / "hf" / "model.safetensors").stat().st_mtime_ns
+    train_lm(TINY, COUNT, out=out, **_cfgs(steps=4))  # up to date: nothing written
+    assert (out / "hf" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_anchor_rows_need_two_slots():
+    with pytest.raises(TrainConfigError, match="seq_len must be at least 2 with attention='anchor'"):
+        DataConfig(seq_len=1, attention="anchor")
+    with pytest.raises(TrainConfigError, match="anchor-bos"):
+        DataConfig(seq_len=1, attention="anchor-bos")
+    assert DataConfig(seq_len=1, attention="intra").seq_len == 1

@@ -9,7 +9,8 @@ exactly. A folder that holds anything but a jaxkv run, or a run of a different c
 
 Every saved checkpoint's files are hashed (SHA-256) into ``checksums.json``; a restore verifies
 them first, so a damaged or truncated checkpoint is refused in one line, naming the file,
-before any of it is read. While a run holds the folder it holds an exclusive lock on
+before any of it is read. A checkpoint orbax finished (renamed into place) whose hashes were not
+recorded, because the process stopped in between, is hashed when the run resumes, with a warning. While a run holds the folder it holds an exclusive lock on
 ``.lock`` (``fcntl.flock``, released when the process ends, even by ``kill -9``): a second run on
 the same folder is refused. A folder that holds only what a run leaves in its first seconds (the
 lock, an empty ``checkpoints/``) counts as empty.
@@ -159,6 +160,8 @@ class RunDir:
                     raise RunDirError(f"{self.path} holds a run trained on other data: the documents given "
                                       "now differ from those it started with (a data file was edited, "
                                       "added or removed); restore the data or choose another --out")
+                if key == "optim.total_steps" and key not in old:  # runs from before it was recorded
+                    continue
                 if old.get(key) != new.get(key):
                     raise RunDirError(f"{self.path} holds a run with a different {key!r} "
                                       f"({old.get(key)!r} there, {new.get(key)!r} now); "
@@ -198,7 +201,17 @@ class RunDir:
         self._lock = f
 
     def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+        """The newest checkpoint. One that orbax finished (renamed into place) but whose hashes
+        were never recorded (the process stopped in between) is hashed now, with a warning: a
+        checkpoint orbax did not finish is never listed."""
+        latest = self.manager.latest_step()
+        if latest is not None and jax.process_index() == 0 and str(latest) not in self._checksums():
+            import warnings
+
+            warnings.warn(f"checkpoint {self.path / CKPT_DIR / str(latest)} was saved but its checksums were not "
+                          "recorded (the run stopped in between); recording them now", stacklevel=2)
+            self._record_checksums(latest)
+        return latest
 
     def _checksums(self) -> dict:
         return _read_checksums(self.path)
@@ -207,10 +220,13 @@ class RunDir:
         self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
         self.manager.wait_until_finished()
         if jax.process_index() == 0:
-            kept = {str(s) for s in self.manager.all_steps()}
-            sums = {k: v for k, v in self._checksums().items() if k in kept}
-            sums[str(step)] = _checkpoint_hashes(self.path / CKPT_DIR / str(step))
-            write_text_atomic(self.path / CHECKSUM_FILE, json.dumps(sums, indent=1, sort_keys=True) + "\n")
+            self._record_checksums(step)
+
+    def _record_checksums(self, step: int) -> None:
+        kept = {str(s) for s in self.manager.all_steps()}
+        sums = {k: v for k, v in self._checksums().items() if k in kept}
+        sums[str(step)] = _checkpoint_hashes(self.path / CKPT_DIR / str(step))
+        write_text_atomic(self.path / CHECKSUM_FILE, json.dumps(sums, indent=1, sort_keys=True) + "\n")
 
     def verify(self, step: int) -> None:
         """Check checkpoint ``step``'s files against the hashes taken when it was saved."""

@@ -103,6 +103,9 @@ class DataConfig:
                                    f"not position_mode={self.position_mode!r}")
         object.__setattr__(self, "attention", attention)
         object.__setattr__(self, "position_mode", _POSITIONS[attention])
+        if attention in ("anchor", "anchor-bos") and self.seq_len < 2:  # the anchor takes a slot of every row
+            raise TrainConfigError(f"seq_len must be at least 2 with attention={attention!r} (the anchor takes "
+                                   f"a slot), got {self.seq_len}")
         if not isinstance(self.split_documents, bool):
             raise TrainConfigError(f"split_documents must be a bool, got {self.split_documents!r}")
 

@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxkv.training.config import DataConfig, OptimConfig, TrainConfig, TrainConfigError
 from jaxkv.training.data import Batches, pack_documents
-from jaxkv.training.loop import TrainResult, open_run, run_meta, run_steps
+from jaxkv.training.loop import TrainResult, open_run, run_meta, run_schedule, run_steps
 from jaxkv.training.metrics import plot_metrics
 from jaxkv.training.optim import make_optimizer, make_schedule
 from jaxkv.training.sharding import batch_sharding, make_mesh, param_specs
@@ -75,6 +75,7 @@ def train_cskv(config, params: dict, documents: Sequence, *, key_density: float,
         raise TrainConfigError("train cskv: the context axis (tokens split over devices) is for language-model "
                                "training; give mesh as data,fsdp,tensor")
     mesh = make_mesh(*train.mesh)
+    optim = run_schedule(optim, out)
     tx, schedule = make_optimizer(optim), make_schedule(optim)
     compute_dtype = jnp.bfloat16 if train.compute_dtype == "bfloat16" else jnp.float32
     batches = Batches(pack_documents(documents, data), batch_size=train.batch_size, grad_accum=train.grad_accum,

@@ -8,6 +8,7 @@ run resumed from a checkpoint logs the same losses as one that never stopped.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 
 from jaxkv.checkpoints import save_checkpoint
 from jaxkv.config import LlamaConfig
+from jaxkv.fileio import read_json_object, write_text_atomic
 from jaxkv.models.llama import init_params
 from jaxkv.training.checkpoint import RunDir
 from jaxkv.training.config import DataConfig, OptimConfig, TrainConfig
@@ -28,7 +30,10 @@ from jaxkv.training.sharding import batch_sharding, make_mesh, state_shardings
 from jaxkv.training.state import TrainState, init_state
 from jaxkv.training.step import make_train_step
 
-__all__ = ["TrainingDiverged", "TrainResult", "train_lm", "run_meta", "open_run", "run_steps"]
+__all__ = ["TrainingDiverged", "TrainResult", "train_lm", "run_meta", "run_schedule", "open_run", "run_steps",
+           "export_final", "needs_export"]
+
+EXPORT_FILE = "export.json"  # the step whose weights hf/ holds, written once hf/ is complete
 
 
 class TrainingDiverged(FloatingPointError):
@@ -58,9 +63,31 @@ def run_meta(optim: OptimConfig, data: DataConfig, train: TrainConfig, documents
     meta["train"]["mesh"] = list(train.mesh)
     meta["steps"] = meta["train"].pop("steps")
     meta["train"].pop("remat")  # memory against compute, the same math: a run may resume with another
-    meta["optim"].pop("total_steps")
+    if optim.schedule == "constant":  # only cosine and wsd are laid over the run's length
+        meta["optim"].pop("total_steps")
     meta["data_fingerprint"] = data_fingerprint(documents)
     return meta
+
+
+def run_schedule(optim: OptimConfig, out) -> OptimConfig:
+    """The optimizer settings a run resumes with. Cosine and wsd schedules are laid over
+    ``total_steps``, so a resumed run keeps the length its folder recorded (a longer ``--steps``
+    trains on at the schedule's final learning rate, with a warning) rather than re-stretching
+    the schedule under steps already taken."""
+    if out is None or optim.schedule == "constant" or not (Path(out) / "run.json").is_file():
+        return optim
+    try:
+        recorded = read_json_object(Path(out) / "run.json", ValueError).get("optim", {}).get("total_steps")
+    except ValueError:  # RunDir names what is wrong with the folder
+        return optim
+    if not isinstance(recorded, int) or recorded == optim.total_steps:
+        return optim
+    import warnings
+
+    warnings.warn(f"{out} holds a run whose {optim.schedule} learning-rate schedule spans {recorded} steps; it "
+                  f"keeps that schedule (asked for {optim.total_steps}): steps past {recorded} train at its final "
+                  "learning rate", stacklevel=3)
+    return dataclasses.replace(optim, total_steps=recorded)
 
 
 def open_run(make_state, *, tx, mesh, out, meta: dict | None, train: TrainConfig):
@@ -87,6 +114,31 @@ def open_run(make_state, *, tx, mesh, out, meta: dict | None, train: TrainConfig
     if run is not None:
         run.write_meta()
     return state, start, run, shardings
+
+
+def export_final(out, config, state, *, step: int, tokenizer=None) -> None:
+    """Process 0 writes ``metrics.png`` and the weights of ``state`` as an HF folder ``out/hf``,
+    then records ``step`` in ``out/export.json``: a run stopped before that point exports again
+    when it is run once more (``needs_export``)."""
+    if jax.process_index() != 0:
+        return
+    out = Path(out)
+    if (out / "metrics.jsonl").exists():
+        plot_metrics(out / "metrics.jsonl", out / "metrics.png")
+    save_checkpoint(out / "hf", config, jax.device_get(state.params), tokenizer=tokenizer, overwrite=True)
+    write_text_atomic(out / EXPORT_FILE, json.dumps({"step": int(step)}) + "\n")
+
+
+def needs_export(out, step: int) -> bool:
+    """True when ``out/hf`` does not hold the weights of checkpoint ``step``: missing, or
+    recorded at another step (a run from before the record, with ``hf/`` in place, counts as
+    exported)."""
+    out = Path(out)
+    if not (out / "hf" / "config.json").exists():
+        return True
+    if not (out / EXPORT_FILE).exists():
+        return False
+    return read_json_object(out / EXPORT_FILE, ValueError).get("step") != step
 
 
 def run_steps(step_fn, state, *, start: int, batches: Batches, bsharding, mesh, train: TrainConfig,
@@ -157,6 +209,7 @@ def train_lm(
     ``callbacks(step, metrics)`` run after each step's logging and checkpointing.
     """
     mesh = make_mesh(*train.mesh)
+    optim = run_schedule(optim, out)
     tx = make_optimizer(optim)
     schedule = make_schedule(optim)
     compute_dtype = jnp.bfloat16 if train.compute_dtype == "bfloat16" else jnp.float32
@@ -171,7 +224,9 @@ def train_lm(
     if out is not None:
         meta = {"model": model_config.to_hf(), **run_meta(optim, data, train, documents), **(extra_meta or {})}
     state, start, run, shardings = open_run(make_state, tx=tx, mesh=mesh, out=out, meta=meta, train=train)
-    if start >= train.steps:  # already trained this far: nothing to train
+    if start >= train.steps:  # already trained this far: nothing to train (hf/ written if it is not yet)
+        if needs_export(out, start):
+            export_final(out, model_config, state, step=start, tokenizer=tokenizer)
         return TrainResult(state=state, history=[], out=Path(out), step=start)
     bsharding = batch_sharding(mesh)
 
@@ -182,10 +237,8 @@ def train_lm(
                       donate_argnums=0)
     state, history = run_steps(step_fn, state, start=start, batches=batches, bsharding=bsharding, mesh=mesh,
                                train=train, run=run, out=out, tokens_per_row=data.seq_len, callbacks=callbacks)
-    if out is not None and jax.process_index() == 0:
-        plot_metrics(Path(out) / "metrics.jsonl", Path(out) / "metrics.png")
-        save_checkpoint(Path(out) / "hf", model_config, jax.device_get(state.params),
-                        tokenizer=tokenizer, overwrite=True)
+    if out is not None:
+        export_final(out, model_config, state, step=train.steps, tokenizer=tokenizer)
     return TrainResult(state=state, history=history, out=Path(out) if out is not None else None,
                        step=train.steps)
 

@@ -7,7 +7,8 @@ of ``segment_len`` (the training length T_train) at a time, each from the state 
 segment ended in, with the gradient cut at every boundary (``stop_gradient`` on the carried
 state): the model learns to keep working from a state it was handed, not only from zeros.
 ``segments = 1`` is plain training at T_train from a zero state. Targets are every next token
-of the row that is real and of the same document (as ``training.step.lm_loss``); documents
+of the row that is real, of the same document and marked by the batch's ``loss_mask`` (as
+``training.step.lm_loss``); documents
 packed in one row share the stream, as in pretraining without state resets.
 """
 from __future__ import annotations
@@ -18,12 +19,10 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxkv.checkpoints import save_checkpoint
 from jaxkv.models import mamba2
 from jaxkv.training.config import DataConfig, OptimConfig, TrainConfig, TrainConfigError
 from jaxkv.training.data import Batches, pack_documents
-from jaxkv.training.loop import TrainResult, open_run, run_meta, run_steps
-from jaxkv.training.metrics import plot_metrics
+from jaxkv.training.loop import TrainResult, export_final, needs_export, open_run, run_meta, run_schedule, run_steps
 from jaxkv.training.optim import make_optimizer, make_schedule
 from jaxkv.training.sharding import batch_sharding, make_mesh
 from jaxkv.training.state import init_state
@@ -44,6 +43,8 @@ def mamba_loss(params: dict, batch: dict, *, config: mamba2.Mamba2Config, segmen
     nxt = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
     valid = (positions >= 0) & (jnp.pad(positions[:, 1:], ((0, 0), (0, 1)), constant_values=-1) >= 0) \
         & (segments == jnp.pad(segments[:, 1:], ((0, 0), (0, 1)), constant_values=-1))
+    if "loss_mask" in batch:  # (tokens, loss_mask) documents: only the marked targets count
+        valid &= jnp.pad(batch["loss_mask"][:, 1:], ((0, 0), (0, 1)), constant_values=False)
     per_seg = lambda x: jnp.moveaxis(x.reshape(b, n, segment_len), 1, 0)  # noqa: E731  [n, b, L]
 
     def one(carry, xs):
@@ -74,6 +75,7 @@ def train_mamba(model_config: mamba2.Mamba2Config, documents: Sequence[Sequence[
         raise TrainConfigError("train mamba: the context axis (tokens split over devices) is for language-model "
                                "training; give mesh as data,fsdp,tensor")
     mesh = make_mesh(*train.mesh)
+    optim = run_schedule(optim, out)
     tx, schedule = make_optimizer(optim), make_schedule(optim)
     compute_dtype = jnp.bfloat16 if train.compute_dtype == "bfloat16" else jnp.float32
     batches = Batches(pack_documents(documents, data), batch_size=train.batch_size, grad_accum=train.grad_accum,
@@ -88,7 +90,9 @@ def train_mamba(model_config: mamba2.Mamba2Config, documents: Sequence[Sequence[
         meta = {"model": model_config.to_hf(), "segment_len": segment_len, **run_meta(optim, data, train, documents),
                 **(extra_meta or {})}
     state, start, run, shardings = open_run(make_state, tx=tx, mesh=mesh, out=out, meta=meta, train=train)
-    if start >= train.steps:
+    if start >= train.steps:  # nothing to train (hf/ written if it is not yet)
+        if needs_export(out, start):
+            export_final(out, model_config, state, step=start, tokenizer=tokenizer)
         return TrainResult(state=state, history=[], out=Path(out), step=start)
     bsharding = batch_sharding(mesh)
 
@@ -99,8 +103,6 @@ def train_mamba(model_config: mamba2.Mamba2Config, documents: Sequence[Sequence[
                       in_shardings=(shardings, bsharding), out_shardings=(shardings, None), donate_argnums=0)
     state, history = run_steps(step_fn, state, start=start, batches=batches, bsharding=bsharding, mesh=mesh,
                                train=train, run=run, out=out, tokens_per_row=data.seq_len, callbacks=callbacks)
-    if out is not None and jax.process_index() == 0:
-        plot_metrics(Path(out) / "metrics.jsonl", Path(out) / "metrics.png")
-        save_checkpoint(Path(out) / "hf", model_config, jax.device_get(state.params), overwrite=True,
-                        tokenizer=tokenizer)
+    if out is not None:
+        export_final(out, model_config, state, step=train.steps, tokenizer=tokenizer)
     return TrainResult(state=state, history=history, out=Path(out) if out is not None else None, step=train.steps)
