@@ -95,6 +95,10 @@ def _cmd_generate(args) -> int:
     elif args.icn_complete_from is not None:
         raise UserError("--icn-complete-from is an ICN option: pass --icn N with it")
     out = None if args.out is None else check_output_path(args.out, "--out")
+    if out is not None and args.prompts is not None and out.exists() and os.path.exists(args.prompts) \
+            and os.path.samefile(out, args.prompts):
+        raise UserError(f"--out {args.out!r} is the --prompts file: writing the results there would replace the "
+                        "prompts; choose another --out")
     model = resolve_model(args.model)
     dtype = jnp.dtype(args.dtype)  # argparse limits it to float32 / bfloat16
     config, params = load_model(model, dtype=dtype)
@@ -185,8 +189,10 @@ def _generate_icn(args, texts, config, params, tokenizer, model, out) -> int:
 
 
 def _read_prompts(path: str) -> list[str]:
-    """Prompts from a file: JSONL (``.jsonl``: each line a JSON string or an object with a
-    ``"prompt"`` string) or plain text (one prompt per line); blank lines are skipped."""
+    """Prompts from a file: JSONL (``.jsonl``, any case: each line a JSON string or an object with
+    a ``"prompt"`` string) or plain text (one prompt per line); lines end at ``\n`` only (a
+    ``\r`` before it is dropped; U+2028 and other separators stay inside a prompt), a UTF-8 BOM
+    is dropped, blank lines are skipped."""
     from pathlib import Path
 
     try:
@@ -194,14 +200,16 @@ def _read_prompts(path: str) -> list[str]:
     except OSError as e:
         raise UserError(f"--prompts {path!r}: cannot read it ({e.strerror or e})") from None
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise UserError(f"--prompts {path!r} is not UTF-8 (at byte {e.start})") from None
     prompts = []
-    for n, line in enumerate(text.splitlines(), 1):
+    jsonl = path.lower().endswith(".jsonl")
+    for n, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
-        if path.endswith(".jsonl"):
+        if jsonl:
             try:
                 item = json.loads(line)
             except json.JSONDecodeError as e:

@@ -220,3 +220,21 @@ def test_generate_command_reads_a_prompts_file_and_writes_jsonl_the_same_with_pr
     bad.write_text('{"prompt": "ok"}\n{"text": 3}\n')
     assert main(["generate", "--prompts", str(bad)]) == 2
     assert "line 2" in capsys.readouterr().err
+
+
+def test_prompts_files_split_at_newlines_only_and_are_never_overwritten(tmp_path, capsys):
+    """Lines end at ``\\n`` (``\\r\\n`` too): U+2028 inside a JSON string or a text line, and a form
+    feed, stay in their prompt; a BOM and an upper-case ``.JSONL`` are read as such; ``--out``
+    naming the prompts file itself is refused and the file kept."""
+    from jaxkv.cli import _read_prompts, main
+
+    text = tmp_path / "p.txt"
+    text.write_bytes("\ufefffirst\u2028half\r\nthird\x0cfourth\n\n".encode())
+    assert _read_prompts(str(text)) == ["first\u2028half", "third\x0cfourth"]
+    jsonl = tmp_path / "p.JSONL"
+    jsonl.write_text(json.dumps({"prompt": "a\u2028b"}, ensure_ascii=False) + "\n" + json.dumps("c") + "\n",
+                     encoding="utf-8")
+    assert _read_prompts(str(jsonl)) == ["a\u2028b", "c"]
+    before = text.read_bytes()
+    assert main(["generate", "--prompts", str(text), "--max-new-tokens", "1", "--out", str(text)]) == 2
+    assert "is the --prompts file" in capsys.readouterr().err and text.read_bytes() == before
