@@ -248,6 +248,11 @@ def prepacked_prefill(params, packing: Packing, prompts: Sequence[Sequence[int]]
     n = len(packing.lengths)
     if len(prompts) != n or [len(p) for p in prompts] != packing.lengths.tolist():
         raise UserError("prompts must be the token lists the packing was made from (same count and lengths)")
+    flat, gather = packing.tokens.reshape(-1), np.asarray(packing.layout.gather)
+    for i, (p, m) in enumerate(zip(prompts, packing.packed_lengths.tolist())):
+        if not np.array_equal(flat[gather[i, :m]], np.asarray(p[:m], np.int32)):
+            raise UserError(f"prompts[{i}] is not the token list the packing was made from (same length, "
+                            "other tokens)")
     from jaxkv.cache import KVCache
 
     slots = jax.tree.leaves(cache.layers, is_leaf=lambda x: isinstance(x, KVCache))

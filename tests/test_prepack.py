@@ -191,6 +191,11 @@ def test_packing_is_refused_where_it_cannot_apply(tiny_model):
         prepacked_prefill(params, pk, prompts, cache, config=config)
     with pytest.raises(UserError, match="the packing was made from"):
         prepacked_prefill(params, pk, prompts[:1], cache, config=config)
+    other = [list(p) for p in prompts]
+    other[1][0] = (other[1][0] + 1) % config.vocab_size  # the same lengths, another token
+    with pytest.raises(UserError, match=r"prompts\[1\] is not the token list"):
+        prepacked_prefill(params, pk, other, init_cache(config, "full", batch=len(prompts), max_len=64,
+                                                        dtype=jnp.float32), config=config)
     with pytest.raises(UserError, match="packing"):
         forward(params, jnp.asarray(pk.tokens), jnp.asarray(pk.positions), None, config=config, packing=pk.layout)
 
