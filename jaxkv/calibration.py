@@ -31,16 +31,26 @@ class CalibrationError(UserError):
     """A calibration file that is unreadable or belongs to another model or method."""
 
 
+FORMAT = 2  # 2: the fingerprint samples every weight tensor (1: the embeddings only)
+_SAMPLE = 1 << 16  # values hashed per tensor at most: every k-th, the last one too
+
+
 def model_fingerprint(config, params) -> str:
-    """A short hash of the architecture and the embedding weights: two checkpoints share it only
-    if they are the same model (fine-tunes change the embeddings too). The weights are hashed at
-    bfloat16 precision, so one model loaded in float32 or bfloat16 has one fingerprint (a
-    calibration made at one dtype serves the other)."""
+    """A short hash of the architecture and of every weight tensor: its path, shape and a strided
+    sample of up to 65,536 of its values (every one for smaller tensors), so a model whose
+    layers were fine-tuned or edited has another fingerprint, at the cost of a small read per
+    tensor. The values are hashed at bfloat16 precision, so one model loaded in float32 or
+    bfloat16 has one fingerprint (a calibration made at one dtype serves the other)."""
+    import jax
     import jax.numpy as jnp
 
     h = hashlib.sha256(json.dumps(config.to_hf(), sort_keys=True).encode())
-    emb = jnp.asarray(params["embed"]["embedding"]).astype(jnp.bfloat16)
-    h.update(np.ascontiguousarray(np.asarray(emb).view(np.uint16)).tobytes())
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        x = jnp.ravel(jnp.asarray(leaf))
+        step = max(1, -(-x.size // _SAMPLE))
+        sample = jnp.concatenate([x[::step], x[-1:]]).astype(jnp.bfloat16)
+        h.update(f"{jax.tree_util.keystr(path)}{tuple(leaf.shape)}".encode())
+        h.update(np.ascontiguousarray(np.asarray(sample).view(np.uint16)).tobytes())
     return h.hexdigest()[:32]
 
 
@@ -51,17 +61,17 @@ def save_calibration(path: str | os.PathLike, *, method: str, tensors: dict[str,
 
     from jaxkv import __version__
 
-    meta = {"method": method, "settings": settings, "model": fingerprint, "jaxkv": __version__}
+    meta = {"method": method, "settings": settings, "model": fingerprint, "jaxkv": __version__, "format": FORMAT}
     with atomic_path(path, suffix=".safetensors") as tmp:
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.fspath(tmp),
                   metadata={META_KEY: json.dumps(meta, sort_keys=True)})
     return Path(path)
 
 
-def load_calibration(path: str | os.PathLike, *, method: str, fingerprint: str | None = None
-                     ) -> tuple[dict[str, np.ndarray], dict]:
+def load_calibration(path: str | os.PathLike, *, method: str, fingerprint: str | None = None,
+                     required: tuple[str, ...] = ()) -> tuple[dict[str, np.ndarray], dict]:
     """``(tensors, metadata)`` of a calibration file for ``method``; with ``fingerprint``, refuse
-    a file made on another model."""
+    a file made on another model; ``required``: tensor names the file must hold, finite."""
     from safetensors import safe_open
 
     p = Path(path)
@@ -81,6 +91,17 @@ def load_calibration(path: str | os.PathLike, *, method: str, fingerprint: str |
         raise CalibrationError(f"{p} is not a jaxkv calibration file (no {META_KEY} metadata)")
     if meta.get("method") != method:
         raise CalibrationError(f"{p} calibrates {meta.get('method')!r}, not {method!r}")
+    if not isinstance(meta.get("format", 1), int) or meta.get("format", 1) > FORMAT:
+        raise CalibrationError(f"{p} is of calibration format {meta.get('format')!r}, made by a newer jaxkv "
+                               f"({meta.get('jaxkv')}); this one reads formats up to {FORMAT}")
+    if fingerprint is not None and meta.get("format", 1) < 2:
+        raise CalibrationError(f"{p} was made by an earlier jaxkv ({meta.get('jaxkv')}) whose model fingerprint "
+                               f"covered the embeddings only; calibrate again with `jaxkv calibrate {method}`")
+    for name in required:
+        if name not in tensors:
+            raise CalibrationError(f"{p} lacks the tensor {name!r} that {method} needs")
+        if not np.all(np.isfinite(tensors[name])):
+            raise CalibrationError(f"{p}: the tensor {name!r} holds NaN or infinite values")
     if fingerprint is not None and meta.get("model") != fingerprint:
         raise CalibrationError(f"{p} was calibrated on another model (fingerprint {meta.get('model')}, "
                                f"this model's is {fingerprint}); calibrate this model with "

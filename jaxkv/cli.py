@@ -95,10 +95,7 @@ def _cmd_generate(args) -> int:
     elif args.icn_complete_from is not None:
         raise UserError("--icn-complete-from is an ICN option: pass --icn N with it")
     out = None if args.out is None else check_output_path(args.out, "--out")
-    if out is not None and args.prompts is not None and out.exists() and os.path.exists(args.prompts) \
-            and os.path.samefile(out, args.prompts):
-        raise UserError(f"--out {args.out!r} is the --prompts file: writing the results there would replace the "
-                        "prompts; choose another --out")
+    _refuse_replacing_inputs(out, {"--prompts": args.prompts})
     model = resolve_model(args.model)
     dtype = jnp.dtype(args.dtype)  # argparse limits it to float32 / bfloat16
     config, params = load_model(model, dtype=dtype)
@@ -234,6 +231,19 @@ def _check_utf8(text: str, what: str) -> None:
         raise UserError(f"{what} is not valid UTF-8 (at character {e.start})") from None
 
 
+def _refuse_replacing_inputs(out, inputs: dict) -> None:
+    """Refuse an existing output file that is one of the inputs: an input file itself, or a file of
+    an input folder (a model's weights or config)."""
+    if out is None or not os.path.isfile(out):
+        return
+    for flag, src in inputs.items():
+        if src is None or not os.path.exists(src):
+            continue
+        if os.path.samefile(out, src) or (os.path.isdir(src) and os.path.samefile(os.path.dirname(os.path.abspath(out)), src)):
+            raise UserError(f"--out {os.fspath(out)!r} is {'a file of ' if os.path.isdir(src) else ''}the {flag} input; "
+                            "writing there would replace it; choose another --out")
+
+
 def _cmd_calibrate(args) -> int:
     import jax.numpy as jnp
 
@@ -257,6 +267,7 @@ def _cmd_calibrate(args) -> int:
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"--text {args.text!r} is not a readable UTF-8 file ({e})") from None
     path = resolve_model(args.model)
+    _refuse_replacing_inputs(args.out, {"--text": args.text, "--model": path})
     config, params = load_checkpoint(path, dtype=jnp.float32)
     settings = {"n_tokens": args.n_tokens} if args.n_tokens is not None else {}
     if args.method == "razor":

@@ -242,4 +242,4 @@ def test_prompts_files_split_at_newlines_only_and_are_never_overwritten(tmp_path
     assert _read_prompts(str(jsonl)) == ["a\u2028b", "c"]
     before = text.read_bytes()
     assert main(["generate", "--prompts", str(text), "--max-new-tokens", "1", "--out", str(text)]) == 2
-    assert "is the --prompts file" in capsys.readouterr().err and text.read_bytes() == before
+    assert "is the --prompts input" in capsys.readouterr().err and text.read_bytes() == before

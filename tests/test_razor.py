@@ -3,6 +3,8 @@ a numpy reference (sinks + window + the compensation token), calibration files."
 
 import json
 
+import jax
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -130,3 +132,54 @@ def test_calibration_file_round_trip_and_refusals(tmp_path, capsys):
     (tmp_path / "junk.safetensors").write_bytes(b"junk")
     with pytest.raises(CalibrationError, match="not a readable calibration file"):
         make_policy("razor", calibration=str(tmp_path / "junk.safetensors")).prepare(params, config)
+
+
+def test_calibration_files_name_what_is_wrong_and_never_replace_an_input(tmp_path, capsys):
+    """A model with the same config and embeddings but other layer weights has another
+    fingerprint; a file from a newer format, from the embeddings-only fingerprint, missing a
+    tensor or holding NaN is refused by name; ``--out`` naming a file of the model folder or
+    the ``--text`` file is refused and the file kept."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    from jaxkv.calibration import META_KEY, model_fingerprint
+    from jaxkv.checkpoints import load_checkpoint
+    from jaxkv.tiny import create_tiny_checkpoint
+
+    a = create_tiny_checkpoint(tmp_path / "a", seed=1)
+    config, params = load_checkpoint(a)
+    leaves, tree = jax.tree.flatten(params)
+    names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    last = max(i for i, n in enumerate(names) if "layers" in n and "embed" not in n)  # one layer tensor
+    edited = jax.tree.unflatten(tree, [x * 1.01 if i == last else x for i, x in enumerate(leaves)])
+    assert model_fingerprint(config, edited) != model_fingerprint(config, params)
+    out = tmp_path / "razor.safetensors"
+    assert main(["calibrate", "razor", "--model", str(a), "--out", str(out), "--n-tokens", "64"]) == 0
+    with pytest.raises(CalibrationError, match="another model"):
+        make_policy("razor", calibration=str(out)).prepare(edited, config)
+    with safe_open(str(out), framework="numpy") as f:
+        meta, tensors = json.loads(f.metadata()[META_KEY]), {k: f.get_tensor(k) for k in f.keys()}
+
+    def variant(name, meta_update=None, drop=None, nan=None):
+        m, t = {**meta, **(meta_update or {})}, dict(tensors)
+        if drop:
+            t.pop(drop)
+        if nan:
+            t[nan] = np.full_like(t[nan], np.nan)
+        save_file(t, str(tmp_path / name), metadata={META_KEY: json.dumps(m)})
+        return make_policy("razor", calibration=str(tmp_path / name))
+
+    for policy, match in [(variant("new.safetensors", {"format": 99}), "format 99, made by a newer jaxkv"),
+                          (variant("old.safetensors", {"format": 1}), "covered the embeddings only"),
+                          (variant("noecho.safetensors", drop="echo"), "lacks the tensor 'echo'"),
+                          (variant("nan.safetensors", nan="induction"), "'induction' holds NaN")]:
+        with pytest.raises(CalibrationError, match=match):
+            policy.prepare(params, config)
+    weights = sorted(a.glob("*.safetensors"))[0]
+    before = weights.read_bytes()
+    assert main(["calibrate", "razor", "--model", str(a), "--out", str(weights), "--n-tokens", "16"]) == 2
+    assert "a file of the --model input" in capsys.readouterr().err and weights.read_bytes() == before
+    notes = tmp_path / "notes.txt"
+    notes.write_text("some text " * 50)
+    assert main(["calibrate", "cskv", "--model", str(a), "--text", str(notes), "--out", str(notes)]) == 2
+    assert "the --text input" in capsys.readouterr().err and notes.read_text() == "some text " * 50

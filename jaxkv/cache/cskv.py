@@ -222,6 +222,10 @@ class CSKVCache(CachePolicy):
             tensors, meta = load_calibration(self.calibration, method=CALIBRATION_METHOD,
                                              fingerprint=model_fingerprint(config, params))
             if "layer0.k_down" in tensors:  # trained (or saved) factors: used as they are
+                names = [f"layer{i}.{k}" for i in range(config.num_layers) for k in ("k_down", "k_up", "v_down", "v_up")]
+                if [n for n in names if n not in tensors]:
+                    raise UserError(f"cskv: {self.calibration} lacks the factors "
+                                    f"{[n for n in names if n not in tensors][:4]} of a {config.num_layers}-layer model")
                 layers = [{k: tensors[f"layer{i}.{k}"] for k in ("k_down", "k_up", "v_down", "v_up")}
                           for i in range(config.num_layers)]
                 got = (layers[0]["k_down"].shape[1], layers[0]["v_down"].shape[1])

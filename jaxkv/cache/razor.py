@@ -361,7 +361,7 @@ def retrieval_scores(params, config, *, calibration: str | None, n_tokens: int, 
 
     if calibration is not None:
         tensors, _ = load_calibration(calibration, method=CALIBRATION_METHOD,
-                                      fingerprint=model_fingerprint(config, params))
+                                      fingerprint=model_fingerprint(config, params), required=("echo", "induction"))
         return tensors["echo"], tensors["induction"]
     return _cached_scores(params, config, n_tokens, seed)
 
