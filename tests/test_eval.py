@@ -100,6 +100,22 @@ def test_policy_for_budget():
     assert s.sinks + s.window == 500
 
 
+def test_parameters_in_a_method_name_win_over_the_budget(tiny_model):
+    """A field the budget would size, named in the method, is kept through ``prepare``; named
+    sinks leave streaming at the budget's tokens."""
+    config, params = tiny_model
+    assert policy_for("razor[window=64]", 0.5, 256).prepare(params, config).window == 64
+    assert policy_for("razor+mikv[window=64]", 0.5, 256).prepare(params, config).window == 64
+    assert policy_for("mikv[important=0.1]", 0.5, 256).prepare(params, config).important == 0.1
+    s = policy_for("streaming[sinks=64]", 0.25, 2000)
+    assert (s.sinks, s.sinks + s.window) == (64, 500)
+    assert policy_for("mikv", 0.5, 256).prepare(params, config).important != 0.5  # unnamed: sized by the bytes
+    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        EvalConfig(seed=-1)
+    with pytest.raises(ValueError, match="samples must be an integer"):
+        EvalConfig(samples=2.5)
+
+
 def test_harness_on_a_tiny_model_tells_streaming_from_full(tiny_model, tmp_path):
     config, params = tiny_model
     rows = evaluate(params, config, TOK, EvalConfig(methods=("full", "streaming"), budgets=(0.1, 1.0),

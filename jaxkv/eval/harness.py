@@ -63,8 +63,10 @@ class EvalConfig:
         for n in self.lengths:
             if not isinstance(n, int) or n < 64:
                 raise UserError(f"lengths must be integers >= 64, got {n!r}")
-        if self.samples < 1:
-            raise UserError(f"samples must be >= 1, got {self.samples}")
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
+            raise UserError(f"samples must be an integer >= 1, got {self.samples!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise UserError(f"seed must be an integer >= 0, got {self.seed!r}")
         for name in ("methods", "budgets", "tasks", "lengths"):
             values = getattr(self, name)
             twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
@@ -107,7 +109,13 @@ def policy_for(method: str, budget: float, context_len: int):
         fields["kv_bits"] = fields.pop("bits")
     fields.setdefault("kv_bits", base.kv_bits)
     make_policy(method)  # checks the parameters by name first, for a clear error
-    return dataclasses.replace(sized, **fields)
+    policy = dataclasses.replace(sized, **fields)
+    # a field the budget would size, named: the name wins, so the deferred sizing in `prepare` is off
+    if getattr(policy, "budget", None) is not None and set(params) & {"window", "important"}:
+        policy = dataclasses.replace(policy, budget=None)
+    if getattr(policy, "name", None) == "streaming" and "sinks" in params and "window" not in params:
+        policy = dataclasses.replace(policy, window=max(1, int(round(budget * context_len)) - policy.sinks))
+    return policy
 
 
 def kl_and_agreement(ref_logits: jax.Array, logits: jax.Array) -> tuple[float, float]:
