@@ -146,3 +146,14 @@ def test_answer_ids_decode_to_the_answers():
     s = make_sample("niah_multivalue", TOK, length=512, seed=0)
     text = TOK.decode(answer_ids(TOK, s))
     assert all(a in text for a in s.answers)
+
+
+def test_a_sample_whose_answer_runs_past_the_models_context_is_refused(tiny_model):
+    import dataclasses
+
+    config, params = tiny_model
+    sample = make_sample("passkey", TOK, length=256)
+    short = dataclasses.replace(config, max_position_embeddings=len(sample.prompt_ids) + 2)
+    with pytest.raises(ValueError, match="exceed the model's context"):
+        evaluate(params, short, TOK, EvalConfig(methods=("full",), budgets=(1.0,), tasks=("passkey",),
+                                                lengths=(256,), samples=1))

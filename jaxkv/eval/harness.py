@@ -187,6 +187,10 @@ class _Runner:
         t = tokens.shape[1]
         span = _span_slots(len(ans))
         max_new = max(sample.max_new_tokens, span + 1)
+        if len(sample.prompt_ids) + max_new > self.config.max_position_embeddings:
+            raise UserError(f"a {sample.task} prompt of {len(sample.prompt_ids)} tokens and its {max_new} answer "
+                            f"positions exceed the model's context of {self.config.max_position_embeddings}; "
+                            "use a shorter length")
         max_len = t + max_new
         key = (policy, t, max_new, span)
         if key not in self._warm:  # compile outside the timed region
