@@ -230,3 +230,36 @@ def test_the_donating_prefill_returns_the_cache_a_plain_jit_does(name):
     _, got = prefill(params, seq, pos, lengths, fresh(), config=config)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("method", ["full", "mikv", "razor", "lserve", "squeezed[decode_kernel=reference]", "streaming"])
+def test_a_position_past_max_len_gives_nan_whatever_the_policy(tiny_model, method):
+    """Decoding past the positions the cache was made for turns the row's logits into NaN for
+    every policy (some drop such a token, some round their capacity up), while the other row
+    and the steps before it stay finite."""
+    from jaxkv.cache import make_policy
+    from jaxkv.models.llama import forward
+
+    config, params = tiny_model
+    policy = make_policy(method, **({"heads": ((0,),) * config.num_layers} if method in ("razor", "lserve") else {}))
+    tokens = jax.random.randint(jax.random.key(1), (2, 20), 3, config.vocab_size)
+    cache = init_cache(config, policy, batch=2, max_len=18, dtype=jnp.float32)
+    pos = jnp.asarray(np.where(np.arange(16)[None] < np.array([[16], [12]]), np.arange(16)[None], -1))
+    _, cache = jax.jit(lambda c: forward(params, tokens[:, :16], pos, c, config=config))(cache)
+    step = jax.jit(lambda t, p, c: forward(params, t, p, c, config=config))
+    finite = []
+    for i in range(3):  # row 0 at positions 16, 17, 18: the last is past max_len; row 1 at 12-14
+        p = jnp.asarray([[16 + i], [12 + i]])
+        lg, cache = step(tokens[:, 16 + i:17 + i], p, cache)
+        finite.append(np.isfinite(np.asarray(lg)).all(axis=(1, 2)).tolist())
+    assert finite == [[True, True], [True, True], [False, True]]
+
+
+def test_init_cache_names_a_bad_argument(tiny_model):
+    config, _ = tiny_model
+    for kwargs, match in [(dict(batch=2.5), "batch must be a positive integer"),
+                          (dict(max_len=True), "max_len must be a positive integer"),
+                          (dict(dtype=jnp.int32), "floating dtype")]:
+        args = {"batch": 1, "max_len": 8, "dtype": jnp.float32, **kwargs}
+        with pytest.raises(ValueError, match=match):
+            init_cache(config, "full", **args)

@@ -88,6 +88,8 @@ class ModelCache:
     ``policies``  per-layer policies (static);
     ``method``    the model-level policy that made them (its ``after_prefill`` hook runs after
                   the prompt), or None when per-layer policies were given directly;
+    ``max_len``   the positions ``0 .. max_len - 1`` it was made for (static): the model's forward
+                  gives NaN logits for a row at a position past them, whatever the policy;
     ``prefilled`` False until the first forward (static: the prompt's pass traces other code).
                   The phase of a forward follows from it and the chunk length (``Phase``): a
                   static record of the last phase would make the first decode step and the
@@ -99,6 +101,7 @@ class ModelCache:
     policies: tuple = struct.field(pytree_node=False)
     method: Any = struct.field(pytree_node=False, default=None)
     prefilled: bool = struct.field(pytree_node=False, default=False)
+    max_len: int | None = struct.field(pytree_node=False, default=None)  # the positions it was made for
 
     @property
     def nbytes(self) -> int:

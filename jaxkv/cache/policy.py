@@ -63,6 +63,7 @@ import enum
 from typing import Any, ClassVar, Sequence
 
 import jax.numpy as jnp
+import numpy as np
 
 from jaxkv.attention import attend_dense, attend_reference
 from jaxkv.cache.kv import KVCache, ModelCache, tree_nbytes
@@ -398,10 +399,12 @@ def init_cache(config, policy: CachePolicy | str | Sequence[CachePolicy], *, bat
 
     ``policy`` is a policy (or its registered name), whose ``for_layer`` gives each layer's; or
     a sequence of one policy per layer."""
-    if batch <= 0:
-        raise UserError(f"batch must be positive, got {batch}")
-    if max_len <= 0:
-        raise UserError(f"max_len must be positive, got {max_len}")
+    for name, value in (("batch", batch), ("max_len", max_len)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+            raise UserError(f"{name} must be a positive integer, got {value!r}")
+    if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
+        raise UserError(f"dtype must be a floating dtype for keys and values, got {jnp.dtype(dtype)}")
+    batch, max_len = int(batch), int(max_len)
     specs = tuple(LayerSpec(i, config) for i in range(config.num_layers))
     if isinstance(policy, (list, tuple)):
         if len(policy) != config.num_layers:
@@ -413,4 +416,5 @@ def init_cache(config, policy: CachePolicy | str | Sequence[CachePolicy], *, bat
         per_layer = tuple(method.for_layer(s) for s in specs)
     layers = tuple(p.init(batch=batch, max_len=max_len, dtype=dtype, layer=s) for p, s in zip(per_layer, specs))
     params = tuple(None if method is None else method.layer_params(s) for s in specs)
-    return ModelCache(layers=layers, params=params, policies=per_layer, method=method, prefilled=False)
+    return ModelCache(layers=layers, params=params, policies=per_layer, method=method, prefilled=False,
+                      max_len=int(max_len))

@@ -292,9 +292,16 @@ def forward(params: dict, tokens: Array, positions: Array, cache: ModelCache | N
     if compute_dtype is None:
         compute_dtype = params["embed"]["embedding"].dtype
     model = nnx.merge(_graphdef(config), params)
-    return model(tokens, positions, cache, segment_ids=segment_ids, compute_dtype=compute_dtype, logits_at=logits_at,
-                 hidden_only=hidden_only, attention_implementation=attention_implementation,
-                 attention_sharding=attention_sharding, packing=packing, anchor=anchor, remat=remat)
+    out = model(tokens, positions, cache, segment_ids=segment_ids, compute_dtype=compute_dtype, logits_at=logits_at,
+                hidden_only=hidden_only, attention_implementation=attention_implementation,
+                attention_sharding=attention_sharding, packing=packing, anchor=anchor, remat=remat)
+    if cache is not None and cache.max_len is not None and packing is None:
+        # a row at a position the cache was not made for: NaN logits, whatever the policy did with
+        # the token (some drop it, some round their capacity up), never a quietly wrong answer
+        logits, new_cache = out
+        lost = jnp.any(positions >= cache.max_len, axis=1)
+        out = jnp.where(lost[:, None, None], jnp.nan, logits), new_cache
+    return out
 
 
 def lm_head(params: dict, hidden: Array, *, config: LlamaConfig) -> Array:
