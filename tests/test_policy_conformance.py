@@ -263,3 +263,35 @@ def test_init_cache_names_a_bad_argument(tiny_model):
         args = {"batch": 1, "max_len": 8, "dtype": jnp.float32, **kwargs}
         with pytest.raises(ValueError, match=match):
             init_cache(config, "full", **args)
+
+
+def test_sizing_and_head_lists_are_checked_by_name(tiny_model):
+    """A head list out of range or of the wrong length is refused even without
+    ``prepare``; a budget that is not a positive finite number is refused by the policies that
+    size themselves from it and by ``policy_for``."""
+    config, _ = tiny_model
+    n = config.num_layers
+    for method in ("razor", "lserve"):
+        for heads in [((5,),) * n, ((-1,),) * n, ((0,),) * (n - 1)]:
+            with pytest.raises(ValueError, match="heads must list distinct KV heads"):
+                init_cache(config, make_policy(method, heads=heads), batch=1, max_len=8, dtype=jnp.float32)
+    for bad in (float("nan"), -3.0, 0.0, "x"):
+        with pytest.raises(ValueError, match="budget must be a positive finite number"):
+            make_policy("mikv", budget=bad, context_len=100)
+    with pytest.raises(ValueError, match="context_len must be a positive integer"):
+        make_policy("razor", budget=0.5, context_len=-5)
+    for bad in (-1.0, float("nan"), 0.0, 1.5):
+        with pytest.raises(ValueError, match=r"budget must be a number in \(0, 1\]"):
+            policy_for("streaming", bad, 100)
+
+
+def test_a_model_level_method_in_a_per_layer_list_is_refused_by_name(tiny_model):
+    config, _ = tiny_model
+    heads = ((0,),) * config.num_layers
+    for policy in (make_policy("squeezed"), make_policy("razor", heads=heads), make_policy("minicache")):
+        layers = [policy] + ["full"] * (config.num_layers - 1)
+        with pytest.raises(ValueError, match="layer 0 .* is a model-level method"):
+            init_cache(config, layers, batch=1, max_len=8, dtype=jnp.float32)
+    cache = init_cache(config, ["streaming"] + ["full"] * (config.num_layers - 1), batch=1, max_len=8,
+                       dtype=jnp.float32)  # layer policies mix freely
+    assert len(cache.layers) == config.num_layers

@@ -337,4 +337,5 @@ class LServeCache(_Paging):
         if self.heads is None:
             raise UserError("lserve needs its head split: call policy.prepare(params, config) (generate and "
                             "jaxkv eval do), pass heads=..., or --cache-arg calibration=FILE")
+        check_heads(self.heads, layer.config, "lserve")
         return LServeLayer(dense_heads=self.heads[layer.index], **self.paging())

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from typing import Any, ClassVar, Sequence
 
 import jax.numpy as jnp
@@ -146,6 +147,13 @@ class CachePolicy:
     def __post_init__(self):
         if self.kv_bits is not None and (isinstance(self.kv_bits, bool) or self.kv_bits not in (2, 3, 4, 8)):
             raise UserError(f"{self.name}: the storage's bits must be 2, 3, 4 or 8, got {self.kv_bits!r}")
+        budget, context = getattr(self, "budget", None), getattr(self, "context_len", None)  # from_budget's sizing
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                                   or not math.isfinite(budget) or budget <= 0):
+            raise UserError(f"{self.name}: budget must be a positive finite number, got {budget!r}")
+        if context is not None and (isinstance(context, bool) or not isinstance(context, (int, np.integer))
+                                    or context < 1):
+            raise UserError(f"{self.name}: context_len must be a positive integer, got {context!r}")
 
     @property
     def quantized(self) -> bool:
@@ -410,6 +418,11 @@ def init_cache(config, policy: CachePolicy | str | Sequence[CachePolicy], *, bat
         if len(policy) != config.num_layers:
             raise UserError(f"init_cache got {len(policy)} policies for {config.num_layers} layers")
         per_layer = tuple(make_policy(p) for p in policy)
+        for s, p in zip(specs, per_layer):
+            if type(p.for_layer(s)) is not type(p):  # its layers are other objects, made for the whole model
+                raise UserError(f"init_cache: the policy for layer {s.index} ({p.name!r}) is a model-level method "
+                                "(its layers come from for_layer, with hooks over the whole model); give it as "
+                                "the model's policy, not in a per-layer list")
         method = None
     else:
         method = make_policy(policy)

@@ -330,6 +330,7 @@ class RazorCache(CachePolicy):
         if self.heads is None:
             raise UserError("razor needs its retrieval heads: call policy.prepare(params, config) (generate and "
                             "jaxkv eval do), pass heads=..., or --cache-arg calibration=FILE")
+        check_heads(self.heads, layer.config, "razor")
         return RazorLayer(retrieval=self.heads[layer.index], sinks=self.sinks, window=self.window,
                           compensation=self.compensation, kv_bits=self.kv_bits)
 
@@ -349,9 +350,10 @@ def normalize_heads(heads, method: str) -> tuple[tuple[int, ...], ...]:
 
 
 def check_heads(heads, config, method: str) -> None:
-    if len(heads) != config.num_layers or any(h < 0 or h >= config.num_kv_heads for row in heads for h in row):
-        raise UserError(f"{method}: heads must list KV heads in [0, {config.num_kv_heads}) for each of "
-                        f"{config.num_layers} layers")
+    if len(heads) != config.num_layers or any(h < 0 or h >= config.num_kv_heads for row in heads for h in row) \
+            or any(len(set(row)) != len(row) for row in heads):
+        raise UserError(f"{method}: heads must list distinct KV heads in [0, {config.num_kv_heads}) for each of "
+                        f"{config.num_layers} layers, got {heads!r}")
 
 
 def retrieval_scores(params, config, *, calibration: str | None, n_tokens: int, seed: int):

@@ -101,6 +101,8 @@ def policy_for(method: str, budget: float, context_len: int):
     composition (``razor+mikv``) the budget is the share of tokens the policy keeps; its storage
     then holds them in fewer bytes (the bytes are reported as held). Parameters in the name
     (``minicache[merge=average]``) are applied on top of the budget's sizing and win over it."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
+        raise UserError(f"budget must be a number in (0, 1], got {budget!r}")
     name, params = parse_policy_spec(method)
     base = make_policy(name)
     sized = base.from_budget(budget, context_len)
