@@ -189,9 +189,10 @@ class _Runner:
         t = tokens.shape[1]
         span = _span_slots(len(ans))
         max_new = max(sample.max_new_tokens, span + 1)
-        if len(sample.prompt_ids) + max_new > self.config.max_position_embeddings:
+        context = getattr(self.config, "max_position_embeddings", None)  # a Mamba-2 has no position limit
+        if context is not None and len(sample.prompt_ids) + max_new > context:
             raise UserError(f"a {sample.task} prompt of {len(sample.prompt_ids)} tokens and its {max_new} answer "
-                            f"positions exceed the model's context of {self.config.max_position_embeddings}; "
+                            f"positions exceed the model's context of {context}; "
                             "use a shorter length")
         max_len = t + max_new
         key = (policy, t, max_new, span)

@@ -97,7 +97,7 @@ def checkpoint_params(run: str | os.PathLike, step: int):
     run = Path(run)
     meta = _meta(run)
     config = LlamaConfig.from_hf(meta["model"])
-    tx = make_optimizer(OptimConfig(**meta["optim"], total_steps=meta["steps"]))
+    tx = make_optimizer(OptimConfig(**{"total_steps": meta["steps"], **meta["optim"]}))  # the recorded schedule
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.eval_shape(lambda: init_state(init_params(config, jax.random.key(0)), tx, 0))
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
