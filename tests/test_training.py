@@ -136,6 +136,18 @@ def test_nan_guard_names_the_step():
         train_lm(TINY, COUNT, params=params, **_cfgs(steps=2))
 
 
+def test_a_diverged_state_is_never_checkpointed_between_log_lines(tmp_path):
+    """With log lines every 10 steps and checkpoints every 2, the check runs at the checkpoint:
+    nothing diverged is saved."""
+    params = __import__("jaxkv").init_params(TINY, jax.random.key(0))
+    params["norm"]["weight"] = params["norm"]["weight"].at[0].set(jnp.nan)
+    cfg = _cfgs(steps=6)
+    cfg["train"] = TrainConfig(batch_size=8, steps=6, save_every=2, log_every=10, compute_dtype="float32")
+    with pytest.raises(TrainingDiverged, match="step 2: loss is nan"):
+        train_lm(TINY, COUNT, params=params, out=tmp_path / "run", **cfg)
+    assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
+
+
 def _train_cmd(out, steps):
     return ["train", "lm", "--model-preset", "tiny", "--data", "synthetic:count", "--seq-len", "64",
             "--batch-size", "8", "--steps", str(steps), "--lr", "3e-3", "--warmup", "5",

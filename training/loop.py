@@ -156,18 +156,20 @@ def run_steps(step_fn, state, *, start: int, batches: Batches, bsharding, mesh, 
             with jax.set_mesh(mesh):  # layers that name mesh axes (cuDNN attention) see them
                 state, metrics = step_fn(state, batch)
             done = step + 1
-            if done % train.log_every == 0 or done == train.steps:
+            logged = done % train.log_every == 0 or done == train.steps
+            if logged or (run is not None and done % train.save_every == 0):  # never checkpoint a diverged state
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+                    raise TrainingDiverged(
+                        f"step {done}: loss is {m['loss']} and gradient norm {m['grad_norm']}; "
+                        "stopping (lower --lr, check the data, or use float32)")
+            if logged:
                 now = time.perf_counter()
                 elapsed, t_last = now - t_last, now
                 steps_since = train.log_every if done % train.log_every == 0 else done % train.log_every
                 row = {"step": done, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
                        "tokens": m["tokens"],
                        "tokens_per_s": steps_since * train.batch_size * tokens_per_row / max(elapsed, 1e-9)}
-                if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
-                    raise TrainingDiverged(
-                        f"step {done}: loss is {m['loss']} and gradient norm {m['grad_norm']}; "
-                        "stopping (lower --lr, check the data, or use float32)")
                 history.append(row)
                 if log is not None and jax.process_index() == 0:
                     log.write(row)
