@@ -42,6 +42,24 @@ def atomic_path(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[Pa
         raise
 
 
+def json_text(obj, **kwargs) -> str:
+    """``json.dumps`` that writes standard JSON: NaN and infinite floats (a diverged loss, a metric
+    with no sample) become ``null`` instead of the ``NaN`` / ``Infinity`` tokens JSON has not."""
+    import json
+    import math
+
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(obj), allow_nan=False, **kwargs)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` atomically (see ``atomic_path``)."""
     with atomic_path(path) as tmp:

@@ -157,3 +157,12 @@ def test_a_sample_whose_answer_runs_past_the_models_context_is_refused(tiny_mode
     with pytest.raises(ValueError, match="exceed the model's context"):
         evaluate(params, short, TOK, EvalConfig(methods=("full",), budgets=(1.0,), tasks=("passkey",),
                                                 lengths=(256,), samples=1))
+
+
+def test_json_reports_write_null_for_non_finite_numbers(tmp_path):
+    import json
+
+    from jaxkv.fileio import json_text
+
+    text = json_text({"kl": float("nan"), "loss": [1.0, float("inf")], "n": 3})
+    assert json.loads(text) == {"kl": None, "loss": [1.0, None], "n": 3} and "NaN" not in text

@@ -35,7 +35,7 @@ from typing import Sequence
 import numpy as np
 
 from jaxkv.errors import UserError
-from jaxkv.fileio import read_json_object, save_figure, write_text_atomic
+from jaxkv.fileio import json_text, read_json_object, save_figure, write_text_atomic
 
 __all__ = ["PAPER_RULER_64K", "run_info", "checkpoint_params", "score_model", "load_or_score", "long_context",
            "merge_long_context", "write_long_context", "long_context_markdown"]
@@ -309,7 +309,7 @@ def write_long_context(report: dict, out: str | os.PathLike) -> None:
     """``report`` as ``out/long_context.json``, ``.md`` and ``.png``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "long_context.json", json.dumps(report, indent=1) + "\n")
+    write_text_atomic(out / "long_context.json", json_text(report, indent=1) + "\n")
     write_text_atomic(out / "long_context.md", long_context_markdown(report))
     _plot(report, out / "long_context.png")
 

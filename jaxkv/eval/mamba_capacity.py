@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxkv.errors import UserError
-from jaxkv.fileio import save_figure, write_text_atomic
+from jaxkv.fileio import json_text, save_figure, write_text_atomic
 
 __all__ = ["PAPER_FITS", "capacity", "fit_exponential", "fit_linear", "forgets", "loss_bins", "measure_run",
            "recall_length", "windowed_nll", "write_capacity"]
@@ -265,7 +265,7 @@ def write_capacity(measurements: list[dict], out: str | os.PathLike) -> dict:
     report["runs"] = sorted(measurements, key=lambda m: (m["state_elements"], m["train_len"]))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "capacity.json", json.dumps(report, indent=1) + "\n")
+    write_text_atomic(out / "capacity.json", json_text(report, indent=1) + "\n")
     write_text_atomic(out / "capacity.md", capacity_markdown(report))
     _plot(report, out / "capacity.png")
     return report
@@ -351,5 +351,5 @@ def load_or_measure(run: str | os.PathLike, stream: np.ndarray, out: str | os.Pa
             return old
     m = measure_run(run, stream, **settings)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(m, indent=1) + "\n")
+    write_text_atomic(path, json_text(m, indent=1) + "\n")
     return m

@@ -21,7 +21,6 @@ analysis reports:
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxkv.errors import UserError
-from jaxkv.fileio import save_figure, write_text_atomic
+from jaxkv.fileio import json_text, save_figure, write_text_atomic
 
 __all__ = ["analyze_mamba_states", "stream_nll"]
 
@@ -103,7 +102,7 @@ def analyze_mamba_states(params, config, tokens: np.ndarray, out: str | os.PathL
     }
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "mamba_states.json", json.dumps(report, indent=1) + "\n")
+    write_text_atomic(out / "mamba_states.json", json_text(report, indent=1) + "\n")
     _plot(report, out / "mamba_states.png")
     return report
 

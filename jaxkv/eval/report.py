@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections import defaultdict
 from typing import Sequence
 
 from jaxkv.eval.harness import Row
-from jaxkv.fileio import save_figure, write_text_atomic
+from jaxkv.fileio import json_text, save_figure, write_text_atomic
 
 __all__ = ["format_table", "write_json", "plot_accuracy_vs_bytes"]
 
@@ -37,7 +36,7 @@ def format_table(rows: Sequence[Row]) -> str:
 
 def write_json(rows: Sequence[Row], path: str | os.PathLike) -> None:
     data = [{k: r.asdict()[k] for k in JSON_KEYS} | {"samples": r.samples} for r in rows]
-    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+    write_text_atomic(path, json_text(data, indent=2) + "\n")
 
 
 def plot_accuracy_vs_bytes(rows: Sequence[Row], path: str | os.PathLike) -> None:
