@@ -239,8 +239,9 @@ def _refuse_replacing_inputs(out, inputs: dict) -> None:
     for flag, src in inputs.items():
         if src is None or not os.path.exists(src):
             continue
-        if os.path.samefile(out, src) or (os.path.isdir(src) and os.path.samefile(os.path.dirname(os.path.abspath(out)), src)):
-            raise UserError(f"--out {os.fspath(out)!r} is {'a file of ' if os.path.isdir(src) else ''}the {flag} input; "
+        folder = os.path.isdir(src)
+        if os.path.samefile(out, src) or (folder and os.path.samefile(os.path.dirname(os.path.abspath(out)), src)):
+            raise UserError(f"--out {os.fspath(out)!r} is {'a file of ' if folder else ''}the {flag} input; "
                             "writing there would replace it; choose another --out")
 
 

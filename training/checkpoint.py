@@ -10,7 +10,8 @@ exactly. A folder that holds anything but a jaxkv run, or a run of a different c
 Every saved checkpoint's files are hashed (SHA-256) into ``checksums.json``; a restore verifies
 them first, so a damaged or truncated checkpoint is refused in one line, naming the file,
 before any of it is read. A checkpoint orbax finished (renamed into place) whose hashes were not
-recorded, because the process stopped in between, is hashed when the run resumes, with a warning. While a run holds the folder it holds an exclusive lock on
+recorded, because the process stopped in between, is hashed when the run resumes, with a
+warning. While a run holds the folder it holds an exclusive lock on
 ``.lock`` (``fcntl.flock``, released when the process ends, even by ``kill -9``): a second run on
 the same folder is refused. A folder that holds only what a run leaves in its first seconds (the
 lock, an empty ``checkpoints/``) counts as empty.
