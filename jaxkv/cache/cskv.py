@@ -204,8 +204,8 @@ class CSKVCache(CachePolicy):
             raise UserError("cskv: factors are set by prepare (or give calibration=FILE)")
 
     @classmethod
-    def from_budget(cls, budget: float, context_len: int) -> "CSKVCache":
-        return cls(key_density=float(budget), value_density=float(budget))
+    def from_budget(cls, budget: float, context_len: int, **named) -> "CSKVCache":
+        return cls(**{"key_density": float(budget), "value_density": float(budget), **named})
 
     def capacity(self, max_len: int) -> int:
         return max_len

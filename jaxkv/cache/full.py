@@ -40,8 +40,8 @@ class FullCache(CachePolicy):
         return max_len
 
     @classmethod
-    def from_budget(cls, budget: float, context_len: int) -> "FullCache":
-        return cls()  # keeps everything whatever the budget
+    def from_budget(cls, budget: float, context_len: int, **named) -> "FullCache":
+        return cls(**named)  # keeps everything whatever the budget
 
     @staticmethod
     def _check_fits(state: KVCache, t: int) -> None:

@@ -315,11 +315,11 @@ class LServeCache(_Paging):
             object.__setattr__(self, "heads", normalize_heads(self.heads, "lserve"))
 
     @classmethod
-    def from_budget(cls, budget: float, context_len: int) -> "LServeCache":
+    def from_budget(cls, budget: float, context_len: int, **named) -> "LServeCache":
         """``budget`` is the share of the context a dense head attends per decode step (the token
         budget, whole pages); streaming heads keep their sinks and window whatever the budget."""
-        page = cls.page
-        return cls(token_budget=max(page, int(round(budget * context_len / page)) * page))
+        page = named.get("page", cls.page)
+        return cls(**{"token_budget": max(page, int(round(budget * context_len / page)) * page), **named})
 
     def prepare(self, params, config) -> "LServeCache":
         if self.heads is None:

@@ -101,8 +101,10 @@ class MiKVCache(CachePolicy):
 
     # ------------------------------------------------------------------ sizing
     @classmethod
-    def from_budget(cls, budget: float, context_len: int) -> "MiKVCache":
-        return cls(budget=budget, context_len=context_len)
+    def from_budget(cls, budget: float, context_len: int, **named) -> "MiKVCache":
+        if "important" in named:  # named: kept, so prepare has nothing to size
+            return cls(**named)
+        return cls(budget=budget, context_len=context_len, **named)
 
     def prepare(self, params, config) -> "MiKVCache":
         if self.budget is None or self.context_len is None:

@@ -257,10 +257,10 @@ class MiniCache(CachePolicy):
             raise UserError(f"minicache: merge must be one of {', '.join(MERGES)}, got {self.merge!r}")
 
     @classmethod
-    def from_budget(cls, budget: float, context_len: int) -> "MiniCache":
+    def from_budget(cls, budget: float, context_len: int, **named) -> "MiniCache":
         # a merged pair holds about half of its two layers' bytes: merging a share m of the depth
         # keeps 1 - m/2 of them, so budget b merges m = 2 (1 - b); below 0.5 everything merges
-        return cls(start=float(min(1.0, max(0.0, 2 * budget - 1))))
+        return cls(**{"start": float(min(1.0, max(0.0, 2 * budget - 1))), **named})
 
     def start_layer(self, num_layers: int) -> int:
         return min(num_layers, round(self.start * num_layers))

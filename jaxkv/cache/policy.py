@@ -46,8 +46,9 @@ A policy is a frozen dataclass of hyper-parameters plus pure functions. It works
   ``expected_nbytes(*, batch, max_len, dtype, layer)``   the same count worked out from the
                                         policy's own parameters (the conformance test holds
                                         ``nbytes`` to it, so no array is kept unaccounted);
-  ``from_budget(budget, context_len)``  (class method) the policy sized to keep about
-                                        ``budget`` of a prompt: how ``jaxkv eval`` sweeps.
+  ``from_budget(budget, context_len, **named)``  (class method) the policy sized to keep
+                                        about ``budget`` of a prompt, the ``named`` fields kept
+                                        as given: how ``jaxkv eval`` sweeps.
 
 Phases (``Phase``): the first forward over an empty cache is ``PREFILL``; later forwards are
 ``EXTEND`` or ``DECODE`` by their length (static, from ``ModelCache.prefilled`` and the shape).
@@ -192,9 +193,10 @@ class CachePolicy:
         return self
 
     @classmethod
-    def from_budget(cls, budget: float, context_len: int) -> "CachePolicy":
-        """The policy with its default hyper-parameters sized to keep about ``budget`` (a
-        fraction in (0, 1]) of a ``context_len``-token prompt: how ``jaxkv eval`` sweeps budgets."""
+    def from_budget(cls, budget: float, context_len: int, **named) -> "CachePolicy":
+        """The policy sized to keep about ``budget`` (a fraction in (0, 1]) of a
+        ``context_len``-token prompt: how ``jaxkv eval`` sweeps budgets. ``named`` fields (a
+        method's ``[key=value]``) are kept as given; the budget sizes the others around them."""
         raise NotImplementedError(f"cache policy {cls.name!r} does not define from_budget")
 
     # ------------------------------------------------------------------ layer level

@@ -301,12 +301,16 @@ class RazorCache(CachePolicy):
         return max(1, round(local * context_len) - sinks)
 
     @classmethod
-    def from_budget(cls, budget: float, context_len: int) -> "RazorCache":
+    def from_budget(cls, budget: float, context_len: int, **named) -> "RazorCache":
         """Sized for ``budget`` with the expected retrieval share (``induction_share +
         echo_share``); ``prepare`` resizes the window once the real share is known. A budget
-        below the retrieval share cannot be met: the window shrinks to 1 and the bytes held say so."""
-        window = cls._window_for(budget, context_len, cls.induction_share + cls.echo_share, cls.sinks)
-        return cls(window=window, budget=budget, context_len=context_len)
+        below the retrieval share cannot be met: the window shrinks to 1 and the bytes held say so.
+        A named ``window`` is kept (nothing left to size)."""
+        if "window" in named:
+            return cls(**named)
+        share = named.get("induction_share", cls.induction_share) + named.get("echo_share", cls.echo_share)
+        window = cls._window_for(budget, context_len, share, named.get("sinks", cls.sinks))
+        return cls(window=window, budget=budget, context_len=context_len, **named)
 
     def prepare(self, params, config) -> "RazorCache":
         if self.heads is None:

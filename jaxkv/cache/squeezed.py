@@ -407,8 +407,8 @@ class SqueezedCache(_IndexSettings):
     name = "squeezed"
 
     @classmethod
-    def from_budget(cls, budget: float, context_len: int) -> "SqueezedCache":
-        return cls(keep=float(budget))
+    def from_budget(cls, budget: float, context_len: int, **named) -> "SqueezedCache":
+        return cls(**{"keep": float(budget), **named})
 
     def for_layer(self, layer: LayerSpec) -> SqueezedLayer:
         return SqueezedLayer(**self.settings())

@@ -45,9 +45,9 @@ class StreamingCache(CachePolicy):
         return min(self.sinks + self.window, max_len)
 
     @classmethod
-    def from_budget(cls, budget: float, context_len: int) -> "StreamingCache":
-        sinks = cls.sinks
-        return cls(sinks=sinks, window=max(1, int(round(budget * context_len)) - sinks))
+    def from_budget(cls, budget: float, context_len: int, **named) -> "StreamingCache":
+        sinks = named.get("sinks", cls.sinks)
+        return cls(**{"window": max(1, int(round(budget * context_len)) - sinks), **named})
 
     def _slots(self, state: KVCache, positions, keep):
         s = state.num_slots

@@ -100,24 +100,18 @@ def policy_for(method: str, budget: float, context_len: int):
     """The policy ``method`` sized for ``budget`` of a ``context_len``-token prompt. For a
     composition (``razor+mikv``) the budget is the share of tokens the policy keeps; its storage
     then holds them in fewer bytes (the bytes are reported as held). Parameters in the name
-    (``minicache[merge=average]``) are applied on top of the budget's sizing and win over it."""
+    (``minicache[merge=average]``, ``razor[window=64]``) are kept as given; the budget sizes the
+    rest around them (``from_budget``)."""
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
         raise UserError(f"budget must be a number in (0, 1], got {budget!r}")
     name, params = parse_policy_spec(method)
     base = make_policy(name)
-    sized = base.from_budget(budget, context_len)
+    make_policy(method)  # checks the parameters by name first, for a clear error
     fields = dict(params)
     if "bits" in fields and base.kv_bits is not None and "+" in name:  # a composition's storage bits
         fields["kv_bits"] = fields.pop("bits")
     fields.setdefault("kv_bits", base.kv_bits)
-    make_policy(method)  # checks the parameters by name first, for a clear error
-    policy = dataclasses.replace(sized, **fields)
-    # a field the budget would size, named: the name wins, so the deferred sizing in `prepare` is off
-    if getattr(policy, "budget", None) is not None and set(params) & {"window", "important"}:
-        policy = dataclasses.replace(policy, budget=None)
-    if getattr(policy, "name", None) == "streaming" and "sinks" in params and "window" not in params:
-        policy = dataclasses.replace(policy, window=max(1, int(round(budget * context_len)) - policy.sinks))
-    return policy
+    return type(base).from_budget(budget, context_len, **fields)
 
 
 def kl_and_agreement(ref_logits: jax.Array, logits: jax.Array) -> tuple[float, float]:
