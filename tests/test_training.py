@@ -534,3 +534,52 @@ def test_anchor_rows_need_two_slots():
     with pytest.raises(TrainConfigError, match="anchor-bos"):
         DataConfig(seq_len=1, attention="anchor-bos")
     assert DataConfig(seq_len=1, attention="intra").seq_len == 1
+
+
+def test_recall_documents_layout_and_chain():
+    """synthetic:recall: BOS, key, the Markov chain, QUERY, key; recall-anywhere: the QUERY, key
+    pairs at a constant rate; the chain's transition entropy is RECALL_ENTROPY; the chain is the same for every
+    seed, the samples are not."""
+    from collections import Counter
+
+    from jaxkv.training.data import RECALL_ENTROPY, load_documents, recall_documents
+
+    end = np.stack(recall_documents(vocab_size=64, length=40, count=300, seed=3))
+    assert (end[:, 0] == 1).all() and (end[:, -2] == 2).all() and (end[:, 2:-2] >= 11).all()
+    np.testing.assert_array_equal(end[:, 1], end[:, -1])
+    docs = np.stack(recall_documents(vocab_size=64, length=600, count=200, seed=3, anywhere=True))
+    assert docs.shape == (200, 600) and docs.dtype == np.int32
+    assert (docs[:, 0] == 1).all() and set(np.unique(docs[:, 1])) == set(range(3, 11))
+    rows, cols = np.nonzero(docs[:, 2:] == 2)
+    np.testing.assert_array_equal(docs[rows, cols + 3], docs[rows, 1])  # every query is answered with the key
+    assert abs(len(rows) / docs[:, 2:].size - 1 / 34) < 0.004  # 1/32 per chain token, a pair per query
+    keys_after = (docs[:, 2:] >= 3) & (docs[:, 2:] <= 10)
+    assert keys_after.sum() == len(rows) and (docs[:, -1] != 2).all()
+
+    def chain_pairs(d):
+        pairs = Counter()
+        for row in d:
+            chain = row[row >= 11]
+            pairs.update(zip(chain[:-1].tolist(), chain[1:].tolist()))
+        return pairs
+
+    pairs = chain_pairs(docs)
+    firsts = Counter()
+    for (a, _), n in pairs.items():
+        firsts[a] += n
+    assert len(pairs) == 48 * 3 and len(firsts) == 48  # every state reached, each with its three successors
+    entropy = -sum(n * np.log(n / firsts[a]) for (a, _), n in pairs.items()) / sum(firsts.values())
+    assert abs(entropy - RECALL_ENTROPY) < 0.02 and abs(RECALL_ENTROPY - 0.9376) < 1e-3
+    other = np.stack(recall_documents(vocab_size=64, length=600, count=200, seed=4, anywhere=True))
+    assert not np.array_equal(docs, other) and set(chain_pairs(other)) == set(pairs)
+    assert set(chain_pairs(end)) <= set(pairs)
+    for name, anywhere in (("recall", False), ("recall-anywhere", True)):
+        via = load_documents([f"synthetic:{name}:5"], tokenizer=None, vocab_size=64, seed=3, length=600)
+        np.testing.assert_array_equal(np.stack(via), np.stack(recall_documents(vocab_size=64, length=600, count=5,
+                                                                               seed=3, anywhere=anywhere)))
+    with pytest.raises(TrainConfigError, match="vocabulary of at least 59"):
+        recall_documents(vocab_size=58, length=64, count=1, seed=0)
+    with pytest.raises(TrainConfigError, match=">= 5 tokens"):
+        recall_documents(vocab_size=64, length=4, count=1, seed=0)
+    with pytest.raises(TrainConfigError, match="row length"):
+        load_documents(["synthetic:recall"], tokenizer=None, vocab_size=64, seed=0)

@@ -28,7 +28,8 @@ import numpy as np
 from jaxkv.training.config import DataConfig, TrainConfigError
 
 __all__ = ["PackedRows", "pack_documents", "Batches", "synthetic_documents", "passkey_documents", "text_documents",
-           "task_mix_documents", "lookup_documents", "pydoc_documents", "load_documents", "shuffle_documents"]
+           "task_mix_documents", "lookup_documents", "pydoc_documents", "recall_documents", "load_documents",
+           "shuffle_documents", "RECALL_ENTROPY"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +175,7 @@ def synthetic_documents(name: str, *, vocab_size: int, seed: int, num_docs: int 
             a, n = rng.integers(0, span), rng.integers(16, 65)
             docs.append((3 + (a + np.arange(n)) % span).astype(np.int32))
         return docs
-    raise TrainConfigError(f"unknown synthetic data source {name!r}; known: copy, count, "
+    raise TrainConfigError(f"unknown synthetic data source {name!r}; known: copy, count, recall, recall-anywhere, "
                            f"{', '.join(SYNTHETIC_TEXT)}")
 
 
@@ -261,9 +262,74 @@ def pydoc_documents(tokenizer, *, length: int, count: int | None) -> list[np.nda
     return docs if count is None else docs[:count]
 
 
+# synthetic:recall's language: BOS, query, the keys, then an order-1 Markov chain whose every state
+# has three successors; the chain is fixed (its own seed), the samples follow --seed
+_RECALL_BOS, _RECALL_QUERY, _RECALL_KEYS, _RECALL_STATES = 1, 2, range(3, 11), range(11, 59)
+_RECALL_PROBS = (0.6, 0.25, 0.15)
+_RECALL_RATE = 1 / 32  # the chance of a query after each chain token
+RECALL_ENTROPY = float(-sum(p * np.log(p) for p in _RECALL_PROBS))  # nats per filler token: the loss floor
+
+
+def _recall_chain() -> np.ndarray:
+    """``[48, 48]`` cumulative transition probabilities: each state's likeliest successor is its
+    next on one random cycle through all 48 (so every state is reached, from every other), the
+    other two are random."""
+    n = len(_RECALL_STATES)
+    rng = np.random.default_rng(0x5EC411)
+    cycle = rng.permutation(n)
+    table = np.zeros((n, n))
+    for i, a in enumerate(cycle):
+        first = cycle[(i + 1) % n]
+        rest = rng.choice(np.setdiff1d(np.arange(n), [first]), len(_RECALL_PROBS) - 1, replace=False)
+        table[a, [first, *rest]] = _RECALL_PROBS
+    cdf = np.cumsum(table, axis=1)
+    cdf[cdf > 1 - 1e-9] = 1.0  # from each row's last successor on, so that u in [0, 1) never passes it
+    return cdf
+
+
+def recall_documents(*, vocab_size: int, length: int, count: int, seed: int,
+                     anywhere: bool = False) -> list[np.ndarray]:
+    """``count`` documents of ``length`` tokens: ``BOS, key``, then an order-1 Markov chain over 48
+    ids (three successors each, probabilities 0.6 / 0.25 / 0.15: ``RECALL_ENTROPY`` = 0.94 nats
+    per token) and ``QUERY, key``: the document's key (one of 8 ids) again. The query closes the
+    document, as the question closes a passkey prompt (``synthetic:recall``), or with
+    ``anywhere`` (``synthetic:recall-anywhere``) interrupts the chain at random, after each of
+    its tokens with probability 1/32, so that no position tells when one comes. The chain is
+    learnt from the token before; the key after a query only by holding the document's second
+    token since. Unlike text, it cannot be memorised, so a model's loss past its training length
+    measures what it does there, not what it remembers of the corpus (``jaxkv analyze
+    mamba-states``). Ids 1-58 (``vocab_size`` >= 59); the chain is the same for every seed, the
+    samples are not."""
+    name = "recall-anywhere" if anywhere else "recall"
+    if vocab_size <= _RECALL_STATES[-1]:
+        raise TrainConfigError(f"synthetic:{name} uses token ids 1-{_RECALL_STATES[-1]}: it needs a vocabulary of "
+                               f"at least {_RECALL_STATES[-1] + 1}, got {vocab_size}")
+    if length < 5:
+        raise TrainConfigError(f"synthetic:{name} needs documents of >= 5 tokens (BOS, key, chain, query, key), "
+                               f"got {length}")
+    cdf = _recall_chain()
+    rng = np.random.default_rng([seed, 0x4EC4, int(anywhere)])
+    docs = np.empty((count, length), np.int32)
+    keys = rng.choice(np.asarray(_RECALL_KEYS), count)
+    docs[:, 0], docs[:, 1] = _RECALL_BOS, keys
+    state = rng.integers(0, len(_RECALL_STATES), count)
+    answer = np.zeros(count, bool)  # the query came last: the key comes now
+    query = np.zeros(count, bool)
+    for i in range(2, length):
+        if not anywhere:
+            query, answer = np.full(count, i == length - 2), np.full(count, i == length - 1)
+        chain = ~answer & ~query
+        docs[:, i] = np.where(answer, keys, np.where(query, _RECALL_QUERY, _RECALL_STATES[0] + state))
+        nxt = (rng.random(count)[:, None] >= cdf[state]).sum(axis=1)  # cdf ends at exactly 1: always < 48
+        state = np.where(chain, nxt, state)
+        if anywhere:
+            answer, query = query, chain & (rng.random(count) < _RECALL_RATE) & (i < length - 2)
+    return list(docs)
+
+
 # synthetic sources that need a tokenizer (text), and those whose documents fill rows of a length
 SYNTHETIC_TEXT = ("passkey", "tasks", "lookup", "pydoc")
-_NEEDS_LENGTH = ("passkey", "tasks", "pydoc")
+_NEEDS_LENGTH = ("passkey", "tasks", "pydoc", "recall", "recall-anywhere")
 
 
 def _doc_tokens(doc) -> np.ndarray:
@@ -274,7 +340,8 @@ def load_documents(spec: Sequence[str], *, tokenizer, vocab_size: int, seed: int
                    synthetic_count: int = 2000) -> list:
     """Documents from ``spec``: text files / globs (split on blank lines, with ``tokenizer``) and
     named synthetic sources ``synthetic:NAME`` or ``synthetic:NAME:COUNT``: token-id sources
-    ``copy``, ``count`` (``synthetic_documents``) and text sources, which need the tokenizer:
+    ``copy``, ``count`` (``synthetic_documents``), ``recall`` and ``recall-anywhere``
+    (``recall_documents`` of ``length`` tokens) and text sources, which need the tokenizer:
     ``passkey`` (``passkey_documents`` of ``length`` tokens), ``tasks`` (``task_mix_documents``
     up to ``length - 1`` tokens), ``lookup`` (``lookup_documents``; ``(tokens, loss_mask)`` pairs)
     and ``pydoc`` (``pydoc_documents`` of at most ``length - 1`` tokens; all of them without a
@@ -298,10 +365,10 @@ def load_documents(spec: Sequence[str], *, tokenizer, vocab_size: int, seed: int
             if tokenizer is None:
                 raise TrainConfigError(f"--data {item!r} is text: it needs a tokenizer (--tokenizer, or a --model "
                                        "with a tokenizer.json)")
-            if name in _NEEDS_LENGTH and length is None:
-                raise TrainConfigError(f"--data {item!r} needs the row length its documents fill")
-            if name in ("tasks", "pydoc") and length < 64:
-                raise TrainConfigError(f"--data {item!r} needs rows of at least 64 tokens (--seq-len), got {length}")
+        if name in _NEEDS_LENGTH and length is None:
+            raise TrainConfigError(f"--data {item!r} needs the row length its documents fill")
+        if name in ("tasks", "pydoc") and length < 64:
+            raise TrainConfigError(f"--data {item!r} needs rows of at least 64 tokens (--seq-len), got {length}")
         if name == "passkey":
             docs.extend(passkey_documents(tokenizer, length=length, count=count, seed=seed))
         elif name == "tasks":  # one token short of the row, so that a row with an anchor holds the longest whole
@@ -310,6 +377,9 @@ def load_documents(spec: Sequence[str], *, tokenizer, vocab_size: int, seed: int
             docs.extend(lookup_documents(tokenizer, count=count, seed=seed))
         elif name == "pydoc":
             docs.extend(pydoc_documents(tokenizer, length=length - 1, count=count))
+        elif name in ("recall", "recall-anywhere"):
+            docs.extend(recall_documents(vocab_size=vocab_size, length=length, count=count, seed=seed,
+                                         anywhere=name == "recall-anywhere"))
         else:
             docs.extend(synthetic_documents(name, vocab_size=vocab_size, seed=seed, num_docs=count))
     if files:
