@@ -29,7 +29,8 @@ of the keys at ``keep=0.1``; SmolLM2: 41% vs 22%). Deviations: the number of clu
 exact prompt length; calibration queries see the whole context's centroids (the paper's offline
 calibration does the same); with ``levels=2`` the coarse level clusters the fine centroids and
 its own threshold (``coarse_keep`` of the keys) prunes fine clusters before theirs is applied,
-but the pure-jnp path still scores every fine centroid (the saving is the kernel's);
+but every fine centroid is still scored, by the decode kernel too (the coarse level prunes,
+it saves no centroid reads yet);
 without a decode kernel, attention over the kept keys is a masked pure-jnp pass, so reads are
 saved only in what ``attended_keys`` counts.
 
