@@ -258,10 +258,14 @@ def load_mamba2_checkpoint(path: str | os.PathLike, *, dtype=None):
         dtype = check_float_dtype(dtype)
     folder, config, files = _open_folder(path, mamba2.Mamba2Config)
     present = set(files)
-    if config.tie_word_embeddings:
-        present.discard("lm_head.weight")  # save_pretrained may store the tied copy
-    return config, _read_params(folder, files, present, mamba2.hf_name_map(config), mamba2.abstract_params(config),
-                                f"Mamba-2 with {config.num_layers} layers", dtype)
+    stored_head = config.tie_word_embeddings and "lm_head.weight" in present
+    if stored_head:
+        present.discard("lm_head.weight")  # save_pretrained may store the tied copy; checked below
+    params = _read_params(folder, files, present, mamba2.hf_name_map(config), mamba2.abstract_params(config),
+                          f"Mamba-2 with {config.num_layers} layers", dtype)
+    if stored_head:
+        _check_tied_head(folder, files, params["embed"]["embedding"])
+    return config, params
 
 
 def is_mamba2_folder(path: str | os.PathLike) -> bool:
@@ -307,15 +311,20 @@ def load_checkpoint(path: str | os.PathLike, *, dtype=None) -> tuple[LlamaConfig
     params = _read_params(folder, files, present, expected, abstract_params(config),
                           f"{config.family} with {config.num_layers} layers", dtype)
     if stored_head:
-        with _open(files["lm_head.weight"]) as st:
-            head = st.get_tensor("lm_head.weight")
-        embed = params["embed"]["embedding"]
-        head = np.asarray(jnp.asarray(head, dtype=embed.dtype), np.float32)
-        if head.shape != embed.shape or not np.array_equal(head, np.asarray(embed, np.float32)):
-            raise CheckpointError(f"{folder}: config.json ties the LM head to the embeddings "
-                                  "(tie_word_embeddings: true), but the checkpoint stores a different "
-                                  "lm_head.weight; set tie_word_embeddings to false to use it")
+        _check_tied_head(folder, files, params["embed"]["embedding"])
     return config, params
+
+
+def _check_tied_head(folder: Path, files: dict, embed) -> None:
+    """A checkpoint whose config ties the LM head to the embeddings may store a copy of it; one
+    that differs is a head the tied config would silently replace."""
+    with _open(files["lm_head.weight"]) as st:
+        head = st.get_tensor("lm_head.weight")
+    head = np.asarray(jnp.asarray(head, dtype=embed.dtype), np.float32)
+    if head.shape != embed.shape or not np.array_equal(head, np.asarray(embed, np.float32)):
+        raise CheckpointError(f"{folder}: config.json ties the LM head to the embeddings "
+                              "(tie_word_embeddings: true), but the checkpoint stores a different "
+                              "lm_head.weight; set tie_word_embeddings to false to use it")
 
 
 def _open(f: Path):

@@ -24,6 +24,32 @@ class ConfigError(UserError):
     """An invalid or unsupported configuration value; the message names the field."""
 
 
+def json_flag(hf: dict, key: str, default: bool = False) -> bool:
+    """``hf[key]`` as a JSON boolean (``default`` when absent or null): the string "false" is
+    truthy in Python and must not read as true."""
+    value = hf.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def check_token_ids(vocab_size: int, bos_token_id, eos_token_ids) -> tuple[int | None, tuple[int, ...]]:
+    """``(bos, eos)`` checked: integers (not bools, floats or strings) in ``[0, vocab_size)``."""
+    def one(name, t):
+        if isinstance(t, bool) or not isinstance(t, int) and not (hasattr(t, "dtype") and t.dtype.kind in "iu"):
+            raise ConfigError(f"{name} must be an integer token id, got {t!r}")
+        if not 0 <= int(t) < vocab_size:
+            raise ConfigError(f"{name} {int(t)} is outside the vocabulary [0, {vocab_size})")
+        return int(t)
+
+    bos = None if bos_token_id is None else one("bos_token_id", bos_token_id)
+    if isinstance(eos_token_ids, (str, bytes)) or not hasattr(eos_token_ids, "__iter__"):
+        raise ConfigError(f"eos_token_ids must be a sequence of token ids, got {eos_token_ids!r}")
+    return bos, tuple(one("eos_token_id", t) for t in eos_token_ids)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RopeScaling:
     """Llama-3.1 RoPE frequency scaling (``rope_type: llama3``).
@@ -130,12 +156,15 @@ class LlamaConfig:
         if not (self.rope_theta > 1 and math.isfinite(self.rope_theta)):
             raise ConfigError(f"rope_theta must be > 1, got {self.rope_theta}")
         if self.sliding_window is not None and (
-            not isinstance(self.sliding_window, int) or self.sliding_window <= 0
+            isinstance(self.sliding_window, bool) or not isinstance(self.sliding_window, int)
+            or self.sliding_window <= 0
         ):
             raise ConfigError(f"sliding_window must be a positive integer or None, got {self.sliding_window!r}")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
             raise ConfigError(f"rope_scaling must be a RopeScaling or None, got {type(self.rope_scaling).__name__}")
-        object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
+        bos, eos = check_token_ids(self.vocab_size, self.bos_token_id, self.eos_token_ids)
+        object.__setattr__(self, "bos_token_id", bos)
+        object.__setattr__(self, "eos_token_ids", eos)
 
     # ----------------------------------------------------------------- derived sizes
     @property
@@ -170,6 +199,10 @@ class LlamaConfig:
         if not isinstance(hf, dict):
             raise ConfigError(f"config must be a JSON object, got {type(hf).__name__}")
         archs = hf.get("architectures") or []
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise ConfigError(f"architectures must be a list of names, got {archs!r}")
+        if not isinstance(hf.get("model_type"), (str, type(None))):
+            raise ConfigError(f"model_type must be a name, got {hf['model_type']!r}")
         family = None
         for arch in archs:
             family = _FAMILIES.get(arch)
@@ -189,13 +222,7 @@ class LlamaConfig:
             return hf[key]
 
         def flag(key, default=False):
-            # JSON booleans only: the string "false" is truthy in Python and must not read as true
-            value = hf.get(key, default)
-            if value is None:
-                return default
-            if not isinstance(value, bool):
-                raise ConfigError(f"{key} must be true or false, got {value!r}")
-            return value
+            return json_flag(hf, key, default)
 
         def number(key, default, value=None):
             value = hf.get(key, default) if value is None else value
@@ -214,6 +241,16 @@ class LlamaConfig:
         # transformers >= 5 nests rope settings in `rope_parameters`; older configs use
         # `rope_theta` + `rope_scaling`. Accept both.
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or None
+        if hf.get("rope_parameters") and hf.get("rope_scaling"):  # both: they must not disagree on the scaling
+            def scaling_of(r):
+                if not isinstance(r, dict):
+                    return r
+                r = {k: v for k, v in r.items() if k != "rope_theta"}
+                return {} if r.get("rope_type", r.get("type", "default")) == "default" else r
+
+            if scaling_of(hf["rope_parameters"]) != scaling_of(hf["rope_scaling"]):
+                raise ConfigError(f"rope_parameters ({hf['rope_parameters']!r}) and rope_scaling "
+                                  f"({hf['rope_scaling']!r}) disagree; keep one of them")
         rope_theta = hf.get("rope_theta")
         if rope_theta is None and isinstance(hf.get("rope_parameters"), dict):
             rope_theta = hf["rope_parameters"].get("rope_theta")
@@ -264,7 +301,8 @@ class LlamaConfig:
             intermediate_size=need("intermediate_size"),
             num_layers=need("num_hidden_layers"),
             num_heads=need("num_attention_heads"),
-            num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            num_kv_heads=need("num_attention_heads") if hf.get("num_key_value_heads") is None
+            else hf["num_key_value_heads"],
             head_dim=hf.get("head_dim"),
             rms_norm_eps=number("rms_norm_eps", 1e-6),
             rope_theta=number("rope_theta", 10000.0, value=rope_theta),

@@ -54,7 +54,10 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
                  r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
                 r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-BPE_PRE_TOKENIZERS = ("default", "gpt2", "gpt-2", "smollm", "llama-bpe", "llama3", "qwen2")
+BPE_PRE_TOKENIZERS = ("default", "gpt2", "gpt-2", "smollm", "llama-bpe", "llama3", "llama-v3", "qwen2")
+# llama.cpp's Llama-3 pre-tokenizers: a word that is itself a token is taken whole (ignore_merges,
+# as Llama-3's tokenizer.json says too) and a BOS is added unless the file says otherwise
+_LLAMA3_PRES = ("llama-bpe", "llama3", "llama-v3")
 
 
 def _error(path: Path, message: str) -> UserError:
@@ -264,6 +267,12 @@ class GGUFModel:
             raise _error(self.path, f"metadata {key!r} must be a number, got {value!r}")
         return float(np.format_float_positional(np.float32(value), unique=True, trim="0"))
 
+    def _bool(self, key: str, default: bool) -> bool:
+        value = self.meta(key, default)
+        if not isinstance(value, (bool, np.bool_)):
+            raise _error(self.path, f"metadata {key!r} must be a boolean, got {value!r}")
+        return bool(value)
+
     def _int(self, key: str, default: Any = ...) -> int | None:
         value = self.meta(key, default)
         if value is None or value is default:
@@ -277,6 +286,9 @@ class GGUFModel:
         tensors = self._tensors
         if "token_embd.weight" not in tensors:
             raise _error(self.path, "tensor 'token_embd.weight' is missing")
+        if len(tensors["token_embd.weight"].shape) != 2:
+            raise _error(self.path, f"tensor 'token_embd.weight' must be 2-D [D, V], got shape "
+                                    f"{list(tensors['token_embd.weight'].shape)}")
         vocab = int(tensors["token_embd.weight"].shape[1])  # GGUF order: [D, V]
         hidden = self._int(f"{a}.embedding_length")
         heads = self._int(f"{a}.attention.head_count")
@@ -424,12 +436,17 @@ class GGUFModel:
         if len(tokens) > self.config.vocab_size:
             raise _error(self.path, f"the tokenizer has {len(tokens)} tokens, more than the model's "
                                     f"{self.config.vocab_size} embeddings")
-        types = self.meta("tokenizer.ggml.token_type", None) or [_NORMAL] * len(tokens)
+        types = self.meta("tokenizer.ggml.token_type", None)
+        types = [_NORMAL] * len(tokens) if types is None else types
+        if not isinstance(types, list) or not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool)
+                                                  for t in types):
+            raise _error(self.path, "metadata 'tokenizer.ggml.token_type' must be a list of integers")
         if len(types) != len(tokens):
             raise _error(self.path, f"'tokenizer.ggml.token_type' has {len(types)} entries for "
                                     f"{len(tokens)} tokens")
         try:
-            tok = self._bpe_tokenizer(tokens) if kind == "gpt2" else self._spm_tokenizer(tokens, types)
+            llama3 = kind == "gpt2" and self.meta("tokenizer.ggml.pre", "default") in _LLAMA3_PRES
+            tok = self._bpe_tokenizer(tokens, llama3) if kind == "gpt2" else self._spm_tokenizer(tokens, types)
         except UserError:
             raise
         except Exception as e:  # tokenizers raises bare Exceptions on inconsistent vocabularies
@@ -440,10 +457,10 @@ class GGUFModel:
                 if ty == _USER_DEFINED]
         tok.add_special_tokens(special)
         tok.add_tokens(user)
-        self._post_process(tok, tokens, default_bos=(kind == "llama"))
+        self._post_process(tok, tokens, default_bos=kind == "llama" or llama3)
         return tok
 
-    def _bpe_tokenizer(self, tokens: list[str]):
+    def _bpe_tokenizer(self, tokens: list[str], llama3: bool):
         from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
         merges = self.meta("tokenizer.ggml.merges", None)
@@ -456,16 +473,16 @@ class GGUFModel:
                 raise _error(self.path, f"tokenizer.ggml.merges[{i}] = {m!r} is not two tokens")
             pairs.append((left, right))
         vocab = {t: i for i, t in enumerate(tokens)}
-        tok = Tokenizer(models.BPE(vocab, pairs, ignore_merges=False))
+        tok = Tokenizer(models.BPE(vocab, pairs, ignore_merges=llama3))
         pre = self.meta("tokenizer.ggml.pre", "default")
-        prefix = bool(self.meta("tokenizer.ggml.add_space_prefix", False))
+        prefix = self._bool("tokenizer.ggml.add_space_prefix", False)
         byte_level = pre_tokenizers.ByteLevel(add_prefix_space=prefix, use_regex=True)
         if pre in ("default", "gpt2", "gpt-2"):
             tok.pre_tokenizer = byte_level
         elif pre == "smollm":
             tok.pre_tokenizer = pre_tokenizers.Sequence(
                 [pre_tokenizers.Digits(individual_digits=True), byte_level])
-        elif pre in ("llama-bpe", "llama3", "qwen2"):
+        elif pre in _LLAMA3_PRES + ("qwen2",):
             split = _QWEN2_SPLIT if pre == "qwen2" else _LLAMA3_SPLIT
             tok.pre_tokenizer = pre_tokenizers.Sequence([
                 pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
@@ -500,7 +517,7 @@ class GGUFModel:
         unk = tokens[unk_id] if unk_id is not None and 0 <= unk_id < len(tokens) else None
         tok = Tokenizer(models.BPE(vocab, [(m[3], m[4]) for m in merges], unk_token=unk,
                                    fuse_unk=True, byte_fallback=True))
-        prefix = bool(self.meta("tokenizer.ggml.add_space_prefix", True))
+        prefix = self._bool("tokenizer.ggml.add_space_prefix", True)
         steps = [normalizers.Prepend("\u2581")] if prefix else []
         tok.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "\u2581")])
         dec = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
@@ -514,7 +531,7 @@ class GGUFModel:
 
         def special(key: str, add_key: str, default: bool) -> tuple[str, int] | None:
             i = self._int(key, None)
-            if i is None or not self.meta(add_key, default):
+            if i is None or not self._bool(add_key, default):
                 return None
             if not 0 <= i < len(tokens):
                 raise _error(self.path, f"{key}={i} is outside the {len(tokens)} tokens")

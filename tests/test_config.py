@@ -46,6 +46,16 @@ def test_hf_round_trip(fam):
     ({"head_dim": 15}, "head_dim"),
     ({"rms_norm_eps": -1.0}, "rms_norm_eps"),
     ({"pretraining_tp": 2}, "pretraining_tp"),
+    ({"architectures": 5}, "architectures"),
+    ({"architectures": [["LlamaForCausalLM"]]}, "architectures"),
+    ({"architectures": [], "model_type": ["llama"]}, "model_type"),
+    ({"eos_token_id": "abc"}, "eos_token_id"),
+    ({"eos_token_id": 2.7}, "eos_token_id"),
+    ({"eos_token_id": [1, 99999]}, "outside the vocabulary"),
+    ({"bos_token_id": "x"}, "bos_token_id"),
+    ({"bos_token_id": True}, "bos_token_id"),
+    ({"num_key_value_heads": 0}, "num_kv_heads"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "disagree"),
 ])
 def test_bad_fields_name_the_field(change, field):
     hf = _hf("llama3")
@@ -86,3 +96,16 @@ def test_presets_and_derived_sizes():
         preset("nope")
     with pytest.raises(ConfigError, match="num_heads"):
         preset("tiny").replace(num_heads=3)
+
+
+def test_sliding_window_must_be_an_integer_and_rope_fields_may_agree():
+    hf = _hf("mistral")
+    hf["sliding_window"] = True
+    with pytest.raises(ConfigError, match="sliding_window"):
+        LlamaConfig.from_hf(hf)
+    hf = _hf("llama3")  # transformers 5 may keep both fields: the same scaling in each is fine
+    hf["rope_scaling"] = {k: v for k, v in hf["rope_parameters"].items() if k != "rope_theta"}
+    assert LlamaConfig.from_hf(hf) == LlamaConfig.from_hf(_hf("llama3"))
+    hf = _hf("mistral")
+    hf["rope_scaling"] = {"rope_type": "default"}
+    assert LlamaConfig.from_hf(hf) == LlamaConfig.from_hf(_hf("mistral"))

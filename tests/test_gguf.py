@@ -59,9 +59,12 @@ def _tokenizer_metadata(tok, extra_control=("<|im_start|>", "<|im_end|>")):
 
 
 def write_gguf(path, config, params, *, qtypes=None, arch="llama", tokenizer="gpt2", pre="default",
-               template=TEMPLATE, metadata=None, tensors=None, drop=(), permute=True):
+               template=TEMPLATE, metadata=None, tensors=None, drop=(), permute=True, extra_tokens=(),
+               tokenizer_fields=None):
     """A GGUF file as llama.cpp's converter writes it; ``qtypes`` maps a tensor name suffix to
-    its quantization (default F32). Returns the weights as stored, dequantized, in HF order."""
+    its quantization (default F32). ``extra_tokens`` are appended to a gpt2 vocabulary as
+    normal tokens (no merge makes them); ``tokenizer_fields`` replace (None: drop) its
+    ``tokenizer.ggml.*`` fields. Returns the weights as stored, dequantized, in HF order."""
     w = gguf.GGUFWriter(str(path), arch)
     a = arch
     meta = {
@@ -75,15 +78,16 @@ def write_gguf(path, config, params, *, qtypes=None, arch="llama", tokenizer="gp
     w.add_float32(f"{a}.rope.freq_base", config.rope_theta)
     w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", config.rms_norm_eps)
     if tokenizer == "gpt2":
-        tokens, types, merges = _tokenizer_metadata(make_tokenizer(config.vocab_size - 2))
-        w.add_string("tokenizer.ggml.model", "gpt2")
-        w.add_string("tokenizer.ggml.pre", pre)
-        w.add_array("tokenizer.ggml.tokens", tokens)
-        w.add_array("tokenizer.ggml.token_type", types)
-        w.add_array("tokenizer.ggml.merges", merges)
-        w.add_uint32("tokenizer.ggml.bos_token_id", 1)
-        w.add_uint32("tokenizer.ggml.eos_token_id", 2)
-        w.add_bool("tokenizer.ggml.add_bos_token", True)
+        tokens, types, merges = _tokenizer_metadata(make_tokenizer(config.vocab_size - 2 - len(extra_tokens)))
+        fields = {"model": "gpt2", "pre": pre, "tokens": tokens + list(extra_tokens),
+                  "token_type": types + [1] * len(extra_tokens), "merges": merges, "bos_token_id": 1,
+                  "eos_token_id": 2, "add_bos_token": True}
+        fields.update(tokenizer_fields or {})
+        for k, v in fields.items():
+            if v is None:
+                continue
+            add = {str: w.add_string, list: w.add_array, bool: w.add_bool}.get(type(v), w.add_uint32)
+            add(f"tokenizer.ggml.{k}", v)
     elif tokenizer is not None:
         w.add_string("tokenizer.ggml.model", tokenizer)
     if template is not None:
@@ -211,6 +215,36 @@ def test_gpt2_tokenizer_from_metadata_matches_the_original(tmp_path):
     ids = tok.encode("<|im_start|>user", add_special_tokens=False).ids
     assert ids[0] == tok.token_to_id("<|im_start|>") and tok.id_to_token(ids[0]) == "<|im_start|>"
     assert tok.decode(ids, skip_special_tokens=True) == "user"
+
+
+def test_llama3_pre_tokenizers_take_whole_tokens_and_add_bos(tmp_path):
+    """llama.cpp's Llama-3 pre-tokenizers (llama-bpe, llama3, llama-v3): a word that is itself a
+    token is taken whole though no merge builds it (ignore_merges, as Llama-3's tokenizer.json
+    says), and a BOS is added when the file does not say; other BPE files merge and add none."""
+    word = "\u0120qqqq"  # " qqqq" in byte-level BPE; no merge of the tiny vocabulary makes it
+    for pre in ("llama-bpe", "llama3", "llama-v3", "default"):
+        path = tmp_path / f"{pre}.gguf"
+        write_gguf(path, TINY, _random_params(TINY), pre=pre, extra_tokens=(word,),
+                   tokenizer_fields={"add_bos_token": None})
+        tok = load_tokenizer(path)
+        ids = tok.encode("x qqqq").ids
+        if pre == "default":
+            assert tok.token_to_id(word) not in ids and ids[0] != 1
+        else:
+            assert ids[0] == 1 and ids[-1] == tok.token_to_id(word), pre
+            assert tok.decode(ids, skip_special_tokens=True) == "x qqqq"
+
+
+@pytest.mark.parametrize("fields, match", [
+    ({"add_bos_token": "false"}, "'tokenizer.ggml.add_bos_token' must be a boolean"),
+    ({"add_space_prefix": "yes"}, "'tokenizer.ggml.add_space_prefix' must be a boolean"),
+    ({"token_type": 5}, "'tokenizer.ggml.token_type' must be a list of integers"),
+])
+def test_malformed_tokenizer_fields_are_named(tmp_path, fields, match):
+    path = tmp_path / "m.gguf"
+    write_gguf(path, TINY, _random_params(TINY), tokenizer_fields=fields)
+    with pytest.raises(CheckpointError, match=match):
+        load_tokenizer(path)
 
 
 def test_smollm_pre_tokenizer_splits_digits(tmp_path):
@@ -390,6 +424,13 @@ def test_missing_and_misshapen_tensors(tmp_path):
     path = _good(tmp_path, drop=("blk.1.attn_v.weight",),
                  tensors={"blk.1.attn_v.weight": np.ones((16, TINY.hidden_size), np.float32)})
     with pytest.raises(CheckpointError, match="'blk.1.attn_v.weight' has shape"):
+        load_checkpoint(path)
+
+
+def test_a_one_dimensional_embedding_is_refused_by_name(tmp_path):
+    path = _good(tmp_path, drop=("token_embd.weight",),
+                 tensors={"token_embd.weight": np.ones((TINY.hidden_size * TINY.vocab_size,), np.float32)})
+    with pytest.raises(CheckpointError, match="'token_embd.weight' must be 2-D"):
         load_checkpoint(path)
 
 

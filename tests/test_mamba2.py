@@ -1,6 +1,7 @@
 """Mamba-2: the chunked SSD against the recurrence, the model against transformers' logits and
 greedy tokens (committed fixtures, tests/fixtures/make_mamba2_fixtures.py), prefill + recurrent
 decode against one forward, padding, the gated norm both ways, the state's bytes, bad input."""
+import dataclasses
 import json
 import shutil
 
@@ -192,6 +193,33 @@ def test_a_broken_checkpoint_is_refused_by_name(tmp_path):
     save_file(wrong, bad / "model.safetensors")
     with pytest.raises(CheckpointError, match="conv1d.weight"):
         load_mamba2_checkpoint(bad)
+
+
+def test_config_flags_and_a_tied_head_are_checked(tmp_path):
+    """A flag written as a string is refused (the string "false" would read as true), and a
+    config that ties the LM head refuses a stored head that differs from the embeddings, as
+    the transformer loader does, instead of silently using the embeddings."""
+    from jaxkv.checkpoints import save_checkpoint
+
+    config = mamba2.Mamba2Config(vocab_size=50, hidden_size=32, num_layers=1, num_heads=4, head_dim=16, state_size=8)
+    params = mamba2.init_params(config, jax.random.key(0))
+    untied = save_checkpoint(tmp_path / "untied", config, params)
+    for name, value, match in (("string", "false", "tie_word_embeddings must be true or false"),
+                               ("tied", True, "stores a different lm_head.weight"),
+                               ("bias", "no", "use_bias must be true or false"),
+                               ("eos", 50, "outside the vocabulary")):
+        folder = tmp_path / name
+        shutil.copytree(untied, folder)
+        hf = json.loads((folder / "config.json").read_text())
+        hf[{"string": "tie_word_embeddings", "tied": "tie_word_embeddings", "bias": "use_bias",
+            "eos": "eos_token_id"}[name]] = value
+        (folder / "config.json").write_text(json.dumps(hf))
+        with pytest.raises(CheckpointError, match=match):
+            load_mamba2_checkpoint(folder)
+    tied = dataclasses.replace(config, tie_word_embeddings=True)
+    kept = {k: v for k, v in params.items() if k != "lm_head"}
+    folder = save_checkpoint(tmp_path / "tied-ok", tied, kept)
+    assert load_mamba2_checkpoint(folder)[0].tie_word_embeddings
 
 
 @pytest.mark.parametrize("window", [1, 6])

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxkv.config import ConfigError
+from jaxkv.config import ConfigError, check_token_ids, json_flag
 from jaxkv.errors import UserError
 from jaxkv.fileio import read_json_object
 from jaxkv.kernels.ssd import ssd, ssd_recurrent, ssd_windowed, why_no_kernel
@@ -83,7 +83,9 @@ class Mamba2Config:
         if not 0 <= lo < hi:
             raise ConfigError(f"time_step_limit must be (low, high) with 0 <= low < high, got {self.time_step_limit}")
         object.__setattr__(self, "time_step_limit", (lo, hi))
-        object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
+        bos, eos = check_token_ids(self.vocab_size, self.bos_token_id, self.eos_token_ids)
+        object.__setattr__(self, "bos_token_id", bos)
+        object.__setattr__(self, "eos_token_ids", eos)
 
     @property
     def intermediate_size(self) -> int:
@@ -115,15 +117,17 @@ class Mamba2Config:
                        num_heads=hf["num_heads"], head_dim=hf["head_dim"], state_size=hf.get("state_size", 128),
                        n_groups=hf.get("n_groups", 1), expand=hf.get("expand", 2),
                        conv_kernel=hf.get("conv_kernel", 4), chunk_size=hf.get("chunk_size", 256),
-                       use_bias=bool(hf.get("use_bias", False)), use_conv_bias=bool(hf.get("use_conv_bias", True)),
-                       norm_before_gate=bool(hf.get("norm_before_gate", False)),
+                       use_bias=json_flag(hf, "use_bias", False), use_conv_bias=json_flag(hf, "use_conv_bias", True),
+                       norm_before_gate=json_flag(hf, "norm_before_gate", False),
                        layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
-                       residual_in_fp32=bool(hf.get("residual_in_fp32", True)),
+                       residual_in_fp32=json_flag(hf, "residual_in_fp32", True),
                        time_step_limit=tuple(float(v) for v in limit),
-                       tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                       tie_word_embeddings=json_flag(hf, "tie_word_embeddings", False),
                        bos_token_id=hf.get("bos_token_id"), eos_token_ids=eos)
         except KeyError as e:
             raise ConfigError(f"config.json lacks {e.args[0]!r}, which a Mamba-2 config needs") from None
+        except ConfigError:
+            raise
         except (TypeError, ValueError) as e:
             raise ConfigError(f"config.json: {e}") from None
 
