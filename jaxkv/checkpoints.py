@@ -424,7 +424,8 @@ def save_checkpoint(path: str | os.PathLike, config, params: dict, *,
         if tokenizer is not None:
             tokenizer.save(os.fspath(tmp / TOKENIZER_FILE))
         for fname, text in (extra_files or {}).items():
-            if Path(fname).name != fname or fname in (CONFIG_FILE, SINGLE_FILE, INDEX_FILE):
+            if Path(fname).name != fname or fname in (CONFIG_FILE, SINGLE_FILE, INDEX_FILE) or \
+                    (tokenizer is not None and fname == TOKENIZER_FILE) or re.fullmatch(r"model-.*\.safetensors", fname):
                 raise CheckpointError(f"extra_files may not name {fname!r}")
             (tmp / fname).write_text(text)
         # mkdtemp makes the folder private (0700) and safetensors writes 0600: give the result

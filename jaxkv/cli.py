@@ -1244,8 +1244,12 @@ def _cmd_alignit(args) -> int:
     meta_file = run / "testbed.json"
     if not meta_file.exists():
         raise UserError(f"--run {args.run!r} holds no trained test bed (testbed.json): run jaxkv alignit train first")
-    meta = json.loads(meta_file.read_text())
-    config = tb.TestbedConfig(**meta["testbed"])
+    try:
+        meta = json.loads(meta_file.read_text())
+        config = tb.TestbedConfig(**meta["testbed"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"--run {args.run!r}: testbed.json is damaged or not a jaxkv alignit run's "
+                        f"({type(e).__name__}: {e})") from None
     base = tr.load_params(run / "testbed.npz", tb.init_testbed(config, len(tb.Vocab()), jax.random.key(0)))
     cls_file = run / "classifier.npz"
     like = tr.init_classifier(config.px, jax.random.key(0))

@@ -210,6 +210,9 @@ def _calendar_entries(kind: str):
     return [(n, [n, n[:3], n + "s"]) for n in names if n]  # "Fridays"
 
 
+_ENGLISH_SPELLING = {"Lamda": "Lambda"}
+
+
 def _unicode_names(first: int, last: int, prefix: str, suffix: str = "", skip: Sequence[int] = ()):
     out = []
     for cp in range(first, last + 1):
@@ -218,7 +221,11 @@ def _unicode_names(first: int, last: int, prefix: str, suffix: str = "", skip: S
         n = unicodedata.name(chr(cp))
         if n.startswith(prefix) and n.endswith(suffix):
             word = n[len(prefix): len(n) - len(suffix)].strip().capitalize()
-            out.append((word, [word, word + "s"]))
+            aliases = [word, word + "s"]
+            if word in _ENGLISH_SPELLING:  # Unicode's name is not the English one (LAMDA)
+                word = _ENGLISH_SPELLING[word]
+                aliases = [word, word + "s"] + aliases
+            out.append((word, aliases))
     return out
 
 

@@ -25,6 +25,30 @@ def test_parameters_round_trip_and_a_foreign_file_is_refused(tmp_path):
     other = tb.init_testbed(dataclasses_replace(TINY, width=32), len(tb.Vocab()), jax.random.key(0))
     with pytest.raises(UserError, match="not this model's file"):
         tr.load_params(tmp_path / "p.npz", other)
+    raw = (tmp_path / "p.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(raw[:len(raw) // 2])  # an interrupted copy
+    (tmp_path / "junk.npz").write_bytes(b"not an archive")
+    for name in ("cut.npz", "junk.npz"):
+        with pytest.raises(UserError, match="not a complete .npz file"):
+            tr.load_params(tmp_path / name, p)
+    leaves = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(p)[0]}
+    first = next(iter(leaves))
+    for bad, match in ((np.full_like(leaves[first], np.nan), "non-finite"),
+                       (leaves[first].astype(np.int64), "stored as int64")):
+        np.savez(tmp_path / "bad.npz", **{**leaves, first: bad})
+        with pytest.raises(UserError, match=match):
+            tr.load_params(tmp_path / "bad.npz", p)
+
+
+def test_eval_refuses_a_damaged_run_folder(tmp_path, capsys):
+    from jaxkv.cli import main
+
+    (tmp_path / "testbed.json").write_text('{"testbed": {"px"')
+    assert main(["alignit", "eval", "--run", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "testbed.json is damaged" in capsys.readouterr().err
+    (tmp_path / "testbed.json").write_text('{"testbed": {"px": 8, "nonsense": 1}}')
+    assert main(["alignit", "eval", "--run", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "testbed.json is damaged" in capsys.readouterr().err
 
 
 def dataclasses_replace(c, **kw):

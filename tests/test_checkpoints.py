@@ -134,6 +134,10 @@ def test_save_refuses_to_clobber_and_leaves_nothing_on_failure(tmp_path, parity_
 def test_tokenizer_round_trip_and_errors(tmp_path, tiny_model):
     config, params = tiny_model
     tok = make_tokenizer(config.vocab_size)
+    for name in ("tokenizer.json", "model-00001-of-00002.safetensors"):  # would replace what was saved
+        with pytest.raises(CheckpointError, match="extra_files may not name"):
+            save_checkpoint(tmp_path / "ckpt", config, params, tokenizer=tok, extra_files={name: "not json"})
+        assert not (tmp_path / "ckpt").exists()
     save_checkpoint(tmp_path / "ckpt", config, params, tokenizer=tok)
     loaded = load_tokenizer(tmp_path / "ckpt")
     text = "The passkey is 71432."

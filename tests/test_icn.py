@@ -71,6 +71,7 @@ def test_the_built_in_probes_hold_the_sets_their_data_defines():
     assert probes["countries_b"].judge("Brazil") and probes["countries_b"].judge("France") is None
     assert probes["india"].judge("Gujarat") and probes["china"].judge("Sichuan")
     assert probes["card_suits"].judge("hearts") == "Heart" and probes["months"].judge("Jan") == "January"
+    assert probes["greek_letters"].judge("Lambda") == probes["greek_letters"].judge("lamda") == "Lambda"
     assert probes["weekdays"].judge("Fridays") == "Friday" and probes["weekdays"].judge("2. Sunday") == "Sunday"
     assert probes["languages"].judge("Greek") and probes["languages"].judge("Python") is None
     for p in probes.values():  # every canonical answer judges to itself

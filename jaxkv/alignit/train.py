@@ -50,18 +50,29 @@ def save_params(path: str | os.PathLike, params: dict, meta: dict | None = None)
 
 
 def load_params(path: str | os.PathLike, like: dict) -> dict:
-    """A tree shaped as ``like`` from ``save_params``'s file (every leaf checked)."""
+    """A tree shaped as ``like`` from ``save_params``'s file: every leaf checked for its name,
+    shape, a floating dtype and finite values."""
+    import zipfile
+
     try:
-        data = np.load(path)
-    except OSError as e:
-        raise UserError(f"cannot read the parameters {os.fspath(path)!r} ({e})") from None
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("a single array, not an archive")
+        with data:
+            stored = {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise UserError(f"cannot read the parameters {os.fspath(path)!r}: not a complete .npz file ({e})") from None
     leaves, tree = jax.tree_util.tree_flatten_with_path(like)
     out = []
     for k, v in leaves:
         name = jax.tree_util.keystr(k)
-        if name not in data or data[name].shape != np.shape(v):
+        if name not in stored or stored[name].shape != np.shape(v):
             raise UserError(f"{os.fspath(path)!r} does not hold {name} of shape {np.shape(v)}: not this model's file")
-        out.append(jnp.asarray(data[name]))
+        x = stored[name]
+        if x.dtype.kind != "f" or not np.isfinite(x).all():
+            what = "holds non-finite values" if x.dtype.kind == "f" else f"is stored as {x.dtype}, not floats"
+            raise UserError(f"{os.fspath(path)!r}: {name} {what}; the file is damaged")
+        out.append(jnp.asarray(x, dtype=jnp.asarray(v).dtype))
     return jax.tree_util.tree_unflatten(tree, out)
 
 
