@@ -353,7 +353,7 @@ def _cmd_analyze_mamba_capacity(args) -> int:
 
     out = Path(args.out)
     lengths = _int_list(args.passkey_lengths, "--passkey-lengths")
-    runs = list(args.runs or [])
+    runs = list(dict.fromkeys(Path(r).resolve() for r in args.runs or []))  # a run named twice is measured once
     for r in runs:
         if not (Path(r) / "run.json").is_file() or not (Path(r) / "hf" / "config.json").is_file():
             raise UserError(f"--runs {r}: not a finished `jaxkv train mamba` folder (needs run.json and hf/)")
@@ -627,6 +627,9 @@ def _cmd_train_mamba(args) -> int:
         config, params = load_mamba2_checkpoint(args.model)
     else:
         vocab = args.vocab_size or (tokenizer.get_vocab_size() if tokenizer is not None else 512)
+        if (2 * args.hidden_size) % args.head_dim:
+            raise UserError(f"--head-dim ({args.head_dim}) must divide 2 x --hidden-size ({2 * args.hidden_size}): "
+                            "the heads are 2 x hidden-size / head-dim")
         heads = 2 * args.hidden_size // args.head_dim
         config = Mamba2Config(vocab_size=vocab, hidden_size=args.hidden_size, num_layers=args.layers, num_heads=heads,
                               head_dim=args.head_dim, state_size=args.state_size, n_groups=args.n_groups,

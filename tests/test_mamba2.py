@@ -266,8 +266,15 @@ def test_mitigations_in_the_model():
     assert float(jnp.abs(lam - base).max()) > 1e-3
     whole, _ = forward(params, tok, config=config, mitigation=StateMitigation(window=24))
     np.testing.assert_allclose(np.asarray(whole), np.asarray(base), atol=1e-4)
-    short, _ = forward(params, tok, config=config, mitigation=StateMitigation(window=6))
+    short, after = forward(params, tok, config=config, mitigation=StateMitigation(window=6))
     np.testing.assert_allclose(np.asarray(short[:, :6]), np.asarray(base[:, :6]), atol=1e-4)
+    # the state after the row is the whole row's (not the zero state it started from): in the
+    # first layer, whose input the window does not change, and in every layer of a whole-row window
+    _, full_state = forward(params, tok, None, mamba2.init_state(config, batch=1), config=config)
+    _, whole_state = forward(params, tok, config=config, mitigation=StateMitigation(window=24))
+    for got, want in [(after.layers[0], full_state.layers[0]), *zip(whole_state.layers, full_state.layers)]:
+        np.testing.assert_allclose(np.asarray(got.ssm), np.asarray(want.ssm), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(got.conv), np.asarray(want.conv), rtol=1e-4, atol=1e-5)
     assert float(jnp.abs(short[:, 12:] - base[:, 12:]).max()) > 1e-3
     caps = calibrate_norm_cap(params, tok, config=config)
     assert caps.shape == (config.num_layers, config.num_heads)
@@ -280,6 +287,10 @@ def test_mitigations_in_the_model():
         StateMitigation(decay_scale=1.5)
     with pytest.raises(UserError, match="norm_cap"):
         forward(params, tok, config=config, mitigation=StateMitigation(norm_cap=caps[:1]))
+    with pytest.raises(UserError, match="positive finite caps"):
+        StateMitigation(norm_cap=-caps)
+    with pytest.raises(UserError, match="window and norm_cap"):
+        StateMitigation(window=6, norm_cap=caps)
 
 
 def test_save_and_load_round_trip(tmp_path):
@@ -383,12 +394,15 @@ def test_train_mamba_command(tmp_path, capsys):
     assert (config.hidden_size, config.num_heads, config.state_size) == (32, 4, 8)
     assert main(argv[:5] + ["60"] + argv[6:]) == 2  # a row that is not whole segments
     assert "multiple of --segment-len" in capsys.readouterr().err
+    assert main(argv[:-1] + [str(tmp_path / "odd"), "--hidden-size", "36"]) == 2  # 72 channels: no whole heads
+    assert "--head-dim (16) must divide 2 x --hidden-size (72)" in capsys.readouterr().err
 
 
 def test_analyze_mamba_states(tmp_path):
     """The chunked stream's losses equal one forward's; the report holds every run at 1x/4x
     T_train (16x past the stream: None), one norm per chunk, layer and head, and the decays."""
     from jaxkv.cli import main
+    from jaxkv.errors import UserError
     from jaxkv.eval.mamba_states import analyze_mamba_states, stream_nll
     from jaxkv.models.mamba2 import StateMitigation
 
@@ -406,8 +420,15 @@ def test_analyze_mamba_states(tmp_path):
     report = analyze_mamba_states(params, config, tokens, tmp_path, train_len=20, chunk=32,
                                   mitigations={"window": StateMitigation(window=20)})
     assert set(report["loss_at"]) == {"none", "window"}
-    assert report["loss_at"]["none"]["4x"] == pytest.approx(float(nll[60:79].mean()), rel=1e-5)
+    assert report["loss_at"]["none"]["4x"] == pytest.approx(float(nll[60:80].mean()), rel=1e-5)
     assert report["loss_at"]["none"]["16x"] is None
+    for k in (1, 4):  # each "kx" is the bin of T_train positions ending there
+        assert report["loss_at"]["none"][f"{k}x"] == pytest.approx(report["loss_by_bin"]["none"][k - 1], rel=1e-6)
+    for bad in ({"train_len": 0}, {"train_len": -3}, {"chunk": 0}):
+        with pytest.raises(UserError, match=next(iter(bad))):
+            analyze_mamba_states(params, config, tokens, tmp_path / "bad", **{"train_len": 20, "chunk": 32, **bad})
+    with pytest.raises(UserError, match="with_states"):
+        stream_nll(params, config, tokens, chunk=32, mitigation=StateMitigation(window=4), with_states=True)
     assert np.array(report["state_norms"]["norms"]).shape == (4, config.num_layers, config.num_heads)
     decay = np.array(report["cumulative_decay"])
     assert decay.shape == (config.num_layers, config.num_heads) and ((0 <= decay) & (decay <= 1)).all()
@@ -420,7 +441,7 @@ def test_analyze_mamba_states(tmp_path):
     np.testing.assert_allclose(both[1], stream_nll(params, config, other, chunk=32), atol=1e-4)
     two = analyze_mamba_states(params, config, np.stack([tokens, other]), tmp_path / "two", train_len=20, chunk=32)
     assert two["stream"]["streams"] == 2
-    assert two["loss_at"]["none"]["4x"] == pytest.approx(float(both[:, 60:79].mean()), rel=1e-5)
+    assert two["loss_at"]["none"]["4x"] == pytest.approx(float(both[:, 60:80].mean()), rel=1e-5)
     cli = ["analyze", "mamba-states", "--model", str(FIXTURES / NAMES[0]), "--train-len", "20", "--length", "64",
            "--data", "synthetic:count", "--chunk", "32"]
     assert main(cli + ["--streams", "2", "--out", str(tmp_path / "y")]) == 0

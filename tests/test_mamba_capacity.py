@@ -115,7 +115,7 @@ def test_passkey_documents_hold_their_key_and_answer():
         load_documents(["synthetic:passkey:2"], tokenizer=None, vocab_size=512, seed=0, length=160)
     with pytest.raises(TrainConfigError, match="synthetic:NAME:COUNT"):
         load_documents(["synthetic:count:zero"], tokenizer=None, vocab_size=512, seed=0)
-    with pytest.raises(TrainConfigError, match="known: copy, count, passkey"):
+    with pytest.raises(TrainConfigError, match="known: copy, count, recall, recall-anywhere, passkey"):
         load_documents(["synthetic:nope"], tokenizer=None, vocab_size=512, seed=0)
 
 
@@ -144,19 +144,28 @@ def test_the_capacity_command_measures_runs_and_combines_them(tmp_path, capsys):
         assert set(r["passkey"]) == {"128", "160"} and r["recall_length"] in (0, 128, 160)
         assert r["loss_bins"][0]["excess"] == pytest.approx(0.0, abs=1e-4)  # within T_train both reads agree
     assert (tmp_path / "cap" / "capacity.png").stat().st_size > 0
-    stamp = (tmp_path / "cap" / "runs" / "a.json").stat().st_mtime_ns
+    (a_file,) = (tmp_path / "cap" / "runs").glob("a-*.json")
+    stamp = a_file.stat().st_mtime_ns
     capsys.readouterr()
     assert main(cli) == 0  # no --runs: the measurements already there, combined again
-    assert (tmp_path / "cap" / "runs" / "a.json").stat().st_mtime_ns == stamp
+    assert a_file.stat().st_mtime_ns == stamp
     assert "| 512 | 96 |" in capsys.readouterr().out
     weights = next((tmp_path / "a" / "hf").glob("*.safetensors"))  # new weights in run a: measured again
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
     assert main(cli + ["--runs", runs[0]]) == 0
-    assert (tmp_path / "cap" / "runs" / "a.json").stat().st_mtime_ns != stamp
-    assert main(cli + ["--runs", str(tok_dir)]) == 2
-    other = tmp_path / "other"  # run b with another tokenizer: refused, not measured on the wrong ids
+    assert a_file.stat().st_mtime_ns != stamp
+    stamp = a_file.stat().st_mtime_ns  # other held-out data of the same length: measured again
+    bins = json.loads(a_file.read_text())["loss_bins"]
+    assert main([x if x != "synthetic:count" else "synthetic:copy" for x in cli] + ["--runs", runs[0]]) == 0
+    assert a_file.stat().st_mtime_ns != stamp and json.loads(a_file.read_text())["loss_bins"] != bins
+    twin = tmp_path / "sweep2" / "a"  # another sweep's run of the same folder name: measured beside it
     import shutil
 
+    shutil.copytree(runs[0], twin)
+    assert main(cli + ["--runs", str(twin), str(twin)]) == 0
+    assert len(list((tmp_path / "cap" / "runs").glob("a-*.json"))) == 2
+    assert main(cli + ["--runs", str(tok_dir)]) == 2
+    other = tmp_path / "other"  # run b with another tokenizer: refused, not measured on the wrong ids
     shutil.copytree(runs[1], other)
     (other / "hf" / "tokenizer.json").write_text(make_tokenizer(300).to_str())
     assert main(cli + ["--runs", runs[0], str(other)]) == 2

@@ -23,7 +23,8 @@ measurements are combined (``capacity``):
   ``b`` with ``a, c`` by least squares at each; printed beside the paper's reported fits
   (``PAPER_FITS``, which it reports for far larger states than a small sweep reaches).
 
-Each run's measurement is written to ``out/runs/<run>.json`` and reused when the settings match,
+Each run's measurement is written to ``out/runs/<run>-<digest of its path>.json`` and reused when the
+settings, the weights and the streams match,
 so a sweep can be measured in pieces (one GPU call per few runs) and combined at the end.
 """
 from __future__ import annotations
@@ -181,6 +182,23 @@ def _run_name(run: Path) -> str:
     return run.resolve().name
 
 
+def _run_file(run: Path) -> str:
+    """The measurement's file name: the folder's name and a digest of its whole path, so that two
+    sweeps' ``t512`` folders measured into one ``out`` do not replace each other."""
+    import hashlib
+
+    return f"{_run_name(run)}-{hashlib.sha1(os.fspath(run.resolve()).encode()).hexdigest()[:8]}.json"
+
+
+def _stream_digest(stream: np.ndarray) -> str:
+    """The held-out streams' content: a measurement on other data (another --data of the same
+    length) is not reused."""
+    import hashlib
+
+    a = np.ascontiguousarray(np.atleast_2d(stream), dtype=np.int64)
+    return hashlib.sha256(a.tobytes() + str(a.shape).encode()).hexdigest()[:16]
+
+
 def _weights_signature(run: Path) -> str:
     """Size and modification time of the run's weight files: a measurement of other weights
     (the run trained further, or replaced) is not reused."""
@@ -227,7 +245,7 @@ def measure_run(run: str | os.PathLike, stream: np.ndarray, *, passkey_lengths, 
             "state_size": config.state_size, "steps": meta.get("steps"),
             "settings": {"tokens": int(stream.shape[1]), "streams": int(stream.shape[0]), "tolerance": tolerance,
                          "passkey_lengths": sorted(int(n) for n in passkey_lengths), "samples": samples,
-                         "seed": seed, "weights": _weights_signature(run)},
+                         "seed": seed, "weights": _weights_signature(run), "data": _stream_digest(stream)},
             "loss_bins": bins, "forgets": flat, "excess_loss": excess,
             "passkey": {str(k): float(v) for k, v in sorted(accuracy.items())},
             "recall_length": recall_length(accuracy)}
@@ -338,13 +356,14 @@ def _plot(report: dict, path: Path) -> None:
 
 
 def load_or_measure(run: str | os.PathLike, stream: np.ndarray, out: str | os.PathLike, **settings) -> dict:
-    """``out/runs/<run>.json`` when it was measured with the same settings and the same weights,
-    else ``measure_run`` written there (atomically)."""
-    path = Path(out) / "runs" / f"{_run_name(Path(run))}.json"
+    """``out/runs/<run>-<path digest>.json`` when it was measured with the same settings, the same
+    weights and the same streams, else ``measure_run`` written there (atomically)."""
+    path = Path(out) / "runs" / _run_file(Path(run))
     want = {"tokens": int(np.atleast_2d(stream).shape[1]), "streams": int(np.atleast_2d(stream).shape[0]),
             "tolerance": settings.get("tolerance", 0.05),
             "passkey_lengths": sorted(int(n) for n in settings["passkey_lengths"]),
-            "samples": settings["samples"], "seed": settings.get("seed", 0), "weights": _weights_signature(Path(run))}
+            "samples": settings["samples"], "seed": settings.get("seed", 0), "weights": _weights_signature(Path(run)),
+            "data": _stream_digest(stream)}
     if path.is_file():
         old = json.loads(path.read_text())
         if old.get("settings") == want:

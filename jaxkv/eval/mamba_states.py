@@ -41,6 +41,11 @@ def stream_nll(params, config, tokens: np.ndarray, *, chunk: int, mitigation=Non
     from jaxkv.models.mamba2 import forward
 
     tokens = np.asarray(tokens)
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+        raise UserError(f"chunk must be a positive int, got {chunk!r}")
+    if with_states and mitigation is not None and mitigation.window is not None:
+        raise UserError("with_states: the window mitigation reads the stream in one forward, with no state "
+                        "after each chunk to report; ask for the states without it")
     single = tokens.ndim == 1
     ids = jnp.asarray(np.atleast_2d(tokens), jnp.int32)
     t = ids.shape[1]
@@ -69,8 +74,9 @@ def stream_nll(params, config, tokens: np.ndarray, *, chunk: int, mitigation=Non
 
 
 def _at(nll: np.ndarray, train_len: int, k: int) -> float | None:
-    """Mean NLL over the bin of T_train tokens ending at k x T_train (None past the stream)."""
-    lo, hi = (k - 1) * train_len, k * train_len - 1
+    """Mean NLL over the bin of T_train positions ending at k x T_train, ``loss_by_bin[k - 1]``
+    (None past the stream)."""
+    lo, hi = (k - 1) * train_len, k * train_len
     return float(nll[lo:hi].mean()) if hi <= len(nll) else None
 
 
@@ -79,6 +85,9 @@ def analyze_mamba_states(params, config, tokens: np.ndarray, out: str | os.PathL
     """See the module docstring; ``tokens``: ``[T]`` or ``[R, T]``; ``mitigations`` maps a name
     to a ``StateMitigation``."""
     tokens = np.asarray(tokens)
+    for name, v in (("train_len", train_len), ("chunk", chunk)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise UserError(f"{name} must be a positive int, got {v!r}")
     if tokens.ndim not in (1, 2) or tokens.shape[-1] < 2 * train_len or tokens.size == 0:
         raise UserError(f"tokens must be one stream [T] or streams [R, T] of at least 2 x train_len "
                         f"({2 * train_len}) tokens, got shape {tokens.shape}")

@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from jaxkv.config import ConfigError, check_token_ids, json_flag
@@ -297,6 +298,13 @@ class StateMitigation:
         if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int)
                                         or self.window < 1):
             raise UserError(f"window must be None or a positive int, got {self.window!r}")
+        if self.window is not None and self.norm_cap is not None:
+            raise UserError("window and norm_cap are separate mitigations: the windowed scan applies no cap; "
+                            "give one of them")
+        if isinstance(self.norm_cap, (np.ndarray, jax.Array)) and not isinstance(self.norm_cap, jax.core.Tracer):
+            cap = np.asarray(self.norm_cap)
+            if not (np.isfinite(cap).all() and (cap > 0).all()):
+                raise UserError("norm_cap must hold positive finite caps (a cap <= 0 or NaN disables it silently)")
 
 
 def calibrate_norm_cap(params: dict, tokens: Array, *, config: Mamba2Config) -> Array:
@@ -382,7 +390,7 @@ def _mixer(p, x, real, state: Mamba2LayerState, c: Mamba2Config, chunk_size: int
     if m is not None and m.input_scale != 1.0:
         B = B * m.input_scale
     if m is not None and m.window is not None:
-        y, ssm = ssd_windowed(xs, dt, A, B, C, window=m.window), state.ssm  # no state carried on
+        y, ssm = ssd_windowed(xs, dt, A, B, C, window=m.window, return_state=True)  # from the zero state
     elif t == 1 or norm_cap is not None:
         y, ssm = ssd_recurrent(xs, dt, A, B, C, state.ssm, norm_cap=norm_cap)
     else:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 __all__ = ["ssd_chunked", "ssd_recurrent", "ssd_windowed", "segsum"]
@@ -71,15 +72,19 @@ def ssd_recurrent(x: Array, dt: Array, A: Array, B: Array, C: Array, initial_sta
     return jnp.moveaxis(y, 0, 1), final
 
 
-def ssd_windowed(x: Array, dt: Array, A: Array, B: Array, C: Array, *, window: int) -> Array:
+def ssd_windowed(x: Array, dt: Array, A: Array, B: Array, C: Array, *, window: int,
+                 return_state: bool = False) -> Array | tuple[Array, Array]:
     """Stuffed Mamba's sliding window by state difference: ``y_t`` read from the state of only
     the last ``window`` inputs, ``h_t^(r) = h_t - (prod_{k=t-r+1..t} a_k) h_{t-r}`` (exact by
     linearity), from a scan carrying the full state, the last ``window`` full states and their
     log-decays (a ring; the window's decay is the sum of its log-decays, not a difference of
     running sums, so it does not lose precision as the context grows). Memory: ``window``
-    states. Returns ``y [b, T, H, P]`` fp32 (from a zero state)."""
+    states. Returns ``y [b, T, H, P]`` fp32 (from a zero state), and with ``return_state`` the
+    full (unwindowed) final state ``[b, H, P, N]`` too, as ``ssd_chunked`` returns it."""
     b, t, h, p = x.shape
     n = B.shape[-1]
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)):
+        raise ValueError(f"window must be a positive int, got {window!r}")
     r = int(window)
     if r < 1:
         raise ValueError(f"window must be a positive int, got {window!r}")
@@ -101,8 +106,8 @@ def ssd_windowed(x: Array, dt: Array, A: Array, B: Array, C: Array, *, window: i
         ring = ring.at[slot].set(s)
         return (s, ring, logs, i + 1), jnp.einsum("bhpn,bhn->bhp", windowed, ct, precision=_HI)
 
-    _, y = jax.lax.scan(step, init, tuple(jnp.moveaxis(v, 1, 0) for v in (x, dt, A, B, C)))
-    return jnp.moveaxis(y, 0, 1)
+    (final, *_), y = jax.lax.scan(step, init, tuple(jnp.moveaxis(v, 1, 0) for v in (x, dt, A, B, C)))
+    return (jnp.moveaxis(y, 0, 1), final) if return_state else jnp.moveaxis(y, 0, 1)
 
 
 def ssd_chunked(x: Array, dt: Array, A: Array, B: Array, C: Array, initial_state: Array | None = None, *,
