@@ -13,7 +13,7 @@
    keys, ``sum_c max(q_c kmin_c, q_c kmax_c)``, maxed over the query heads of the KV head; a
    physical page scores the max of its logical pages. The top ``token_budget / page`` physical
    pages are attended, plus always the page of the newest token; the selection is reused for
-   ``reuse`` decode steps (``jaxkv.kernels.page_select``: with ``decode_kernel="pallas_gpu"``
+   ``reuse`` decode steps, each also reading every page written since it was made (``jaxkv.kernels.page_select``: with ``decode_kernel="pallas_gpu"``
    its GPU kernels score and choose the pages without a sort; with ``"pallas_tpu"`` its TPU
    kernel scores them). With fewer pages than the budget every page is attended (dense).
    An extend chunk (``T > 1``) attends every page and makes the next decode step select anew.
@@ -56,7 +56,9 @@ __all__ = ["LServeCache", "LServeLayer", "LServeState", "page_bounds", "page_sco
 class LServeState:
     """One layer. ``dense`` ``[B, Kd, S, H]`` (S a multiple of ``page``) with ``kmin, kmax
     [B, Kd, S / logical_page, H]``; ``selected [B, Kd, n]`` the physical pages the last
-    selection chose (-1: none) and ``since`` the decode steps since it ran; ``attended [B]`` the
+    selection chose (-1: none), ``since`` the decode steps since it ran and ``anchor [B]`` the
+    newest token's page then (-1: none; the pages from it on are read until the next selection,
+    so a reused selection never misses the tokens written after it); ``attended [B]`` the
     (token, KV head) pairs the last step attended, over all heads; ``local`` the streaming
     heads' sinks + window. ``dense``/``local`` are None when the layer has no such heads."""
 
@@ -66,6 +68,7 @@ class LServeState:
     selected: Array
     since: Array
     attended: Array
+    anchor: Array
     local: KVCache | None
 
 
@@ -139,6 +142,7 @@ class LServeLayer(_Paging):
             kmin=jnp.full((batch, len(d), nl, h), jnp.inf, dtype), kmax=jnp.full((batch, len(d), nl, h), -jnp.inf, dtype),
             selected=jnp.full((batch, len(d), self.selected_pages()), -1, jnp.int32),
             since=jnp.zeros((), jnp.int32), attended=jnp.zeros((batch,), jnp.float32),
+            anchor=jnp.full((batch,), -1, jnp.int32),
             local=(self.new_kv(batch=batch, num_kv_heads=len(rest), slots=self._ring().capacity(max_len), head_dim=h,
                                dtype=dtype) if len(rest) else None))
 
@@ -148,7 +152,7 @@ class LServeLayer(_Paging):
         item = jnp.dtype(dtype).itemsize
         dense = batch * len(d) * s * self.kv_slot_bytes(h, dtype)
         bounds = 2 * batch * len(d) * (s // self.logical_page) * h * item
-        meta = batch * len(d) * self.selected_pages() * 4 + 4 + batch * 4
+        meta = batch * len(d) * self.selected_pages() * 4 + 4 + 2 * batch * 4
         local = batch * len(rest) * self._ring().capacity(max_len) * self.kv_slot_bytes(h, dtype)
         return dense + bounds + meta + local
 
@@ -216,15 +220,26 @@ class LServeLayer(_Paging):
         return page_select(q[:, 0], state.kmin, state.kmax, group=self.page // self.logical_page,
                            count=self.selected_pages(), implementation=impl, **options)
 
+    def _pages(self, state, positions):
+        """``[B, Kd, n + R]`` the pages a decode step reads (-1: none): the selection's, and the
+        pages from the newest token's page at the selection (``anchor``) to its page now, at most
+        ``R = (reuse - 1) // page + 2`` of them; each page once."""
+        b, kd, _ = state.selected.shape
+        newest_pos = jnp.max(positions, axis=1)  # [B]
+        newest = jnp.where(newest_pos >= 0, newest_pos // self.page, -1)
+        recent = newest[:, None] - jnp.arange((self.reuse - 1) // self.page + 2)[None]  # [B, R]
+        recent = jnp.where((recent >= state.anchor[:, None]) & (recent >= 0) & (newest[:, None] >= 0), recent, -1)
+        recent = jnp.broadcast_to(recent[:, None], (b, kd, recent.shape[1]))
+        sel = state.selected
+        dup = jnp.any((sel[..., None] == recent[..., None, :]) & (recent[..., None, :] >= 0), axis=-1)
+        return jnp.concatenate([jnp.where(dup, -1, sel), recent], -1)
+
     def _attend_pages(self, state, q, positions, layer):
-        """Attention of one decode query over the selected pages plus the newest token's page."""
+        """Attention of one decode query over the pages of ``_pages``."""
         dense = state.dense
         b, kd, s, h = dense.k.shape
         pp = s // self.page
-        newest = jnp.max(positions, axis=1) // self.page  # [B]
-        sel = state.selected
-        dup = sel == newest[:, None, None]
-        pages = jnp.concatenate([jnp.where(dup, -1, sel), jnp.broadcast_to(newest[:, None, None], (b, kd, 1))], -1)
+        pages = self._pages(state, positions)
         safe = jnp.clip(pages, 0, pp - 1)
         shape = (b, kd, pp, self.page)
         gather = lambda x: jnp.take_along_axis(x.reshape(shape + x.shape[3:]), safe.reshape(  # noqa: E731
@@ -235,19 +250,16 @@ class LServeLayer(_Paging):
         return out, jnp.sum(kp >= 0, axis=(1, 2)).astype(jnp.float32)
 
     def _kernel_pages(self, state, q, positions):
-        """``_attend_pages`` through ``jaxkv.kernels.sparse_decode``: the selected pages plus the
-        newest token's, deduplicated and sorted (memory order), as the kernel's block list; slot =
-        position, so the row's length is its newest position + 1 (a row at position -1 sees nothing)."""
+        """``_attend_pages`` through ``jaxkv.kernels.sparse_decode``: the pages of ``_pages``,
+        sorted (memory order), as the kernel's block list; slot = position, so the row's length is
+        its newest position + 1 (a row at position -1 sees nothing)."""
         from jaxkv.kernels.sparse_decode import sparse_decode
 
         dense = state.dense
-        b, kd, s, _ = dense.k.shape
+        s = dense.k.shape[2]
         pp = s // self.page
         newest_pos = jnp.max(positions, axis=1)  # [B]
-        newest = jnp.where(newest_pos >= 0, newest_pos // self.page, -1)
-        sel = state.selected
-        pages = jnp.concatenate([jnp.where(sel == newest[:, None, None], -1, sel),
-                                 jnp.broadcast_to(newest[:, None, None], (b, kd, 1))], -1)
+        pages = self._pages(state, positions)
         real = pages >= 0
         order = jnp.sort(jnp.where(real, pages, pp), axis=-1)
         counts = jnp.sum(real, axis=-1).astype(jnp.int32)
@@ -267,9 +279,11 @@ class LServeLayer(_Paging):
             state = self._write_dense(state, k[:, :, d], v[:, :, d], positions)
             qd = q[:, :, d]
             if phase is Phase.DECODE:
-                selected = jax.lax.cond(state.since % self.reuse == 0, lambda: self._select(state, qd),
-                                        lambda: state.selected)
-                state = state.replace(selected=selected, since=state.since + 1)
+                fresh = state.since % self.reuse == 0
+                selected = jax.lax.cond(fresh, lambda: self._select(state, qd), lambda: state.selected)
+                newest_pos = jnp.max(positions, axis=1)
+                anchor = jnp.where(fresh, jnp.where(newest_pos >= 0, newest_pos // self.page, -1), state.anchor)
+                state = state.replace(selected=selected, since=state.since + 1, anchor=anchor)
                 if self.decode_kernel is not None and layer.sliding_window is None:
                     o, n = self._kernel_pages(state, qd, positions)
                 else:
