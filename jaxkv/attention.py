@@ -30,7 +30,7 @@ from jaxkv.typing import Array
 from jaxkv.errors import UserError
 
 __all__ = ["visibility_mask", "attention_scores", "attention_weights", "attend_reference", "attend_with_lse", "merge_attention",
-           "contiguous_layout", "attend_sinks_window", "attend_dense", "same_sharding", "AttentionSharding",
+           "contiguous_layout", "contiguous_rows", "attend_sinks_window", "attend_dense", "same_sharding", "AttentionSharding",
            "attend_chunk", "attend_sequence_sharded"]
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -335,17 +335,22 @@ def attend_sequence_sharded(q: Array, k: Array, v: Array, positions: Array, *, s
     return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=qspec, check_vma=False)(*args)
 
 
-def contiguous_layout(positions: Array) -> Array:
-    """Scalar bool: every row of ``positions [B, T]`` is a run ``p0, p0+1, ...`` followed only by
-    padding (-1), the layout ``generate.pad_prompts`` makes. On it, masking by position equals
-    masking by index (causal, window), which fused and blocked kernels rely on."""
+def contiguous_rows(positions: Array) -> Array:
+    """``[B]`` bool: the rows of ``positions [B, T]`` that are a run ``p0, p0+1, ...`` followed
+    only by padding (-1), the layout ``generate.pad_prompts`` makes. On it, masking by position
+    equals masking by index (causal, window), which fused and blocked kernels rely on."""
     t = positions.shape[1]
     idx = jnp.arange(t, dtype=positions.dtype)[None, :]
     valid = positions >= 0
     n = jnp.sum(valid, axis=1, keepdims=True)
     prefix = valid == (idx < n)
     run = jnp.where(valid, positions - idx == positions[:, :1], True)
-    return jnp.all(prefix & run)
+    return jnp.all(prefix & run, axis=1)
+
+
+def contiguous_layout(positions: Array) -> Array:
+    """Scalar bool: every row of ``positions [B, T]`` is contiguous (``contiguous_rows``)."""
+    return jnp.all(contiguous_rows(positions))
 
 
 def _attend_dense_cudnn(q, k, v, positions, window, segment_ids, sharding, anchor=False):
@@ -390,7 +395,7 @@ def attend_sinks_window(q: Array, k: Array, v: Array, positions: Array, *, sinks
     Blocked: queries in blocks of ``block`` (default ``window``) attend to the sink tokens and to
     their own and the previous key block, so memory is ``O(T * (sinks + 2 * block))``, not
     ``O(T^2)``. Exact on the layout ``contiguous_layout`` accepts; any other layout comes back
-    as NaN (loudly wrong, never silently), since a far key's index would not be in the blocks.
+    as NaN in its row (loudly wrong, never silently), since a far key's index would not be in the blocks.
 
     ``implementation``: ``"reference"`` (this blocked jnp pass) or ``"pallas_gpu"`` (the
     block-sparse kernel with ``MaskSpec(window=window, sinks=sinks)``: exact on any layout, only
@@ -438,7 +443,8 @@ def attend_sinks_window(q: Array, k: Array, v: Array, positions: Array, *, sinks
 
     out = jax.lax.map(one, jnp.arange(nb))  # [nb, B, blk, K, G, H]
     out = out.transpose(1, 0, 2, 3, 4, 5).reshape(b, nb * blk, kh, g, h)[:, :t]
-    return jnp.where(contiguous_layout(positions), out, jnp.full((), jnp.nan, out.dtype))
+    ok = contiguous_rows(positions).reshape((-1,) + (1,) * (out.ndim - 1))  # another layout: that row is NaN
+    return jnp.where(ok, out, jnp.full((), jnp.nan, out.dtype))
 
 
 def _masked_lse(q, k, v, mask):

@@ -165,6 +165,10 @@ def test_contiguous_layout_hand_worked():
     assert not ok([[0, 1, 3, 4]])  # a gap
     assert not ok([[-1, 0, 1, 2]])  # left padding
     assert not ok([[0, 1, -1, 2]])  # padding inside the row
+    from jaxkv.attention import contiguous_rows
+
+    rows = contiguous_rows(jnp.asarray([[0, 1, 2, 3], [0, 1, 3, 4], [-1, 0, 1, 2], [7, 8, -1, -1]], jnp.int32))
+    assert np.asarray(rows).tolist() == [True, False, False, True]
 
 
 @pytest.mark.parametrize("sinks,window,block,t", [(3, 5, 5, 23), (2, 4, 6, 17), (9, 4, 4, 30), (0, 8, 8, 8)])
@@ -191,6 +195,9 @@ def test_attend_sinks_window_equals_the_masked_reference(sinks, window, block, t
     # a layout the blocks cannot honour is refused as NaN, not answered wrongly
     bad = attend_sinks_window(q, k, v, pos[:, ::-1], sinks=sinks, window=window, block=block)
     assert np.isnan(np.asarray(bad)).all()
+    mixed = attend_sinks_window(q, k, v, jnp.stack([pos[0], pos[1, ::-1]]), sinks=sinks, window=window, block=block)
+    np.testing.assert_array_equal(np.asarray(mixed[0]), np.asarray(got[0]))  # only the bad row is lost
+    assert np.isnan(np.asarray(mixed[1])).all()
     with pytest.raises(ValueError, match="implementation"):
         attend_sinks_window(q, k, v, pos, sinks=sinks, window=window, implementation="cudnn")
 

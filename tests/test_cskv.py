@@ -259,3 +259,25 @@ def test_a_calibration_serves_the_model_at_either_dtype(tiny_model):
     other = jax.tree.map(lambda a: a, params)
     other["embed"]["embedding"] = params["embed"]["embedding"] * 1.01
     assert model_fingerprint(config, other) != model_fingerprint(config, params)
+
+
+def test_a_row_whose_layout_the_key_groups_cannot_cut_is_lost_alone(parity_models):
+    """Quantized latents cut a prompt's key groups by index, so a left-padded row comes back
+    NaN (loudly); the other rows of its batch keep what they give alone."""
+    from jaxkv.models.llama import forward
+
+    config, params, e = parity_models["llama3"]
+    seq = _sequence(e)[:1, :12]
+    seq = jnp.concatenate([seq, seq], axis=0)
+    pos = jnp.asarray(np.stack([np.arange(12), np.r_[[-1] * 3, np.arange(9)]]), jnp.int32)
+    pol = CSKVCache(key_density=0.5, value_density=0.5, window=4, group=4, bits=4).prepare(params, config)
+    lg, cache = forward(params, seq, pos, init_cache(config, pol, batch=2, max_len=16, dtype=jnp.float32),
+                        config=config)
+    alone, alone_cache = forward(params, seq[:1], pos[:1], init_cache(config, pol, batch=1, max_len=16,
+                                                                     dtype=jnp.float32), config=config)
+    step = jnp.asarray([[5], [5]], jnp.int32)
+    nxt, _ = forward(params, step, jnp.asarray([[12], [9]], jnp.int32), cache, config=config)
+    nxt_alone, _ = forward(params, step[:1], jnp.asarray([[12]], jnp.int32), alone_cache, config=config)
+    np.testing.assert_allclose(np.asarray(lg[0]), np.asarray(alone[0]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(nxt[0]), np.asarray(nxt_alone[0]), atol=1e-5)
+    assert np.isnan(np.asarray(nxt[1])).all()

@@ -364,10 +364,10 @@ class CSKVCache(CachePolicy):
         state = state.replace(k_latent=k_store, v_latent=v_store,
                               positions=state.positions.at[b, slots].set(positions, mode="drop"))
         if self.bits is not None and prefill:  # the prompt's key groups are cut by index
-            from jaxkv.attention import contiguous_layout
+            from jaxkv.attention import contiguous_rows
 
-            starts = jnp.all((positions[:, 0] == 0) | (positions[:, 0] < 0))
-            lost_layout = ~(contiguous_layout(positions) & starts)
+            starts = (positions[:, 0] == 0) | (positions[:, 0] < 0)
+            lost_layout = ~(contiguous_rows(positions) & starts)  # [B]: only that row is lost
         else:
             lost_layout = False
         # the exact ring: the chunk's last `window` tokens (earlier ones would collide in the ring)
