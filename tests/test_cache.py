@@ -24,6 +24,43 @@ def test_registry_and_parameter_errors():
     assert make_policy(p) is p
 
 
+@pytest.mark.parametrize("name", [n for n in available_policies() if "+" not in n])
+def test_from_budget_refuses_a_budget_outside_the_contract(name):
+    """Every policy's ``from_budget`` takes a budget in (0, 1] and a positive context length,
+    and names the argument otherwise (instead of sizing a window from NaN or a negative share)."""
+    from jaxkv.cache.policy import _REGISTRY
+    from jaxkv.errors import UserError
+
+    cls = _REGISTRY[name]
+    for budget, context, match in ((float("nan"), 100, "budget"), (-0.5, 100, "budget"), (0, 100, "budget"),
+                                   (3.0, 100, "budget"), (True, 100, "budget"), (0.5, 0, "context_len"),
+                                   (0.5, 2.5, "context_len")):
+        with pytest.raises(UserError, match=match):
+            cls.from_budget(budget, context)
+
+
+def test_a_budget_and_the_field_it_sizes_are_not_both_given():
+    """MiKV's budget sizes ``important`` and Razor's its ``window``: given both, or a budget
+    without its context length, the policy says so instead of one silently winning."""
+    from jaxkv.errors import UserError
+
+    for kwargs, match in ((dict(budget=0.1), "give both or neither"),
+                          (dict(important=0.05, budget=0.9, context_len=37), "important .* and budget"),
+                          (dict(context_len=37), "give both or neither")):
+        with pytest.raises(UserError, match=match):
+            make_policy("mikv", **kwargs)
+    heads = [[0]] * 2
+    with pytest.raises(UserError, match="window .* and budget"):
+        make_policy("razor", window=8, budget=0.9, context_len=37, heads=heads)
+    from jaxkv.cache import RazorCache
+
+    sized = RazorCache.from_budget(0.5, 1000, heads=heads)  # from_budget's own window is no conflict
+    assert sized.window == sized._window_for(0.5, 1000, sized.induction_share + sized.echo_share, sized.sinks)
+    for bad in ([[0.7], [1]], [["1"], [0]], [[True], [0]], [0, 1]):
+        with pytest.raises(UserError, match="integer KV head indices"):
+            make_policy("razor", heads=bad)
+
+
 def test_nbytes_counts_the_arrays_held(tiny_model):
     config, _ = tiny_model
     full = init_cache(config, "full", batch=3, max_len=100, dtype=jnp.bfloat16)

@@ -267,7 +267,7 @@ def test_init_cache_names_a_bad_argument(tiny_model):
 
 def test_sizing_and_head_lists_are_checked_by_name(tiny_model):
     """A head list out of range or of the wrong length is refused even without
-    ``prepare``; a budget that is not a positive finite number is refused by the policies that
+    ``prepare``; a budget outside (0, 1] is refused by the policies that
     size themselves from it and by ``policy_for``."""
     config, _ = tiny_model
     n = config.num_layers
@@ -276,7 +276,7 @@ def test_sizing_and_head_lists_are_checked_by_name(tiny_model):
             with pytest.raises(ValueError, match="heads must list distinct KV heads"):
                 init_cache(config, make_policy(method, heads=heads), batch=1, max_len=8, dtype=jnp.float32)
     for bad in (float("nan"), -3.0, 0.0, "x"):
-        with pytest.raises(ValueError, match="budget must be a positive finite number"):
+        with pytest.raises(ValueError, match=r"budget must be a number in \(0, 1\]"):
             make_policy("mikv", budget=bad, context_len=100)
     with pytest.raises(ValueError, match="context_len must be a positive integer"):
         make_policy("razor", budget=0.5, context_len=-5)

@@ -79,6 +79,9 @@ class MiKVCache(CachePolicy):
             raise UserError("mikv stores its own tiers (bits=...); it takes no kv_bits")
         if isinstance(self.important, bool) or not isinstance(self.important, (int, float)) or not 0 <= self.important <= 1:
             raise UserError(f"mikv: important must be a number in [0, 1], got {self.important!r}")
+        if self.budget is not None and self.important != type(self).important:
+            raise UserError(f"mikv: important ({self.important}) and budget ({self.budget}) both size the "
+                            "full-precision tier; give one of them")
         for f, low in (("recent", 1), ("obs_window", 1)):
             value = getattr(self, f)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -102,6 +105,7 @@ class MiKVCache(CachePolicy):
     # ------------------------------------------------------------------ sizing
     @classmethod
     def from_budget(cls, budget: float, context_len: int, **named) -> "MiKVCache":
+        cls.check_budget(budget, context_len)
         if "important" in named:  # named: kept, so prepare has nothing to size
             return cls(**named)
         return cls(budget=budget, context_len=context_len, **named)
@@ -109,14 +113,15 @@ class MiKVCache(CachePolicy):
     def prepare(self, params, config) -> "MiKVCache":
         if self.budget is None or self.context_len is None:
             return self
+        sized = dict(budget=None, context_len=None)  # sized: nothing left for another prepare to do
         if self.budget >= 1:  # everything in full precision (the low tier comes on top)
-            return dataclasses.replace(self, important=1.0)
+            return dataclasses.replace(self, important=1.0, **sized)
         dtype = params["embed"]["embedding"].dtype
         full = DenseStorage().slot_bytes(config.head_dim, dtype)  # one token-head, full cache
         low = 0 if self.bits == 0 else self._low().slot_bytes(config.head_dim, dtype)
         # budget * full = low + important * (full + 4 [score])  (the low tier holds every token)
         share = (self.budget * full - low) / (full + 4)
-        return dataclasses.replace(self, important=float(min(1.0, max(0.0, share))))
+        return dataclasses.replace(self, important=float(min(1.0, max(0.0, share))), **sized)
 
     def _low(self) -> QuantizedStorage:
         return QuantizedStorage(bits=self.bits)

@@ -149,12 +149,21 @@ class CachePolicy:
         if self.kv_bits is not None and (isinstance(self.kv_bits, bool) or self.kv_bits not in (2, 3, 4, 8)):
             raise UserError(f"{self.name}: the storage's bits must be 2, 3, 4 or 8, got {self.kv_bits!r}")
         budget, context = getattr(self, "budget", None), getattr(self, "context_len", None)  # from_budget's sizing
-        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
-                                   or not math.isfinite(budget) or budget <= 0):
-            raise UserError(f"{self.name}: budget must be a positive finite number, got {budget!r}")
-        if context is not None and (isinstance(context, bool) or not isinstance(context, (int, np.integer))
-                                    or context < 1):
-            raise UserError(f"{self.name}: context_len must be a positive integer, got {context!r}")
+        if (budget is None) != (context is None):
+            raise UserError(f"{self.name}: budget and context_len size the policy together: give both or neither "
+                            f"(got budget={budget!r}, context_len={context!r})")
+        if budget is not None:
+            self.check_budget(budget, context)
+
+    @classmethod
+    def check_budget(cls, budget, context_len) -> None:
+        """``from_budget``'s arguments: ``budget`` a number in (0, 1], ``context_len`` a positive
+        integer; a UserError naming the argument otherwise."""
+        if isinstance(budget, bool) or not isinstance(budget, (int, float, np.floating, np.integer)) \
+                or not math.isfinite(budget) or not 0 < budget <= 1:
+            raise UserError(f"{cls.name}: budget must be a number in (0, 1], got {budget!r}")
+        if isinstance(context_len, bool) or not isinstance(context_len, (int, np.integer)) or context_len < 1:
+            raise UserError(f"{cls.name}: context_len must be a positive integer, got {context_len!r}")
 
     @property
     def quantized(self) -> bool:

@@ -291,6 +291,11 @@ class RazorCache(CachePolicy):
                 raise UserError(f"razor: {f} must be a number in [0, 1], got {value!r}")
         if self.heads is not None:
             object.__setattr__(self, "heads", normalize_heads(self.heads, "razor"))
+        if self.budget is not None and self.window not in (
+                type(self).window, self._window_for(self.budget, self.context_len,
+                                                    self.induction_share + self.echo_share, self.sinks)):
+            raise UserError(f"razor: window ({self.window}) and budget ({self.budget}) both size the local "
+                            "heads' window; give one of them")
 
     @staticmethod
     def _window_for(budget: float, context_len: int, share: float, sinks: int) -> int:
@@ -306,6 +311,7 @@ class RazorCache(CachePolicy):
         echo_share``); ``prepare`` resizes the window once the real share is known. A budget
         below the retrieval share cannot be met: the window shrinks to 1 and the bytes held say so.
         A named ``window`` is kept (nothing left to size)."""
+        cls.check_budget(budget, context_len)
         if "window" in named:
             return cls(**named)
         share = named.get("induction_share", cls.induction_share) + named.get("echo_share", cls.echo_share)
@@ -321,7 +327,7 @@ class RazorCache(CachePolicy):
         check_heads(self.heads, config, "razor")
         if self.budget is not None and self.context_len is not None:
             window = self._window_for(self.budget, self.context_len, self.retrieval_share(config), self.sinks)
-            self = dataclasses.replace(self, window=window)
+            self = dataclasses.replace(self, window=window, budget=None, context_len=None)  # sized
         return self
 
     def retrieval_share(self, config) -> float:
@@ -348,9 +354,12 @@ def split_heads(chosen: tuple[int, ...], num_kv_heads: int) -> tuple[np.ndarray,
 def normalize_heads(heads, method: str) -> tuple[tuple[int, ...], ...]:
     """``heads`` (one list of KV head indices per layer) as sorted tuples, or a UserError."""
     try:
-        return tuple(tuple(sorted({int(h) for h in row})) for row in heads)
-    except (TypeError, ValueError):
-        raise UserError(f"{method}: heads must be one list of KV head indices per layer") from None
+        rows = [list(row) for row in heads]
+    except TypeError:
+        rows = None
+    if rows is None or any(isinstance(h, bool) or not isinstance(h, (int, np.integer)) for row in rows for h in row):
+        raise UserError(f"{method}: heads must be one list of integer KV head indices per layer, got {heads!r}")
+    return tuple(tuple(sorted({int(h) for h in row})) for row in rows)
 
 
 def check_heads(heads, config, method: str) -> None:

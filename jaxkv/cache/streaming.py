@@ -46,6 +46,7 @@ class StreamingCache(CachePolicy):
 
     @classmethod
     def from_budget(cls, budget: float, context_len: int, **named) -> "StreamingCache":
+        cls.check_budget(budget, context_len)
         sinks = named.get("sinks", cls.sinks)
         return cls(**{"window": max(1, int(round(budget * context_len)) - sinks), **named})
 
