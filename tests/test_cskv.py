@@ -244,7 +244,8 @@ def test_quantized_latents_round_trip_within_half_a_step(parity_models):
     assert 0 < errs[8] < 0.1 * errs[2]  # 8-bit codes: 64x finer steps than 2-bit
 
 
-@pytest.mark.parametrize("kwargs, field", [({"bits": 5}, "bits"), ({"bits": 4, "group": 64}, "group")])
+@pytest.mark.parametrize("kwargs, field", [({"bits": 5}, "bits"), ({"bits": 4.0}, "bits"),
+                                           ({"bits": 4, "group": 64}, "group")])
 def test_bad_quantization_settings_name_the_argument(kwargs, field):
     with pytest.raises(UserError, match=field):
         CSKVCache(**kwargs)

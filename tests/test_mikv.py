@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxkv.cache import LayerSpec, Phase
+from jaxkv.cache import make_policy, LayerSpec, Phase
 from jaxkv.cache.mikv import MiKVCache
 from jaxkv.cache.quant import dequantize, quantize
 from jaxkv.config import preset
@@ -65,8 +65,11 @@ def test_one_layer_against_a_numpy_reference(balancer):
 
 
 def test_bad_parameters_name_themselves():
-    with pytest.raises(UserError, match="bits"):
-        MiKVCache(bits=5)
+    for bits in (5, 4.0):  # 4.0 == 4, but codes are packed by an integer width
+        with pytest.raises(UserError, match="bits"):
+            MiKVCache(bits=bits)
+    with pytest.raises(UserError, match="storage's bits"):
+        make_policy("streaming+mikv", kv_bits=4.0)
     with pytest.raises(UserError, match="important"):
         MiKVCache(important=2)
     with pytest.raises(UserError, match="recent"):

@@ -86,7 +86,7 @@ class MiKVCache(CachePolicy):
             value = getattr(self, f)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise UserError(f"mikv: {f} must be an integer >= {low}, got {value!r}")
-        if isinstance(self.bits, bool) or self.bits not in (0, 2, 3, 4, 8):
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in (0, 2, 3, 4, 8):
             raise UserError(f"mikv: bits must be 2, 3, 4 or 8 (or 0: evict the rest), got {self.bits!r}")
         if not isinstance(self.balancer, bool):
             raise UserError(f"mikv: balancer must be true or false, got {self.balancer!r}")

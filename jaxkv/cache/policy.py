@@ -146,7 +146,8 @@ class CachePolicy:
     kv_bits: int | None = None
 
     def __post_init__(self):
-        if self.kv_bits is not None and (isinstance(self.kv_bits, bool) or self.kv_bits not in (2, 3, 4, 8)):
+        if self.kv_bits is not None and (isinstance(self.kv_bits, bool) or not isinstance(self.kv_bits, int)
+                                       or self.kv_bits not in (2, 3, 4, 8)):
             raise UserError(f"{self.name}: the storage's bits must be 2, 3, 4 or 8, got {self.kv_bits!r}")
         budget, context = getattr(self, "budget", None), getattr(self, "context_len", None)  # from_budget's sizing
         if (budget is None) != (context is None):
