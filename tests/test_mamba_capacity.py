@@ -171,3 +171,16 @@ def test_the_capacity_command_measures_runs_and_combines_them(tmp_path, capsys):
     assert main(cli + ["--runs", runs[0], str(other)]) == 2
     assert "tokenizer differs" in capsys.readouterr().err
     assert main(["analyze", "mamba-capacity", "--out", str(tmp_path / "empty")]) == 2
+
+
+def test_an_odd_training_length_is_refused_by_name(tmp_path):
+    """The within-T_train reading windows a run in halves of T_train: a run trained at an odd
+    --segment-len is refused naming it, before anything is loaded."""
+    from jaxkv.errors import UserError
+    from jaxkv.eval.mamba_capacity import measure_run
+
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    (tmp_path / "run.json").write_text(json.dumps({"segment_len": 5, "data": {"seq_len": 20}}))
+    with pytest.raises(UserError, match="T_train 5 .*--segment-len"):
+        measure_run(tmp_path, np.zeros((1, 64), np.int32), passkey_lengths=[128], samples=1)

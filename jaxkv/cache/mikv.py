@@ -29,7 +29,9 @@ window), the baseline the paper's "drop vs keep at low precision" check compares
 Deviations: importance at prefill comes from an observation window of queries (SnapKV-style)
 rather than all prompt queries, to keep prefill memory linear in the window; the low tier holds
 every token (important ones too, their copy masked at attention) so that demoting a token costs
-nothing, which adds ``bits``/16 of a token's bytes per important token.
+nothing, which adds ``bits``/16 of a token's bytes per important token. ``Sh`` is a share of the
+cache's slots (``max_len``: in ``generate``, the batch's longest prompt plus the new tokens), so
+a short prompt batched with a long one keeps more of its tokens in full precision than alone.
 """
 
 from __future__ import annotations

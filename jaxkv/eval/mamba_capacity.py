@@ -222,6 +222,9 @@ def measure_run(run: str | os.PathLike, stream: np.ndarray, *, passkey_lengths, 
         raise UserError(f"--runs {run}: not a finished `jaxkv train mamba` folder (needs run.json and hf/)")
     meta = json.loads(meta_path.read_text())
     train_len = int(meta.get("segment_len") or meta["data"]["seq_len"])
+    if train_len < 2 or train_len % 2:
+        raise UserError(f"--runs {run}: trained at T_train {train_len} (--segment-len); the within-T_train "
+                        "reading windows it in halves, so the sweep needs an even T_train >= 2")
     config, params = load_mamba2_checkpoint(hf)
     stream = np.atleast_2d(np.asarray(stream, np.int32))
     if int(stream.max()) >= config.vocab_size:
