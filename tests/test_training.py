@@ -113,6 +113,45 @@ def test_schedules():
     np.testing.assert_allclose([wsd(5), wsd(50), wsd(80), wsd(90), wsd(100)], [0.5, 1, 1, 0.5, 0], atol=1e-6)
 
 
+def test_a_warmup_past_the_stable_part_still_decays_by_total_steps():
+    wsd = make_schedule(OptimConfig(lr=1.0, schedule="wsd", warmup_steps=8, total_steps=10, decay_fraction=0.5,
+                                    min_lr_ratio=0.0))
+    np.testing.assert_allclose([wsd(4), wsd(8), wsd(9), wsd(10)], [0.5, 1, 0.5, 0], atol=1e-6)
+
+
+@pytest.mark.parametrize("field", ["lr", "weight_decay", "eps", "clip_norm", "b1", "min_lr_ratio"])
+def test_non_finite_optimizer_settings_are_refused(field):
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(TrainConfigError, match=f"{field} must be a finite number"):
+            OptimConfig(**{field: bad})
+
+
+def test_batches_and_rows_must_split_over_the_mesh():
+    with pytest.raises(TrainConfigError, match="micro-batch of 3 rows .* data x fsdp = 2"):
+        TrainConfig(batch_size=3, mesh=(2, 1, 1))
+    with pytest.raises(TrainConfigError, match="micro-batch of 2 rows"):
+        TrainConfig(batch_size=4, grad_accum=2, mesh=(1, 4, 1))
+    with pytest.raises(TrainConfigError, match="seq_len .33. does not split over the mesh's context axis of 2"):
+        TrainConfig(batch_size=4, mesh=(1, 1, 1, 2)).check_seq_len(33)
+    TrainConfig(batch_size=4, mesh=(2, 2, 1, 2)).check_seq_len(32)
+
+
+def test_an_update_that_leaves_non_finite_weights_is_never_saved(tmp_path):
+    """The divergence check reads the loss and gradient from before the update: a learning rate
+    that is finite as a Python float but infinite in float32 makes finite metrics and inf
+    weights. Nothing is checkpointed or exported; the corrected rerun starts afresh in the
+    same folder (nothing was trained that it could resume)."""
+    cfgs = _cfgs(steps=2)
+    bad = {**cfgs, "optim": OptimConfig(lr=1e39, warmup_steps=0, schedule="constant", weight_decay=0.0),
+           "train": TrainConfig(batch_size=8, steps=2, save_every=1, compute_dtype="float32")}
+    with pytest.raises(TrainingDiverged, match="non-finite weights"):
+        train_lm(TINY, COUNT, out=tmp_path / "run", **bad)
+    assert not any(p.name.isdigit() for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert not (tmp_path / "run" / "hf").exists()
+    result = train_lm(TINY, COUNT, out=tmp_path / "run", **cfgs)  # another lr: accepted, from step 0
+    assert result.step == 2 and result.history[0]["step"] == 1
+
+
 def test_loss_falls_on_a_learnable_task():
     result = train_lm(TINY, COUNT, **{**_cfgs(steps=80), "optim": OptimConfig(
         lr=3e-3, warmup_steps=10, total_steps=80, weight_decay=0.0)})
@@ -489,6 +528,7 @@ def test_a_run_folder_from_before_the_attention_modes_resumes_under_the_mode_it_
         old = run_meta(OptimConfig(), DataConfig(position_mode=position_mode), TrainConfig(), docs)
         old["data"].pop("attention")  # what a run folder written before the modes holds
         (folder / RUN_FILE).write_text(json.dumps(old))
+        (folder / "checkpoints" / "1").mkdir(parents=True)  # it trained: its settings hold
         new = run_meta(OptimConfig(), DataConfig(attention=now), TrainConfig(), docs)
         if ok:
             RunDir(folder, new, keep=1).close()
@@ -583,3 +623,28 @@ def test_recall_documents_layout_and_chain():
         recall_documents(vocab_size=64, length=4, count=1, seed=0)
     with pytest.raises(TrainConfigError, match="row length"):
         load_documents(["synthetic:recall"], tokenizer=None, vocab_size=64, seed=0)
+
+
+def test_text_documents_add_no_tokens_when_the_tokenizer_adds_no_bos():
+    """Chunks of the reference text: with a BOS-adding tokenizer each chunk opens with it; with
+    one that adds none the chunks are the text's tokens as they come, none repeated."""
+    from jaxkv.tiny import make_tokenizer
+    from jaxkv.training.default_model import ordinary_text, text_documents
+
+    tok = make_tokenizer(512)
+    texts = ordinary_text()[:20]
+    plain = make_tokenizer(512)
+    plain.post_processor = None
+    import jaxkv.training.default_model as dm
+
+    original = dm.ordinary_text
+    dm.ordinary_text = lambda: texts
+    try:
+        with_bos, without = text_documents(tok, chunk=64), text_documents(plain, chunk=64)
+    finally:
+        dm.ordinary_text = original
+    bos = tok.token_to_id("<s>")
+    assert all(d[0] == bos and len(d) <= 64 for d in with_bos)
+    want = np.concatenate([plain.encode(t).ids for t in texts])
+    assert want[0] != bos and all(len(d) <= 64 for d in without)
+    np.testing.assert_array_equal(np.concatenate(without), want)

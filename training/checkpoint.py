@@ -63,6 +63,13 @@ def _only_startup_leftovers(path: Path) -> bool:
     return True
 
 
+def _never_saved(path: Path) -> bool:
+    """True when the run in ``path`` stopped before its first checkpoint (its settings were
+    recorded, nothing was trained that could be resumed): a corrected rerun may start afresh."""
+    ckpt = path / CKPT_DIR
+    return not (path / "hf").exists() and not (ckpt.is_dir() and any(c.name.isdigit() for c in ckpt.iterdir()))
+
+
 def _flatten(tree: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in tree.items():
@@ -145,7 +152,8 @@ class RunDir:
         run_file = self.path / RUN_FILE
         self._lock = None
         if self.path.exists() and any(self.path.iterdir()) and not (
-                not run_file.exists() and _only_startup_leftovers(self.path)):
+                not run_file.exists() and _only_startup_leftovers(self.path)) and not (
+                run_file.exists() and _never_saved(self.path)):
             if not run_file.exists():
                 foreign = sorted(p.name for p in self.path.iterdir())[:3]
                 raise RunDirError(f"{self.path} is not empty and is not a jaxkv run (it holds "

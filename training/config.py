@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from jaxkv.errors import UserError
 
@@ -43,8 +44,16 @@ class OptimConfig:
     clip_norm: float | None = 1.0
 
     def __post_init__(self):
+        for name in ("lr", "min_lr_ratio", "decay_fraction", "weight_decay", "b1", "b2", "eps", "clip_norm"):
+            value = getattr(self, name)
+            if name == "clip_norm" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise TrainConfigError(f"{name} must be a finite number, got {value!r}")
         if not self.lr > 0:
             raise TrainConfigError(f"lr must be > 0, got {self.lr}")
+        if not self.eps > 0:
+            raise TrainConfigError(f"eps must be > 0, got {self.eps}")
         if self.schedule not in ("cosine", "wsd", "constant"):
             raise TrainConfigError(f"schedule must be 'cosine', 'wsd' or 'constant', got {self.schedule!r}")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
@@ -139,5 +148,17 @@ class TrainConfig:
             raise TrainConfigError(f"mesh must be three or four positive integers (data, fsdp, tensor[, context]), "
                                    f"got {self.mesh!r}")
         object.__setattr__(self, "mesh", tuple(self.mesh))
+        rows, split = self.batch_size // self.grad_accum, self.mesh[0] * self.mesh[1]
+        if rows % split:
+            raise TrainConfigError(f"a micro-batch of {rows} rows (batch_size {self.batch_size} / grad_accum "
+                                   f"{self.grad_accum}) does not split over the mesh's data x fsdp = {split} "
+                                   "devices; make it a multiple")
         if self.remat not in REMAT_CHOICES:
             raise TrainConfigError(f"remat must be one of {REMAT_CHOICES}, got {self.remat!r}")
+
+    def check_seq_len(self, seq_len: int) -> None:
+        """Rows of ``seq_len`` tokens split over the mesh's context axis."""
+        context = self.mesh[3] if len(self.mesh) == 4 else 1
+        if seq_len % context:
+            raise TrainConfigError(f"seq_len ({seq_len}) does not split over the mesh's context axis of {context} "
+                                   "devices; make it a multiple")

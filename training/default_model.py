@@ -170,13 +170,16 @@ def train_tokenizer(vocab_size: int, *, seed: int = 0):
 
 
 def text_documents(tokenizer, *, chunk: int) -> list[np.ndarray]:
-    """Ordinary text as token documents of at most ``chunk`` tokens (each starting with ``<s>``)."""
+    """Ordinary text as token documents of at most ``chunk`` tokens, each starting with the BOS
+    when the tokenizer adds one (a tokenizer that adds none: the text's tokens as they come)."""
+    bos = tokenizer.token_to_id("<s>")
     docs = []
     for enc in tokenizer.encode_batch(ordinary_text()):
         ids = np.asarray(enc.ids, np.int32)
-        body = ids[1:]
-        for i in range(0, len(body), chunk - 1):
-            docs.append(np.concatenate([ids[:1], body[i:i + chunk - 1]]))
+        head = ids[:1] if len(ids) and bos is not None and ids[0] == bos else ids[:0]
+        body, step = ids[len(head):], chunk - len(head)
+        for i in range(0, len(body), step):
+            docs.append(np.concatenate([head, body[i:i + step]]))
     return docs
 
 

@@ -141,6 +141,15 @@ def needs_export(out, step: int) -> bool:
     return read_json_object(out / EXPORT_FILE, ValueError).get("step") != step
 
 
+@jax.jit
+def _finite(params) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
+
+
+def _all_finite(params) -> bool:
+    return bool(jax.device_get(_finite(params)))
+
+
 def run_steps(step_fn, state, *, start: int, batches: Batches, bsharding, mesh, train: TrainConfig,
               run: RunDir | None, out, tokens_per_row: int, callbacks=()) -> tuple[TrainState, list[dict]]:
     """Steps ``start .. train.steps`` of ``step_fn(state, batch) -> (state, metrics)``: logging
@@ -177,6 +186,9 @@ def run_steps(step_fn, state, *, start: int, batches: Batches, bsharding, mesh, 
             else:
                 row = {"step": done}
             if run is not None and (done % train.save_every == 0 or done == train.steps):
+                if not _all_finite(state.params):  # the loss and gradient norm are from before the update
+                    raise TrainingDiverged(f"step {done}: the update left non-finite weights; not saved "
+                                           "(lower --lr, check the data, or use float32)")
                 run.save(done, state)
             for cb in callbacks:
                 cb(done, row)
@@ -210,6 +222,7 @@ def train_lm(
     checkpoint in ``out/hf`` (with ``tokenizer`` when given), ready for ``jaxkv generate``.
     ``callbacks(step, metrics)`` run after each step's logging and checkpointing.
     """
+    train.check_seq_len(data.seq_len)
     mesh = make_mesh(*train.mesh)
     optim = run_schedule(optim, out)
     tx = make_optimizer(optim)

@@ -25,8 +25,10 @@ def make_schedule(cfg: OptimConfig) -> optax.Schedule:
         return optax.join_schedules([warmup, optax.constant_schedule(cfg.lr)], [warm])
     decay_steps = max(1, int(round(cfg.total_steps * cfg.decay_fraction)))
     stable_end = max(warm, cfg.total_steps - decay_steps)
+    # a warmup longer than the stable part shortens the decay, which still ends at total_steps
     return optax.join_schedules(
-        [warmup, optax.constant_schedule(cfg.lr), optax.linear_schedule(cfg.lr, low, decay_steps)],
+        [warmup, optax.constant_schedule(cfg.lr),
+         optax.linear_schedule(cfg.lr, low, max(1, cfg.total_steps - stable_end))],
         [warm, stable_end])
 
 
