@@ -163,6 +163,9 @@ def test_bad_arguments_name_themselves():
         ssd(x, dt, a, b, c, implementation="pallas_gpu", interpret=True, block_t=24)
     with pytest.raises(ValueError, match="kernel options"):
         ssd(x, dt, a, b, c, implementation="reference", block_t=16)
+    x24, dt24, a24, b24, c24, _ = _case(np.random.default_rng(1), 1, 16, 1, 24, 1, 16, jnp.float32)
+    with pytest.raises(ValueError, match=r"head_dim P \(24\) must be a multiple of block_p \(16\)"):
+        ssd(x24, dt24, a24, b24, c24, implementation="pallas_gpu", interpret=True, block_p=16)  # not NaN channels
     for bad in (0, 2, True):  # 2 heads, one group: 2 divides; 1 head per group here
         with pytest.raises(ValueError, match="backward_heads"):
             ssd(x[:, :, :1], dt[:, :, :1], a[:1], b, c, implementation="pallas_gpu", interpret=True,

@@ -41,7 +41,7 @@ def _kernel(q_ref, qsum_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, pos
     first = split * blocks_per_split
     last = jnp.minimum(first + blocks_per_split, n_blocks)
     mask = (1 << bits) - 1
-    dt = jnp.float32 if exact else jnp.bfloat16  # codes < 256 are exact in bf16
+    dt = q_ref.dtype  # fp32 (exact), else the query's 16-bit type: codes < 256 are exact in either
     allow_tf32 = False if exact else None
     qs = [q_ref[i].astype(dt) for i in range(per)]  # [Gp, H / per] each
     qsum = qsum_ref[...]  # [Gp] fp32
@@ -96,6 +96,9 @@ def quantized_decode_pallas_gpu(q: Array, k_codes: Array, k_scale: Array, k_zero
     b, kh, g, h = q.shape
     s_len, hs = k_codes.shape[2], k_codes.shape[3]
     per = 8 // bits
+    if h % per:
+        raise ValueError(f"quantized_decode_pallas_gpu: head_dim ({h}) must be a multiple of {per} (whole bytes of "
+                         f"{bits}-bit codes); the reference and the TPU kernel take any head_dim")
     scale = h ** -0.5 if scale is None else float(scale)
     n_blocks = s_len // block_size
     bps = blocks_per_split or default_blocks_per_split(b, kh, n_blocks)
@@ -104,7 +107,7 @@ def quantized_decode_pallas_gpu(q: Array, k_codes: Array, k_scale: Array, k_zero
     qf = jnp.pad(q.astype(jnp.float32), ((0, 0), (0, 0), (0, rows - g), (0, 0)))
     qsum = jnp.sum(qf, axis=-1)  # [B, K, Gp]
     q_split = jnp.moveaxis(qf.reshape(b, kh, rows, hs, per), -1, 2)  # [B, K, per, Gp, H / per]
-    q_split = q_split.astype(jnp.float32 if q.dtype == jnp.float32 else jnp.bfloat16)
+    q_split = q_split.astype(q.dtype if q.dtype in (jnp.float32, jnp.float16) else jnp.bfloat16)
     per_token = lambda: pl.BlockSpec((None, None, s_len), lambda i, j, t: (i, j, 0))  # noqa: E731
     packed = lambda: pl.BlockSpec((None, None, s_len, hs), lambda i, j, t: (i, j, 0, 0))  # noqa: E731
     kernel = functools.partial(_kernel, bits=bits, block_size=block_size, blocks_per_split=bps, scale=scale,

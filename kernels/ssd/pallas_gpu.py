@@ -380,6 +380,9 @@ def ssd_pallas_gpu(x: Array, dt: Array, A: Array, B: Array, C: Array, initial_st
         if not isinstance(v, int) or v < 16 or v & (v - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {v!r}")
     q, bp = int(block_t), min(int(block_p), p)
+    if p % bp or n & (n - 1) or n < 16:  # the grid walks whole channel blocks; the dots need N a power of two
+        raise ValueError(f"ssd_pallas_gpu: head_dim P ({p}) must be a multiple of block_p ({bp}) and state size N "
+                         f"({n}) a power of two >= 16 (ssd() falls back to the reference for other sizes)")
     hpg = h // B.shape[2]
     if isinstance(backward_heads, bool) or not isinstance(backward_heads, int) or backward_heads < 1 \
             or hpg % backward_heads:
