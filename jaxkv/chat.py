@@ -35,8 +35,8 @@ def _compile(source: str):
     def raise_exception(message):
         raise ChatTemplateError(f"the chat template refused the messages: {message}")
 
-    def tojson(value, indent=None, ensure_ascii=False):
-        return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii)
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):  # transformers' filter
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
     def strftime_now(fmt):
         import datetime
@@ -75,8 +75,11 @@ class ChatTemplate:
             return _compile(self.source).render(
                 messages=list(messages), add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "", eos_token=self.eos_token or "")
-        except jinja2.TemplateError as e:
-            raise ChatTemplateError(f"the chat template cannot render these messages ({e})") from None
+        except ChatTemplateError:
+            raise
+        except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+            raise ChatTemplateError(f"the chat template cannot render these messages "
+                                    f"({type(e).__name__}: {e})") from None
 
     def end_of_turn_ids(self, tokenizer) -> list[int]:
         """The ids of the special token that ends an assistant turn (empty if there is none).

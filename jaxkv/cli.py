@@ -85,6 +85,8 @@ def _cmd_generate(args) -> int:
 
     if args.prompt is not None:
         _check_utf8(args.prompt, "--prompt")
+        if not args.prompt:
+            raise UserError("--prompt is empty: give the text to continue (a BOS alone is no prompt)")
         texts = [args.prompt]
     else:
         texts = _read_prompts(args.prompts)
@@ -743,7 +745,7 @@ def _cmd_eval(args) -> int:
                           tasks=_split(args.tasks, str, "tasks"), lengths=_split(args.lengths, int, "lengths"),
                           samples=args.samples, seed=args.seed)
 
-    cfg = grid(args.methods or "full,streaming")  # every flag checked before a model is read
+    cfg = grid("full,streaming" if args.methods is None else args.methods)  # every flag checked before a model
     model = resolve_model(args.model)
     config, params = load_model(model, dtype=jnp.dtype(args.dtype))
     tokenizer = load_tokenizer(model)

@@ -85,8 +85,12 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: jax.Array, top
         order = jnp.argsort(-scaled, axis=-1)
         sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
         probs = jax.nn.softmax(sorted_logits, axis=-1)
-        # keep a token if the mass before it is below top_p (the first token is always kept)
+        # keep a token if the mass before it is below top_p (the first token is always kept), and
+        # every token as likely as the last one kept (ties at the cut are not broken by id);
+        # top_p >= 1 keeps everything (the float32 running sum may reach 1 before the end)
         keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+        cut = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        keep = keep | (sorted_logits >= cut) | (top_p >= 1)
         choice = jax.random.categorical(key, jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
         return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 

@@ -52,3 +52,25 @@ def test_ctrl_c_stops_cleanly(monkeypatch, capsys):
     monkeypatch.setattr(harness, "evaluate", interrupted)
     assert main(["eval", "--samples", "1"]) == 130
     assert capsys.readouterr().err == "jaxkv: interrupted; nothing was written\n"
+
+
+@pytest.mark.parametrize("flag", ["--methods", "--tasks"])
+def test_an_empty_list_is_refused_not_read_as_the_default(capsys, flag):
+    assert main(["eval", flag, ""]) == 2
+    assert flag.lstrip("-") in capsys.readouterr().err
+
+
+def test_each_method_is_sized_once_per_requested_length(tiny_model, monkeypatch):
+    """Samples of one (task, length) are a few tokens apart; the methods are sized for the
+    requested length, so one policy (one compile, one calibration) serves every sample."""
+    import jaxkv.eval.harness as harness
+    from jaxkv.eval.harness import EvalConfig, evaluate
+    from jaxkv.tiny import make_tokenizer
+
+    config, params = tiny_model
+    calls = []
+    real = harness.policy_for
+    monkeypatch.setattr(harness, "policy_for", lambda m, b, n: calls.append((m, b, n)) or real(m, b, n))
+    cfg = EvalConfig(methods=("full", "streaming"), tasks=("niah_single",), lengths=(256,), samples=3, seed=0)
+    evaluate(params, config, make_tokenizer(config.vocab_size), cfg)
+    assert calls == [("streaming", 0.25, 256)]

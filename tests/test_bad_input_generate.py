@@ -66,3 +66,8 @@ def test_a_full_cache_overflowing_in_decode_says_so_with_nan(params):
     step = jax.jit(lambda c, p: jaxkv.forward(params, jnp.full((2, 1), 7, jnp.int32), p, c, config=TINY))
     logits, _ = step(cache, jnp.array([[8], [7]]))  # row 0 overflows; row 1 rewrites its last slot
     assert np.isnan(np.asarray(logits[0])).all() and np.isfinite(np.asarray(logits[1])).all()
+
+
+def test_an_empty_prompt_is_refused(tiny_dir, capsys):
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "", "--max-new-tokens", "2"]) == 2
+    assert "--prompt is empty" in capsys.readouterr().err

@@ -102,6 +102,28 @@ def test_sample_logits_distribution():
     # top-p 0.7 keeps {0.5, 0.3} (mass before the third token is 0.8 >= 0.7), renormalised
     np.testing.assert_allclose(freq, [0.625, 0.375, 0, 0], atol=0.03)
     assert int(sample_logits(logits, keys[0], jnp.float32(0.0), jnp.float32(1.0))[0]) == 0
+    # a tie at the cut: both tied tokens stay (not the lower id alone), each drawn half as often
+    tied = jnp.log(jnp.array([[0.5, 0.25, 0.25]]))
+    draw = jax.vmap(lambda k: sample_logits(tied, k, jnp.float32(1.0), jnp.float32(0.75))[0])(keys)
+    np.testing.assert_allclose(np.bincount(np.asarray(draw), minlength=3) / 4000, [0.5, 0.25, 0.25], atol=0.03)
+
+
+def test_top_p_one_keeps_every_token():
+    """With top_p = 1 no token is masked, though float32's running sum of 32,000 probabilities
+    reaches 1 before the last of them."""
+    from unittest import mock
+
+    logits = jax.random.normal(jax.random.key(0), (1, 32000)) * 3
+    seen = {}
+    real = jax.random.categorical
+
+    def spy(key, masked, axis=-1):
+        seen["masked"] = masked
+        return real(key, masked, axis=axis)
+
+    with mock.patch("jax.random.categorical", spy), jax.disable_jit():  # the branch runs on concrete values
+        sample_logits(logits, jax.random.key(0), jnp.float32(1.0), jnp.float32(1.0))
+    assert np.isfinite(np.asarray(seen["masked"])).all()
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -305,6 +305,11 @@ def test_chat_template_errors_are_user_errors():
         refusing.render([{"role": "user", "content": "x"}])
     with pytest.raises(ChatTemplateError, match="messages"):
         ChatTemplate(TEMPLATE).render([{"content": "no role"}])
+    msgs = [{"role": "user", "content": "x"}]
+    got = ChatTemplate("{{ messages | tojson(sort_keys=True, separators=(',', ':')) }}").render(msgs)
+    assert got == json.dumps(msgs, sort_keys=True, separators=(",", ":"))  # transformers' tojson arguments
+    with pytest.raises(ChatTemplateError, match="TypeError"):  # not a bare traceback
+        ChatTemplate("{{ 1 + messages }}").render(msgs)
 
 
 # ------------------------------------------------------------------ convert and the CLI

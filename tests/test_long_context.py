@@ -165,3 +165,18 @@ def test_the_harness_builds_each_sample_once_per_process(tiny_model):
     again = evaluate(params, config, tok, cfg)
     assert _sample.cache_info().misses == misses  # the second grid built no sample
     assert [r.accuracy for r in first] == [r.accuracy for r in again]
+
+
+def test_two_runs_of_one_folder_name_are_refused():
+    """Scores are stored under out/evals/<folder name>: sweep/full/run and sweep/anchor/run would
+    replace each other's, so they are refused naming both."""
+    from jaxkv.errors import UserError
+    from jaxkv.eval.long_context import check_comparable
+
+    base = {"init": "x", "data_fingerprint": "d", "seq_len": 64, "steps": 4}
+    infos = [{**base, "run": "run", "path": "sweep/full/run", "mode": "full"},
+             {**base, "run": "run", "path": "sweep/anchor/run", "mode": "anchor"}]
+    with pytest.raises(UserError, match="sweep/full/run and sweep/anchor/run share the folder name 'run'"):
+        check_comparable(infos)
+    infos[1]["run"] = "anchor-run"
+    check_comparable(infos)

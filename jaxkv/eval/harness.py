@@ -6,6 +6,9 @@ Per sample and method:
                 answer, teacher forced, compared with the full cache's (mean KL(full || method)
                 in nats, and the share of positions whose argmax agrees);
   kv_bytes      bytes the policy's cache holds (``ModelCache.nbytes``), beside the full cache's;
+                both caches have the slots of the prompt bucket (a power of two) plus the answer's,
+                so the full cache counts its bucket's padding: a ratio at a length just past a
+                power of two reads lower than at one just below it;
   attended_fraction   the share of the context's (token, KV head) pairs the last teacher-forced
                 decode step attended over (``CachePolicy.attended_keys``; what query-aware
                 methods save), None where a policy does not say;
@@ -13,7 +16,9 @@ Per sample and method:
   decode tok/s  generated tokens / wall time of the jitted decode loop.
 
 The full cache runs once per sample; its answer-span logits are reused for every method. All
-samples of a (task, length) share one prompt bucket, so nothing recompiles between samples.
+samples of a (task, length) share one prompt bucket and each method is sized once for the
+requested length (its budget a share of ``length``, not of each sample's few tokens fewer), so
+nothing recompiles between samples.
 
 A Mamba-2 (``Mamba2Config``) runs the same tasks with its state as the cache: only ``full``
 applies, and ``kv_bytes`` is the state's bytes (the same at every length).
@@ -261,7 +266,7 @@ def evaluate(params, config: LlamaConfig, tokenizer, cfg: EvalConfig,
                 full = runner.run(sample, None if is_state_space(config) else make_policy("full"), ans)
                 runs = [("full", 1.0, full)] if "full" in cfg.methods else []
                 for m, b in grid:
-                    runs.append((m, b, runner.run(sample, policy(m, b, sample.length), ans)))
+                    runs.append((m, b, runner.run(sample, policy(m, b, length), ans)))
                 for m, b, r in runs:
                     kl, top1 = kl_and_agreement(full["logits"], r["logits"])
                     acc.setdefault((m, b, task, length), []).append({

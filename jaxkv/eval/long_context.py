@@ -180,6 +180,12 @@ def check_comparable(infos: Sequence[dict]) -> None:
                 raise UserError(f"--runs {info['path']}: its {what} ({key} {info[key]!r}) differs from "
                                 f"{first['path']}'s ({first[key]!r}); the comparison is of attention modes, so "
                                 "compare runs that differ only in --attention")
+    names = [i["run"] for i in infos]
+    same = next((n for k, n in enumerate(names) if n in names[:k]), None)
+    if same is not None:  # scores are kept and reported by the folder's name
+        paths = [i["path"] for i in infos if i["run"] == same]
+        raise UserError(f"--runs: {' and '.join(paths)} share the folder name {same!r}, by which their scores are "
+                        "stored and reported; rename one")
     modes = [i["mode"] for i in infos]
     twice = next((m for k, m in enumerate(modes) if m in modes[:k]), None)
     if twice is not None:
