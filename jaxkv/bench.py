@@ -19,7 +19,9 @@ import math
 import statistics
 import sys
 import time
+
 from jaxkv.errors import UserError
+from jaxkv.fileio import write_text_atomic
 
 __all__ = ["main", "measure_read_bandwidth", "bench_decode", "bench_kernels"]
 
@@ -554,9 +556,13 @@ def bench_prefill(*, batch: int = 1, num_heads: int = 32, num_kv_heads: int = 8,
 def _parse_heads(text: str) -> tuple[int, int]:
     heads = text.split("/")
     try:
-        return int(heads[0]), int(heads[1])
-    except (ValueError, IndexError):
-        raise UserError(f"--heads must look like 32/8 (query/KV heads), got {text!r}") from None
+        q, kv = (int(h) for h in heads) if len(heads) == 2 else (0, 0)
+    except ValueError:
+        q = kv = 0
+    if q < 1 or kv < 1 or q % kv:
+        raise UserError(f"--heads must look like 32/8 (query/KV heads, positive, the query heads a multiple of "
+                        f"the KV heads), got {text!r}")
+    return q, kv
 
 
 def _mosaic_programs(text: str) -> tuple[int | str | None, ...]:
@@ -611,8 +617,7 @@ def _main_prefill(args) -> int:
     for r in rows:
         _prefill_line(r, file=sys.stdout)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        write_text_atomic(args.json, json.dumps(rows, indent=2) + "\n")
     return 0
 
 
@@ -647,6 +652,7 @@ def kernel_ratios(rows: list[dict]) -> list[str]:
 
 
 def _main_kernels(args) -> int:
+    _need_gpu("kernels")
     num_heads, num_kv = _parse_heads(args.heads)
     rows = bench_kernels(batch=args.batch, num_heads=num_heads, num_kv_heads=num_kv, head_dim=args.head_dim,
                          context=args.context, budget=args.budget, block_size=args.block_size,
@@ -666,12 +672,15 @@ def _main_kernels(args) -> int:
     for line in kernel_ratios(rows):
         print(line)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        write_text_atomic(args.json, json.dumps(rows, indent=2) + "\n")
     return 0
 
 
 def main(args) -> int:
+    if getattr(args, "json", None):  # refused before any timing, not after a long run
+        from jaxkv.fileio import check_output_path
+
+        check_output_path(args.json, "--json")
     if args.bench == "kernels":
         return _main_kernels(args)
     if args.bench == "prefill":
@@ -691,8 +700,7 @@ def main(args) -> int:
               f"{row['model_tflops']:.0f} model TFLOP/s, MFU {row['mfu']:.1%} "
               f"(loss {row['loss']:.3f}; attention {row['attention']}, mode {row['mode']})")
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump([row], f, indent=2)
+            write_text_atomic(args.json, json.dumps([row], indent=2) + "\n")
         return 0
     return _main_decode(args)
 
@@ -752,6 +760,5 @@ def _main_decode(args) -> int:
                   f"{row['tokens_per_s']:>9.1f} {row['roofline_tokens_per_s']:>9.1f} "
                   f"{row['fraction_of_roofline']:>6.1%}", flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        write_text_atomic(args.json, json.dumps(rows, indent=2) + "\n")
     return 0

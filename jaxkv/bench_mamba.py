@@ -157,8 +157,9 @@ def bench_mamba_decode(*, shape: str = "mamba2-130m", batch: int = 1, prompt_len
 
 def _write(rows, path):
     if path:
-        with open(path, "w") as f:
-            json.dump(rows, f, indent=2)
+        from jaxkv.fileio import write_text_atomic
+
+        write_text_atomic(path, json.dumps(rows, indent=2) + "\n")
 
 
 def main(args) -> int:

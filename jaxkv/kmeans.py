@@ -25,10 +25,15 @@ def kmeans(x: Array, valid: Array, n_clusters: int, key: Array, *, max_iters: in
     """k-means of the rows ``x [N, H]`` where ``valid [N]``: k-means++ initialisation (each new
     centre drawn with probability proportional to the squared distance to the nearest one), then
     Lloyd iterations until no label changes or ``max_iters``. Returns ``labels [N]`` (-1 where not
-    valid) and ``centres [C, H]``. Deterministic for a given ``key``."""
-    x = x.astype(jnp.float32)
+    valid) and ``centres [C, H]``, each the mean of its rows (a cluster with none keeps its last
+    centre). Rows are clustered about their mean, so distances stay exact far from the origin.
+    Deterministic for a given ``key``."""
+    x = jnp.where(valid[:, None], x.astype(jnp.float32), 0.0)  # what padding holds (NaN too) never counts
     n = x.shape[0]
     w = valid.astype(jnp.float32)
+    # distances as |x|^2 + |c|^2 - 2 x.c cancel for rows far from the origin: cluster about the mean
+    shift = jnp.sum(x * w[:, None], 0) / jnp.maximum(jnp.sum(w), 1.0)
+    x = jnp.where(valid[:, None], x - shift, 0.0)
 
     def pick(d2, k):
         total = jnp.sum(d2)
@@ -63,7 +68,11 @@ def kmeans(x: Array, valid: Array, n_clusters: int, key: Array, *, max_iters: in
         return (carry[2] < max_iters) & carry[3]
 
     centres, labels, _, _ = jax.lax.while_loop(cond, body, (centres, assign(centres), 0, True))
-    return jnp.where(valid, labels, -1), centres
+    # stopped by max_iters, the centres are those of the labels before: make them the labels' means
+    sums = jax.ops.segment_sum(x * w[:, None], labels, n_clusters)
+    counts = jax.ops.segment_sum(w, labels, n_clusters)
+    centres = jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1.0)[:, None], centres)
+    return jnp.where(valid, labels, -1), centres + shift
 
 
 def inertia(x: Array, valid: Array, labels: Array, centres: Array) -> Array:

@@ -513,9 +513,25 @@ def test_bench_prefill_reads_its_mosaic_programs():
 def test_the_gpu_benches_refuse_another_backend_by_name(capsys):
     from jaxkv.cli import main
 
-    for what in ("prefill", "ssd"):
+    for what in ("prefill", "ssd", "kernels"):
         assert main(["bench", what]) == 2
         assert f"jaxkv bench {what} times GPU kernels; the backend here is cpu" in capsys.readouterr().err
+
+
+def test_bench_arguments_are_checked_before_any_timing(tmp_path, capsys):
+    from jaxkv.bench import _parse_heads
+    from jaxkv.cli import main
+    from jaxkv.errors import UserError
+
+    assert _parse_heads("32/8") == (32, 8)
+    for bad in ("0/0", "32/8/1", "32/5", "x/8", "32"):
+        with pytest.raises(UserError, match="--heads must look like 32/8"):
+            _parse_heads(bad)
+    missing = tmp_path / "no-such-folder" / "rows.json"
+    assert main(["bench", "decode", "--preset", "tiny", "--dtype", "float32", "--prompt-len", "8", "--new-tokens",
+                 "2", "--batch", "1", "--repeats", "1", "--json", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert "--json" in err and "does not exist" in err
 
 
 @pytest.mark.parametrize("rows,heads,q_blocks", [(1, 4, 3), (2, 3, 5)])

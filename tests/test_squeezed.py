@@ -46,6 +46,52 @@ def test_kmeans_lowers_inertia_and_is_deterministic_by_seed():
     assert float(sq.inertia(x, valid, labels, c)) < 1.5 * 280 * 8 * 0.25
 
 
+def test_kmeans_centres_are_their_rows_means_far_from_the_origin_and_padding_never_counts():
+    """Stopped by max_iters, the centres are the means of the labels returned; rows far from the
+    origin get their nearest centre (no cancellation in the distances); NaN in padding rows
+    changes nothing."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(300, 8)), jnp.float32)
+    valid = jnp.ones(300, bool)
+    labels, c = sq.kmeans(x, valid, 12, jax.random.key(0), max_iters=2)
+    for j in range(12):
+        members = np.asarray(x)[np.asarray(labels) == j]
+        if len(members):
+            np.testing.assert_allclose(np.asarray(c)[j], members.mean(0), atol=1e-5)
+    far = _blobs(1, n=200) * 0.1 + 1000.0  # well-separated blobs, far out
+    labels, c = sq.kmeans(far, jnp.ones(200, bool), 6, jax.random.key(1))
+    d = ((np.asarray(far, np.float64)[:, None] - np.asarray(c, np.float64)[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(np.asarray(labels), d.argmin(1))
+    x = _blobs(2, n=40)
+    valid = jnp.arange(40) < 30
+    clean, cc = sq.kmeans(x, valid, 4, jax.random.key(2))
+    dirty, cd = sq.kmeans(x.at[30:].set(jnp.nan), valid, 4, jax.random.key(2))
+    np.testing.assert_array_equal(np.asarray(dirty), np.asarray(clean))
+    np.testing.assert_allclose(np.asarray(cd), np.asarray(cc), atol=1e-6)
+
+
+def test_a_prompt_clusters_alike_wherever_it_sits_in_a_batch(tiny_model):
+    """The index's k-means seed is per layer and KV head, not per row: the same prompt as row 0
+    or row 1 of a batch gives the same logits."""
+    from jaxkv.models.llama import forward
+
+    config, params = tiny_model
+    rng = np.random.default_rng(0)
+    a, b = (jnp.asarray(rng.integers(3, config.vocab_size, (1, 40)), jnp.int32) for _ in range(2))
+    pol = sq.SqueezedCache(keep=0.25, centroid_share=0.15, window=4).prepare(params, config)
+    pos = jnp.broadcast_to(jnp.arange(40), (2, 40))
+    q_pos = jnp.broadcast_to(jnp.arange(40, 44), (2, 4))
+    question = jnp.asarray(rng.integers(3, config.vocab_size, (1, 4)), jnp.int32)
+    outs = []
+    for rows in ((a, b), (b, a)):
+        cache = init_cache(config, pol, batch=2, max_len=48, dtype=jnp.float32)
+        _, cache = forward(params, jnp.concatenate(rows), pos, cache, config=config)
+        lg, _ = forward(params, jnp.concatenate([question, question]), q_pos, cache, config=config)
+        outs.append(np.asarray(lg))
+    np.testing.assert_allclose(outs[0][0], outs[1][1], atol=1e-4)
+    np.testing.assert_allclose(outs[0][1], outs[1][0], atol=1e-4)
+
+
 def test_cluster_weights_against_brute_force():
     rng = np.random.default_rng(0)
     b, t, k, g, h, c = 1, 3, 2, 2, 4, 5

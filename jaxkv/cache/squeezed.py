@@ -265,7 +265,8 @@ class SqueezedLayer(_IndexSettings):
         unit = keys / jnp.maximum(jnp.linalg.norm(keys, axis=-1, keepdims=True), 1e-12)
         n_c = state.centroids.shape[2]
         b, kh = keys.shape[:2]
-        seeds = jax.random.split(jax.random.key(self.seed + 7919 * layer.index), b * kh).reshape(b, kh)
+        # one seed per KV head, the same for every row: a prompt clusters alike wherever it sits in a batch
+        seeds = jnp.broadcast_to(jax.random.split(jax.random.key(self.seed + 7919 * layer.index), kh)[None], (b, kh))
         run = jax.vmap(jax.vmap(lambda x, m, s: kmeans(x, m, n_c, s, max_iters=self.max_iters)))
         labels, _ = run(unit, valid, seeds)
         centroids, counts = _cluster_means(keys, labels, n_c)

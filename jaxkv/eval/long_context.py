@@ -180,10 +180,12 @@ def check_comparable(infos: Sequence[dict]) -> None:
                 raise UserError(f"--runs {info['path']}: its {what} ({key} {info[key]!r}) differs from "
                                 f"{first['path']}'s ({first[key]!r}); the comparison is of attention modes, so "
                                 "compare runs that differ only in --attention")
-    names = [i["run"] for i in infos]
-    same = next((n for k, n in enumerate(names) if n in names[:k]), None)
-    if same is not None:  # scores are kept and reported by the folder's name
-        paths = [i["path"] for i in infos if i["run"] == same]
+    named = {}  # scores are kept and reported by the folder's name: two folders of one name collide
+    for i in infos:
+        named.setdefault(i["run"], {}).setdefault(os.path.realpath(i["path"]), i["path"])
+    same = next((n for n, folders in named.items() if len(folders) > 1), None)
+    if same is not None:
+        paths = list(named[same].values())
         raise UserError(f"--runs: {' and '.join(paths)} share the folder name {same!r}, by which their scores are "
                         "stored and reported; rename one")
     modes = [i["mode"] for i in infos]
