@@ -148,3 +148,20 @@ def test_streaming_decode_chunk_longer_than_window_is_refused(parity_models):
     _, cache = forward(params, tok, jnp.arange(4)[None], cache, config=config)
     with pytest.raises(ValueError, match="exceeds window"):
         forward(params, tok[:, :3], jnp.arange(4, 7)[None], cache, config=config)
+
+
+@pytest.mark.skipif(jax.default_backend() in ("gpu", "tpu"), reason="the refusal is for a backend without the kernel")
+def test_a_decode_kernel_for_another_backend_is_refused_when_the_cache_is_made(tiny_model):
+    """Not at the first decode step after a whole prefill: when the cache is made, naming the
+    way out (the interpreter, or the reference path)."""
+    from jaxkv.errors import UserError
+
+    config, _ = tiny_model
+    for spec in ("full", "squeezed", "lserve"):
+        for kernel in ("pallas_gpu", "pallas_tpu"):
+            extra = {"heads": [[0]] * config.num_layers} if spec == "lserve" else {}
+            with pytest.raises(UserError, match=f"decode_kernel={kernel} runs on a"):
+                init_cache(config, make_policy(spec, decode_kernel=kernel, **extra), batch=1, max_len=32,
+                           dtype=jnp.float32)
+            init_cache(config, make_policy(spec, decode_kernel=kernel, kernel_interpret=True, **extra), batch=1,
+                       max_len=32, dtype=jnp.float32)

@@ -64,6 +64,7 @@ import enum
 import math
 from typing import Any, ClassVar, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -413,6 +414,17 @@ def make_policy(name: str | CachePolicy, **params: Any) -> CachePolicy:
     return cls(**params)
 
 
+def _check_kernel_backend(policy) -> None:
+    """A decode kernel named for another backend fails at a decode step, after the prefill: say so
+    when the cache is made (``kernel_interpret`` runs it in its interpreter on any backend)."""
+    kernel = getattr(policy, "decode_kernel", None)
+    want = {"pallas_gpu": "gpu", "pallas_tpu": "tpu"}.get(kernel)
+    if want is not None and not getattr(policy, "kernel_interpret", False) and jax.default_backend() != want:
+        raise UserError(f"{policy.name}: decode_kernel={kernel} runs on a {want.upper()}; the backend here is "
+                        f"{jax.default_backend()} (decode_kernel=reference runs the same path in jnp, "
+                        "kernel_interpret=true the kernel in its interpreter)")
+
+
 def init_cache(config, policy: CachePolicy | str | Sequence[CachePolicy], *, batch: int, max_len: int,
                dtype) -> ModelCache:
     """An empty ``ModelCache`` for ``config`` holding sequences of up to ``max_len`` tokens.
@@ -439,6 +451,8 @@ def init_cache(config, policy: CachePolicy | str | Sequence[CachePolicy], *, bat
     else:
         method = make_policy(policy)
         per_layer = tuple(method.for_layer(s) for s in specs)
+    for p in per_layer + ((method,) if method is not None else ()):
+        _check_kernel_backend(p)
     layers = tuple(p.init(batch=batch, max_len=max_len, dtype=dtype, layer=s) for p, s in zip(per_layer, specs))
     params = tuple(None if method is None else method.layer_params(s) for s in specs)
     return ModelCache(layers=layers, params=params, policies=per_layer, method=method, prefilled=False,
