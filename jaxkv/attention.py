@@ -30,8 +30,8 @@ from jaxkv.typing import Array
 from jaxkv.errors import UserError
 
 __all__ = ["visibility_mask", "attention_scores", "attention_weights", "attend_reference", "attend_with_lse", "merge_attention",
-           "contiguous_layout", "contiguous_rows", "attend_sinks_window", "attend_dense", "same_sharding", "AttentionSharding",
-           "attend_chunk", "attend_sequence_sharded"]
+           "contiguous_layout", "contiguous_rows", "attend_sinks_window", "attend_dense", "same_sharding",
+           "AttentionSharding", "attend_chunk", "attend_sequence_sharded"]
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 

@@ -191,7 +191,8 @@ class CSKVCache(CachePolicy):
             if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d <= 1:
                 raise UserError(f"cskv: {f} must be in (0, 1], got {d!r}")
         check_ints("cskv", self, {"window": 1, "seed": 0, "group": 1})
-        if self.bits is not None and (isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in (2, 3, 4, 8)):
+        if self.bits is not None and (isinstance(self.bits, bool) or not isinstance(self.bits, int)
+                                      or self.bits not in (2, 3, 4, 8)):
             raise UserError(f"cskv: bits must be 2, 3, 4 or 8, got {self.bits!r}")
         if self.bits is not None and self.group > self.window:
             raise UserError(f"cskv: group ({self.group}) must be at most window ({self.window}): a key group is "

@@ -13,9 +13,9 @@
    keys, ``sum_c max(q_c kmin_c, q_c kmax_c)``, maxed over the query heads of the KV head; a
    physical page scores the max of its logical pages. The top ``token_budget / page`` physical
    pages are attended, plus always the page of the newest token; the selection is reused for
-   ``reuse`` decode steps, each also reading every page written since it was made (``jaxkv.kernels.page_select``: with ``decode_kernel="pallas_gpu"``
-   its GPU kernels score and choose the pages without a sort; with ``"pallas_tpu"`` its TPU
-   kernel scores them). With fewer pages than the budget every page is attended (dense).
+   ``reuse`` decode steps, each also reading every page written since it was made
+   (``jaxkv.kernels.page_select``: with ``decode_kernel="pallas_gpu"`` its GPU kernels score and
+   choose the pages without a sort; with ``"pallas_tpu"`` its TPU kernel scores them). With fewer pages than the budget every page is attended (dense).
    An extend chunk (``T > 1``) attends every page and makes the next decode step select anew.
    ``decode_kernel="pallas_gpu"`` (or ``"pallas_tpu"``, ``"reference"``) runs that attention through
    ``jaxkv.kernels.sparse_decode`` over the chosen pages in place (no gather into a copy);
