@@ -71,3 +71,24 @@ def test_a_full_cache_overflowing_in_decode_says_so_with_nan(params):
 def test_an_empty_prompt_is_refused(tiny_dir, capsys):
     assert main(["generate", "--model", str(tiny_dir), "--prompt", "", "--max-new-tokens", "2"]) == 2
     assert "--prompt is empty" in capsys.readouterr().err
+
+
+def test_forward_refuses_what_it_would_otherwise_ignore_or_misread(params):
+    """Float positions (fractional rotations), bool tokens, an anchor or an attention
+    implementation the cached path would drop, indices past the row, and a batch that is not the
+    cache's: each refused by name, not run."""
+    tok = jnp.ones((2, 8), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(8), (2, 8))
+    with pytest.raises(UserError, match="positions must be integers"):
+        jaxkv.forward(params, tok, pos.astype(jnp.float32) + 0.5, None, config=TINY)
+    with pytest.raises(UserError, match="tokens must be integers"):
+        jaxkv.forward(params, tok.astype(bool), pos, None, config=TINY)
+    with pytest.raises(UserError, match="logits_at must be indices in \\[0, 8\\)"):
+        jaxkv.forward(params, tok, pos, None, config=TINY, logits_at=jnp.array([20, 3]))
+    cache = jaxkv.init_cache(TINY, "full", batch=2, max_len=16, dtype=jnp.float32)
+    with pytest.raises(UserError, match="anchor is for the cache-free forward"):
+        jaxkv.forward(params, tok, pos, cache, config=TINY, anchor=True)
+    with pytest.raises(UserError, match="implementation must be one of"):
+        jaxkv.forward(params, tok, pos, cache, config=TINY, attention_implementation="bogus")
+    with pytest.raises(UserError, match="tokens hold 1 rows, the cache 2"):
+        jaxkv.forward(params, tok[:1], pos[:1], cache, config=TINY)

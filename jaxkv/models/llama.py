@@ -90,7 +90,7 @@ class Attention(nnx.Module):
         else:
             extra = {"inputs": LayerInput(x=x, inv_freq=inv_freq)} if policy.wants_layer_input else {}
             if phase is Phase.PREFILL:
-                out = policy.prefill_attend(q, k, v, positions, layer=layer)
+                out = policy.prefill_attend(q, k, v, positions, layer=layer, implementation=attention_implementation)
                 layer_cache = policy.prefill(layer_cache, q=q, k=k, v=v, positions=positions, layer=layer,
                                              params=params, **extra)
             else:
@@ -275,6 +275,25 @@ def forward(params: dict, tokens: Array, positions: Array, cache: ModelCache | N
         raise UserError(f"tokens and positions must both be [B, T]; got {tokens.shape} and {positions.shape}")
     if segment_ids is not None and segment_ids.shape != tokens.shape:
         raise UserError(f"segment_ids must be [B, T] like tokens; got {segment_ids.shape}")
+    for name, a in (("tokens", tokens), ("positions", positions), ("logits_at", logits_at)):
+        dtype = None if a is None else jnp.result_type(a)
+        if dtype is not None and not jnp.issubdtype(dtype, jnp.integer):
+            raise UserError(f"{name} must be integers, got {dtype}")
+    if anchor and cache is not None:
+        raise UserError("anchor is for the cache-free forward (training, scoring): drop cache, or anchor")
+    if cache is not None and packing is None:
+        from jaxkv.cache.kv import KVCache
+
+        kv = next((x for x in jax.tree.leaves(cache.layers, is_leaf=lambda x: isinstance(x, KVCache))
+                   if isinstance(x, KVCache)), None)
+        if kv is not None and kv.positions.shape[0] != tokens.shape[0]:
+            raise UserError(f"tokens hold {tokens.shape[0]} rows, the cache {kv.positions.shape[0]} "
+                            "(init_cache(batch=...))")
+    if logits_at is not None and not isinstance(logits_at, jax.core.Tracer):
+        at = np.asarray(logits_at)
+        if at.shape == tokens.shape[:1] and ((at < 0) | (at >= tokens.shape[1])).any():
+            raise UserError(f"logits_at must be indices in [0, {tokens.shape[1]}) (the tokens of a row), got "
+                            f"{at.tolist()}")
     if not isinstance(tokens, jax.core.Tracer) and not isinstance(positions, jax.core.Tracer):
         # eager call: check ids (under jit, ids are the caller's contract)
         ids = np.asarray(tokens)
