@@ -115,8 +115,7 @@ def attend_reference(
     Scores and softmax in fp32 (as transformers' eager attention); the weighted sum runs in
     the value dtype; ``k_bias`` as in ``attention_weights``.
     """
-    if q.ndim != 5 or k.ndim != 4 or v.shape != k.shape:
-        raise UserError(f"expected q [B,T,K,G,H] and k, v [B,K,S,H]; got {q.shape}, {k.shape}, {v.shape}")
+    _check_attend(q, k, v, q_positions, k_positions)
     p = attention_weights(q, k, q_positions, k_positions, window=window, q_segments=q_segments,
                           k_segments=k_segments, scale=scale, k_bias=k_bias, anchor=anchor).astype(v.dtype)
     return jnp.einsum("BKGTS,BKSH->BTKGH", p, v)
@@ -128,10 +127,26 @@ def attend_with_lse(q: Array, k: Array, v: Array, q_positions: Array, k_position
     (``-inf`` where a query sees no key; its output is then 0), so that attention over disjoint
     key sets can be merged exactly (``merge_attention``). ``visible [B,K,S]`` masks slots out on
     top of the position rules."""
+    _check_attend(q, k, v, q_positions, k_positions, value_dim_may_differ=True)  # CSKV's values are latents
     mask = visibility_mask(q_positions, k_positions, window=window)
     if visible is not None:
         mask &= visible[:, :, None, :]
     return _masked_lse(q, k, v, mask)
+
+
+def _check_attend(q, k, v, q_positions, k_positions, *, value_dim_may_differ: bool = False) -> None:
+    """``q [B,T,K,G,H]``, ``k, v [B,K,S,H]``, ``q_positions [B,T]``, ``k_positions [B,S]``,
+    ``[B,1,S]`` or ``[B,K,S]``: positions that only broadcast would read every query (or key) at
+    one place."""
+    same = v.shape[:3] == k.shape[:3] if value_dim_may_differ else v.shape == k.shape
+    if q.ndim != 5 or k.ndim != 4 or v.ndim != 4 or not same:
+        raise UserError(f"expected q [B,T,K,G,H] and k, v [B,K,S,H]; got {q.shape}, {k.shape}, {v.shape}")
+    b, t = q.shape[:2]
+    if tuple(q_positions.shape) != (b, t):
+        raise UserError(f"q_positions must be [B, T] = [{b}, {t}], got {list(q_positions.shape)}")
+    if tuple(k_positions.shape) not in ((b, k.shape[2]), (b, 1, k.shape[2]), (b, k.shape[1], k.shape[2])):
+        raise UserError(f"k_positions must be [B, S] = [{b}, {k.shape[2]}], [B, 1, S] or [B, K, S], got "
+                        f"{list(k_positions.shape)}")
 
 
 def merge_attention(parts: list[tuple[Array, Array]]) -> Array:

@@ -215,3 +215,23 @@ def test_attend_sinks_window_through_the_kernel_on_gpu():
     real = np.asarray(pos)[:, :, None, None, None] >= 0
     np.testing.assert_allclose(np.where(real, np.asarray(got, np.float32), 0),
                                np.where(real, np.asarray(want, np.float32), 0), atol=2e-2)
+
+
+def test_positions_that_would_only_broadcast_are_refused():
+    """One position for every query (or key) broadcasts silently to all of them; refused by
+    name. A [B, 1, S] key layout (one row of positions for every KV head) is fine."""
+    from jaxkv.attention import attend_reference, attend_with_lse
+    from jaxkv.errors import UserError
+
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(1, 3, 1, 1, 4)), jnp.float32)
+    k = v = jnp.asarray(rng.normal(size=(1, 1, 5, 4)), jnp.float32)
+    qp, kp = jnp.arange(3)[None] + 2, jnp.arange(5)[None]
+    for fn in (attend_reference, attend_with_lse):
+        with pytest.raises(UserError, match="q_positions must be"):
+            fn(q, k, v, jnp.array([[1]]), kp)
+        with pytest.raises(UserError, match="k_positions must be"):
+            fn(q, k, v, qp, jnp.array([[0]]))
+        fn(q, k, v, qp, kp[:, None])
+    with pytest.raises(UserError, match="expected q"):
+        attend_with_lse(q, k, v[:, :, :4], qp, kp)
