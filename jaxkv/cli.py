@@ -722,8 +722,12 @@ def _cmd_train_default_model(args) -> int:
 def _split(text: str, kind, name: str) -> tuple:
     from jaxkv.cache.policy import split_policy_list
 
-    try:  # commas inside NAME[key=value,...] belong to the policy's parameters
-        return tuple(kind(x) for x in split_policy_list(text))
+    entries = split_policy_list(text, keep_empty=True)  # commas inside NAME[key=value,...] stay with it
+    if text.strip() and not all(entries):  # ",," or a trailing comma is a typo, not nothing
+        raise UserError(f"--{name} has an empty entry: {text!r}")
+    items = [e for e in entries if e]
+    try:
+        return tuple(kind(x) for x in items)
     except ValueError:
         raise UserError(f"--{name} must be a comma-separated list, got {text!r}") from None
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Sequence
 
 import jax
@@ -259,8 +260,8 @@ def generate(
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     max_new_tokens = int(max_new_tokens)
-    if not temperature >= 0:
-        raise UserError(f"temperature must be >= 0, got {temperature}")
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise UserError(f"temperature must be a finite number >= 0, got {temperature}")
     if not 0 < top_p <= 1:
         raise UserError(f"top_p must be in (0, 1], got {top_p}")
     if temperature > 0 and key is None:

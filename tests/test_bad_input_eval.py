@@ -74,3 +74,20 @@ def test_each_method_is_sized_once_per_requested_length(tiny_model, monkeypatch)
     cfg = EvalConfig(methods=("full", "streaming"), tasks=("niah_single",), lengths=(256,), samples=3, seed=0)
     evaluate(params, config, make_tokenizer(config.vocab_size), cfg)
     assert calls == [("streaming", 0.25, 256)]
+
+
+@pytest.mark.parametrize("flag, value", [("--budgets", "0.25,"), ("--tasks", "passkey,,vt"), ("--lengths", ",1024")])
+def test_an_empty_entry_in_a_list_is_refused(capsys, flag, value):
+    assert main(["eval", flag, value]) == 2
+    assert f"{flag} has an empty entry" in capsys.readouterr().err
+
+
+def test_eval_config_refuses_a_bare_string_and_a_bool_budget():
+    from jaxkv.errors import UserError
+    from jaxkv.eval.harness import EvalConfig
+
+    with pytest.raises(UserError, match="tasks must be a sequence"):
+        EvalConfig(tasks="passkey")
+    for bad in (True, "0.5"):
+        with pytest.raises(UserError, match="budgets must be numbers in"):
+            EvalConfig(budgets=(bad,))

@@ -92,3 +92,8 @@ def test_forward_refuses_what_it_would_otherwise_ignore_or_misread(params):
         jaxkv.forward(params, tok, pos, cache, config=TINY, attention_implementation="bogus")
     with pytest.raises(UserError, match="tokens hold 1 rows, the cache 2"):
         jaxkv.forward(params, tok[:1], pos[:1], cache, config=TINY)
+
+
+def test_an_infinite_temperature_is_refused(params):
+    with pytest.raises(UserError, match="temperature must be a finite number"):
+        jaxkv.generate(params, TINY, [[1, 2, 3]], max_new_tokens=2, temperature=float("inf"), key=jax.random.key(0))

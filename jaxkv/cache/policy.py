@@ -334,8 +334,9 @@ def available_policies() -> list[str]:
     return sorted(names)
 
 
-def split_policy_list(text: str) -> list[str]:
-    """A comma-separated list of policies; commas inside ``NAME[key=value,...]`` stay with it."""
+def split_policy_list(text: str, *, keep_empty: bool = False) -> list[str]:
+    """A comma-separated list of policies; commas inside ``NAME[key=value,...]`` stay with it.
+    Empty entries are dropped, or kept (as "") with ``keep_empty``."""
     parts, depth, cur = [], 0, ""
     for ch in text:
         depth += (ch == "[") - (ch == "]")
@@ -345,7 +346,7 @@ def split_policy_list(text: str) -> list[str]:
         else:
             cur += ch
     parts.append(cur)
-    return [p.strip() for p in parts if p.strip()]
+    return [p.strip() for p in parts if keep_empty or p.strip()]
 
 
 def parse_policy_spec(spec: str) -> tuple[str, dict]:

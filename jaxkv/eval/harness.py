@@ -57,14 +57,17 @@ class EvalConfig:
     seed: int = 0
 
     def __post_init__(self):
+        for name in ("methods", "budgets", "tasks", "lengths"):  # a bare string would be read letter by letter
+            if isinstance(getattr(self, name), (str, bytes)) or not hasattr(getattr(self, name), "__iter__"):
+                raise UserError(f"{name} must be a sequence of values, got {getattr(self, name)!r}")
         for m in self.methods:
             make_policy(m)  # an unknown name or parameter is refused here, naming the known ones
         for t in self.tasks:
             if t not in TASKS:
                 raise UserError(f"unknown task {t!r}; known tasks: {', '.join(sorted(TASKS))}")
         for b in self.budgets:
-            if not 0 < b <= 1:
-                raise UserError(f"budgets must be in (0, 1], got {b}")
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b <= 1:
+                raise UserError(f"budgets must be numbers in (0, 1], got {b!r}")
         for n in self.lengths:
             if not isinstance(n, int) or n < 64:
                 raise UserError(f"lengths must be integers >= 64, got {n!r}")
