@@ -56,11 +56,14 @@ def kmeans(x: Array, valid: Array, n_clusters: int, key: Array, *, max_iters: in
     def assign(centres):
         return jnp.argmin(_sq_dist(x, centres), axis=-1).astype(jnp.int32)
 
-    def body(carry):
-        centres, labels, it, _ = carry
+    def means(labels, centres):  # each cluster's mean; one with no row keeps its centre
         sums = jax.ops.segment_sum(x * w[:, None], labels, n_clusters)
         counts = jax.ops.segment_sum(w, labels, n_clusters)
-        centres = jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1.0)[:, None], centres)
+        return jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1.0)[:, None], centres)
+
+    def body(carry):
+        centres, labels, it, _ = carry
+        centres = means(labels, centres)
         new = assign(centres)
         return centres, new, it + 1, jnp.any((new != labels) & valid)
 
@@ -68,10 +71,7 @@ def kmeans(x: Array, valid: Array, n_clusters: int, key: Array, *, max_iters: in
         return (carry[2] < max_iters) & carry[3]
 
     centres, labels, _, _ = jax.lax.while_loop(cond, body, (centres, assign(centres), 0, True))
-    # stopped by max_iters, the centres are those of the labels before: make them the labels' means
-    sums = jax.ops.segment_sum(x * w[:, None], labels, n_clusters)
-    counts = jax.ops.segment_sum(w, labels, n_clusters)
-    centres = jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1.0)[:, None], centres)
+    centres = means(labels, centres)  # stopped by max_iters, they were the labels-before's means
     return jnp.where(valid, labels, -1), centres + shift
 
 

@@ -193,10 +193,9 @@ def _run_file(run: Path) -> str:
 def _stream_digest(stream: np.ndarray) -> str:
     """The held-out streams' content: a measurement on other data (another --data of the same
     length) is not reused."""
-    import hashlib
+    from jaxkv.training.data import data_fingerprint
 
-    a = np.ascontiguousarray(np.atleast_2d(stream), dtype=np.int64)
-    return hashlib.sha256(a.tobytes() + str(a.shape).encode()).hexdigest()[:16]
+    return data_fingerprint(list(np.atleast_2d(stream).astype(np.int64)))[:16]
 
 
 def _weights_signature(run: Path) -> str:
