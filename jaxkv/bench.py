@@ -322,12 +322,17 @@ def bench_kernels(*, batch: int = 4, num_heads: int = 32, num_kv_heads: int = 8,
         q_kernel = jax.jit(lambda q, *c: quantized_decode(q, *c, bits=bits, block_size=block_size, **impl))
         q_want = q_ref(q, *packed)[0].astype(jnp.float32)
         nbytes = sum(int(a.size) * a.dtype.itemsize for a in packed)
-        r = row(f"quantized decode INT{bits}, pallas_gpu", timed(q_kernel, q, *packed, repeats=repeats),
-                nbytes, q_kernel(q, *packed)[0], against=q_want)
-        r["bytes_ratio_vs_dense"] = nbytes / dense_bytes
-        r["time_ratio_vs_dense"] = r["seconds"] / rows[0]["seconds"]
-        if r["kernel_seconds"] and rows[0]["kernel_seconds"]:
-            r["kernel_time_ratio_vs_dense"] = r["kernel_seconds"] / rows[0]["kernel_seconds"]
+        variants = [("", q_kernel)]
+        if not interpret:  # the PTX unpack beside the default one-value-at-a-time one
+            variants.append((", PTX unpack", jax.jit(lambda q, *c: quantized_decode(
+                q, *c, bits=bits, block_size=block_size, unpack="ptx", **impl))))
+        for label, fn in variants:
+            r = row(f"quantized decode INT{bits}, pallas_gpu{label}", timed(fn, q, *packed, repeats=repeats),
+                    nbytes, fn(q, *packed)[0], against=q_want)
+            r["bytes_ratio_vs_dense"] = nbytes / dense_bytes
+            r["time_ratio_vs_dense"] = r["seconds"] / rows[0]["seconds"]
+            if r["kernel_seconds"] and rows[0]["kernel_seconds"]:
+                r["kernel_time_ratio_vs_dense"] = r["kernel_seconds"] / rows[0]["kernel_seconds"]
         del qk, qv, packed
     # sparse: the top budget/block_size pages by Quest's bound from each page's key min/max (page_select)
     from jaxkv.kernels.page_select import page_select
@@ -644,7 +649,7 @@ def kernel_ratios(rows: list[dict]) -> list[str]:
         for r in rows:
             if "quantized" in r["kernel"] and dense and r[key] and dense[key]:
                 speed, saved = dense[key] / r[key], dense["kv_bytes"] / r["kv_bytes"]
-                out.append(f"{label} time: {r['kernel'].split(',')[0]} {speed:.2f}x the bf16 kernel's speed for "
+                out.append(f"{label} time: {r['kernel'].replace(', pallas_gpu', '')} {speed:.2f}x the bf16 kernel's speed for "
                            f"{saved:.2f}x fewer bytes (ratio {speed / saved:.2f}; goal >= 0.8)")
         if cent and sparse and cent[key] and sparse[key]:
             out.append(f"{label} time: centroid scoring {cent[key] / sparse[key]:.0%} of the sparse decode's time")

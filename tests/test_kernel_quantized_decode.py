@@ -101,6 +101,29 @@ class TestPallasGpu(QuantizedDecodeBase):
     kernel = splits = True
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+class TestPallasGpuAutoUnpack(QuantizedDecodeBase):
+    implementation = "pallas_gpu"
+    options = {"unpack": "auto"}  # the PTX unpack at 2-4 bits with a 16-bit query
+    kernel = splits = True
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_the_ptx_unpack_gives_the_shift_unpacks_bits(bits, dtype):
+    """Both unpacks feed the same exact small integers to the same dots: identical outputs."""
+    from jaxkv.kernels.quantized_decode.pallas_gpu import quantized_decode_pallas_gpu
+
+    args, _, _ = _case(np.random.default_rng(bits), 2, 2, 4, 128, 512, bits, dtype, [512, 300])
+    run = {u: jax.jit(functools.partial(quantized_decode_pallas_gpu, bits=bits, unpack=u))(*args)
+           for u in ("ptx", "shift")}
+    np.testing.assert_array_equal(np.asarray(run["ptx"][0], np.float32), np.asarray(run["shift"][0], np.float32))
+    np.testing.assert_array_equal(np.asarray(run["ptx"][1]), np.asarray(run["shift"][1]))
+
+
 @pytest.mark.parametrize("bits", [2, 4])
 def test_the_gpu_kernel_lowers_for_an_h200(bits):
     """Pallas's Triton lowering at the bench's shape (GQA 4, head dim 128, blocks of 64),
@@ -166,3 +189,76 @@ def test_bad_arguments_name_themselves():
             quantized_decode(*args, bits=4, implementation="pallas_gpu")
         with pytest.warns(UserWarning, match="using the jnp reference"):
             quantized_decode(*args, bits=4)
+
+
+def _run_ptx(program: str, word: int) -> tuple[int, int]:
+    """The subset of PTX that ``ptx_program`` writes, run on one 32-bit input word: ``($0, $1)``."""
+    import re
+
+    regs, out = {"$2": word}, {}
+
+    def val(x):
+        return regs[x] if x in regs else int(x, 0)
+
+    def halves(w, dtype):
+        return np.array([w & 0xFFFF, w >> 16], np.uint16).view(dtype).astype(np.float64)
+
+    for line in program.split("\n"):
+        op, _, rest = line.strip().rstrip(";").partition(" ")
+        a = [x.strip() for x in rest.split(",")] if rest else []
+        if op in ("{", "}", ".reg"):
+            continue
+        if op == "mov.b32":
+            regs[a[0]] = val(a[1])
+        elif op == "prmt.b32":
+            pool = val(a[1]).to_bytes(4, "little") + val(a[2]).to_bytes(4, "little")
+            regs[a[0]] = int.from_bytes(bytes(pool[(val(a[3]) >> 4 * i) & 7] for i in range(4)), "little")
+        elif op == "shr.b32":
+            regs[a[0]] = val(a[1]) >> val(a[2])
+        elif op == "lop3.b32":
+            assert val(a[4]) == 0xEA  # (a & b) | c
+            regs[a[0]] = (val(a[1]) & val(a[2])) | val(a[3])
+        elif (m := re.fullmatch(r"fma\.rn\.(bf16|f16)x2", op)):
+            import ml_dtypes
+
+            dt = ml_dtypes.bfloat16 if m.group(1) == "bf16" else np.float16
+            r = halves(val(a[1]), dt) * halves(val(a[2]), dt) + halves(val(a[3]), dt)
+            bits16 = r.astype(dt).view(np.uint16).astype(np.int64)
+            (out if a[0] in ("$0", "$1") else regs)[a[0]] = int(bits16[0]) | int(bits16[1]) << 16
+        else:
+            raise AssertionError(f"unexpected instruction {line!r}")
+    return out["$0"], out["$1"]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_the_ptx_unpack_programs_give_every_code_of_every_byte(bits, dtype):
+    """The GPU kernel's inline PTX (run here by an emulator of its five instructions): for every
+    byte value at each of the four byte positions, code ``i`` comes out as the 16-bit float of
+    ``(byte >> i * bits) & mask`` in the half the packing puts it in."""
+    from jaxkv.kernels.quantized_decode.pallas_gpu import ptx_program
+
+    np_dt = np.dtype(jnp.dtype(dtype))
+    rng = np.random.default_rng(bits)
+    words = [v * 0x01010101 for v in range(256)] + list(rng.integers(0, 2 ** 32, 200, dtype=np.uint64))
+    for i in range(8 // bits):
+        program = ptx_program(bits, dtype, i)
+        for w in words:
+            w = int(w)
+            lo, hi = _run_ptx(program, w)
+            got = np.array([lo & 0xFFFF, lo >> 16, hi & 0xFFFF, hi >> 16], np.uint16).view(np_dt)
+            want = [(w >> 8 * k) >> i * bits & (1 << bits) - 1 for k in range(4)]
+            np.testing.assert_array_equal(got.astype(np.float64), want, err_msg=f"code {i} of {w:#010x}")
+
+
+def test_the_unpack_option_is_checked_by_name():
+    from jaxkv.kernels.quantized_decode.pallas_gpu import quantized_decode_pallas_gpu
+
+    args, _, _ = _case(np.random.default_rng(3), 1, 1, 2, 64, 64, 4, jnp.bfloat16, [64])
+    with pytest.raises(ValueError, match="unpack must be"):
+        quantized_decode_pallas_gpu(*args, bits=4, unpack="fast", interpret=True)
+    with pytest.raises(ValueError, match=r"unpack='ptx' needs a compiled kernel"):
+        quantized_decode_pallas_gpu(*args, bits=4, unpack="ptx", interpret=True)
+    eight, _, _ = _case(np.random.default_rng(3), 1, 1, 2, 64, 64, 8, jnp.bfloat16, [64])
+    with pytest.raises(ValueError, match=r"bits of 2-4 \(got 8\)"):
+        quantized_decode_pallas_gpu(*eight, bits=8, unpack="ptx")

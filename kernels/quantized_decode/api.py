@@ -57,8 +57,8 @@ def quantized_decode(q: Array, k_codes: Array, k_scale: Array, k_zero: Array, v_
     explicit one that cannot run raises; None takes the GPU kernel on a GPU and otherwise warns
     and runs the reference (the TPU kernel is asked for by name: tested in the TPU interpreter
     and lowered for the TPU, not yet run on one). ``kernel_options`` go to the kernel:
-    ``block_size``, ``blocks_per_split``, ``num_warps``, ``num_stages``, ``interpret`` for the
-    GPU's; ``block_size``, ``interpret`` for the TPU's."""
+    ``block_size``, ``blocks_per_split``, ``num_warps``, ``num_stages``, ``unpack``, ``interpret``
+    for the GPU's; ``block_size``, ``interpret`` for the TPU's."""
     _check(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, kv_positions, bits)
     block_size = kernel_options.get("block_size", 64)
     if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):

@@ -15,7 +15,17 @@ each ``codes_i = (byte >> i * bits) & mask`` a shift and a mask in registers and
 ``H`` channels once, after the kernel. (Interleaving the codes into one ``[bs, H]`` tile in
 registers for one ``dot`` a block, via Triton's ``join``, was tried and dropped: 1.2-1.6x slower
 on an H100, and wrong for 2- and 3-bit codes in bf16 once compiled; BENCHMARKS.md.)
-Same result as ``reference.quantized_decode_reference``.
+
+Unpacking: at 2, 3 and 4 bits with a 16-bit query (compiled, not interpreted) the codes of four
+bytes become 16-bit floats in packed registers by inline PTX, two values an instruction: a byte
+permute spreads two bytes into the halves of a 32-bit word, one ``lop3`` takes a code's bits and
+ORs in the exponent of 128 (bf16) or 1024 (fp16), and one ``fma.rn.{bf16,f16}x2`` subtracts that
+offset, exactly (``unpack="ptx"``): 1.5 to 2 instructions a code, where a shift, a mask, an
+int-to-float and a float-to-16-bit conversion one value at a time take four or more
+(``unpack="shift"``, also the interpret-mode, fp32 and 8-bit path). Same result as
+``reference.quantized_decode_reference``; ``tests`` run the PTX programs through a small
+emulator on the CPU and the kernel against ``"shift"`` on the GPU. The default stays ``"shift"``
+until ``jaxkv bench kernels`` has timed both on the card (its ``PTX unpack`` rows).
 """
 from __future__ import annotations
 
@@ -33,8 +43,41 @@ _NEG = -1e30  # finite: a program with nothing visible makes no NaN
 _MIN_ROWS = 16  # tl.dot's smallest M
 
 
+_PTX_FLOAT = {  # (offset's bit pattern in each 16-bit half, fma type, 1.0 pair, -offset pair)
+    jnp.dtype(jnp.bfloat16): (0x43004300, "bf16x2", 0x3F803F80, 0xC300C300),  # 128 + c, c < 128
+    jnp.dtype(jnp.float16): (0x64006400, "f16x2", 0x3C003C00, 0xE400E400),  # 1024 + c, c < 1024
+}
+
+
+def ptx_program(bits: int, dtype, index: int) -> str:
+    """The inline PTX that turns four packed bytes (``$2``) into code ``index`` of each, as two
+    32-bit words of two ``dtype`` values (``$0``: bytes 0 and 1, ``$1``: bytes 2 and 3; the low
+    half holds the lower byte's)."""
+    magic, kind, one, neg = _PTX_FLOAT[jnp.dtype(dtype)]
+    field = (1 << bits) - 1
+    lines = ["{", ".reg .b32 t, u, one, neg;", f"mov.b32 one, {one:#x};", f"mov.b32 neg, {neg:#x};"]
+    for r, sel in enumerate(("0x4140", "0x4342")):  # bytes 0, 1 (then 2, 3) -> the low byte of each half
+        lines.append(f"prmt.b32 t, $2, 0, {sel};")
+        if index:
+            lines.append(f"shr.b32 t, t, {index * bits};")
+        # (t & the field in each half) | magic: lop3's table for (a & b) | c is 0xEA
+        lines.append(f"lop3.b32 u, t, {field | field << 16:#x}, {magic:#x}, 0xEA;")
+        lines.append(f"fma.rn.{kind} ${r}, u, one, neg;")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def _ptx_unpack(packed: Array, bits: int, dtype) -> list[Array]:
+    """The ``8 // bits`` code tiles of ``packed`` (``uint8``) as ``dtype`` (bf16 or fp16), by
+    ``ptx_program`` on packed registers. One asm per code index: Pallas lowers an asm of one
+    result only."""
+    return [plgpu.elementwise_inline_asm(ptx_program(bits, dtype, i), args=[packed], constraints="=r,=r,r",
+                                         pack=4, result_shape_dtypes=[jax.ShapeDtypeStruct(packed.shape, dtype)])[0]
+            for i in range(8 // bits)]
+
+
 def _kernel(q_ref, qsum_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, pos_ref, o_ref, lse_ref, *,
-            bits: int, block_size: int, blocks_per_split: int, scale: float, exact: bool):
+            bits: int, block_size: int, blocks_per_split: int, scale: float, exact: bool, ptx: bool):
     per = q_ref.shape[0]
     split = pl.program_id(2)
     n_blocks = kc_ref.shape[0] // block_size
@@ -48,7 +91,10 @@ def _kernel(q_ref, qsum_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, pos
     rows, hs = qs[0].shape
 
     def codes(ref, start):
-        packed = ref[pl.ds(start, block_size), :].astype(jnp.int32)  # [bs, H / per]
+        packed = ref[pl.ds(start, block_size), :]  # [bs, H / per] uint8
+        if ptx:
+            return _ptx_unpack(packed, bits, dt)
+        packed = packed.astype(jnp.int32)
         return [((packed >> (i * bits)) & mask).astype(dt) for i in range(per)]
 
     def body(j, carry):
@@ -85,20 +131,28 @@ def _kernel(q_ref, qsum_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, pos
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "block_size", "scale", "blocks_per_split", "num_warps",
-                                             "num_stages", "interpret"))
+                                             "num_stages", "unpack", "interpret"))
 def quantized_decode_pallas_gpu(q: Array, k_codes: Array, k_scale: Array, k_zero: Array, v_codes: Array,
                                 v_scale: Array, v_zero: Array, kv_positions: Array, *, bits: int,
                                 block_size: int = 64, scale: float | None = None,
                                 blocks_per_split: int | None = None, num_warps: int = 4, num_stages: int = 2,
-                                interpret: bool = False) -> tuple[Array, Array]:
+                                unpack: str = "shift", interpret: bool = False) -> tuple[Array, Array]:
     """``(out [B, K, G, H], lse [B, K, G])``: see ``reference.quantized_decode_reference``.
-    The cache's slots must be a multiple of ``block_size``."""
+    The cache's slots must be a multiple of ``block_size``. ``unpack``: ``"shift"`` (the default),
+    ``"ptx"`` or ``"auto"`` (PTX where it applies: compiled, 2-4 bits, a bf16 or fp16 query; see
+    the module docstring)."""
     b, kh, g, h = q.shape
     s_len, hs = k_codes.shape[2], k_codes.shape[3]
     per = 8 // bits
     if h % per:
         raise ValueError(f"quantized_decode_pallas_gpu: head_dim ({h}) must be a multiple of {per} (whole bytes of "
                          f"{bits}-bit codes); the reference and the TPU kernel take any head_dim")
+    ptx_ok = not interpret and bits <= 4 and jnp.dtype(q.dtype) in _PTX_FLOAT
+    if unpack not in ("auto", "ptx", "shift"):
+        raise ValueError(f"unpack must be 'auto', 'ptx' or 'shift', got {unpack!r}")
+    if unpack == "ptx" and not ptx_ok:
+        raise ValueError(f"unpack='ptx' needs a compiled kernel (not interpret), bits of 2-4 (got {bits}) and a "
+                         f"bfloat16 or float16 query (got {q.dtype})")
     scale = h ** -0.5 if scale is None else float(scale)
     n_blocks = s_len // block_size
     bps = blocks_per_split or default_blocks_per_split(b, kh, n_blocks)
@@ -111,7 +165,7 @@ def quantized_decode_pallas_gpu(q: Array, k_codes: Array, k_scale: Array, k_zero
     per_token = lambda: pl.BlockSpec((None, None, s_len), lambda i, j, t: (i, j, 0))  # noqa: E731
     packed = lambda: pl.BlockSpec((None, None, s_len, hs), lambda i, j, t: (i, j, 0, 0))  # noqa: E731
     kernel = functools.partial(_kernel, bits=bits, block_size=block_size, blocks_per_split=bps, scale=scale,
-                               exact=q.dtype == jnp.float32)
+                               exact=q.dtype == jnp.float32, ptx=ptx_ok and unpack != "shift")
     o, lse = pl.pallas_call(
         kernel,
         grid=(b, kh, splits),
