@@ -323,9 +323,9 @@ def bench_kernels(*, batch: int = 4, num_heads: int = 32, num_kv_heads: int = 8,
         q_want = q_ref(q, *packed)[0].astype(jnp.float32)
         nbytes = sum(int(a.size) * a.dtype.itemsize for a in packed)
         variants = [("", q_kernel)]
-        if not interpret:  # the PTX unpack beside the default one-value-at-a-time one
-            variants.append((", PTX unpack", jax.jit(lambda q, *c: quantized_decode(
-                q, *c, bits=bits, block_size=block_size, unpack="ptx", **impl))))
+        if not interpret:  # the one-value-at-a-time unpack beside the default PTX one
+            variants.append((", shift unpack", jax.jit(lambda q, *c: quantized_decode(
+                q, *c, bits=bits, block_size=block_size, unpack="shift", **impl))))
         for label, fn in variants:
             r = row(f"quantized decode INT{bits}, pallas_gpu{label}", timed(fn, q, *packed, repeats=repeats),
                     nbytes, fn(q, *packed)[0], against=q_want)

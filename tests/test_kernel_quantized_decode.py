@@ -97,15 +97,15 @@ class TestPallasGpuInterpret(QuantizedDecodeBase):
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
 class TestPallasGpu(QuantizedDecodeBase):
-    implementation = "pallas_gpu"
+    implementation = "pallas_gpu"  # the PTX unpack at 2-4 bits with a 16-bit query
     kernel = splits = True
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
-class TestPallasGpuAutoUnpack(QuantizedDecodeBase):
+class TestPallasGpuShiftUnpack(QuantizedDecodeBase):
     implementation = "pallas_gpu"
-    options = {"unpack": "auto"}  # the PTX unpack at 2-4 bits with a 16-bit query
+    options = {"unpack": "shift"}
     kernel = splits = True
 
 

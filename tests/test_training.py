@@ -576,6 +576,48 @@ def test_anchor_rows_need_two_slots():
     assert DataConfig(seq_len=1, attention="intra").seq_len == 1
 
 
+def test_bindings_documents_never_rebind_within_the_gap_and_answer_the_current_value():
+    """synthetic:bindings: BOS, then writes (key, value) and queries (QUERY, key, value); replayed
+    token by token, no key is written twice within 64 tokens, every query asks a key written in
+    the last 48 and is answered with that key's latest value; over a long stream keys are rebound."""
+    from jaxkv.training.data import bindings_documents, load_documents
+
+    docs = np.stack(bindings_documents(vocab_size=64, length=400, count=30, seed=3))
+    assert docs.shape == (30, 400) and docs.dtype == np.int32 and (docs[:, 0] == 1).all()
+    rebound = queries = 0
+    for doc in docs:
+        last, value, i = {}, {}, 1
+        while i < len(doc):
+            if doc[i] == 2:  # QUERY key value
+                if i + 1 < len(doc):
+                    key = int(doc[i + 1])
+                    assert 3 <= key < 43 and i - last[key] <= 48
+                    if i + 2 < len(doc):
+                        assert doc[i + 2] == value[key]
+                        queries += 1
+                i += 3
+            else:  # key value
+                key = int(doc[i])
+                assert 3 <= key < 43
+                if key in last:
+                    assert i - last[key] >= 64
+                    rebound += 1
+                last[key] = i
+                if i + 1 < len(doc):
+                    assert 43 <= doc[i + 1] < 59
+                    value[key] = int(doc[i + 1])
+                i += 2
+    assert queries > 30 * 40 and rebound > 30 * 20  # both happen often in 400 tokens
+    short = np.stack(bindings_documents(vocab_size=64, length=64, count=50, seed=3))
+    assert not np.array_equal(short, np.stack(bindings_documents(vocab_size=64, length=64, count=50, seed=4)))
+    via = load_documents(["synthetic:bindings:5"], tokenizer=None, vocab_size=64, seed=3, length=64)
+    np.testing.assert_array_equal(np.stack(via), short[:5])
+    with pytest.raises(TrainConfigError, match="vocabulary of at least 59"):
+        bindings_documents(vocab_size=58, length=64, count=1, seed=0)
+    with pytest.raises(TrainConfigError, match="needs the row length"):
+        load_documents(["synthetic:bindings"], tokenizer=None, vocab_size=64, seed=0)
+
+
 def test_recall_documents_layout_and_chain():
     """synthetic:recall: BOS, key, the Markov chain, QUERY, key; recall-anywhere: the QUERY, key
     pairs at a constant rate; the chain's transition entropy is RECALL_ENTROPY; the chain is the same for every

@@ -327,9 +327,52 @@ def recall_documents(*, vocab_size: int, length: int, count: int, seed: int,
     return list(docs)
 
 
+# synthetic:bindings' language: BOS, query, 40 keys, 16 values; a key is rebound only when its last
+# write is at least _BIND_GAP tokens back, and a query asks for a key written in the last _BIND_RECENT
+_BIND_KEYS, _BIND_VALUES = range(3, 43), range(43, 59)
+_BIND_GAP, _BIND_RECENT = 64, 48
+
+
+def bindings_documents(*, vocab_size: int, length: int, count: int, seed: int) -> list[np.ndarray]:
+    """``count`` documents of ``length`` tokens: ``BOS``, then events, each a write ``key value``
+    (binding one of 40 key ids to one of 16 value ids) or, with probability 1/2 once a key is
+    bound, a query ``QUERY key value``: a key written in the last 48 tokens and its current
+    value. A write takes a key whose last write is at least 64 tokens back (or never written), so
+    no key is ever bound twice within 64 tokens: a model trained on rows of up to 64 tokens never
+    needs to forget a binding, and past them it must, because a key's old values are stale.
+    Stuffed Mamba's account of state collapse, as a task: a state large enough for everything
+    within T_train learns no forgetting. The answer after a query is predictable only by holding
+    the bindings; the other tokens are uniform over their choices. The last event may be cut by
+    the document's end. Ids 1-58 (``vocab_size`` >= 59)."""
+    if vocab_size <= _BIND_VALUES[-1]:
+        raise TrainConfigError(f"synthetic:bindings uses token ids 1-{_BIND_VALUES[-1]}: it needs a vocabulary of at "
+                               f"least {_BIND_VALUES[-1] + 1}, got {vocab_size}")
+    if length < 2:
+        raise TrainConfigError(f"synthetic:bindings needs documents of >= 2 tokens (BOS, an event), got {length}")
+    rng = np.random.default_rng([seed, 0xB14D])
+    keys, values = np.asarray(_BIND_KEYS), np.asarray(_BIND_VALUES)
+    docs = np.empty((count, length), np.int32)
+    for row in range(count):
+        doc = [_RECALL_BOS]
+        written = np.full(len(keys), -10 ** 9)  # the position of each key's last write
+        bound = np.zeros(len(keys), np.int64)
+        while len(doc) < length:
+            at = len(doc)
+            recent = np.flatnonzero(at - written <= _BIND_RECENT)
+            if len(recent) and rng.random() < 0.5:
+                k = rng.choice(recent)
+                doc += [_RECALL_QUERY, int(keys[k]), int(values[bound[k]])]
+            else:  # 40 keys, a write every 2 tokens at most: some key is always free
+                k = rng.choice(np.flatnonzero(at - written >= _BIND_GAP))
+                bound[k], written[k] = rng.integers(len(values)), at
+                doc += [int(keys[k]), int(values[bound[k]])]
+        docs[row] = doc[:length]
+    return list(docs)
+
+
 # synthetic sources that need a tokenizer (text), and those whose documents fill rows of a length
 SYNTHETIC_TEXT = ("passkey", "tasks", "lookup", "pydoc")
-_NEEDS_LENGTH = ("passkey", "tasks", "pydoc", "recall", "recall-anywhere")
+_NEEDS_LENGTH = ("passkey", "tasks", "pydoc", "recall", "recall-anywhere", "bindings")
 
 
 def _doc_tokens(doc) -> np.ndarray:
@@ -341,7 +384,8 @@ def load_documents(spec: Sequence[str], *, tokenizer, vocab_size: int, seed: int
     """Documents from ``spec``: text files / globs (split on blank lines, with ``tokenizer``) and
     named synthetic sources ``synthetic:NAME`` or ``synthetic:NAME:COUNT``: token-id sources
     ``copy``, ``count`` (``synthetic_documents``), ``recall`` and ``recall-anywhere``
-    (``recall_documents`` of ``length`` tokens) and text sources, which need the tokenizer:
+    (``recall_documents`` of ``length`` tokens), ``bindings`` (``bindings_documents`` of
+    ``length`` tokens) and text sources, which need the tokenizer:
     ``passkey`` (``passkey_documents`` of ``length`` tokens), ``tasks`` (``task_mix_documents``
     up to ``length - 1`` tokens), ``lookup`` (``lookup_documents``; ``(tokens, loss_mask)`` pairs)
     and ``pydoc`` (``pydoc_documents`` of at most ``length - 1`` tokens; all of them without a
@@ -380,6 +424,8 @@ def load_documents(spec: Sequence[str], *, tokenizer, vocab_size: int, seed: int
         elif name in ("recall", "recall-anywhere"):
             docs.extend(recall_documents(vocab_size=vocab_size, length=length, count=count, seed=seed,
                                          anywhere=name == "recall-anywhere"))
+        elif name == "bindings":
+            docs.extend(bindings_documents(vocab_size=vocab_size, length=length, count=count, seed=seed))
         else:
             docs.extend(synthetic_documents(name, vocab_size=vocab_size, seed=seed, num_docs=count))
     if files:
