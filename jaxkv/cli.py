@@ -333,7 +333,9 @@ def _cmd_analyze_mamba_states(args) -> int:
     mitigations = {f"scale (λ {args.decay_scale}, γ {args.input_scale})":
                    StateMitigation(decay_scale=args.decay_scale, input_scale=args.input_scale),
                    "norm cap": StateMitigation(norm_cap=caps),
-                   f"window {args.window or args.train_len}": StateMitigation(window=args.window or args.train_len)}
+                   f"window {args.window or args.train_len}": StateMitigation(window=args.window or args.train_len),
+                   f"window {args.window or args.train_len} + first token":
+                   StateMitigation(window=args.window or args.train_len, keep_first=1)}
     report = analyze_mamba_states(params, config, stream, args.out, train_len=args.train_len, chunk=args.chunk,
                                   mitigations=mitigations)
     print(f"{stream.shape[-1]:,} tokens x {report['stream']['streams']} stream(s), T_train {args.train_len}; "
@@ -923,7 +925,8 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--decay-scale", type=float, default=0.9999, help="mamba-states: mitigation 1's λ")
     an.add_argument("--input-scale", type=float, default=0.75, help="mamba-states: mitigation 1's γ")
     an.add_argument("--window", type=_positive_int, default=None, help="mamba-states: mitigation 3's r "
-                                                                      "(default: --train-len)")
+                                                                      "(default: --train-len), read alone and "
+                                                                      "with the first token's state kept")
     an.add_argument("--runs", nargs="+", default=None,
                     help="mamba-capacity: `jaxkv train mamba` run folders to measure (earlier measurements in "
                          "--out/runs are reused and combined); long-context: `jaxkv train lm` folders, one per "

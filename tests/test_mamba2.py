@@ -235,6 +235,22 @@ def test_the_windowed_state_equals_a_fresh_scan_over_the_last_tokens(window):
         np.testing.assert_allclose(y[:, t], np.asarray(fresh)[:, -1], atol=2e-5, err_msg=f"t={t}")
 
 
+@pytest.mark.parametrize("window,keep", [(1, 1), (6, 1), (5, 3)])
+def test_the_window_keeping_the_first_tokens_equals_a_scan_over_them_and_the_last(window, keep):
+    """``keep_first``: once the window has left the first k inputs, each output is a fresh scan
+    over those k followed by the last ``window``; before, the whole prefix's."""
+    x, dt, a, bb, cc, _ = _ssd_inputs(np.random.default_rng(10 + window), 2, 18, 3, 4, 1, 8)
+    y = np.asarray(jax.jit(ssd_windowed, static_argnames=("window", "keep_first"))(
+        x, dt, a, bb, cc, window=window, keep_first=keep))
+    recurrent = jax.jit(ssd_recurrent)
+    for t in range(18):
+        idx = np.arange(t + 1) if t - window < keep - 1 else np.r_[np.arange(keep), np.arange(t - window + 1, t + 1)]
+        fresh, _ = recurrent(x[:, idx], dt[:, idx], a, bb[:, idx], cc[:, idx])
+        np.testing.assert_allclose(y[:, t], np.asarray(fresh)[:, -1], atol=2e-5, err_msg=f"t={t}")
+    with pytest.raises(ValueError, match="keep_first must be an int >= 0"):
+        ssd_windowed(x, dt, a, bb, cc, window=window, keep_first=-1)
+
+
 def test_the_norm_cap_bounds_every_state_and_per_step_decay_matches():
     x, dt, a, bb, cc, _ = _ssd_inputs(np.random.default_rng(5), 1, 25, 2, 4, 1, 8)
     recurrent = jax.jit(ssd_recurrent)  # one compile per shape, not one per eager operation
@@ -276,6 +292,13 @@ def test_mitigations_in_the_model():
         np.testing.assert_allclose(np.asarray(got.ssm), np.asarray(want.ssm), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(np.asarray(got.conv), np.asarray(want.conv), rtol=1e-4, atol=1e-5)
     assert float(jnp.abs(short[:, 12:] - base[:, 12:]).max()) > 1e-3
+    # keeping the first token: the same as the plain window until it leaves, different after
+    sink, _ = forward(params, tok, config=config, mitigation=StateMitigation(window=6, keep_first=1))
+    np.testing.assert_allclose(np.asarray(sink[:, :7]), np.asarray(base[:, :7]), atol=1e-4)
+    assert float(jnp.abs(sink[:, 12:] - short[:, 12:]).max()) > 1e-4
+    for bad, match in (({"keep_first": 1}, "give window too"), ({"window": 4, "keep_first": -1}, "keep_first must")):
+        with pytest.raises(UserError, match=match):
+            StateMitigation(**bad)
     caps = calibrate_norm_cap(params, tok, config=config)
     assert caps.shape == (config.num_layers, config.num_heads)
     # the running norm can exceed the final one mid-row, so cap at the row's largest: nothing changes

@@ -283,11 +283,14 @@ class StateMitigation:
        multiplies instead, which inverts it: not copied); the scan runs step by step then;
     3. ``window`` r: each output reads the state of only the last r tokens, by state difference
        (``kernels.ssd.ssd_windowed``: exact, r states held); a whole-sequence forward only.
+       ``keep_first`` k keeps the first k tokens' state beside the window, as attention sinks
+       (not in the paper: a model trained on rows that open with BOS can lean on it).
     """
 
     decay_scale: float = struct.field(pytree_node=False, default=1.0)
     input_scale: float = struct.field(pytree_node=False, default=1.0)
     window: int | None = struct.field(pytree_node=False, default=None)
+    keep_first: int = struct.field(pytree_node=False, default=0)
     norm_cap: Array | None = None
 
     def __post_init__(self):
@@ -298,6 +301,10 @@ class StateMitigation:
         if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int)
                                         or self.window < 1):
             raise UserError(f"window must be None or a positive int, got {self.window!r}")
+        if isinstance(self.keep_first, bool) or not isinstance(self.keep_first, int) or self.keep_first < 0:
+            raise UserError(f"keep_first must be an int >= 0, got {self.keep_first!r}")
+        if self.keep_first and self.window is None:
+            raise UserError("keep_first keeps the first tokens beside a window: give window too")
         if self.window is not None and self.norm_cap is not None:
             raise UserError("window and norm_cap are separate mitigations: the windowed scan applies no cap; "
                             "give one of them")
@@ -390,7 +397,8 @@ def _mixer(p, x, real, state: Mamba2LayerState, c: Mamba2Config, chunk_size: int
     if m is not None and m.input_scale != 1.0:
         B = B * m.input_scale
     if m is not None and m.window is not None:
-        y, ssm = ssd_windowed(xs, dt, A, B, C, window=m.window, return_state=True)  # from the zero state
+        y, ssm = ssd_windowed(xs, dt, A, B, C, window=m.window, keep_first=m.keep_first,
+                              return_state=True)  # from the zero state
     elif t == 1 or norm_cap is not None:
         y, ssm = ssd_recurrent(xs, dt, A, B, C, state.ssm, norm_cap=norm_cap)
     else:

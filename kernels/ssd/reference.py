@@ -72,7 +72,7 @@ def ssd_recurrent(x: Array, dt: Array, A: Array, B: Array, C: Array, initial_sta
     return jnp.moveaxis(y, 0, 1), final
 
 
-def ssd_windowed(x: Array, dt: Array, A: Array, B: Array, C: Array, *, window: int,
+def ssd_windowed(x: Array, dt: Array, A: Array, B: Array, C: Array, *, window: int, keep_first: int = 0,
                  return_state: bool = False) -> Array | tuple[Array, Array]:
     """Stuffed Mamba's sliding window by state difference: ``y_t`` read from the state of only
     the last ``window`` inputs, ``h_t^(r) = h_t - (prod_{k=t-r+1..t} a_k) h_{t-r}`` (exact by
@@ -80,7 +80,13 @@ def ssd_windowed(x: Array, dt: Array, A: Array, B: Array, C: Array, *, window: i
     log-decays (a ring; the window's decay is the sum of its log-decays, not a difference of
     running sums, so it does not lose precision as the context grows). Memory: ``window``
     states. Returns ``y [b, T, H, P]`` fp32 (from a zero state), and with ``return_state`` the
-    full (unwindowed) final state ``[b, H, P, N]`` too, as ``ssd_chunked`` returns it."""
+    full (unwindowed) final state ``[b, H, P, N]`` too, as ``ssd_chunked`` returns it.
+
+    ``keep_first`` k > 0 keeps the state of the sequence's first k inputs beside the window, as
+    attention sinks are kept beside a sliding window (not in the paper; a model that leans on its
+    BOS token fails without it): once the window has left them, ``y_t`` reads
+    ``h_t^(r) + (prod_{window} a) h_{k-1}``, what a scan over the first k inputs followed by the
+    last r gives; before that, the whole state."""
     b, t, h, p = x.shape
     n = B.shape[-1]
     if isinstance(window, bool) or not isinstance(window, (int, np.integer)):
@@ -88,23 +94,30 @@ def ssd_windowed(x: Array, dt: Array, A: Array, B: Array, C: Array, *, window: i
     r = int(window)
     if r < 1:
         raise ValueError(f"window must be a positive int, got {window!r}")
+    if isinstance(keep_first, bool) or not isinstance(keep_first, (int, np.integer)) or keep_first < 0:
+        raise ValueError(f"keep_first must be an int >= 0, got {keep_first!r}")
+    k = int(keep_first)
     x, dt = x.astype(jnp.float32), dt.astype(jnp.float32)
     A = jnp.broadcast_to(A.astype(jnp.float32), dt.shape)
     B, C = _heads(B.astype(jnp.float32), h), _heads(C.astype(jnp.float32), h)
-    init = (jnp.zeros((b, h, p, n), jnp.float32), jnp.zeros((r, b, h, p, n), jnp.float32),
-            jnp.zeros((r, b, h), jnp.float32), jnp.zeros((), jnp.int32))
+    zero = jnp.zeros((b, h, p, n), jnp.float32)
+    init = (zero, jnp.zeros((r, b, h, p, n), jnp.float32), jnp.zeros((r, b, h), jnp.float32),
+            jnp.zeros((), jnp.int32), zero)
 
     def step(carry, inp):
-        s, ring, logs, i = carry
+        s, ring, logs, i, first = carry
         xt, dtt, at, bt, ct = inp
         la = dtt * at
         s = jnp.exp(la)[..., None, None] * s + (dtt[..., None] * xt)[..., None] * bt[:, :, None, :]
         slot = i % r
         logs = logs.at[slot].set(la)  # the ring now holds the log-decays of steps t-r+1..t
         old = ring[slot]  # h_{t-r} (zeros while t < r)
+        if k:  # h_{k-1}, the first k inputs' state, replaces h_{t-r} once the window has left them
+            first = jnp.where(i == k - 1, s, first)
+            old = jnp.where(i >= r + k - 1, old - first, jnp.zeros_like(old))
         windowed = s - jnp.exp(jnp.sum(logs, axis=0))[..., None, None] * old
         ring = ring.at[slot].set(s)
-        return (s, ring, logs, i + 1), jnp.einsum("bhpn,bhn->bhp", windowed, ct, precision=_HI)
+        return (s, ring, logs, i + 1, first), jnp.einsum("bhpn,bhn->bhp", windowed, ct, precision=_HI)
 
     (final, *_), y = jax.lax.scan(step, init, tuple(jnp.moveaxis(v, 1, 0) for v in (x, dt, A, B, C)))
     return (jnp.moveaxis(y, 0, 1), final) if return_state else jnp.moveaxis(y, 0, 1)
