@@ -25,8 +25,8 @@ int-to-float and a float-to-16-bit conversion one value at a time take four or m
 (``unpack="shift"``, also the interpret-mode, fp32 and 8-bit path). Same result as
 ``reference.quantized_decode_reference``; ``tests`` run the PTX programs through a small
 emulator on the CPU and the kernel against ``"shift"`` on the GPU (bit for bit). On an H100 at
-128k tokens it took the kernel from 500 to 369 µs at INT4 and from 479 to 344 µs at INT2
-(BENCHMARKS.md), so it is the default.
+128k tokens it took the kernel from 500 to 369 µs at INT4 and from 479 to 344 µs at INT2, and
+3 pipeline stages then to 358 and 328 (BENCHMARKS.md), so both are the defaults.
 """
 from __future__ import annotations
 
@@ -136,7 +136,7 @@ def _kernel(q_ref, qsum_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, pos
 def quantized_decode_pallas_gpu(q: Array, k_codes: Array, k_scale: Array, k_zero: Array, v_codes: Array,
                                 v_scale: Array, v_zero: Array, kv_positions: Array, *, bits: int,
                                 block_size: int = 64, scale: float | None = None,
-                                blocks_per_split: int | None = None, num_warps: int = 4, num_stages: int = 2,
+                                blocks_per_split: int | None = None, num_warps: int = 4, num_stages: int = 3,
                                 unpack: str = "auto", interpret: bool = False) -> tuple[Array, Array]:
     """``(out [B, K, G, H], lse [B, K, G])``: see ``reference.quantized_decode_reference``.
     The cache's slots must be a multiple of ``block_size``. ``unpack``: ``"auto"`` (the default:
