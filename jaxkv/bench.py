@@ -649,7 +649,8 @@ def kernel_ratios(rows: list[dict]) -> list[str]:
         for r in rows:
             if "quantized" in r["kernel"] and dense and r[key] and dense[key]:
                 speed, saved = dense[key] / r[key], dense["kv_bytes"] / r["kv_bytes"]
-                out.append(f"{label} time: {r['kernel'].replace(', pallas_gpu', '')} {speed:.2f}x the bf16 kernel's speed for "
+                name = r["kernel"].replace(", pallas_gpu", "")
+                out.append(f"{label} time: {name} {speed:.2f}x the bf16 kernel's speed for "
                            f"{saved:.2f}x fewer bytes (ratio {speed / saved:.2f}; goal >= 0.8)")
         if cent and sparse and cent[key] and sparse[key]:
             out.append(f"{label} time: centroid scoring {cent[key] / sparse[key]:.0%} of the sparse decode's time")

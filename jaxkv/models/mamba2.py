@@ -284,7 +284,8 @@ class StateMitigation:
     3. ``window`` r: each output reads the state of only the last r tokens, by state difference
        (``kernels.ssd.ssd_windowed``: exact, r states held); a whole-sequence forward only.
        ``keep_first`` k keeps the first k tokens' state beside the window, as attention sinks
-       (not in the paper: a model trained on rows that open with BOS can lean on it).
+       (not in the paper, for models that lean on their first token; on ``synthetic:bindings``
+       it did not restore the loss, README).
     """
 
     decay_scale: float = struct.field(pytree_node=False, default=1.0)

@@ -83,8 +83,8 @@ def ssd_windowed(x: Array, dt: Array, A: Array, B: Array, C: Array, *, window: i
     full (unwindowed) final state ``[b, H, P, N]`` too, as ``ssd_chunked`` returns it.
 
     ``keep_first`` k > 0 keeps the state of the sequence's first k inputs beside the window, as
-    attention sinks are kept beside a sliding window (not in the paper; a model that leans on its
-    BOS token fails without it): once the window has left them, ``y_t`` reads
+    attention sinks are kept beside a sliding window (not in the paper; for models that lean on
+    their first token): once the window has left them, ``y_t`` reads
     ``h_t^(r) + (prod_{window} a) h_{k-1}``, what a scan over the first k inputs followed by the
     last r gives; before that, the whole state."""
     b, t, h, p = x.shape
