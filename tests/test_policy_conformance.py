@@ -280,9 +280,12 @@ def test_sizing_and_head_lists_are_checked_by_name(tiny_model):
             make_policy("mikv", budget=bad, context_len=100)
     with pytest.raises(ValueError, match="context_len must be a positive integer"):
         make_policy("razor", budget=0.5, context_len=-5)
-    for bad in (-1.0, float("nan"), 0.0, 1.5):
-        with pytest.raises(ValueError, match=r"budget must be a number in \(0, 1\]"):
-            policy_for("streaming", bad, 100)
+    for name in available_policies():  # every policy's from_budget, through the base class's check
+        for bad in (-1.0, float("nan"), 0.0, 1.5):
+            with pytest.raises(ValueError, match=r"budget must be a number in \(0, 1\]"):
+                policy_for(name, bad, 100)
+        with pytest.raises(ValueError, match="context_len must be a positive integer"):
+            policy_for(name, 0.5, 0)
 
 
 def test_a_model_level_method_in_a_per_layer_list_is_refused_by_name(tiny_model):

@@ -206,7 +206,6 @@ class CSKVCache(CachePolicy):
 
     @classmethod
     def from_budget(cls, budget: float, context_len: int, **named) -> "CSKVCache":
-        cls.check_budget(budget, context_len)
         return cls(**{"key_density": float(budget), "value_density": float(budget), **named})
 
     def capacity(self, max_len: int) -> int:

@@ -41,7 +41,6 @@ class FullCache(CachePolicy):
 
     @classmethod
     def from_budget(cls, budget: float, context_len: int, **named) -> "FullCache":
-        cls.check_budget(budget, context_len)
         return cls(**named)  # keeps everything whatever the budget
 
     @staticmethod

@@ -332,7 +332,6 @@ class LServeCache(_Paging):
     def from_budget(cls, budget: float, context_len: int, **named) -> "LServeCache":
         """``budget`` is the share of the context a dense head attends per decode step (the token
         budget, whole pages); streaming heads keep their sinks and window whatever the budget."""
-        cls.check_budget(budget, context_len)
         page = named.get("page", cls.page)
         return cls(**{"token_budget": max(page, int(round(budget * context_len / page)) * page), **named})
 

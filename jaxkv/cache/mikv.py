@@ -107,7 +107,6 @@ class MiKVCache(CachePolicy):
     # ------------------------------------------------------------------ sizing
     @classmethod
     def from_budget(cls, budget: float, context_len: int, **named) -> "MiKVCache":
-        cls.check_budget(budget, context_len)
         if "important" in named:  # named: kept, so prepare has nothing to size
             return cls(**named)
         return cls(budget=budget, context_len=context_len, **named)

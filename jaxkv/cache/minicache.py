@@ -258,7 +258,6 @@ class MiniCache(CachePolicy):
 
     @classmethod
     def from_budget(cls, budget: float, context_len: int, **named) -> "MiniCache":
-        cls.check_budget(budget, context_len)
         # a merged pair holds about half of its two layers' bytes: merging a share m of the depth
         # keeps 1 - m/2 of them, so budget b merges m = 2 (1 - b); below 0.5 everything merges
         return cls(**{"start": float(min(1.0, max(0.0, 2 * budget - 1))), **named})

@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
 from typing import Any, ClassVar, Sequence
 
@@ -156,6 +157,21 @@ class CachePolicy:
                             f"(got budget={budget!r}, context_len={context!r})")
         if budget is not None:
             self.check_budget(budget, context)
+
+    def __init_subclass__(cls, **kwargs):
+        """Every policy's own ``from_budget`` checks its arguments first (``check_budget``), so no
+        policy, registered now or later, sizes itself from a budget outside (0, 1]."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("from_budget")
+        if isinstance(own, classmethod):
+            sized = own.__func__
+
+            @functools.wraps(sized)
+            def from_budget(klass, budget, context_len, **named):
+                klass.check_budget(budget, context_len)
+                return sized(klass, budget, context_len, **named)
+
+            cls.from_budget = classmethod(from_budget)
 
     @classmethod
     def check_budget(cls, budget, context_len) -> None:

@@ -311,7 +311,6 @@ class RazorCache(CachePolicy):
         echo_share``); ``prepare`` resizes the window once the real share is known. A budget
         below the retrieval share cannot be met: the window shrinks to 1 and the bytes held say so.
         A named ``window`` is kept (nothing left to size)."""
-        cls.check_budget(budget, context_len)
         if "window" in named:
             return cls(**named)
         share = named.get("induction_share", cls.induction_share) + named.get("echo_share", cls.echo_share)

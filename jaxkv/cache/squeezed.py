@@ -410,7 +410,6 @@ class SqueezedCache(_IndexSettings):
 
     @classmethod
     def from_budget(cls, budget: float, context_len: int, **named) -> "SqueezedCache":
-        cls.check_budget(budget, context_len)
         return cls(**{"keep": float(budget), **named})
 
     def for_layer(self, layer: LayerSpec) -> SqueezedLayer:

@@ -46,7 +46,6 @@ class StreamingCache(CachePolicy):
 
     @classmethod
     def from_budget(cls, budget: float, context_len: int, **named) -> "StreamingCache":
-        cls.check_budget(budget, context_len)
         sinks = named.get("sinks", cls.sinks)
         return cls(**{"window": max(1, int(round(budget * context_len)) - sinks), **named})
 
