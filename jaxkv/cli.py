@@ -918,7 +918,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="mamba-states: streams of --length read side by side (consecutive windows of the data, "
                          "each from the zero state); the losses are their mean per position")
     an.add_argument("--data", nargs="+", default=None,
-                    help="mamba-states, rope-precision: synthetic:NAME[:COUNT] (count; recall, recall-anywhere, bindings: "
+                    help="mamba-states, rope-precision: synthetic:NAME[:COUNT] (count; recall, recall-anywhere, bindings, bindings-stream: "
                          "documents of --length) / text files (default: Python's docs, with --tokenizer for "
                          "mamba-states)")
     an.add_argument("--tokenizer", default=None, help="mamba-states: tokenizer for text data: " + MODEL_HELP)
@@ -1041,7 +1041,8 @@ def build_parser() -> argparse.ArgumentParser:
     mb.add_argument("--data", nargs="+", default=None,
                     help="text files / globs (with --tokenizer) and/or synthetic:NAME[:COUNT] (count, copy; recall, "
                          "recall-anywhere: a key held over a Markov chain, documents of --seq-len; bindings: key-value writes "
-                         "and queries, never rebound within 64 tokens, documents of --seq-len; passkey: passkey prompts of --seq-len tokens, the capacity sweep's recall data) (default, "
+                         "and queries, never rebound within 64 tokens, documents of --seq-len; bindings-stream: the same in "
+                         "documents of 8 rows, so most rows open mid-stream; passkey: passkey prompts of --seq-len tokens, the capacity sweep's recall data) (default, "
                          "with --tokenizer: Python's reference documentation)")
     mb.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per row (one stream)")
     mb.add_argument("--segment-len", type=_positive_int, default=None,

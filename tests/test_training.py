@@ -612,6 +612,9 @@ def test_bindings_documents_never_rebind_within_the_gap_and_answer_the_current_v
     assert not np.array_equal(short, np.stack(bindings_documents(vocab_size=64, length=64, count=50, seed=4)))
     via = load_documents(["synthetic:bindings:5"], tokenizer=None, vocab_size=64, seed=3, length=64)
     np.testing.assert_array_equal(np.stack(via), short[:5])
+    streams = load_documents(["synthetic:bindings-stream:2"], tokenizer=None, vocab_size=64, seed=3, length=50)
+    np.testing.assert_array_equal(np.stack(streams), np.stack(bindings_documents(vocab_size=64, length=400,
+                                                                                 count=2, seed=3)))
     with pytest.raises(TrainConfigError, match="vocabulary of at least 59"):
         bindings_documents(vocab_size=58, length=64, count=1, seed=0)
     with pytest.raises(TrainConfigError, match="needs the row length"):

@@ -372,7 +372,8 @@ def bindings_documents(*, vocab_size: int, length: int, count: int, seed: int) -
 
 # synthetic sources that need a tokenizer (text), and those whose documents fill rows of a length
 SYNTHETIC_TEXT = ("passkey", "tasks", "lookup", "pydoc")
-_NEEDS_LENGTH = ("passkey", "tasks", "pydoc", "recall", "recall-anywhere", "bindings")
+_NEEDS_LENGTH = ("passkey", "tasks", "pydoc", "recall", "recall-anywhere", "bindings", "bindings-stream")
+BINDINGS_STREAM_ROWS = 8  # synthetic:bindings-stream: one document spans this many rows
 
 
 def _doc_tokens(doc) -> np.ndarray:
@@ -385,7 +386,8 @@ def load_documents(spec: Sequence[str], *, tokenizer, vocab_size: int, seed: int
     named synthetic sources ``synthetic:NAME`` or ``synthetic:NAME:COUNT``: token-id sources
     ``copy``, ``count`` (``synthetic_documents``), ``recall`` and ``recall-anywhere``
     (``recall_documents`` of ``length`` tokens), ``bindings`` (``bindings_documents`` of
-    ``length`` tokens) and text sources, which need the tokenizer:
+    ``length`` tokens) and ``bindings-stream`` (of ``BINDINGS_STREAM_ROWS x length`` tokens, so
+    that packed rows cut them and most rows open mid-stream, with no BOS) and text sources, which need the tokenizer:
     ``passkey`` (``passkey_documents`` of ``length`` tokens), ``tasks`` (``task_mix_documents``
     up to ``length - 1`` tokens), ``lookup`` (``lookup_documents``; ``(tokens, loss_mask)`` pairs)
     and ``pydoc`` (``pydoc_documents`` of at most ``length - 1`` tokens; all of them without a
@@ -424,8 +426,9 @@ def load_documents(spec: Sequence[str], *, tokenizer, vocab_size: int, seed: int
         elif name in ("recall", "recall-anywhere"):
             docs.extend(recall_documents(vocab_size=vocab_size, length=length, count=count, seed=seed,
                                          anywhere=name == "recall-anywhere"))
-        elif name == "bindings":
-            docs.extend(bindings_documents(vocab_size=vocab_size, length=length, count=count, seed=seed))
+        elif name in ("bindings", "bindings-stream"):  # a stream spans rows: most of them open mid-stream
+            rows = BINDINGS_STREAM_ROWS if name == "bindings-stream" else 1
+            docs.extend(bindings_documents(vocab_size=vocab_size, length=length * rows, count=count, seed=seed))
         else:
             docs.extend(synthetic_documents(name, vocab_size=vocab_size, seed=seed, num_docs=count))
     if files:
